@@ -1,0 +1,156 @@
+"""Models of the API's requests and responses, for validation and for the OpenAPI document.
+
+Most are derived from the domain models rather than written again: `patch_model` (what a PATCH
+may send), `public_model` (what `public_dict` shows), `CallOut` (from the `Call` dataclass).
+Only shapes that belong to the HTTP layer itself are written here (errors, health, control
+acknowledgement, list query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+import warnings
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
+from pydantic.fields import FieldInfo
+
+from bridge.calls.model import Call, CallStatus, ControlCommand
+from bridge.directory.models import Assistant, Number, Trunk
+
+
+def _create_model(model_name: str, /, **kwargs: Any) -> type[BaseModel]:
+    """`pydantic.create_model`, quiet about the `register` field shadowing ABCMeta.register:
+    these models set every field's default explicitly, so the shadowing cannot bite here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+        return create_model(model_name, **kwargs)  # type: ignore[no-any-return, call-overload]
+
+
+# Responses always carry every field, defaults included: say so in the schema.
+_OUT = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+def patch_model(model: type[BaseModel]) -> type[BaseModel]:
+    """Every top-level field of `model` optional and nullable: the documented shape of a JSON
+    merge patch (the service validates the merged object with `model` itself)."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        patched = FieldInfo.merge_field_infos(info, default=None)
+        patched.default_factory = None
+        fields[name] = (info.annotation | None, patched)
+    return _create_model(
+        f"{model.__name__.removesuffix('In')}Patch",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=(
+            f"JSON merge patch (RFC 7396) of {model.__name__}: send only the fields to change."
+            " Objects merge, lists are replaced whole, null removes a field."
+        ),
+        **fields,
+    )
+
+
+def public_model(
+    model: type[BaseModel],
+    name: str,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    add: dict[str, Any] | None = None,
+) -> type[BaseModel]:
+    """The shape of `model.public_dict()`: its fields minus `exclude`, plus `add`."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        if field_name in exclude:
+            continue
+        # Take the FieldInfo from the class that declared the field: a subclass may see a
+        # default shadowed by a class attribute (Trunk.register is ABCMeta.register).
+        owner = next(
+            (c for c in reversed(model.__mro__) if field_name in inspect.get_annotations(c)),
+            model,
+        )
+        source = owner.model_fields.get(field_name, info) if issubclass(owner, BaseModel) else info
+        fields[field_name] = (source.annotation, source)
+    return _create_model(name, __config__=_OUT, __doc__=model.__doc__, **fields, **(add or {}))
+
+
+AssistantOut = public_model(Assistant, "Assistant")
+NumberOut = public_model(Number, "Number")
+TrunkOut = public_model(
+    Trunk,
+    "SipTrunk",
+    exclude=frozenset({"password"}),
+    add={"has_password": (bool, Field(description="The password is write-only."))},
+)
+
+
+def _call_out() -> type[BaseModel]:
+    hints = typing.get_type_hints(Call)
+    fields: dict[str, Any] = {
+        f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(Call)
+        if f.name != "channel_id"  # internal: the PBX's channel id
+    }
+    return create_model(  # type: ignore[no-any-return, call-overload]
+        "Call", __config__=_OUT, __doc__="A call, as `Call.public_dict` shows it.", **fields
+    )
+
+
+CallOut = _call_out()
+CallDetail = create_model(  # type: ignore[call-overload]
+    "CallDetail",
+    __base__=CallOut,
+    __doc__="A call with its events and transfers.",
+    events=(list[dict[str, Any]], ...),
+    transfers=(list[dict[str, Any]], ...),
+)
+
+
+class ControlRequest(RootModel[ControlCommand]):
+    """A call-control command, chosen by `type`."""
+
+
+class ControlAccepted(BaseModel):
+    """The command was accepted and runs in the background; follow it on GET /calls/{id}."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    accepted: str
+    transfer_id: str | None = None
+
+
+class CallsQuery(BaseModel):
+    """Query of GET /calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: CallStatus | None = None
+    limit: int = Field(100, ge=1, le=500)
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok"]
+
+
+class ErrorFieldDetail(BaseModel):
+    field: str
+    message: str
+    type: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable kebab-case error id.")
+    message: str
+    field: str | None = Field(None, description="Dotted path of the first failing field.")
+    details: list[ErrorFieldDetail] | dict[str, Any] | None = Field(
+        None,
+        description="invalid-input: every failing field; other codes: extra facts.",
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

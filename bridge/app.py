@@ -1,0 +1,124 @@
+"""Composition root: builds and wires every part of the daemon. Nothing imports this module."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from bridge.api.server import create_api_app
+from bridge.calls.service import CallService, trunk_spec
+from bridge.calls.store import CallStore
+from bridge.config import Settings
+from bridge.directory.models import Trunk
+from bridge.directory.service import DirectoryService
+from bridge.log import configure_logging, get_logger
+from bridge.pbx.asterisk.adapter import AsteriskAdapter
+from bridge.pbx.asterisk.ari import AriClient
+from bridge.speech.tts import FliteTts, TtsProvider
+from bridge.store.db import Database
+
+log = get_logger(__name__)
+
+
+class Daemon:
+    """Everything `callbridge run` starts, in one object so tests can run it in-process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db: Database | None = None
+        self.calls: CallService | None = None
+        self.directory: DirectoryService | None = None
+        self._runner: web.AppRunner | None = None
+        self.api_port: int | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.db = await Database.open(s.database)
+        pbx = self._build_pbx()
+        self.directory = DirectoryService(
+            self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
+        )
+        self.calls = CallService(
+            settings=s,
+            pbx=pbx,
+            pbx_name=s.pbx,
+            store=CallStore(self.db),
+            directory=self.directory,
+            tts=self._build_tts(),
+        )
+        await self.calls.start()
+        app = create_api_app(self.directory, self.calls, self.db, health=self._health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.api.host, s.api.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.api_port = sockets[0].getsockname()[1] if sockets else s.api.port
+        log.info("callbridge.started", api=f"http://{s.api.host}:{self.api_port}", pbx=s.pbx)
+
+    def _build_pbx(self) -> Any:
+        s = self.settings
+        if s.pbx != "asterisk":
+            raise SystemExit(f"pbx {s.pbx!r} is not supported yet")
+        client = AriClient(
+            s.ari.url,
+            s.ari.username,
+            s.ari.password.get_secret_value(),
+            s.ari.app,
+            request_timeout=s.ari.request_timeout,
+            reconnect_initial_delay=s.ari.reconnect_initial_delay,
+            reconnect_max_delay=s.ari.reconnect_max_delay,
+        )
+        return AsteriskAdapter(
+            client, blind_context=s.transfer.blind_context, trunks=self._trunk_specs
+        )
+
+    def _build_tts(self) -> TtsProvider:
+        return FliteTts(self.settings.tts.voice)
+
+    async def _trunk_specs(self) -> list[Any]:
+        assert self.directory is not None
+        trunks = [
+            await self.directory.get_trunk_secret(t.id) for t in await self.directory.list_trunks()
+        ]
+        return [trunk_spec(t) for t in trunks]
+
+    async def _trunk_saved(self, trunk: Trunk) -> None:
+        assert self.calls is not None and self.directory is not None
+        if self.calls.connected:
+            secret = await self.directory.get_trunk_secret(trunk.id)
+            await self.calls.pbx.provision_trunk(trunk_spec(secret))
+
+    async def _trunk_deleted(self, trunk_id: str) -> None:
+        assert self.calls is not None
+        if self.calls.connected:
+            await self.calls.pbx.remove_trunk(trunk_id)
+
+    def _health(self) -> dict[str, Any]:
+        connected = bool(self.calls and self.calls.connected)
+        return {"pbx": self.settings.pbx, "pbx_connected": connected}
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.calls is not None:
+            await self.calls.stop()
+        if self.db is not None:
+            await self.db.close()
+        log.info("callbridge.stopped")
+
+
+async def run_daemon(settings: Settings) -> None:
+    configure_logging(settings.log_format, settings.log_level)
+    daemon = Daemon(settings)
+    await daemon.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await daemon.stop()

@@ -1,0 +1,109 @@
+"""The PBX-neutral call model: a call, its transfers, and the control commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bridge.directory.models import E164, check_sip_uri
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CallStatus(StrEnum):
+    ACTIVE = "active"  # with the assistant
+    TRANSFERRING = "transferring"  # a transfer is under way; caller hears message / ringback
+    TRANSFERRED = "transferred"  # bridged to a human (bridge mode) or handed off (blind)
+    ENDED = "ended"
+
+
+@dataclass
+class Call:
+    id: str
+    pbx: str
+    channel_id: str
+    status: CallStatus
+    started_at: datetime
+    number_id: str | None = None
+    number: str | None = None
+    assistant_id: str | None = None
+    caller_number: str | None = None
+    caller_name: str | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+    def public_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "pbx": self.pbx,
+            "number_id": self.number_id,
+            "number": self.number,
+            "assistant_id": self.assistant_id,
+            "caller_number": self.caller_number,
+            "caller_name": self.caller_name,
+            "started_at": _iso(self.started_at),
+            "answered_at": _iso(self.answered_at),
+            "ended_at": _iso(self.ended_at),
+            "end_reason": self.end_reason,
+        }
+
+
+@dataclass
+class CallEvent:
+    kind: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def public_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "at": _iso(self.at), **self.data}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+# --- control commands (POST /calls/{id}/control) ---------------------------------------------
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class TransferCommand(_Command):
+    type: Literal["transfer"]
+    destination: str = Field(min_length=1, max_length=300)
+    message: str | None = Field(default=None, max_length=1000)
+    mode: Literal["bridge", "blind"] | None = None
+    ring_timeout: float | None = Field(default=None, gt=0, le=300)
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value: str) -> str:
+        if value.startswith(("sip:", "sips:")):
+            return check_sip_uri(value)
+        if not E164.match(value):
+            raise ValueError("must be an E.164 number (+31612345678) or a SIP URI (sip:...)")
+        return value
+
+
+class SayCommand(_Command):
+    type: Literal["say"]
+    message: str = Field(min_length=1, max_length=1000)
+
+
+class EndCallCommand(_Command):
+    type: Literal["end_call"]
+    message: str | None = Field(default=None, max_length=1000)
+
+
+ControlCommand = Annotated[
+    TransferCommand | SayCommand | EndCallCommand, Field(discriminator="type")
+]

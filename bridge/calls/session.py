@@ -1,0 +1,618 @@
+"""One call: a task and a queue that serialise everything that happens to it.
+
+PBX events, API commands, finished speech and timers all go through the queue, so the
+call's state is only ever touched by its own task (no locks). Handlers never wait for long
+things: speech and timers report back through the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bridge.calls.model import (
+    Call,
+    CallEvent,
+    CallStatus,
+    EndCallCommand,
+    SayCommand,
+    TransferCommand,
+    utcnow,
+)
+from bridge.calls.transfer import Transfer, TransferEvent, TransferState
+from bridge.errors import BridgeError, Conflict, PbxUnavailable
+from bridge.log import get_logger
+from bridge.media.rtp import RtpStream
+from bridge.pbx.ports import (
+    ChannelGone,
+    ChannelHungUp,
+    LegAnswered,
+    LegFailed,
+    LegOutcome,
+    LegRinging,
+    MediaAddress,
+    PbxEvent,
+)
+
+if TYPE_CHECKING:
+    from bridge.calls.service import CallService
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeechDone:
+    token: str
+    played: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    name: str
+    ref: str
+
+
+@dataclass
+class CommandEnvelope:
+    command: Any
+    reply: asyncio.Future[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Pick the call up again after a reconnect or a daemon restart."""
+
+    live_legs: frozenset[str]
+    answered_legs: frozenset[str]
+
+
+class CallSession:
+    def __init__(self, service: CallService, call: Call, first_message: str | None) -> None:
+        self.service = service
+        self.call = call
+        self.first_message = first_message
+        self.transfer: Transfer | None = None
+        self.media: RtpStream | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._ringback: str | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._speech_tasks: set[asyncio.Task[None]] = set()
+        self.log = log.bind(call_id=call.id, channel=call.channel_id)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def start(self, first: Any) -> None:
+        self._queue.put_nowait(first)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.call.id)
+
+    def post(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    async def command(self, command: Any) -> dict[str, Any]:
+        reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.post(CommandEnvelope(command, reply))
+        return await reply
+
+    @property
+    def ended(self) -> bool:
+        return self.call.status is CallStatus.ENDED
+
+    async def _run(self) -> None:
+        while not self.ended:
+            item = await self._queue.get()
+            try:
+                await self._handle(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad event must not orphan the call
+                self.log.exception("call.handler_failed", item=repr(item)[:200])
+                if isinstance(item, CommandEnvelope) and not item.reply.done():
+                    item.reply.set_exception(exc)
+                await self._recover(exc)
+        self._shutdown()
+        # Fail any command that raced with the end of the call.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, CommandEnvelope) and not item.reply.done():
+                item.reply.set_exception(Conflict("the call has ended", field="id"))
+
+    async def _recover(self, exc: Exception) -> None:
+        """After an unexpected error, leave the caller somewhere sensible: a transfer in
+        flight fails back to the assistant (its leg hung up)."""
+        transfer = self.transfer
+        if self.ended:
+            return
+        if transfer is None or transfer.final:
+            if self.call.status is CallStatus.ACTIVE and self.media is None:
+                await self._to_fallback(f"internal error: {exc}")
+            return
+        try:
+            if transfer.leg_id:
+                await self.service.pbx.hangup(transfer.leg_id)
+            await self._transfer_failed(
+                TransferEvent.ERROR, LegOutcome.FAILED, cause_text=f"internal error: {exc}"
+            )
+        except Exception:
+            self.log.exception("call.recover_failed")
+
+    async def _handle(self, item: Any) -> None:
+        if isinstance(item, CommandEnvelope):
+            try:
+                item.reply.set_result(await self._on_command(item.command))
+            except BridgeError as exc:
+                item.reply.set_exception(exc)
+        elif isinstance(item, ChannelHungUp):
+            await self._on_hangup(item)
+        elif isinstance(item, LegRinging | LegAnswered | LegFailed):
+            await self._on_leg_event(item)
+        elif isinstance(item, SpeechDone):
+            await self._on_speech_done(item)
+        elif isinstance(item, TimerFired):
+            await self._on_timer(item)
+        elif isinstance(item, Resume):
+            await self._on_resume(item)
+        elif item == "greet":
+            await self._greet()
+        elif isinstance(item, PbxEvent):
+            pass  # DTMF, playback ends: not used yet
+
+    async def record(self, kind: str, **data: Any) -> None:
+        await self.service.store.add_event(self.call.id, CallEvent(kind, utcnow(), data))
+
+    async def _save(self) -> None:
+        await self.service.store.save(self.call)
+
+    async def _save_transfer(self) -> None:
+        if self.transfer is not None:
+            await self.service.store.save_transfer(self.transfer)
+
+    def _set_timer(self, name: str, delay: float, ref: str) -> None:
+        self._cancel_timer(name)
+        loop = asyncio.get_running_loop()
+        self._timers[name] = loop.call_later(delay, self.post, TimerFired(name, ref))
+
+    def _cancel_timer(self, name: str) -> None:
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    # --- call start -------------------------------------------------------------------------
+
+    async def _greet(self) -> None:
+        pbx = self.service.pbx
+        try:
+            await pbx.answer(self.call.channel_id)
+        except ChannelGone:
+            await self._end("caller hung up before answer")
+            return
+        self.call.answered_at = utcnow()
+        await self._save()
+        await self.record("call.answered")
+        if not await self._attach_media():
+            return
+        if self.first_message:
+            self.say(self.first_message, token="greeting")
+
+    async def _attach_media(self) -> bool:
+        """Open RTP and have the PBX stream the caller to it. On failure the caller goes to the
+        dialplan's fallback: never left in silence."""
+        settings = self.service.settings.media
+        stream = RtpStream(settings.codec, on_audio=self._on_audio)
+        try:
+            host, port = await stream.open(settings.bind_host, self.service.clock)
+            advertised = MediaAddress(settings.advertise_host or host, port)
+            remote = await self.service.pbx.attach_media(
+                self.call.channel_id, advertised, settings.codec
+            )
+        except ChannelGone:
+            stream.close()
+            await self._end("caller hung up")
+            return False
+        except (BridgeError, OSError) as exc:
+            stream.close()
+            self.log.error("call.media_failed", error=str(exc))
+            await self.record("call.media_failed", error=str(exc))
+            await self._to_fallback("media could not be attached")
+            return False
+        stream.set_remote(remote.host, remote.port)
+        self.media = stream
+        await self.record(
+            "media.attached", local=f"{host}:{port}", remote=f"{remote.host}:{remote.port}"
+        )
+        return True
+
+    def _on_audio(self, pcm: bytes) -> None:
+        """Caller audio, 20 ms at a time. The conversation pipeline listens here."""
+
+    # --- speech -----------------------------------------------------------------------------
+
+    def say(self, text: str, *, token: str = "", interruptible: bool = True) -> None:
+        """Speak `text` to the caller; a `SpeechDone(token)` comes back through the queue."""
+        task = asyncio.get_running_loop().create_task(self._speak(text, token, interruptible))
+        self._speech_tasks.add(task)
+        task.add_done_callback(self._speech_tasks.discard)
+
+    async def _speak(self, text: str, token: str, interruptible: bool) -> None:
+        try:
+            pcm = await self.service.tts.synthesize(text)
+            media = self.media
+            if media is None:
+                self.post(SpeechDone(token, False, "no media"))
+                return
+            await self.record("assistant.said", text=text)
+            played = await media.play(pcm, interruptible=interruptible).done
+            self.post(SpeechDone(token, played))
+        except Exception as exc:
+            self.log.error("call.tts_failed", error=str(exc))
+            self.post(SpeechDone(token, False, str(exc)))
+
+    async def _on_speech_done(self, done: SpeechDone) -> None:
+        if done.error:
+            await self.record("speech.failed", token=done.token, error=done.error)
+        if done.token == "end_call":
+            await self._hangup("ended by command")
+        elif self.transfer is not None and done.token == f"transfer:{self.transfer.id}":
+            await self._after_announcement()
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def _on_command(self, command: Any) -> dict[str, Any]:
+        status = self.call.status
+        if status is CallStatus.ENDED:
+            raise Conflict("the call has ended", field="id")
+        if isinstance(command, TransferCommand):
+            return await self.start_transfer(command, source="api")
+        if isinstance(command, SayCommand):
+            if status is not CallStatus.ACTIVE or self.media is None:
+                raise Conflict(f"cannot speak while the call is {status.value}", field="type")
+            self.say(command.message, token="say")
+            return {"id": self.call.id, "accepted": "say"}
+        if isinstance(command, EndCallCommand):
+            if command.message and status is CallStatus.ACTIVE and self.media is not None:
+                self.media.flush()
+                self.say(command.message, token="end_call", interruptible=False)
+            else:
+                await self._hangup("ended by command")
+            return {"id": self.call.id, "accepted": "end_call"}
+        raise Conflict(f"unsupported command {command!r}")
+
+    # --- transfers --------------------------------------------------------------------------
+
+    async def start_transfer(
+        self,
+        command: TransferCommand,
+        *,
+        source: str,
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        if self.call.status is not CallStatus.ACTIVE:
+            raise Conflict(
+                f"cannot transfer while the call is {self.call.status.value}", field="type"
+            )
+        settings = self.service.settings.transfer
+        target = await self.service.resolve_destination(self.call, command.destination)
+        transfer = Transfer(
+            id=str(uuid.uuid4()),
+            call_id=self.call.id,
+            source=source,
+            destination=command.destination,
+            target=target,
+            mode=command.mode or settings.mode,
+            ring_timeout=command.ring_timeout or settings.ring_timeout,
+            message=command.message,
+            label=label,
+        )
+        self.transfer = transfer
+        self.call.status = CallStatus.TRANSFERRING
+        await self._save()
+        await self._save_transfer()
+        await self.record(
+            "transfer.requested",
+            transfer_id=transfer.id,
+            source=source,
+            destination=transfer.destination,
+            route=target.describe(),
+            mode=transfer.mode,
+        )
+        self.log.info("transfer.requested", transfer_id=transfer.id, route=target.describe())
+        if self.media is not None:
+            self.media.flush()  # the assistant stops talking; the message is not interruptible
+        if command.message and self.media is not None:
+            self.say(command.message, token=f"transfer:{transfer.id}", interruptible=False)
+        else:
+            self.post(SpeechDone(f"transfer:{transfer.id}", True))
+        return {"id": self.call.id, "accepted": "transfer", "transfer_id": transfer.id}
+
+    async def _after_announcement(self) -> None:
+        transfer = self.transfer
+        if transfer is None or transfer.state is not TransferState.ANNOUNCING:
+            return
+        pbx = self.service.pbx
+        if transfer.mode == "blind":
+            try:
+                await pbx.blind_transfer(
+                    self.call.channel_id, transfer.target, transfer.ring_timeout
+                )
+            except ChannelGone:
+                await self._settle(TransferEvent.CALLER_GONE, LegOutcome.CANCELLED)
+                await self._end("caller hung up")
+                return
+            except BridgeError as exc:
+                await self._transfer_failed(
+                    TransferEvent.ERROR, LegOutcome.FAILED, cause_text=str(exc)
+                )
+                return
+            await self._settle(TransferEvent.HANDED_OFF, None)
+            self._close_media()
+            await self._end("handed off to the PBX (blind transfer)")
+            return
+        transfer.apply(TransferEvent.MESSAGE_DONE)
+        transfer.leg_id = f"cbleg-{uuid.uuid4()}"
+        self.service.track_leg(transfer.leg_id, self)
+        await self._save_transfer()
+        await self.record("transfer.dialing", transfer_id=transfer.id, leg=transfer.leg_id)
+        try:
+            self._ringback = await pbx.play_tone(self.call.channel_id, "ring")
+        except ChannelGone:
+            await self._settle(TransferEvent.CALLER_GONE, LegOutcome.CANCELLED)
+            await self._end("caller hung up")
+            return
+        except BridgeError as exc:
+            self.log.warning("transfer.ringback_failed", error=str(exc))
+        try:
+            await pbx.originate(
+                transfer.leg_id,
+                transfer.target,
+                caller_number=self.service.caller_id_for(self.call),
+                ring_timeout=transfer.ring_timeout,
+                variables={
+                    "CALLBRIDGE_CALL_ID": self.call.id,
+                    "CALLBRIDGE_TRANSFER_ID": transfer.id,
+                },
+            )
+        except (BridgeError, ChannelGone, ValueError) as exc:
+            await self._transfer_failed(
+                TransferEvent.ERROR, LegOutcome.UNREACHABLE, cause_text=str(exc)
+            )
+            return
+        # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
+        self._set_timer("ring_guard", transfer.ring_timeout + 10, transfer.id)
+
+    async def _on_leg_event(self, event: LegRinging | LegAnswered | LegFailed) -> None:
+        transfer = self.transfer
+        if transfer is None or event.channel_id != transfer.leg_id or transfer.final:
+            if isinstance(event, LegAnswered):  # a leg nobody waits for: do not leave it up
+                await self.service.pbx.hangup(event.channel_id)
+            return
+        if isinstance(event, LegRinging):
+            if transfer.state is not TransferState.RINGING:
+                transfer.apply(TransferEvent.LEG_RINGING)
+                await self._save_transfer()
+                await self.record("transfer.ringing", transfer_id=transfer.id)
+            return
+        if isinstance(event, LegFailed):
+            await self._transfer_failed(
+                TransferEvent.LEG_FAILED,
+                event.outcome,
+                cause=event.cause,
+                cause_text=event.cause_text,
+                sip_code=event.sip_code,
+            )
+            return
+        transfer.apply(TransferEvent.LEG_ANSWERED)
+        await self.record("transfer.answered", transfer_id=transfer.id)
+        await self._connect_leg()
+
+    async def _connect_leg(self) -> None:
+        transfer = self.transfer
+        assert transfer is not None and transfer.leg_id is not None
+        self._cancel_timer("ring_guard")
+        await self._stop_ringback()
+        try:
+            await self.service.pbx.connect(self.call.channel_id, transfer.leg_id)
+        except ChannelGone:
+            await self.service.pbx.hangup(transfer.leg_id)
+            await self._settle(TransferEvent.CALLER_GONE, LegOutcome.CANCELLED)
+            await self._end("caller hung up while the destination answered")
+            return
+        except BridgeError as exc:
+            await self.service.pbx.hangup(transfer.leg_id)
+            await self._transfer_failed(TransferEvent.ERROR, LegOutcome.FAILED, cause_text=str(exc))
+            return
+        self._close_media()
+        await self._settle(TransferEvent.CONNECTED, LegOutcome.ANSWERED)
+        self.call.status = CallStatus.TRANSFERRED
+        await self._save()
+        self.log.info("transfer.bridged", transfer_id=transfer.id, leg=transfer.leg_id)
+
+    async def _on_timer(self, timer: TimerFired) -> None:
+        transfer = self.transfer
+        if timer.name != "ring_guard" or transfer is None or transfer.id != timer.ref:
+            return
+        if transfer.state in (TransferState.DIALING, TransferState.RINGING):
+            leg = transfer.leg_id
+            await self._transfer_failed(
+                TransferEvent.LEG_FAILED, LegOutcome.NO_ANSWER, cause_text="ring timeout"
+            )
+            if leg:
+                await self.service.pbx.hangup(leg)
+
+    async def _settle(
+        self,
+        event: TransferEvent,
+        outcome: LegOutcome | None,
+        *,
+        cause: int | None = None,
+        cause_text: str | None = None,
+        sip_code: int | None = None,
+    ) -> None:
+        transfer = self.transfer
+        if transfer is None or transfer.final:
+            return
+        if outcome is None:
+            transfer.apply(event)
+        else:
+            transfer.settle(event, outcome, cause=cause, cause_text=cause_text, sip_code=sip_code)
+        self._cancel_timer("ring_guard")
+        if transfer.leg_id:
+            self.service.untrack_leg(transfer.leg_id, keep=transfer.state is TransferState.BRIDGED)
+        await self._save_transfer()
+        await self.record(
+            "transfer.completed"
+            if transfer.state is TransferState.BRIDGED
+            else f"transfer.{transfer.state.value}",
+            transfer_id=transfer.id,
+            outcome=transfer.outcome.value if transfer.outcome else None,
+            sip_code=sip_code,
+            cause=cause,
+            cause_text=cause_text,
+        )
+        self.log.info(
+            "transfer.settled",
+            transfer_id=transfer.id,
+            state=transfer.state.value,
+            outcome=transfer.outcome.value if transfer.outcome else None,
+            sip_code=sip_code,
+            cause=cause,
+        )
+        self.service.notify_transfer_result(self, transfer)
+
+    async def _transfer_failed(
+        self,
+        event: TransferEvent,
+        outcome: LegOutcome,
+        *,
+        cause: int | None = None,
+        cause_text: str | None = None,
+        sip_code: int | None = None,
+    ) -> None:
+        """The caller stays with us: stop ringback, say why, and go back to the assistant."""
+        await self._settle(event, outcome, cause=cause, cause_text=cause_text, sip_code=sip_code)
+        await self._stop_ringback()
+        self.call.status = CallStatus.ACTIVE
+        await self._save()
+        if self.media is None and not await self._attach_media():
+            return
+        self.say(self.service.failure_message(outcome), token="transfer_failed")
+
+    async def _stop_ringback(self) -> None:
+        if self._ringback is not None:
+            playback, self._ringback = self._ringback, None
+            try:
+                await self.service.pbx.stop_playback(playback)
+            except BridgeError as exc:
+                self.log.warning("transfer.ringback_stop_failed", error=str(exc))
+
+    # --- hangups and the end ----------------------------------------------------------------
+
+    async def _on_hangup(self, event: ChannelHungUp) -> None:
+        transfer = self.transfer
+        leg = transfer.leg_id if transfer else None
+        if event.channel_id == self.call.channel_id:
+            if transfer is not None and not transfer.final:
+                await self._settle(TransferEvent.CALLER_GONE, LegOutcome.CANCELLED)
+                if leg:
+                    await self.service.pbx.hangup(leg)
+            elif transfer is not None and transfer.state is TransferState.BRIDGED and leg:
+                await self.service.pbx.hangup(leg)
+            await self._end("caller hung up", cause=event.cause, cause_text=event.cause_text)
+        elif leg and event.channel_id == leg:
+            if transfer is not None and transfer.state is TransferState.ANSWERED:
+                await self._transfer_failed(
+                    TransferEvent.LEG_FAILED,
+                    LegOutcome.FAILED,
+                    cause=event.cause,
+                    cause_text="destination hung up before the bridge",
+                )
+            elif transfer is not None and transfer.state is TransferState.BRIDGED:
+                await self.record("transfer.destination_hung_up", transfer_id=transfer.id)
+                await self._hangup("destination hung up")
+
+    async def _hangup(self, reason: str) -> None:
+        try:
+            await self.service.pbx.hangup(self.call.channel_id)
+        except PbxUnavailable as exc:
+            self.log.error("call.hangup_failed", error=str(exc))
+        transfer = self.transfer
+        if transfer is not None and transfer.state is TransferState.BRIDGED and transfer.leg_id:
+            await self.service.pbx.hangup(transfer.leg_id)
+        await self._end(reason)
+
+    async def _to_fallback(self, reason: str) -> None:
+        try:
+            await self.service.pbx.continue_in_dialplan(
+                self.call.channel_id,
+                self.service.settings.calls.fallback_context,
+                self.call.number or "s",
+            )
+            await self._end(f"{reason}: sent to the dialplan fallback")
+        except (ChannelGone, BridgeError) as exc:
+            self.log.error("call.fallback_failed", error=str(exc))
+            await self._hangup(f"{reason}: fallback failed")
+
+    async def _end(
+        self,
+        reason: str,
+        *,
+        cause: int | None = None,
+        cause_text: str | None = None,
+    ) -> None:
+        if self.ended:
+            return
+        self.call.status = CallStatus.ENDED
+        self.call.ended_at = utcnow()
+        self.call.end_reason = reason
+        await self._save()
+        await self.record("call.ended", reason=reason, cause=cause, cause_text=cause_text)
+        self.log.info("call.ended", reason=reason, cause=cause)
+
+    def _close_media(self) -> None:
+        if self.media is not None:
+            self.media.close()
+            self.media = None
+
+    def _shutdown(self) -> None:
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        for task in self._speech_tasks:
+            task.cancel()
+        self._close_media()
+        self.service.forget(self)
+
+    # --- resume after a reconnect or restart ------------------------------------------------
+
+    async def _on_resume(self, resume: Resume) -> None:
+        await self.record("call.resumed", status=self.call.status.value)
+        transfer = self.transfer
+        leg = transfer.leg_id if transfer else None
+        if self.call.status is CallStatus.TRANSFERRED:
+            if leg is None or leg not in resume.live_legs:
+                await self._hangup("destination left while callbridge was disconnected")
+            return
+        if (
+            transfer is not None
+            and not transfer.final
+            and transfer.state is not TransferState.ANNOUNCING
+        ):
+            if leg in resume.answered_legs:
+                transfer.state = TransferState.ANSWERED
+                await self._connect_leg()
+                return
+            if leg in resume.live_legs:
+                self._set_timer("ring_guard", transfer.ring_timeout, transfer.id)
+                return
+            self._ringback = None
+            await self._transfer_failed(
+                TransferEvent.ERROR,
+                LegOutcome.FAILED,
+                cause_text="the new leg was lost while callbridge was disconnected",
+            )
+            return
+        if self.media is None and not await self._attach_media():
+            return
+        if transfer is not None and transfer.state is TransferState.ANNOUNCING:
+            self.post(SpeechDone(f"transfer:{transfer.id}", True))

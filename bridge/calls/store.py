@@ -1,0 +1,127 @@
+"""Persistence of calls, their event log and their transfers."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from bridge.calls.model import Call, CallEvent, CallStatus, _iso
+from bridge.calls.transfer import Transfer, transfer_from_doc, transfer_to_doc
+from bridge.store.db import Database
+
+_CALL_COLUMNS = (
+    "id, pbx, channel_id, status, number_id, number, assistant_id, caller_number, caller_name,"
+    " started_at, answered_at, ended_at, end_reason"
+)
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _row_to_call(row: Any) -> Call:
+    return Call(
+        id=row["id"],
+        pbx=row["pbx"],
+        channel_id=row["channel_id"],
+        status=CallStatus(row["status"]),
+        number_id=row["number_id"],
+        number=row["number"],
+        assistant_id=row["assistant_id"],
+        caller_number=row["caller_number"],
+        caller_name=row["caller_name"],
+        started_at=datetime.fromisoformat(row["started_at"]),
+        answered_at=_dt(row["answered_at"]),
+        ended_at=_dt(row["ended_at"]),
+        end_reason=row["end_reason"],
+    )
+
+
+class CallStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def save(self, call: Call) -> None:
+        await self.db.execute(
+            f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(id) DO UPDATE SET status=excluded.status,"
+            " answered_at=excluded.answered_at, ended_at=excluded.ended_at,"
+            " end_reason=excluded.end_reason",
+            (
+                call.id,
+                call.pbx,
+                call.channel_id,
+                call.status.value,
+                call.number_id,
+                call.number,
+                call.assistant_id,
+                call.caller_number,
+                call.caller_name,
+                _iso(call.started_at),
+                _iso(call.answered_at),
+                _iso(call.ended_at),
+                call.end_reason,
+            ),
+        )
+
+    async def get(self, call_id: str) -> Call | None:
+        row = await self.db.fetchone(f"SELECT {_CALL_COLUMNS} FROM calls WHERE id = ?", (call_id,))
+        return _row_to_call(row) if row else None
+
+    async def list(self, status: CallStatus | None = None, limit: int = 100) -> list[Call]:
+        if status is None:
+            rows = await self.db.fetchall(
+                f"SELECT {_CALL_COLUMNS} FROM calls ORDER BY started_at DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = await self.db.fetchall(
+                f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = ?"
+                " ORDER BY started_at DESC LIMIT ?",
+                (status.value, limit),
+            )
+        return [_row_to_call(r) for r in rows]
+
+    async def unfinished(self, pbx: str) -> list[Call]:
+        rows = await self.db.fetchall(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE status != 'ended' AND pbx = ?", (pbx,)
+        )
+        return [_row_to_call(r) for r in rows]
+
+    async def add_event(self, call_id: str, event: CallEvent) -> None:
+        await self.db.execute(
+            "INSERT INTO call_events (call_id, at, kind, data) VALUES (?,?,?,?)",
+            (call_id, _iso(event.at), event.kind, json.dumps(event.data)),
+        )
+
+    async def events(self, call_id: str) -> list[CallEvent]:
+        rows = await self.db.fetchall(
+            "SELECT at, kind, data FROM call_events WHERE call_id = ? ORDER BY seq", (call_id,)
+        )
+        return [
+            CallEvent(r["kind"], datetime.fromisoformat(r["at"]), json.loads(r["data"]))
+            for r in rows
+        ]
+
+    async def save_transfer(self, transfer: Transfer) -> None:
+        doc = transfer_to_doc(transfer)
+        await self.db.execute(
+            "INSERT INTO transfers (id, call_id, doc, state, outcome, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET doc=excluded.doc,"
+            " state=excluded.state, outcome=excluded.outcome, updated_at=excluded.updated_at",
+            (
+                transfer.id,
+                transfer.call_id,
+                json.dumps(doc),
+                transfer.state.value,
+                transfer.outcome.value if transfer.outcome else None,
+                _iso(transfer.created_at),
+                _iso(transfer.updated_at),
+            ),
+        )
+
+    async def transfers(self, call_id: str) -> list[Transfer]:
+        rows = await self.db.fetchall(
+            "SELECT doc FROM transfers WHERE call_id = ? ORDER BY created_at", (call_id,)
+        )
+        return [transfer_from_doc(json.loads(r["doc"])) for r in rows]

@@ -1,0 +1,203 @@
+"""The transfer state machine: one explicit table, illegal transitions raise.
+
+A transfer speaks its message, dials the destination (bridge mode) or hands the caller to the
+PBX (blind mode), and ends in exactly one final state with a typed outcome. The session drives
+it with events; this module only decides which state comes next and records the history.
+
+    announcing --message_done--> dialing --leg_ringing--> ringing --leg_answered--> answered
+        |  \\--handed_off--> handed_off                                   |
+        |                         (any non-final) --leg_failed--> failed   --connected--> bridged
+        \\--caller_gone / error--> cancelled / failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from bridge.calls.model import _iso, utcnow
+from bridge.pbx.ports import DialTarget, LegOutcome
+
+
+class TransferState(StrEnum):
+    ANNOUNCING = "announcing"  # the caller hears the message
+    DIALING = "dialing"  # the new leg is being placed
+    RINGING = "ringing"  # the destination rings; the caller hears ringback
+    ANSWERED = "answered"  # the destination answered; bridging
+    BRIDGED = "bridged"  # final: caller and destination talk
+    HANDED_OFF = "handed_off"  # final: blind mode, the PBX dials; outcome not ours to see
+    FAILED = "failed"  # final: the caller stays with the assistant
+    CANCELLED = "cancelled"  # final: the caller hung up during the transfer
+
+
+class TransferEvent(StrEnum):
+    MESSAGE_DONE = "message_done"
+    LEG_RINGING = "leg_ringing"
+    LEG_ANSWERED = "leg_answered"
+    CONNECTED = "connected"
+    HANDED_OFF = "handed_off"
+    LEG_FAILED = "leg_failed"
+    CALLER_GONE = "caller_gone"
+    ERROR = "error"
+
+
+FINAL_STATES = frozenset(
+    {TransferState.BRIDGED, TransferState.HANDED_OFF, TransferState.FAILED, TransferState.CANCELLED}
+)
+
+_S, _E = TransferState, TransferEvent
+TRANSITIONS: dict[tuple[TransferState, TransferEvent], TransferState] = {
+    (_S.ANNOUNCING, _E.MESSAGE_DONE): _S.DIALING,
+    (_S.ANNOUNCING, _E.HANDED_OFF): _S.HANDED_OFF,
+    (_S.ANNOUNCING, _E.CALLER_GONE): _S.CANCELLED,
+    (_S.ANNOUNCING, _E.ERROR): _S.FAILED,
+    (_S.DIALING, _E.LEG_RINGING): _S.RINGING,
+    (_S.DIALING, _E.LEG_ANSWERED): _S.ANSWERED,
+    (_S.DIALING, _E.LEG_FAILED): _S.FAILED,
+    (_S.DIALING, _E.CALLER_GONE): _S.CANCELLED,
+    (_S.DIALING, _E.ERROR): _S.FAILED,
+    (_S.RINGING, _E.LEG_RINGING): _S.RINGING,  # 180 after 183, or a second 180
+    (_S.RINGING, _E.LEG_ANSWERED): _S.ANSWERED,
+    (_S.RINGING, _E.LEG_FAILED): _S.FAILED,
+    (_S.RINGING, _E.CALLER_GONE): _S.CANCELLED,
+    (_S.RINGING, _E.ERROR): _S.FAILED,
+    (_S.ANSWERED, _E.CONNECTED): _S.BRIDGED,
+    (_S.ANSWERED, _E.LEG_FAILED): _S.FAILED,  # the destination hung up before the bridge
+    (_S.ANSWERED, _E.CALLER_GONE): _S.CANCELLED,
+    (_S.ANSWERED, _E.ERROR): _S.FAILED,
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, state: TransferState, event: TransferEvent) -> None:
+        super().__init__(f"transfer event {event.value!r} is illegal in state {state.value!r}")
+        self.state = state
+        self.event = event
+
+
+@dataclass
+class Transfer:
+    id: str
+    call_id: str
+    source: str  # "api" | "assistant"
+    destination: str  # as requested: E.164 number or SIP URI
+    target: DialTarget
+    mode: str  # "bridge" | "blind"
+    ring_timeout: float
+    message: str | None = None
+    label: str | None = None  # the destination's description, for assistant transfers
+    leg_id: str | None = None
+    state: TransferState = TransferState.ANNOUNCING
+    outcome: LegOutcome | None = None
+    cause: int | None = None
+    cause_text: str | None = None
+    sip_code: int | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    history: list[tuple[TransferState, datetime]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.history:
+            self.history.append((self.state, self.created_at))
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def apply(self, event: TransferEvent) -> TransferState:
+        """Move to the next state for `event`; raise `IllegalTransition` if there is none."""
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise IllegalTransition(self.state, event)
+        self.state = nxt
+        self.updated_at = utcnow()
+        self.history.append((nxt, self.updated_at))
+        return nxt
+
+    def settle(
+        self,
+        event: TransferEvent,
+        outcome: LegOutcome,
+        *,
+        cause: int | None = None,
+        cause_text: str | None = None,
+        sip_code: int | None = None,
+    ) -> TransferState:
+        """Apply a final event and record its typed outcome."""
+        state = self.apply(event)
+        self.outcome = outcome
+        self.cause, self.cause_text, self.sip_code = cause, cause_text, sip_code
+        return state
+
+    def public_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "call_id": self.call_id,
+            "source": self.source,
+            "destination": self.destination,
+            "label": self.label,
+            "route": self.target.describe(),
+            "trunk_id": self.target.trunk_id,
+            "mode": self.mode,
+            "message": self.message,
+            "state": self.state.value,
+            "outcome": self.outcome.value if self.outcome else None,
+            "sip_code": self.sip_code,
+            "cause": self.cause,
+            "cause_text": self.cause_text,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "history": [{"state": s.value, "at": _iso(at)} for s, at in self.history],
+        }
+
+    def result_for_assistant(self) -> dict[str, Any]:
+        """The typed outcome as the assistant's tool result (issue: conversation)."""
+        return {
+            "transferred": self.state is TransferState.BRIDGED,
+            "outcome": self.outcome.value if self.outcome else self.state.value,
+            "sip_code": self.sip_code,
+            "cause": self.cause_text,
+        }
+
+
+def transfer_to_doc(t: Transfer) -> dict[str, Any]:
+    """Everything needed to rebuild the transfer after a daemon restart."""
+    doc = t.public_dict()
+    doc.update(
+        leg_id=t.leg_id,
+        ring_timeout=t.ring_timeout,
+        target={
+            "number": t.target.number,
+            "trunk_id": t.target.trunk_id,
+            "route": t.target.route,
+            "sip_uri": t.target.sip_uri,
+        },
+    )
+    return doc
+
+
+def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
+    return Transfer(
+        id=doc["id"],
+        call_id=doc["call_id"],
+        source=doc["source"],
+        destination=doc["destination"],
+        target=DialTarget(**doc["target"]),
+        mode=doc["mode"],
+        ring_timeout=doc["ring_timeout"],
+        message=doc.get("message"),
+        label=doc.get("label"),
+        leg_id=doc.get("leg_id"),
+        state=TransferState(doc["state"]),
+        outcome=LegOutcome(doc["outcome"]) if doc.get("outcome") else None,
+        cause=doc.get("cause"),
+        cause_text=doc.get("cause_text"),
+        sip_code=doc.get("sip_code"),
+        created_at=datetime.fromisoformat(doc["created_at"]),
+        updated_at=datetime.fromisoformat(doc["updated_at"]),
+        history=[
+            (TransferState(h["state"]), datetime.fromisoformat(h["at"])) for h in doc["history"]
+        ],
+    )

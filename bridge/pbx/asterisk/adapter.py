@@ -1,0 +1,453 @@
+"""Asterisk through ARI: the PBX port's verbs as ARI requests, ARI events as PBX events.
+
+Ids are derived, not remembered, so that a restarted daemon finds its objects again:
+the caller's bridge is `cb-<caller channel>`, its media channel `cbmedia-<caller channel>`,
+outbound legs are created with ids starting `cbleg-`, trunks are `cb-trunk-<trunk id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bridge.errors import PbxCommandFailed, PbxUnavailable
+from bridge.log import get_logger
+from bridge.pbx.asterisk.ari import (
+    AriClient,
+    AriConflict,
+    AriError,
+    AriNotFound,
+    AriUnavailable,
+)
+from bridge.pbx.asterisk.causes import leg_outcome
+from bridge.pbx.ports import (
+    CallArrived,
+    ChannelGone,
+    ChannelHungUp,
+    ConnectionLost,
+    ConnectionRestored,
+    DialTarget,
+    DtmfReceived,
+    EventSink,
+    LegAnswered,
+    LegFailed,
+    LegRinging,
+    MediaAddress,
+    PlaybackFinished,
+    TrunkSpec,
+)
+
+log = get_logger(__name__)
+
+LEG_PREFIX = "cbleg-"
+MEDIA_PREFIX = "cbmedia-"
+DIRECT_ENDPOINT = "cb-direct"
+
+
+def bridge_id(channel_id: str) -> str:
+    return f"cb-{channel_id}"
+
+
+def media_id(channel_id: str) -> str:
+    return f"{MEDIA_PREFIX}{channel_id}"
+
+
+def trunk_endpoint(trunk_id: str) -> str:
+    return f"cb-trunk-{trunk_id}"
+
+
+class AsteriskAdapter:
+    name = "asterisk"
+
+    def __init__(
+        self,
+        client: AriClient,
+        *,
+        inbound_context: str = "callbridge-inbound",
+        blind_context: str = "callbridge-blind-transfer",
+        trunks: Any = None,
+    ) -> None:
+        self.ari = client
+        self.inbound_context = inbound_context
+        self.blind_context = blind_context
+        # An async callable returning every TrunkSpec to (re)provision after a connect.
+        self._trunk_source = trunks
+        self._sink: EventSink | None = None
+        self._answered_legs: set[str] = set()
+        self._media_ready: dict[str, asyncio.Future[None]] = {}
+        self._hangup_causes: dict[str, int | None] = {}
+        self._task: Any = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._task = asyncio.get_running_loop().create_task(
+            self.ari.run_events(self._on_event, self._on_connect, self._on_disconnect)
+        )
+
+    async def stop(self) -> None:
+        await self.ari.close()
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def connected(self) -> bool:
+        return self.ari.connected.is_set()
+
+    async def _emit(self, event: Any) -> None:
+        if self._sink is not None:
+            await self._sink(event)
+
+    async def _on_connect(self) -> None:
+        await self._provision_all()
+        channels = await self.ari.get("/channels")
+        callers: list[CallArrived] = []
+        legs: list[tuple[str, bool]] = []
+        for ch in channels:
+            cid = ch["id"]
+            dialplan = ch.get("dialplan") or {}
+            if cid.startswith(MEDIA_PREFIX):
+                continue
+            if cid.startswith(LEG_PREFIX):
+                up = ch.get("state") == "Up"
+                if up:
+                    self._answered_legs.add(cid)
+                legs.append((cid, up))
+            elif dialplan.get("app_name") == "Stasis" and str(
+                dialplan.get("app_data", "")
+            ).startswith(self.ari.app):
+                callers.append(_arrival(ch))
+        await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
+
+    async def _on_disconnect(self) -> None:
+        await self._emit(ConnectionLost(""))
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        channel = event.get("channel") or {}
+        cid = channel.get("id", "")
+        log.debug("ari.event", type=kind, channel=cid)
+        if kind == "StasisStart":
+            if cid.startswith(MEDIA_PREFIX):
+                ready = self._media_ready.get(cid)
+                if ready is not None and not ready.done():
+                    ready.set_result(None)
+                return
+            if cid.startswith(LEG_PREFIX):
+                self._answered_legs.add(cid)
+                await self._emit(LegAnswered(cid))
+                return
+            await self._emit(_arrival(channel))
+        elif kind == "ChannelHangupRequest":
+            self._hangup_causes[cid] = event.get("cause")
+        elif kind == "StasisEnd":
+            # Without subscribeAll the app is unsubscribed when a channel leaves Stasis, so a
+            # caller's ChannelDestroyed may never come: a StasisEnd after a hangup request is
+            # the hangup. (A channel we sent to the dialplan also ends its Stasis here; its
+            # call has already moved on, so the event is ignored there.)
+            if cid.startswith(MEDIA_PREFIX) or cid not in self._hangup_causes:
+                return
+            cause = self._hangup_causes.pop(cid)
+            self._answered_legs.discard(cid)
+            await self._emit(ChannelHungUp(cid, cause, None))
+        elif kind == "ChannelStateChange" and cid.startswith(LEG_PREFIX):
+            if channel.get("state") == "Ringing":
+                await self._emit(LegRinging(cid))
+        elif kind == "Dial":
+            peer = (event.get("peer") or {}).get("id", "")
+            if peer.startswith(LEG_PREFIX) and event.get("dialstatus") == "RINGING":
+                await self._emit(LegRinging(peer))
+        elif kind == "ChannelDestroyed":
+            self._hangup_causes.pop(cid, None)
+            if cid.startswith(MEDIA_PREFIX):
+                return
+            cause = event.get("cause")
+            cause_text = event.get("cause_txt")
+            sip_code = _sip_code(event)
+            if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
+                outcome = leg_outcome(cause, sip_code)
+                await self._emit(LegFailed(cid, outcome, cause, cause_text, sip_code))
+            else:
+                self._answered_legs.discard(cid)
+                await self._emit(ChannelHungUp(cid, cause, cause_text))
+        elif kind == "PlaybackFinished":
+            playback = event.get("playback") or {}
+            target = str(playback.get("target_uri", ""))
+            if target.startswith("channel:"):
+                await self._emit(PlaybackFinished(target[8:], playback.get("id", "")))
+        elif kind == "ChannelDtmfReceived":
+            await self._emit(DtmfReceived(cid, str(event.get("digit", ""))))
+
+    # --- verbs ------------------------------------------------------------------------------
+
+    async def answer(self, channel_id: str) -> None:
+        await self._call("POST", f"/channels/{channel_id}/answer")
+
+    async def hangup(self, channel_id: str) -> None:
+        try:
+            await self._call("DELETE", f"/channels/{channel_id}")
+        except ChannelGone:
+            pass
+        try:
+            await self.ari.delete(f"/bridges/{bridge_id(channel_id)}")
+        except (AriNotFound, AriConflict, AriUnavailable):
+            pass
+
+    async def continue_in_dialplan(self, channel_id: str, context: str, extension: str) -> None:
+        await self._call(
+            "POST",
+            f"/channels/{channel_id}/continue",
+            context=context,
+            extension=extension,
+            priority=1,
+        )
+
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None:
+        await self._call("POST", f"/channels/{channel_id}/variable", variable=name, value=value)
+
+    async def attach_media(self, channel_id: str, local: MediaAddress, codec: str) -> MediaAddress:
+        bid = await self._ensure_bridge(channel_id)
+        await self._add_to_bridge(bid, channel_id)
+        await self.detach_media(channel_id)  # a stale one from before a daemon restart
+        mid = media_id(channel_id)
+        # The media channel can join the bridge only once it is in Stasis: wait for its
+        # StasisStart (it may arrive before the POST returns, so listen first).
+        ready = self._media_ready[mid] = asyncio.get_running_loop().create_future()
+        try:
+            media = await self._call(
+                "POST",
+                "/channels/externalMedia",
+                app=self.ari.app,
+                channelId=mid,
+                external_host=f"{local.host}:{local.port}",
+                format=codec,
+                encapsulation="rtp",
+                transport="udp",
+                direction="both",
+            )
+            async with asyncio.timeout(5):
+                await ready
+        except TimeoutError as exc:
+            await self.detach_media(channel_id)
+            raise PbxCommandFailed("externalMedia channel never entered Stasis") from exc
+        finally:
+            self._media_ready.pop(mid, None)
+        variables = media.get("channelvars") or {}
+        try:
+            remote = MediaAddress(
+                variables["UNICASTRTP_LOCAL_ADDRESS"], int(variables["UNICASTRTP_LOCAL_PORT"])
+            )
+        except (KeyError, ValueError) as exc:
+            await self.detach_media(channel_id)
+            raise PbxUnavailable(f"externalMedia gave no RTP address: {variables}") from exc
+        await self._add_to_bridge(bid, mid)
+        return remote
+
+    async def detach_media(self, channel_id: str) -> None:
+        try:
+            await self._call("DELETE", f"/channels/{media_id(channel_id)}")
+        except ChannelGone:
+            pass
+
+    async def play_tone(self, channel_id: str, tone: str) -> str:
+        playback = await self._call("POST", f"/channels/{channel_id}/play", media=f"tone:{tone}")
+        return str(playback["id"])
+
+    async def stop_playback(self, playback_id: str) -> None:
+        try:
+            await self.ari.delete(f"/playbacks/{playback_id}")
+        except AriNotFound:
+            pass
+        except AriUnavailable as exc:
+            raise PbxUnavailable(str(exc)) from exc
+
+    async def originate(
+        self,
+        leg_id: str,
+        target: DialTarget,
+        *,
+        caller_number: str | None,
+        ring_timeout: float,
+        variables: dict[str, str] | None = None,
+    ) -> None:
+        assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
+        await self._call(
+            "POST",
+            "/channels",
+            body={"variables": variables or {}},
+            endpoint=self.dial_string(target),
+            app=self.ari.app,
+            appArgs="leg",
+            channelId=leg_id,
+            timeout=max(1, round(ring_timeout)),
+            callerId=caller_number,
+        )
+
+    async def connect(self, channel_id: str, leg_id: str) -> None:
+        bid = await self._ensure_bridge(channel_id)
+        await self._add_to_bridge(bid, channel_id)
+        await self._add_to_bridge(bid, leg_id)
+        await self.detach_media(channel_id)
+
+    async def blind_transfer(
+        self, channel_id: str, target: DialTarget, ring_timeout: float
+    ) -> None:
+        await self.detach_media(channel_id)
+        await self.set_variable(channel_id, "CALLBRIDGE_DIAL", self.dial_string(target))
+        await self.set_variable(channel_id, "CALLBRIDGE_RING_TIMEOUT", str(round(ring_timeout)))
+        await self.continue_in_dialplan(channel_id, self.blind_context, "s")
+
+    def dial_string(self, target: DialTarget) -> str:
+        if target.sip_uri:
+            return f"PJSIP/{DIRECT_ENDPOINT}/{target.sip_uri}"
+        if target.trunk_id:
+            return f"PJSIP/{target.number}@{trunk_endpoint(target.trunk_id)}"
+        if target.route:
+            return target.route.replace("{number}", target.number or "")
+        raise ValueError("a dial target needs a SIP URI, a trunk or a route")
+
+    # --- trunks -----------------------------------------------------------------------------
+
+    async def provision_trunk(self, trunk: TrunkSpec) -> None:
+        name = trunk_endpoint(trunk.id)
+        contact = f"sip:{trunk.host}:{trunk.port}"
+        if trunk.transport != "udp":
+            contact += f";transport={trunk.transport}"
+        endpoint: dict[str, str] = {
+            "aors": name,
+            "context": self.inbound_context,
+            "disallow": "all",
+            "allow": "ulaw,alaw",
+            "direct_media": "no",
+            "rtp_symmetric": "yes",
+            "rewrite_contact": "yes",
+        }
+        if trunk.username and trunk.password:
+            await self._dynamic(
+                "auth",
+                f"{name}-auth",
+                {"auth_type": "userpass", "username": trunk.username, "password": trunk.password},
+            )
+            endpoint["outbound_auth"] = f"{name}-auth"
+            endpoint["from_user"] = trunk.username
+        await self._dynamic("aor", name, {"contact": contact, "qualify_frequency": "0"})
+        await self._dynamic("endpoint", name, endpoint)
+        if trunk.register and trunk.username and trunk.password:
+            try:
+                await self._dynamic(
+                    "registration",
+                    name,
+                    {
+                        "server_uri": contact,
+                        "client_uri": f"sip:{trunk.username}@{trunk.host}:{trunk.port}",
+                        "outbound_auth": f"{name}-auth",
+                        "retry_interval": "60",
+                    },
+                )
+            except PbxUnavailable:
+                raise
+            except Exception as exc:
+                log.warning("asterisk.registration_not_provisioned", trunk=trunk.id, error=str(exc))
+        log.info("asterisk.trunk_provisioned", trunk=trunk.id, endpoint=name, contact=contact)
+
+    async def remove_trunk(self, trunk_id: str) -> None:
+        name = trunk_endpoint(trunk_id)
+        for module, kind, obj in (
+            ("res_pjsip", "registration", name),
+            ("res_pjsip", "endpoint", name),
+            ("res_pjsip", "aor", name),
+            ("res_pjsip", "auth", f"{name}-auth"),
+        ):
+            try:
+                await self.ari.delete(f"/asterisk/config/dynamic/{module}/{kind}/{obj}")
+            except AriNotFound:
+                pass
+            except AriUnavailable as exc:
+                raise PbxUnavailable(str(exc)) from exc
+            except Exception as exc:
+                log.warning("asterisk.trunk_remove_failed", object=obj, error=str(exc))
+        log.info("asterisk.trunk_removed", trunk=trunk_id)
+
+    async def _provision_all(self) -> None:
+        await self._dynamic(
+            "endpoint",
+            DIRECT_ENDPOINT,
+            {
+                "context": self.inbound_context,
+                "disallow": "all",
+                "allow": "ulaw,alaw",
+                "direct_media": "no",
+                "rtp_symmetric": "yes",
+            },
+        )
+        if self._trunk_source is None:
+            return
+        for spec in await self._trunk_source():
+            try:
+                await self.provision_trunk(spec)
+            except Exception as exc:
+                log.error("asterisk.trunk_provision_failed", trunk=spec.id, error=str(exc))
+
+    async def _dynamic(
+        self, kind: str, obj: str, fields: dict[str, str], module: str = "res_pjsip"
+    ) -> None:
+        body = {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]}
+        try:
+            await self.ari.put(f"/asterisk/config/dynamic/{module}/{kind}/{obj}", body)
+        except AriUnavailable as exc:
+            raise PbxUnavailable(str(exc)) from exc
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _ensure_bridge(self, channel_id: str) -> str:
+        """The caller's mixing bridge, created on first use (and found again after a restart)."""
+        bid = bridge_id(channel_id)
+        try:
+            await self._call("POST", f"/bridges/{bid}", type="mixing", name=bid)
+        except AriConflict as exc:
+            if "already exists" not in exc.message:
+                raise
+        return bid
+
+    async def _add_to_bridge(self, bid: str, channel_id: str) -> None:
+        try:
+            await self._call("POST", f"/bridges/{bid}/addChannel", channel=channel_id)
+        except AriConflict as exc:
+            if "already" not in exc.message.lower():
+                raise
+
+    async def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        try:
+            return await self.ari.request(method, path, params=params, body=body)
+        except AriNotFound as exc:
+            raise ChannelGone(exc.message) from exc
+        except AriUnavailable as exc:
+            raise PbxUnavailable(str(exc)) from exc
+        except AriConflict:
+            raise  # callers that expect a conflict handle it; others see PbxCommandFailed
+        except AriError as exc:
+            raise PbxCommandFailed(str(exc)) from exc
+
+
+def _arrival(channel: dict[str, Any]) -> CallArrived:
+    caller = channel.get("caller") or {}
+    dialplan = channel.get("dialplan") or {}
+    return CallArrived(
+        channel_id=channel.get("id", ""),
+        called_number=str(dialplan.get("exten", "")),
+        caller_number=caller.get("number") or None,
+        caller_name=caller.get("name") or None,
+        variables={k: str(v) for k, v in (channel.get("channelvars") or {}).items()},
+    )
+
+
+def _sip_code(event: dict[str, Any]) -> int | None:
+    """The SIP status behind a hangup, when Asterisk reports it (`tech_cause`)."""
+    value = event.get("tech_cause")
+    try:
+        return int(value) if value else None
+    except (TypeError, ValueError):
+        return None

