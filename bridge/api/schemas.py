@@ -9,9 +9,7 @@ acknowledgement, list query).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import typing
-import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
@@ -22,11 +20,7 @@ from bridge.directory.models import Assistant, Number, Trunk
 
 
 def _create_model(model_name: str, /, **kwargs: Any) -> type[BaseModel]:
-    """`pydantic.create_model`, quiet about the `register` field shadowing ABCMeta.register:
-    these models set every field's default explicitly, so the shadowing cannot bite here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
-        return create_model(model_name, **kwargs)  # type: ignore[no-any-return, call-overload]
+    return create_model(model_name, **kwargs)  # type: ignore[no-any-return, call-overload]
 
 
 # Responses always carry every field, defaults included: say so in the schema.
@@ -64,14 +58,7 @@ def public_model(
     for field_name, info in model.model_fields.items():
         if field_name in exclude:
             continue
-        # Take the FieldInfo from the class that declared the field: a subclass may see a
-        # default shadowed by a class attribute (Trunk.register is ABCMeta.register).
-        owner = next(
-            (c for c in reversed(model.__mro__) if field_name in inspect.get_annotations(c)),
-            model,
-        )
-        source = owner.model_fields.get(field_name, info) if issubclass(owner, BaseModel) else info
-        fields[field_name] = (source.annotation, source)
+        fields[field_name] = (info.annotation, info)
     return _create_model(name, __config__=_OUT, __doc__=model.__doc__, **fields, **(add or {}))
 
 

@@ -8,13 +8,13 @@ of the adapter's transfer verbs.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from bridge.calls.model import Call, CallStatus, TransferCommand, utcnow
+from bridge.calls.conversation import ConversationFactory
+from bridge.calls.model import Call, CallStatus, utcnow
 from bridge.calls.session import CallSession, Resume
 from bridge.calls.store import CallStore
-from bridge.calls.transfer import Transfer, TransferState
+from bridge.calls.transfer import TransferState
 from bridge.config import Settings
 from bridge.errors import Conflict, InvalidInput, NotFound
 from bridge.log import get_logger
@@ -35,8 +35,6 @@ from bridge.pbx.ports import (
 from bridge.speech.tts import TtsProvider
 
 log = get_logger(__name__)
-
-TransferListener = Callable[[CallSession, Transfer], None]
 
 
 class CallService:
@@ -60,7 +58,8 @@ class CallService:
         self.clock = clock or MediaClock()
         self._by_id: dict[str, CallSession] = {}
         self._by_channel: dict[str, CallSession] = {}
-        self._transfer_listeners: list[TransferListener] = []
+        # Builds each call's conversation (the assistant's voice pipeline); None: greet only.
+        self.conversation_factory: ConversationFactory | None = None
         self.connected = False
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -138,8 +137,7 @@ class CallService:
             caller_name=event.caller_name,
         )
         await self.store.save(call)
-        first_message = (assistant.first_message if assistant else None) or None
-        session = CallSession(self, call, first_message)
+        session = CallSession(self, call, assistant)
         await session.record(
             "call.started",
             called_number=event.called_number,
@@ -227,7 +225,7 @@ class CallService:
                 assistant = await self.directory.get_assistant(call.assistant_id)
             except NotFound:
                 pass
-        session = CallSession(self, call, assistant.first_message if assistant else None)
+        session = CallSession(self, call, assistant)
         transfers = await self.store.transfers(call.id)
         session.transfer = transfers[-1] if transfers else None
         return session
@@ -285,16 +283,6 @@ class CallService:
             return t.no_answer_message
         return t.failure_message
 
-    def on_transfer_result(self, listener: TransferListener) -> None:
-        self._transfer_listeners.append(listener)
-
-    def notify_transfer_result(self, session: CallSession, transfer: Transfer) -> None:
-        for listener in self._transfer_listeners:
-            try:
-                listener(session, transfer)
-            except Exception:
-                log.exception("call.transfer_listener_failed")
-
     # --- the control API (bridge.api.ports.CallControl) -------------------------------------
 
     async def list_calls(self, status: CallStatus | None, limit: int) -> list[dict[str, Any]]:
@@ -318,13 +306,6 @@ class CallService:
             raise Conflict("the call has ended", field="id")
         return await session.command(command)
 
-    async def transfer_from_assistant(
-        self, session: CallSession, destination: str, message: str | None, label: str | None
-    ) -> dict[str, Any]:
-        """The assistant's `transfer_call` tool: the same path as the control API."""
-        command = TransferCommand(type="transfer", destination=destination, message=message)
-        return await session.start_transfer(command, source="assistant", label=label)
-
 
 def trunk_spec(trunk: Any) -> TrunkSpec:
     return TrunkSpec(
@@ -334,7 +315,7 @@ def trunk_spec(trunk: Any) -> TrunkSpec:
         transport=trunk.transport,
         username=trunk.username,
         password=trunk.password.get_secret_value() if trunk.password else None,
-        register=trunk.register,
+        register=trunk.registration,
     )
 
 

@@ -37,7 +37,9 @@ from bridge.pbx.ports import (
 )
 
 if TYPE_CHECKING:
+    from bridge.calls.conversation import Conversation
     from bridge.calls.service import CallService
+    from bridge.directory.models import Assistant
 
 log = get_logger(__name__)
 
@@ -59,6 +61,8 @@ class TimerFired:
 class CommandEnvelope:
     command: Any
     reply: asyncio.Future[dict[str, Any]]
+    source: str = "api"
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,14 @@ class Resume:
 
 
 class CallSession:
-    def __init__(self, service: CallService, call: Call, first_message: str | None) -> None:
+    def __init__(self, service: CallService, call: Call, assistant: Assistant | None) -> None:
         self.service = service
         self.call = call
-        self.first_message = first_message
+        self.assistant = assistant
         self.transfer: Transfer | None = None
         self.media: RtpStream | None = None
+        self.conversation: Conversation | None = None
+        self._speech_order = asyncio.Lock()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._ringback: str | None = None
@@ -92,9 +98,12 @@ class CallSession:
     def post(self, item: Any) -> None:
         self._queue.put_nowait(item)
 
-    async def command(self, command: Any) -> dict[str, Any]:
+    async def command(
+        self, command: Any, *, source: str = "api", label: str | None = None
+    ) -> dict[str, Any]:
+        """Run a control command in the call's task; `source` is "api" or "assistant"."""
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.post(CommandEnvelope(command, reply))
+        self.post(CommandEnvelope(command, reply, source, label))
         return await reply
 
     @property
@@ -142,7 +151,7 @@ class CallSession:
     async def _handle(self, item: Any) -> None:
         if isinstance(item, CommandEnvelope):
             try:
-                item.reply.set_result(await self._on_command(item.command))
+                item.reply.set_result(await self._on_command(item))
             except BridgeError as exc:
                 item.reply.set_exception(exc)
         elif isinstance(item, ChannelHungUp):
@@ -194,8 +203,17 @@ class CallSession:
         await self.record("call.answered")
         if not await self._attach_media():
             return
-        if self.first_message:
-            self.say(self.first_message, token="greeting")
+        await self._start_conversation(resumed=False)
+
+    async def _start_conversation(self, *, resumed: bool) -> None:
+        """Hand the caller to the assistant's conversation, or just greet without one."""
+        factory = self.service.conversation_factory
+        if self.conversation is None and factory is not None:
+            self.conversation = factory(self)
+        if self.conversation is not None:
+            await self.conversation.start(resumed=resumed)
+        elif not resumed and self.assistant is not None and self.assistant.first_message:
+            self.say(self.assistant.first_message, token="greeting")
 
     async def _attach_media(self) -> bool:
         """Open RTP and have the PBX stream the caller to it. On failure the caller goes to the
@@ -226,7 +244,9 @@ class CallSession:
         return True
 
     def _on_audio(self, pcm: bytes) -> None:
-        """Caller audio, 20 ms at a time. The conversation pipeline listens here."""
+        """Caller audio, 20 ms at a time, straight to the conversation."""
+        if self.conversation is not None:
+            self.conversation.on_audio(pcm)
 
     # --- speech -----------------------------------------------------------------------------
 
@@ -238,13 +258,16 @@ class CallSession:
 
     async def _speak(self, text: str, token: str, interruptible: bool) -> None:
         try:
-            pcm = await self.service.tts.synthesize(text)
-            media = self.media
-            if media is None:
-                self.post(SpeechDone(token, False, "no media"))
-                return
+            # Synthesis runs one utterance at a time so sentences play in the order said.
+            async with self._speech_order:
+                pcm = await self.service.tts.synthesize(text)
+                media = self.media
+                if media is None:
+                    self.post(SpeechDone(token, False, "no media"))
+                    return
+                playout = media.play(pcm, interruptible=interruptible)
             await self.record("assistant.said", text=text)
-            played = await media.play(pcm, interruptible=interruptible).done
+            played = await playout.done
             self.post(SpeechDone(token, played))
         except Exception as exc:
             self.log.error("call.tts_failed", error=str(exc))
@@ -260,12 +283,13 @@ class CallSession:
 
     # --- commands ---------------------------------------------------------------------------
 
-    async def _on_command(self, command: Any) -> dict[str, Any]:
+    async def _on_command(self, envelope: CommandEnvelope) -> dict[str, Any]:
+        command = envelope.command
         status = self.call.status
         if status is CallStatus.ENDED:
             raise Conflict("the call has ended", field="id")
         if isinstance(command, TransferCommand):
-            return await self.start_transfer(command, source="api")
+            return await self.start_transfer(command, source=envelope.source, label=envelope.label)
         if isinstance(command, SayCommand):
             if status is not CallStatus.ACTIVE or self.media is None:
                 raise Conflict(f"cannot speak while the call is {status.value}", field="type")
@@ -479,7 +503,8 @@ class CallSession:
             sip_code=sip_code,
             cause=cause,
         )
-        self.service.notify_transfer_result(self, transfer)
+        if self.conversation is not None:
+            self.conversation.on_transfer_result(transfer)
 
     async def _transfer_failed(
         self,
@@ -581,6 +606,9 @@ class CallSession:
         for task in self._speech_tasks:
             task.cancel()
         self._close_media()
+        if self.conversation is not None:
+            conversation, self.conversation = self.conversation, None
+            asyncio.get_running_loop().create_task(conversation.close())
         self.service.forget(self)
 
     # --- resume after a reconnect or restart ------------------------------------------------
@@ -612,7 +640,9 @@ class CallSession:
                 cause_text="the new leg was lost while callbridge was disconnected",
             )
             return
-        if self.media is None and not await self._attach_media():
-            return
+        if self.media is None:
+            if not await self._attach_media():
+                return
+            await self._start_conversation(resumed=True)
         if transfer is not None and transfer.state is TransferState.ANNOUNCING:
             self.post(SpeechDone(f"transfer:{transfer.id}", True))

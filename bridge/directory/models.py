@@ -131,7 +131,7 @@ class TrunkIn(_Strict):
     transport: Literal["udp", "tcp", "tls"] = "udp"
     username: str | None = Field(default=None, min_length=1, max_length=200)
     password: SecretStr | None = Field(default=None, max_length=200)
-    register: bool = False
+    registration: bool = False  # REGISTER with the trunk's credentials
 
     @field_validator("host")
     @classmethod

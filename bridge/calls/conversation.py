@@ -1,0 +1,35 @@
+"""What a call session needs from the conversation (the assistant's voice pipeline).
+
+The session owns the call and its media; the conversation listens to the caller's audio and
+speaks through `session.say`. It changes the call only by commands through the session's
+queue (`await session.command(..., source="assistant")`), so its decisions take the same path,
+checks and records as the control API's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from bridge.calls.session import CallSession
+    from bridge.calls.transfer import Transfer
+
+
+class Conversation(Protocol):
+    async def start(self, *, resumed: bool) -> None:
+        """The caller's media is attached: greet (or, after a restart, carry on)."""
+        ...
+
+    def on_audio(self, pcm: bytes) -> None:
+        """20 ms of the caller's audio, 8 kHz 16-bit PCM. Called on the event loop: be quick."""
+        ...
+
+    def on_transfer_result(self, transfer: Transfer) -> None:
+        """A transfer reached its final state (typed outcome in `transfer`)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+ConversationFactory = Callable[["CallSession"], "Conversation | None"]
