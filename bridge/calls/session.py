@@ -236,7 +236,7 @@ class CallSession:
             await self.record("call.media_failed", error=str(exc))
             await self._to_fallback("media could not be attached")
             return False
-        stream.set_remote(remote.host, remote.port)
+        stream.set_remote(remote.host, remote.port, framing=remote.framing, codec=remote.codec)
         self.media = stream
         await self.record(
             "media.attached", local=f"{host}:{port}", remote=f"{remote.host}:{remote.port}"
@@ -250,11 +250,16 @@ class CallSession:
 
     # --- speech -----------------------------------------------------------------------------
 
-    def say(self, text: str, *, token: str = "", interruptible: bool = True) -> None:
-        """Speak `text` to the caller; a `SpeechDone(token)` comes back through the queue."""
+    def say(
+        self, text: str, *, token: str = "", interruptible: bool = True
+    ) -> asyncio.Task[None]:
+        """Speak `text` to the caller; a `SpeechDone(token)` comes back through the queue.
+        The returned task ends when the audio has played or was flushed (the conversation
+        awaits it, and cancels it on barge-in before its audio is queued)."""
         task = asyncio.get_running_loop().create_task(self._speak(text, token, interruptible))
         self._speech_tasks.add(task)
         task.add_done_callback(self._speech_tasks.discard)
+        return task
 
     async def _speak(self, text: str, token: str, interruptible: bool) -> None:
         try:
@@ -419,11 +424,15 @@ class CallSession:
                 await self.record("transfer.ringing", transfer_id=transfer.id)
             return
         if isinstance(event, LegFailed):
+            outcome, cause_text = event.outcome, event.cause_text
+            if outcome is LegOutcome.NO_ANSWER and transfer.state is TransferState.DIALING:
+                # A timeout with no ringing at all: nothing answered the INVITE.
+                outcome, cause_text = LegOutcome.UNREACHABLE, "no response (it never rang)"
             await self._transfer_failed(
                 TransferEvent.LEG_FAILED,
-                event.outcome,
+                outcome,
                 cause=event.cause,
-                cause_text=event.cause_text,
+                cause_text=cause_text,
                 sip_code=event.sip_code,
             )
             return

@@ -14,82 +14,19 @@ from typing import Any
 
 import pytest
 
-from bridge.lab.rtp import RtpPeer, dominant_frequency, rms
+from bridge.lab.rtp import RtpPeer, dominant_frequency
 from bridge.lab.sipp import SippCall, SippUas
-from tests.support.daemon import Api, start_daemon, wait_for
+from tests.support.daemon import start_daemon, wait_for
+from tests.support.flows import (
+    DESTINATION,
+    DID,
+    active_call,
+    heard_speech,
+    setup_directory,
+    transfer_settled,
+)
 
 pytestmark = pytest.mark.asterisk
-
-DID = "+31201234567"
-DESTINATION = "+31612345678"
-
-
-async def setup_directory(api: Api, uas: SippUas | None, *, auth: bool = True) -> dict[str, Any]:
-    """The seed's set-up: an assistant, a trunk (at the UAS) and a number routed through it."""
-    assistant = await api.ok(
-        "POST",
-        "/assistants",
-        {
-            "name": "Support Assistant",
-            "first_message": "Welcome to Acme support, how can I help you?",
-            "llm_config": {
-                "provider": "local",
-                "messages": [{"role": "system", "content": "You are a support agent for Acme."}],
-                "tools": [
-                    {
-                        "type": "transfer_call",
-                        "destinations": [
-                            {
-                                "type": "number",
-                                "number": DESTINATION,
-                                "description": "Human support for complex issues",
-                                "message": "I'm transferring you, one moment please.",
-                            }
-                        ],
-                    },
-                    {"type": "end_call"},
-                ],
-            },
-        },
-    )
-    number = await api.ok("POST", "/numbers", {"number": DID, "assistant_id": assistant["id"]})
-    trunk = None
-    if uas is not None:
-        body: dict[str, Any] = {"name": "Office PBX", "host": "127.0.0.1", "port": uas.local_port}
-        if auth:
-            body |= {"username": "hms-sovereign", "password": "secure-password"}
-        trunk = await api.ok("POST", "/sip-trunks", body)
-        await api.ok("PATCH", f"/numbers/{number['id']}", {"transfer_trunk_id": trunk["id"]})
-    return {"assistant": assistant, "number": number, "trunk": trunk}
-
-
-async def active_call(api: Api) -> dict[str, Any]:
-    async def find() -> dict[str, Any] | None:
-        calls = (await api.ok("GET", "/calls?status=active"))["data"]
-        return calls[0] if calls else None
-
-    return await wait_for(find, "an active call")
-
-
-async def transfer_settled(api: Api, call_id: str, timeout: float = 30) -> dict[str, Any]:
-    async def settled() -> dict[str, Any] | None:
-        call = await api.ok("GET", f"/calls/{call_id}")
-        transfers = call["transfers"]
-        if transfers and transfers[-1]["state"] in ("bridged", "failed", "cancelled", "handed_off"):
-            return call
-        return None
-
-    return await wait_for(settled, "the transfer to settle", timeout=timeout)
-
-
-async def heard_speech(peer: RtpPeer, since: float, seconds: float = 10) -> bool:
-    """True once the peer has received at least 0.5 s of clearly non-silent audio."""
-
-    async def loud() -> bool:
-        pcm = peer.received_pcm(since=since)
-        return len(pcm) >= 8000 and rms(pcm) > 300
-
-    return await wait_for(loud, "non-silent audio at the caller", timeout=seconds)
 
 
 @pytest.fixture
@@ -107,8 +44,7 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
 ) -> None:
     _, api = daemon_api
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        uas = SippUas.for_lab(
-            asterisk_lab,
+        uas = SippUas(
             "uas_answer_auth.xml",
             rtp_port=dest_rtp.port,
             keys={"auth_user": "hms-sovereign", "auth_pass": "secure-password"},
@@ -192,7 +128,7 @@ async def test_failed_transfer_keeps_caller_with_assistant(
 ) -> None:
     _, api = daemon_api
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        uas = SippUas.for_lab(asterisk_lab, scenario, rtp_port=dest_rtp.port)
+        uas = SippUas(scenario, rtp_port=dest_rtp.port)
         await uas.start()
         await setup_directory(api, uas, auth=False)
         caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
@@ -226,3 +162,114 @@ async def test_failed_transfer_keeps_caller_with_assistant(
         finally:
             await caller.terminate()
             await uas.stop()
+
+
+async def test_transfer_to_a_sip_uri_dials_it_directly(asterisk_lab: Any, daemon_api: Any) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, None)  # no trunk: a SIP URI needs none
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            uri = f"sip:alice@127.0.0.1:{uas.local_port}"
+            await api.ok(
+                "POST", f"/calls/{call['id']}/control", {"type": "transfer", "destination": uri}
+            )
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged"
+            assert (uas.invite.request_uri or "").startswith(
+                f"sip:alice@127.0.0.1:{uas.local_port}"
+            )
+            # Without a trunk, an E.164 destination has no route: a clear 422, nothing dialled.
+            status, error = await api.request(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION},
+            )
+            assert status == 409, error  # the call is already transferred
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_e164_without_trunk_or_route_is_refused_with_the_field(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp:
+        await setup_directory(api, None)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            status, error = await api.request(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION},
+            )
+            assert status == 422, error
+            assert error["error"]["field"] == "destination"
+            assert (await api.ok("GET", f"/calls/{call['id']}"))["status"] == "active"
+            status, error = await api.request(
+                "POST", f"/calls/{call['id']}/control", {"type": "transfer", "destination": "123"}
+            )
+            assert (status, error["error"]["field"]) == (422, "destination")
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            await asyncio.wait_for(caller.wait(), 10)
+            assert caller.got_bye()
+        finally:
+            await caller.terminate()
+
+        async def ended() -> bool:
+            return (await api.ok("GET", f"/calls/{call['id']}"))["status"] == "ended"
+
+        await wait_for(ended, "the call to end")
+        status, error = await api.request(
+            "POST", f"/calls/{call['id']}/control", {"type": "say", "message": "hello?"}
+        )
+        assert (status, error["error"]["code"]) == (409, "conflict")
+
+
+async def test_blind_transfer_hands_the_caller_to_the_dialplan(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION, "mode": "blind"},
+            )
+            done = await transfer_settled(api, call["id"])
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["mode"]) == ("handed_off", "blind")
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            assert "blind" in (await wait_for(ended, "the call record to end"))["end_reason"]
+            # The dialplan dialled the destination through the trunk and connected the caller.
+            await wait_for(lambda: _true(uas.invite is not None), "the INVITE at the UAS")
+            assert DESTINATION in (uas.invite.request_uri or "")
+            await dest_rtp.wait_for_packet(timeout=10)
+            t0 = asyncio.get_running_loop().time()
+            await caller_rtp.send_tone(440, 1.0)
+            assert abs(dominant_frequency(dest_rtp.received_pcm(since=t0)) - 440) < 20
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value

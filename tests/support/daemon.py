@@ -37,13 +37,17 @@ class Api:
         await self.session.close()
 
 
-async def start_daemon(lab: Any, tmp: Path, **overrides: Any) -> tuple[Daemon, Api]:
+async def start_daemon(
+    lab: Any, tmp: Path, *, ari_url: str | None = None, **overrides: Any
+) -> tuple[Daemon, Api]:
+    """A daemon on `lab` (or on `ari_url`, e.g. a cuttable proxy in front of it) with its
+    database in `tmp`: starting a second one on the same `tmp` is a daemon restart."""
     configure_logging("console", "debug")
     settings = Settings(
         database=tmp / "callbridge.sqlite3",
         api={"host": "127.0.0.1", "port": 0},
         ari={
-            "url": lab.ari_url,
+            "url": ari_url or lab.ari_url,
             "username": lab.ari_username,
             "password": lab.ari_password,
             "app": lab.app_name,

@@ -1,0 +1,196 @@
+"""Calls are never lost: ARI connection drops, daemon restarts, unknown numbers — on the real
+Asterisk with real SIPp calls and real audio."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.lab.rtp import RtpPeer
+from bridge.lab.sipp import SippCall, SippUas
+from tests.support.daemon import Api, start_daemon, wait_for
+from tests.support.flows import (
+    DESTINATION,
+    DID,
+    active_call,
+    heard_speech,
+    setup_directory,
+    transfer_settled,
+)
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.asterisk
+
+
+async def call_status(api: Api, call_id: str) -> str:
+    return (await api.ok("GET", f"/calls/{call_id}"))["status"]
+
+
+async def test_unknown_number_goes_to_the_dialplan_fallback(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    try:
+        async with RtpPeer() as caller_rtp:
+            caller = SippCall.to_lab(
+                asterisk_lab, "+31999999999", rtp_port=caller_rtp.port, hold_ms=15000
+            )
+            await caller.start()
+            # The fallback context answers and plays an announcement: real audio, no silence.
+            await heard_speech(caller_rtp, since=0)
+
+            async def ended() -> list[dict[str, Any]]:
+                return (await api.ok("GET", "/calls?status=ended"))["data"]
+
+            (call,) = await wait_for(ended, "the refused call to be recorded")
+            assert call["number"] == "+31999999999"
+            assert call["end_reason"] == "unknown number: sent to the dialplan fallback"
+            await asyncio.wait_for(caller.wait(), 20)
+            assert caller.got_bye()  # the fallback hung up after its announcement
+    finally:
+        await api.close()
+        await daemon.stop()
+
+
+async def test_ari_connection_drop_keeps_the_call_and_control(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, ari_url=proxy.url)
+    assert daemon.calls is not None
+    try:
+        async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+            uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+            await uas.start()
+            await setup_directory(api, uas, auth=False)
+            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+            await caller.start()
+            try:
+                call = await active_call(api)
+                await heard_speech(caller_rtp, since=0)
+
+                proxy.cut()
+                await wait_for(
+                    lambda: _false(daemon.calls.connected), "the daemon to see the drop", 5
+                )
+                await asyncio.sleep(1.0)  # an outage: the caller stays up meanwhile
+                proxy.restore()
+                await wait_for(lambda: _true(daemon.calls.connected), "reconnect", 10)
+
+                assert await call_status(api, call["id"]) == "active"
+                t0 = asyncio.get_running_loop().time()
+                say = {"type": "say", "message": "Still here."}
+                await api.ok("POST", f"/calls/{call['id']}/control", say)
+                await heard_speech(caller_rtp, since=t0)
+                await api.ok(
+                    "POST",
+                    f"/calls/{call['id']}/control",
+                    {"type": "transfer", "destination": DESTINATION},
+                )
+                done = await transfer_settled(api, call["id"])
+                assert done["transfers"][-1]["state"] == "bridged"
+                assert not caller.got_bye()
+            finally:
+                await caller.terminate()
+                await uas.stop()
+    finally:
+        await api.close()
+        await daemon.stop()
+        await proxy.close()
+
+
+async def test_caller_leaving_during_an_outage_is_recorded_after_reconnect(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, ari_url=proxy.url)
+    assert daemon.calls is not None
+    try:
+        async with RtpPeer() as caller_rtp:
+            await setup_directory(api, None)
+            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=3000)
+            await caller.start()
+            call = await active_call(api)
+            proxy.cut()
+            await asyncio.wait_for(caller.wait(), 15)  # hangs up while we are disconnected
+            proxy.restore()
+
+            async def ended() -> bool:
+                return await call_status(api, call["id"]) == "ended"
+
+            await wait_for(ended, "the call to be ended after reconnect", 15)
+            data = await api.ok("GET", f"/calls/{call['id']}")
+            assert data["end_reason"] == "caller hung up"
+            (ended_event,) = [e for e in data["events"] if e["type"] == "call.ended"]
+            assert "disconnected" in ended_event["cause_text"]
+    finally:
+        await api.close()
+        await daemon.stop()
+        await proxy.close()
+
+
+async def test_daemon_restart_resumes_active_and_bridged_calls(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+
+            # The daemon stops (crash, upgrade): the caller stays in Asterisk meanwhile.
+            await api.close()
+            await daemon.stop()
+            await asyncio.sleep(0.5)
+            daemon, api = await start_daemon(asterisk_lab, tmp_path)
+
+            # The same call is picked up: media re-attached, commands work.
+            assert await call_status(api, call["id"]) == "active"
+            t0 = asyncio.get_running_loop().time()
+            await api.ok(
+                "POST", f"/calls/{call['id']}/control", {"type": "say", "message": "I'm back."}
+            )
+            await heard_speech(caller_rtp, since=t0)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION},
+            )
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged"
+
+            # A bridged call survives a restart too, and its end is still handled.
+            await api.close()
+            await daemon.stop()
+            daemon, api = await start_daemon(asterisk_lab, tmp_path)
+            assert await call_status(api, call["id"]) == "transferred"
+            await caller.terminate()  # SIPp killed: hang the caller up from Asterisk instead
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+
+            async def ended() -> bool:
+                return await call_status(api, call["id"]) == "ended"
+
+            await wait_for(ended, "the call to end", 10)
+            await asyncio.wait_for(uas.wait(), 10)
+            assert uas.received_requests("BYE"), "the destination leg was not released"
+        finally:
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _false(value: bool) -> bool:
+    return not value
