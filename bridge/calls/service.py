@@ -16,7 +16,7 @@ from bridge.calls.session import CallSession, Resume
 from bridge.calls.store import CallStore
 from bridge.calls.transfer import TransferState
 from bridge.config import Settings
-from bridge.errors import Conflict, InvalidInput, NotFound
+from bridge.errors import Conflict, DestinationNotAllowed, InvalidInput, NotFound
 from bridge.log import get_logger
 from bridge.media.rtp import MediaClock
 from bridge.pbx.ports import (
@@ -248,6 +248,7 @@ class CallService:
     async def resolve_destination(self, call: Call, destination: str) -> DialTarget:
         """E.164 goes through the number's transfer trunk (looked up now: a PATCH during the
         call counts), else the default route; a SIP URI is dialled directly."""
+        self._check_policy(destination)
         if destination.startswith(("sip:", "sips:")):
             return DialTarget(sip_uri=destination)
         trunk_id = None
@@ -266,6 +267,25 @@ class CallService:
             "set transfer.default_route, or transfer to a SIP URI",
             field="destination",
         )
+
+    def _check_policy(self, destination: str) -> None:
+        """The toll-fraud guard: only configured prefixes and SIP domains, when configured."""
+        policy = self.settings.transfer
+        if destination.startswith(("sip:", "sips:")):
+            host = destination.split(":", 1)[1].rsplit("@", 1)[-1].split(";")[0]
+            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            allowed = policy.allowed_sip_domains
+            if allowed and host.lower() not in {d.lower() for d in allowed}:
+                raise DestinationNotAllowed(
+                    f"SIP domain {host} is not in transfer.allowed_sip_domains",
+                    field="destination",
+                )
+        elif policy.allowed_prefixes and not destination.startswith(
+            tuple(policy.allowed_prefixes)
+        ):
+            raise DestinationNotAllowed(
+                "number is not in transfer.allowed_prefixes", field="destination"
+            )
 
     def caller_id_for(self, call: Call) -> str | None:
         choice = self.settings.transfer.caller_id
