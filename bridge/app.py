@@ -8,6 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.agent.factory import AgentFactory
+from bridge.agent.providers import AgentProviders
 from bridge.api.server import create_api_app
 from bridge.calls.service import CallService, trunk_spec
 from bridge.calls.store import CallStore
@@ -17,7 +19,7 @@ from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
-from bridge.speech.tts import FliteTts, TtsProvider
+from bridge.speech.tts import TtsProvider, make_tts
 from bridge.store.db import Database
 
 log = get_logger(__name__)
@@ -31,6 +33,7 @@ class Daemon:
         self.db: Database | None = None
         self.calls: CallService | None = None
         self.directory: DirectoryService | None = None
+        self.providers: AgentProviders | None = None
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
 
@@ -49,6 +52,12 @@ class Daemon:
             directory=self.directory,
             tts=self._build_tts(),
         )
+        if s.agent.enabled:
+            # Speech and LLM providers: built once, models loaded before the first call.
+            self.providers = AgentProviders(s)
+            if s.agent.warm_up:
+                await self.providers.warm_up()
+            self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
         await self.calls.start()
         app = create_api_app(self.directory, self.calls, self.db, health=self._health)
         self._runner = web.AppRunner(app, access_log=None)
@@ -78,7 +87,7 @@ class Daemon:
         )
 
     def _build_tts(self) -> TtsProvider:
-        return FliteTts(self.settings.tts.voice)
+        return make_tts(self.settings.tts.engine, self.settings.tts.voice, sample_rate=8000)
 
     async def _trunk_specs(self) -> list[Any]:
         assert self.directory is not None
@@ -107,6 +116,8 @@ class Daemon:
             await self._runner.cleanup()
         if self.calls is not None:
             await self.calls.stop()
+        if self.providers is not None:
+            await self.providers.aclose()
         if self.db is not None:
             await self.db.close()
         log.info("callbridge.stopped")

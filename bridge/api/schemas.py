@@ -77,7 +77,6 @@ def _call_out() -> type[BaseModel]:
     fields: dict[str, Any] = {
         f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
         for f in dataclasses.fields(Call)
-        if f.name != "channel_id"  # internal: the PBX's channel id
     }
     return create_model(  # type: ignore[no-any-return, call-overload]
         "Call", __config__=_OUT, __doc__="A call, as `Call.public_dict` shows it.", **fields

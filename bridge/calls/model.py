@@ -44,6 +44,7 @@ class Call:
             "id": self.id,
             "status": self.status.value,
             "pbx": self.pbx,
+            "channel_id": self.channel_id,
             "number_id": self.number_id,
             "number": self.number,
             "assistant_id": self.assistant_id,

@@ -68,6 +68,8 @@ class CallService:
         await self.pbx.start(self.on_pbx_event)
 
     async def stop(self) -> None:
+        for session in list(self._by_id.values()):
+            await session.detach()
         await self.pbx.stop()
         await self.clock.close()
 

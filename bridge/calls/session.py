@@ -603,11 +603,26 @@ class CallSession:
         await self._save()
         await self.record("call.ended", reason=reason, cause=cause, cause_text=cause_text)
         self.log.info("call.ended", reason=reason, cause=cause)
+        try:
+            await self.service.pbx.release(self.call.channel_id)
+        except BridgeError as exc:
+            self.log.warning("call.release_failed", error=str(exc))
 
     def _close_media(self) -> None:
         if self.media is not None:
             self.media.close()
             self.media = None
+
+    async def detach(self) -> None:
+        """The daemon stops: drop our side of the call without ending it (the caller stays in
+        the PBX and the next daemon resumes the call)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._shutdown()
 
     def _shutdown(self) -> None:
         for name in list(self._timers):
@@ -649,9 +664,9 @@ class CallSession:
                 cause_text="the new leg was lost while callbridge was disconnected",
             )
             return
-        if self.media is None:
+        if self.media is None:  # a daemon restart: the old process's media is gone
             if not await self._attach_media():
                 return
             await self._start_conversation(resumed=True)
-        if transfer is not None and transfer.state is TransferState.ANNOUNCING:
-            self.post(SpeechDone(f"transfer:{transfer.id}", True))
+            if transfer is not None and transfer.state is TransferState.ANNOUNCING:
+                self.post(SpeechDone(f"transfer:{transfer.id}", True))

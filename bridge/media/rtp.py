@@ -44,11 +44,18 @@ def _slin_decode(data: bytes) -> bytes:
     return np.frombuffer(data[: len(data) // 2 * 2], dtype=">i2").astype("<i2").tobytes()
 
 
+def _same(data: bytes) -> bytes:  # our PCM is already L16 little-endian
+    return data[: len(data) // 2 * 2]
+
+
 CODECS = {
     "ulaw": Codec("ulaw", 0, g711.ulaw_encode, g711.ulaw_decode),
     "alaw": Codec("alaw", 8, g711.alaw_encode, g711.alaw_decode),
     "slin": Codec("slin", 10, _slin_encode, _slin_decode),
+    # Host-order L16, as FreeSWITCH's `unicast` sends it (raw framing only: no payload type).
+    "slin_le": Codec("slin_le", -1, _same, _same),
 }
+FRAMINGS = ("rtp", "raw")
 
 
 @dataclass
@@ -68,7 +75,12 @@ class Playout:
 
 
 class RtpStream(asyncio.DatagramProtocol):
-    """One call's RTP: decode what arrives, send what is queued, 20 ms at a time."""
+    """One call's RTP: decode what arrives, send what is queued, 20 ms at a time.
+
+    With `framing="raw"` (set by `set_remote`, as the PBX dictates) every datagram is one bare
+    payload both ways, no RTP header: FreeSWITCH's `unicast` media. Everything else (pacing,
+    playouts, barge-in) is the same, so one session code drives both PBXs.
+    """
 
     def __init__(self, codec: str, on_audio: Callable[[bytes], None] | None = None) -> None:
         self.codec = CODECS[codec]
@@ -81,6 +93,7 @@ class RtpStream(asyncio.DatagramProtocol):
         self._ts = int.from_bytes(os.urandom(4), "big")
         self._ssrc = int.from_bytes(os.urandom(4), "big")
         self._talking = False
+        self.framing = "rtp"
         self.packets_in = 0
         self.packets_out = 0
         self._clock: MediaClock | None = None
@@ -97,6 +110,11 @@ class RtpStream(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.framing == "raw":
+            self.packets_in += 1
+            if self.on_audio is not None and data:
+                self.on_audio(self.codec.decode(data))
+            return
         if len(data) < 12 or data[0] >> 6 != 2:
             return  # not RTP v2
         pt = data[1] & 0x7F
@@ -112,7 +130,15 @@ class RtpStream(asyncio.DatagramProtocol):
         if self.on_audio is not None and payload:
             self.on_audio(self.codec.decode(payload))
 
-    def set_remote(self, host: str, port: int) -> None:
+    def set_remote(
+        self, host: str, port: int, *, framing: str = "rtp", codec: str | None = None
+    ) -> None:
+        """Where to send; `framing` and `codec` as the PBX's attach answer says."""
+        if framing not in FRAMINGS:
+            raise ValueError(f"unknown framing {framing!r}")
+        if codec is not None:
+            self.codec = CODECS[codec]
+        self.framing = framing
         self.remote = (host, port)
 
     # --- outbound ---------------------------------------------------------------------------
@@ -165,6 +191,11 @@ class RtpStream(asyncio.DatagramProtocol):
         return True
 
     def _send(self, payload: bytes) -> None:
+        if self.framing == "raw":
+            if self.transport is not None and self.remote is not None:
+                self.transport.sendto(payload, self.remote)
+                self.packets_out += 1
+            return
         marker = 0 if self._talking else 0x80
         self._talking = True
         header = struct.pack(

@@ -126,8 +126,14 @@ class DialTarget:
 
 @dataclass(frozen=True, slots=True)
 class MediaAddress:
+    """A media endpoint. Returned by `attach_media`, it also says how the PBX frames audio:
+    `framing` "rtp" (Asterisk externalMedia) or "raw" (FreeSWITCH `unicast`: bare payloads,
+    no RTP header), and `codec` when the PBX sends another codec than the one asked for."""
+
     host: str
     port: int
+    framing: str = "rtp"
+    codec: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +208,10 @@ class PbxAdapter(Protocol):
     async def remove_trunk(self, trunk_id: str) -> None: ...
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+
+    async def release(self, channel_id: str) -> None:
+        """The call is over for us: free what the adapter made for it (bridge, media)."""
+        ...
 
 
 class ChannelGone(Exception):

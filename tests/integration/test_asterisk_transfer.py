@@ -117,6 +117,9 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
         for kind in ("call.started", "call.answered", "transfer.requested", "transfer.completed"):
             assert kind in kinds, kinds
         assert final["end_reason"] == "caller hung up"
+        # Nothing is left behind in Asterisk: the call's bridge is gone.
+        _, bridges = asterisk_lab.ari("GET", "/bridges")
+        assert f"cb-{final['channel_id']}" not in {b["id"] for b in bridges}
 
 
 @pytest.mark.parametrize(

@@ -191,10 +191,15 @@ class AsteriskAdapter:
             await self._call("DELETE", f"/channels/{channel_id}")
         except ChannelGone:
             pass
+
+    async def release(self, channel_id: str) -> None:
+        await self.detach_media(channel_id)
         try:
             await self.ari.delete(f"/bridges/{bridge_id(channel_id)}")
-        except (AriNotFound, AriConflict, AriUnavailable):
+        except AriNotFound:
             pass
+        except AriUnavailable as exc:
+            raise PbxUnavailable(str(exc)) from exc
 
     async def continue_in_dialplan(self, channel_id: str, context: str, extension: str) -> None:
         await self._call(

@@ -1,0 +1,455 @@
+"""`VoiceAgent`: one call's conversation (listen, understand, answer, act).
+
+Frames from the session are queued to the agent's own task (`on_audio` only enqueues). That
+task runs the turn detector inline (tens of µs per frame) and reacts to its events:
+
+- `SpeechStarted` while the assistant talks or thinks → barge-in: cancel the turn's LLM/TTS
+  work and flush the interruptible audio, at once. Not once a transfer or a goodbye is
+  decided (`_committed`): that turn plays to the end and its command runs (a known pitfall
+  elsewhere is barge-in cancelling the transfer).
+- `TurnEnded` → a turn task: STT (off the loop) → LLM stream → each complete sentence to TTS
+  and the caller as soon as it is written → tool calls (transfer, end call) as commands
+  through the session's queue, the same path as the control API.
+
+Every turn is recorded (`transcript` events) with its latencies. A failing provider is never
+silence: an apology, then the configured fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bridge.agent.early import EarlyTranscriber
+from bridge.agent.sentences import SentenceSplitter
+from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
+from bridge.calls.transfer import Transfer, TransferState
+from bridge.config import AgentSettings
+from bridge.errors import BridgeError
+from bridge.llm.base import ChatMessage, LlmProvider, TextDelta, ToolCall, ToolCallEvent
+from bridge.llm.tools import Destination, EndCallIntent, ToolError, Toolset, TransferIntent
+from bridge.log import get_logger
+from bridge.speech.stt import SttProvider, Transcript, vocabulary_prompt
+from bridge.speech.vad import SpeechStarted, TurnDetector, TurnEnded
+
+if TYPE_CHECKING:
+    from bridge.calls.model import Call
+    from bridge.directory.models import Assistant
+    from bridge.media.rtp import RtpStream
+
+log = get_logger(__name__)
+
+SAMPLE_RATE = 8000
+GAP_CHECK_S = 0.1  # how often to look for a gap in the caller's audio
+GAP_S = 0.25  # no caller audio this long (DTX, a silent peer): feed silence to the VAD
+MAX_QUEUED_FRAMES = 500  # 10 s of audio: beyond this the agent is stuck; drop, do not grow
+DEFAULT_PROMPT = "You are a friendly phone assistant. Answer in one or two short spoken sentences."
+
+
+class AgentSession(Protocol):
+    """What the agent needs from `bridge.calls.session.CallSession`."""
+
+    call: Call
+    assistant: Assistant | None
+    media: RtpStream | None
+
+    def say(
+        self, text: str, *, token: str = "", interruptible: bool = True
+    ) -> asyncio.Task[None]: ...
+
+    async def command(
+        self, command: Any, *, source: str = "api", label: str | None = None
+    ) -> Any: ...
+
+    async def record(self, kind: str, **data: Any) -> None: ...
+
+
+@dataclass
+class _Turn:
+    """Timing of one caller turn, in `time.monotonic()` seconds (for transcripts and bench)."""
+
+    ended_at: float
+    audio: bytes = b""
+    heard: bool = False  # the transcript is in the history
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.monotonic())
+
+    def latencies_ms(self) -> dict[str, int]:
+        return {k: round((v - self.ended_at) * 1000) for k, v in self.marks.items()}
+
+
+class VoiceAgent:
+    def __init__(
+        self,
+        session: AgentSession,
+        *,
+        llm: LlmProvider,
+        stt: SttProvider,
+        detector: TurnDetector,
+        settings: AgentSettings,
+    ) -> None:
+        self.session = session
+        self.llm = llm
+        self.stt = stt
+        self.detector = detector
+        self.settings = settings
+        assistant = session.assistant
+        config = assistant.llm_config if assistant is not None else None
+        self.toolset = Toolset.from_assistant_tools(config.tools if config else [])
+        self.system = [
+            ChatMessage(m.role, m.content) for m in (config.messages if config else [])
+        ] or [ChatMessage.system(DEFAULT_PROMPT)]
+        self.stt_prompt = vocabulary_prompt(d.description for d in self.destinations)
+        self.early = EarlyTranscriber(stt, self.stt_prompt, detector, settings.early_stt_ms)
+        self.history: list[ChatMessage] = []
+        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._turn: asyncio.Task[None] | None = None
+        self._speech: list[asyncio.Task[None]] = []
+        self._committed = False  # this turn decided a transfer or the end: no barge-in
+        self._pending: dict[str, ToolCall] = {}  # transfer id → the tool call that asked
+        self._asking: ToolCall | None = None  # the transfer call whose command is under way
+        self._settled: set[str] = set()  # transfer ids with a result
+        self._current: _Turn | None = None
+        self._carry = b""  # audio of a turn cut off before it was understood
+        self._background: set[asyncio.Task[Any]] = set()
+        self._last_audio = 0.0
+        self._gap_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.log = log.bind(call_id=session.call.id)
+
+    @property
+    def destinations(self) -> list[Destination]:
+        return list(self.toolset.destinations.values())
+
+    # --- Conversation protocol --------------------------------------------------------------
+
+    async def start(self, *, resumed: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"agent-{self.session.call.id}")
+        self._last_audio = loop.time()
+        self._gap_timer = loop.call_later(GAP_CHECK_S, self._check_gap)
+        if resumed:
+            return  # after a restart the caller is mid-conversation: no second greeting
+        assistant = self.session.assistant
+        greeting = assistant.first_message if assistant is not None else None
+        if greeting:
+            self._speak(greeting)
+            self.history.append(ChatMessage.assistant(greeting))
+            await self._transcript("assistant", greeting, greeting=True)
+
+    def on_audio(self, pcm: bytes) -> None:
+        if self._inbox.qsize() < MAX_QUEUED_FRAMES:
+            self._inbox.put_nowait(pcm)
+        self._last_audio = asyncio.get_running_loop().time()
+
+    def on_transfer_result(self, transfer: Transfer) -> None:
+        self._settled.add(transfer.id)
+        call = self._pending.pop(transfer.id, None)
+        if call is None and transfer.source == "assistant":
+            call = self._asking  # the result came before the command's reply
+        result = transfer.result_for_assistant()
+        content = json.dumps(result)
+        if call is not None:
+            self.history.append(ChatMessage.tool(call.id, content))
+            self._spawn(self._transcript("tool_result", content, tool="transfer_call", **result))
+        elif transfer.state is not TransferState.BRIDGED:
+            # An operator's transfer (control API) failed: the model should know too.
+            note = f"A transfer to {transfer.label or transfer.destination} failed: {content}"
+            self.history.append(ChatMessage.system(note))
+        if transfer.state is not TransferState.BRIDGED:
+            self._committed = False  # the caller is back with the assistant
+
+    async def close(self) -> None:
+        self._closed = True
+        self.early.close()
+        if self._gap_timer is not None:
+            self._gap_timer.cancel()
+        self._inbox.put_nowait(None)
+        tasks = [t for t in (self._task, self._turn) if t is not None]
+        for task in tasks:
+            if task is self._turn and self._committed:
+                continue  # a decided transfer / goodbye finishes on its own (shielded)
+            task.cancel()
+        for speech in self._speech:
+            speech.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- audio and turn events (the agent's task) -------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            frame = await self._inbox.get()
+            if frame is None:
+                return
+            try:
+                events = self.detector.feed(frame)
+            except Exception:
+                self.log.exception("agent.vad_failed")
+                continue
+            if self._listening:
+                self.early.observe(frame, events)
+            for event in events:
+                if isinstance(event, SpeechStarted):
+                    self._on_speech_started()
+                elif isinstance(event, TurnEnded):
+                    self._on_turn_ended(event)
+
+    def _check_gap(self) -> None:
+        """No audio for a while (a peer that stops sending in silence): the silence still
+        counts, or the turn would never end."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        gap = loop.time() - self._last_audio
+        if gap >= GAP_S and self._inbox.empty() and self._listening:
+            samples = int(min(gap, 1.0) * SAMPLE_RATE)
+            self._inbox.put_nowait(b"\x00\x00" * samples)
+            self._last_audio = loop.time()
+        self._gap_timer = loop.call_later(GAP_CHECK_S, self._check_gap)
+
+    @property
+    def _listening(self) -> bool:
+        return not self._closed and self.session.call.status is CallStatus.ACTIVE
+
+    def _on_speech_started(self) -> None:
+        if not self._listening or self._committed:
+            return
+        media = self.session.media
+        thinking = self._turn is not None and not self._turn.done()
+        if not thinking and not (media is not None and media.playing):
+            return
+        if self._turn is not None:
+            self._turn.cancel()
+            current = self._current
+            if current is not None and not current.heard:
+                # Cut off before it was understood (a pause mid-sentence): keep its audio
+                # for the next turn, so the caller's words are not lost.
+                self._carry = current.audio + b"\x00\x00" * (SAMPLE_RATE // 10)
+        for speech in self._speech:
+            speech.cancel()  # a sentence still being synthesised never reaches the line
+        self._speech.clear()
+        dropped = media.flush() if media is not None else 0
+        self.log.info("agent.barge_in", dropped=dropped, thinking=thinking)
+        self._spawn(self.session.record("agent.barge_in", dropped=dropped, thinking=thinking))
+
+    def _on_turn_ended(self, event: TurnEnded) -> None:
+        if not self._listening:
+            return  # transferring or ended: the caller is not talking to us
+        early = self.early.take()
+        if early is not None and self._carry:
+            early.cancel()  # it lacks the words of the turn that was cut off
+            early = None
+        turn = _Turn(time.monotonic(), self._carry + event.audio)
+        self._carry = b""
+        previous = self._turn
+        self._turn = asyncio.get_running_loop().create_task(
+            self._take_turn(event, turn, previous, early)
+        )
+        self._turn.add_done_callback(self._turn_done)
+
+    def _turn_done(self, task: asyncio.Task[None]) -> None:
+        """A bug in a turn must be seen (logged), and must not leave the caller in silence."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.log.error("agent.turn_failed", error=repr(exc), exc_info=exc)
+        if self._listening and not self._committed:
+            self._speak(self.settings.llm_failure_message)
+
+    # --- one turn ---------------------------------------------------------------------------
+
+    async def _take_turn(
+        self,
+        event: TurnEnded,
+        turn: _Turn,
+        previous: asyncio.Task[None] | None,
+        early: asyncio.Task[Transcript] | None = None,
+    ) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.gather(previous, return_exceptions=True)  # a committed turn
+            if not self._listening or self._committed:
+                return
+        self._current = turn
+        try:
+            if early is not None:
+                transcript = await early  # started at the pause, usually done by now
+            else:
+                transcript = await self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.warning("agent.stt_failed", error=str(exc))
+            await self.session.record("agent.stt_failed", error=str(exc))
+            self._speak(self.settings.stt_failure_message)
+            await self._transcript("assistant", self.settings.stt_failure_message, fallback="stt")
+            return
+        turn.mark("stt")
+        text = transcript.text.strip()
+        if not any(c.isalnum() for c in text):
+            return  # noise, or words Whisper dropped as no speech: not a turn
+        turn.heard = True
+        self.history.append(ChatMessage.user(text))
+        await self._transcript(
+            "caller",
+            text,
+            confidence=transcript.confidence,
+            speech_ms=event.speech_ms,
+            stt_ms=turn.latencies_ms().get("stt"),
+        )
+        await self._reply(turn)
+
+    async def _reply(self, turn: _Turn) -> None:
+        for _ in range(self.settings.max_tool_rounds):
+            spoken: list[str] = []
+            try:
+                text, calls = await self._generate(turn, spoken)
+            except asyncio.CancelledError:
+                if spoken:  # barge-in: the model should know what the caller heard of it
+                    said = " ".join(spoken)
+                    self.history.append(ChatMessage.assistant(said))
+                    self._spawn(self._transcript("assistant", said, interrupted=True))
+                raise
+            except Exception as exc:  # LlmError subclasses, and anything a provider leaks
+                await self._llm_failed(exc)
+                return
+            self.history.append(ChatMessage.assistant(text or None, calls))
+            if text:
+                await self._transcript("assistant", text, latency_ms=turn.latencies_ms())
+            if not calls:
+                return
+            if not await self._run_tools(calls, spoke=bool(text)):
+                return
+        await self._llm_failed(RuntimeError("too many invalid tool calls in one turn"))
+
+    async def _generate(self, turn: _Turn, spoken: list[str]) -> tuple[str, list[ToolCall]]:
+        splitter = SentenceSplitter()
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        async for event in self.llm.stream(self.system + self.history, self.toolset.specs):
+            if isinstance(event, TextDelta):
+                turn.mark("llm")
+                parts.append(event.text)
+                for sentence in splitter.push(event.text):
+                    turn.mark("say")
+                    spoken.append(sentence)
+                    self._speak(sentence)
+            elif isinstance(event, ToolCallEvent):
+                turn.mark("llm")
+                calls.append(event.call)
+        for sentence in splitter.flush():
+            turn.mark("say")
+            spoken.append(sentence)
+            self._speak(sentence)
+        return "".join(parts).strip(), calls
+
+    async def _run_tools(self, calls: Sequence[ToolCall], *, spoke: bool) -> bool:
+        """Run the model's calls; True if the model must be asked again (a refused call)."""
+        again = False
+        for i, call in enumerate(calls):
+            await self._transcript("tool_call", call.arguments, tool=call.name, call_id=call.id)
+            try:
+                intent = self.toolset.parse(call)
+            except ToolError as err:
+                self._tool_result(call, {"error": str(err)})
+                again = True
+                continue
+            for skipped in calls[i + 1 :]:  # one action per turn; answer every call id
+                self._tool_result(skipped, {"error": "not run: another action was taken"})
+            if isinstance(intent, TransferIntent):
+                return await self._transfer(intent, call)
+            if isinstance(intent, EndCallIntent):
+                await self._end_call(call, spoke=spoke)
+            return False
+        return again
+
+    def _tool_result(self, call: ToolCall, result: dict[str, Any]) -> None:
+        content = json.dumps(result)
+        self.history.append(ChatMessage.tool(call.id, content))
+        self._spawn(self._transcript("tool_result", content, tool=call.name, call_id=call.id))
+
+    async def _transfer(self, intent: TransferIntent, call: ToolCall | None) -> bool:
+        """Hand the caller over through the session (same path as the control API). The
+        preface is spoken uninterruptibly by the session; the outcome arrives later in
+        `on_transfer_result`. True if the model must be asked again (refused)."""
+        self._committed = True
+        await self._drain_speech()  # what the model said first plays to the end
+        dest = intent.destination
+        command = TransferCommand(type="transfer", destination=dest.target, message=intent.preface)
+        self._asking = call
+        try:
+            reply = await asyncio.shield(
+                self.session.command(command, source="assistant", label=dest.description)
+            )
+        except BridgeError as exc:
+            self._committed = False
+            if call is None:
+                return False
+            self._tool_result(call, {"transferred": False, "outcome": "failed", "cause": str(exc)})
+            return True
+        finally:
+            self._asking = None
+        transfer_id = str(reply.get("transfer_id"))
+        if call is not None and transfer_id not in self._settled:
+            self._pending[transfer_id] = call
+        return False
+
+    async def _end_call(self, call: ToolCall, *, spoke: bool) -> None:
+        self._committed = True
+        self._tool_result(call, {"ended": True})
+        await self._drain_speech()  # the goodbye the model wrote plays to the end
+        message = None if spoke else self.settings.goodbye_message
+        try:
+            await asyncio.shield(
+                self.session.command(
+                    EndCallCommand(type="end_call", message=message), source="assistant"
+                )
+            )
+        except BridgeError as exc:
+            self.log.warning("agent.end_call_failed", error=str(exc))
+
+    async def _llm_failed(self, exc: BaseException) -> None:
+        """Never silence: apologise, then transfer to the first destination or keep
+        listening, as configured."""
+        error_type = type(exc).__name__
+        self.log.warning("agent.llm_failed", error=str(exc), error_type=error_type)
+        await self.session.record("agent.llm_failed", error=str(exc), error_type=error_type)
+        apology = self.settings.llm_failure_message
+        first = self.destinations[0] if self.destinations else None
+        if self.settings.on_llm_failure == "transfer_first" and first is not None:
+            preface = f"{apology} {first.message or 'Let me put you through to a colleague.'}"
+            self.history.append(ChatMessage.assistant(preface))
+            await self._transcript("assistant", preface, fallback="transfer_first")
+            await self._transfer(TransferIntent(first.key, first, preface), None)
+            if self._committed:
+                return
+            # The transfer was refused (the call is no longer active): just apologise.
+        self._speak(apology)
+        self.history.append(ChatMessage.assistant(apology))
+        await self._transcript("assistant", apology, fallback="apologize")
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _speak(self, text: str) -> None:
+        self._speech = [t for t in self._speech if not t.done()]
+        self._speech.append(self.session.say(text, token="assistant"))
+
+    async def _drain_speech(self) -> None:
+        speech, self._speech = self._speech, []
+        if speech:
+            await asyncio.gather(*speech, return_exceptions=True)
+
+    async def _transcript(self, role: str, text: str, **data: Any) -> None:
+        extra = {k: v for k, v in data.items() if v is not None}
+        await self.session.record("transcript", role=role, text=text, **extra)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

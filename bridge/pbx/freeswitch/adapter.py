@@ -1,0 +1,542 @@
+"""FreeSWITCH through the inbound event socket: the PBX port's verbs as ESL commands, channel
+events as PBX events. No business logic: what a busy leg means is decided in `bridge.calls`.
+
+Attach: the dialplan marks a caller (`set callbridge=1`) and `park`s it; its CHANNEL_PARK is the
+arrival. Ids are the PBX's own and derived, never only remembered, so a restarted daemon finds
+them again: outbound legs are originated with `origination_uuid=<leg id>` (the call service's
+`cbleg-...`), trunks are sofia gateways `cb-trunk-<id>`. Media is `unicast` (raw L16 frames over
+UDP, only while the caller is parked). Facts: docs/freeswitch-esl-notes.md, docs/freeswitch.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import PbxCommandFailed, PbxUnavailable
+from bridge.log import get_logger
+from bridge.pbx.freeswitch import events as fse
+from bridge.pbx.freeswitch.esl_client import (
+    ConnectionState,
+    EslChannelGone,
+    EslClient,
+    EslCommandError,
+    EslConnectionError,
+    EslError,
+)
+from bridge.pbx.freeswitch.esl_protocol import EslEvent, encode_bgapi
+from bridge.pbx.freeswitch.gateways import (
+    dial_string,
+    gateway_name,
+    remove_gateway,
+    write_gateway,
+)
+from bridge.pbx.ports import (
+    ChannelGone,
+    ChannelHungUp,
+    ConnectionLost,
+    ConnectionRestored,
+    DialTarget,
+    DtmfReceived,
+    EventSink,
+    LegAnswered,
+    LegFailed,
+    LegRinging,
+    MediaAddress,
+    PbxEvent,
+    PlaybackFinished,
+    TrunkSpec,
+)
+
+log = get_logger(__name__)
+
+EVENTS = (
+    "CHANNEL_PARK",
+    "CHANNEL_PROGRESS",
+    "CHANNEL_PROGRESS_MEDIA",
+    "CHANNEL_ANSWER",
+    "CHANNEL_HANGUP",
+    "PLAYBACK_STOP",
+    "DTMF",
+    "BACKGROUND_JOB",  # originate results: failures that never created a channel
+)
+RING_TONE = "%(2000,4000,440,480)|-1"  # gentones: ringback, looped until uuid_break
+TONES = {"ring": RING_TONE}
+TrunkSource = Callable[[], Awaitable[list[TrunkSpec]]]
+
+
+class FreeswitchAdapter:
+    name = "freeswitch"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str,
+        *,
+        profile: str = "callbridge",
+        marker: str = fse.DEFAULT_MARKER,
+        blind_context: str = "callbridge-blind-transfer",
+        blind_method: str = "transfer",
+        media_host: str | None = None,
+        unicast_ports: tuple[int, int] = (24000, 24999),
+        gateway_dir: Path | None = None,
+        trunks: TrunkSource | None = None,
+        heartbeat_var: str | None = "callbridge_seen",
+        heartbeat_interval: float = 5.0,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        if blind_method not in ("transfer", "deflect"):
+            raise ValueError("blind_method must be transfer or deflect")
+        self.client = EslClient(
+            host,
+            port,
+            password,
+            on_event=self._on_event,
+            on_state=self._on_state,
+            **(client_options or {}),
+        )
+        self.profile = profile
+        self.marker = marker
+        self.blind_context = blind_context
+        self.blind_method = blind_method
+        # FreeSWITCH binds the unicast socket on this address: one the daemon can reach.
+        self.media_host = media_host or host
+        self._ports = itertools.cycle(range(unicast_ports[0], unicast_ports[1] + 1))
+        self._port_count = unicast_ports[1] - unicast_ports[0] + 1
+        self._media: dict[str, int] = {}  # caller uuid -> FreeSWITCH-side unicast port
+        self.gateway_dir = gateway_dir
+        self._trunk_source = trunks
+        self._sink: EventSink | None = None
+        self._callers: set[str] = set()
+        self._legs: set[str] = set()  # originated, not yet ended
+        self._ringing: set[str] = set()
+        self._answered: set[str] = set()
+        self._ended: set[str] = set()  # legs whose CHANNEL_HANGUP was seen
+        # Callers whose park began without media: `unicast` there aborts FreeSWITCH 1.10.12
+        # (switch_ivr_park asserts read_frame), so they are re-parked once answered.
+        self._park_without_media: set[str] = set()
+        self._repark: dict[str, asyncio.Future[None]] = {}
+        self._connect_task: asyncio.Task[None] | None = None
+        # The dialplan hook parks callers only while this global (FreeSWITCH's epoch) is
+        # fresh; otherwise they go straight to the fallback (daemon unreachable).
+        self.heartbeat_var = heartbeat_var
+        self.heartbeat_interval = heartbeat_interval
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, sink: EventSink) -> None:
+        self._sink = sink
+        await self.client.subscribe(EVENTS)  # remembered: applied on every (re)connect
+        loop = asyncio.get_running_loop()
+        self._connect_task = loop.create_task(self._connect())
+        if self.heartbeat_var:
+            self._heartbeat_task = loop.create_task(self._heartbeat_loop())
+
+    async def _connect(self) -> None:
+        try:
+            await self.client.connect(retry=True)
+        except EslError as exc:
+            log.error("freeswitch.connect_failed", error=str(exc))
+            await self._emit(ConnectionLost(""))
+
+    async def stop(self) -> None:
+        for task in (self._connect_task, self._heartbeat_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.client.close()
+
+    async def _heartbeat(self) -> None:
+        if self.heartbeat_var and self.client.connected:
+            with contextlib.suppress(EslError):
+                await self.client.api(f"expand global_setvar {self.heartbeat_var}=${{strepoch()}}")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            await self._heartbeat()
+
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    async def _emit(self, event: PbxEvent) -> None:
+        if self._sink is not None:
+            await self._sink(event)
+
+    async def _on_state(self, state: ConnectionState) -> None:
+        if state in (ConnectionState.CONNECTED, ConnectionState.RESTORED):
+            try:
+                await self._heartbeat()
+                await self._provision_all()
+                restored = await self._resync()
+            except EslError as exc:  # dropped again meanwhile: LOST follows, then a retry
+                log.warning("freeswitch.resync_failed", error=str(exc))
+                return
+            await self._emit(restored)
+        elif state in (ConnectionState.LOST, ConnectionState.AUTH_FAILED):
+            if state is ConnectionState.AUTH_FAILED:
+                log.error("freeswitch.auth_failed_on_reconnect")
+            await self._emit(ConnectionLost(""))
+
+    async def _resync(self) -> ConnectionRestored:
+        """Callers (marked, alive) and our legs that exist now. `show channels` lags behind
+        the events (core db written asynchronously), so uuids we know are probed directly."""
+        text = await self.client.api("show channels as json")
+        rows = {r["uuid"]: r for r in (json.loads(text or "{}").get("rows") or []) if "uuid" in r}
+        callers = []
+        legs: list[tuple[str, bool]] = []
+        for uuid in sorted(set(rows) | self._callers | self._legs):
+            row = rows.get(uuid)
+            if row is None and not await self._exists(uuid):
+                self._forget(uuid)
+                continue
+            if fse.is_leg(uuid):
+                up = uuid in self._answered or (row or {}).get("callstate") in ("ACTIVE", "HELD")
+                if up:
+                    self._answered.add(uuid)
+                self._legs.add(uuid)
+                legs.append((uuid, up))
+            elif (row is None or row.get("direction") == "inbound") and await self._marked(uuid):
+                self._callers.add(uuid)
+                callers.append(fse.arrival_from_row(row or {"uuid": uuid}))
+        return ConnectionRestored("", callers=tuple(callers), legs=tuple(legs))
+
+    async def _exists(self, uuid: str) -> bool:
+        return (await self.client.api(f"uuid_exists {uuid}")).strip() == "true"
+
+    async def _marked(self, uuid: str) -> bool:
+        try:
+            return fse.truthy(await self.client.api(f"uuid_getvar {uuid} {self.marker}"))
+        except EslChannelGone:
+            return False
+
+    def _forget(self, uuid: str) -> None:
+        for group in (
+            self._callers,
+            self._legs,
+            self._ringing,
+            self._answered,
+            self._park_without_media,
+        ):
+            group.discard(uuid)
+        self._media.pop(uuid, None)
+
+    # --- events -----------------------------------------------------------------------------
+
+    async def _on_event(self, event: EslEvent) -> None:
+        name = event.name
+        if name == "BACKGROUND_JOB":
+            await self._on_job(event)
+            return
+        uuid = event.unique_id or ""
+        if not uuid:
+            return
+        if fse.is_leg(uuid):
+            await self._on_leg_event(name, uuid, event)
+        elif name == "CHANNEL_PARK":
+            waiter = self._repark.pop(uuid, None)
+            if waiter is not None:  # our own re-park, not a new arrival
+                if not waiter.done():
+                    waiter.set_result(None)
+                return
+            arrived = fse.arrival(event, self.marker)
+            if arrived is not None:
+                self._callers.add(uuid)
+                if event.get("Answer-State") not in ("answered", "early"):
+                    self._park_without_media.add(uuid)
+                await self._emit(arrived)
+        elif name == "CHANNEL_HANGUP":
+            if uuid in self._callers or fse.truthy(event.variable(self.marker)):
+                self._forget(uuid)
+                await self._emit(ChannelHungUp(uuid, fse.q850(event), event.get("Hangup-Cause")))
+        elif name == "DTMF" and uuid in self._callers:
+            await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
+        elif name == "PLAYBACK_STOP" and uuid in self._callers:
+            await self._emit(PlaybackFinished(uuid, uuid))
+
+    async def _on_leg_event(self, name: str, uuid: str, event: EslEvent) -> None:
+        if name in ("CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA"):
+            if uuid not in self._ringing and uuid not in self._answered:
+                self._ringing.add(uuid)
+                await self._emit(LegRinging(uuid))
+        elif name == "CHANNEL_ANSWER":
+            self._answered.add(uuid)
+            await self._emit(LegAnswered(uuid))
+        elif name == "CHANNEL_HANGUP":
+            answered = uuid in self._answered
+            self._forget(uuid)
+            self._remember_end(uuid)
+            cause = event.get("Hangup-Cause")
+            if answered:
+                await self._emit(ChannelHungUp(uuid, fse.q850(event), cause))
+            else:
+                sip = fse.sip_code(event)
+                outcome = fse.leg_outcome(cause, sip)
+                await self._emit(LegFailed(uuid, outcome, fse.q850(event), cause, sip))
+
+    async def _on_job(self, event: EslEvent) -> None:
+        """An originate that failed before any channel hung up (bad gateway, no route...)."""
+        leg = fse.originated_leg(event)
+        cause = fse.job_failure(event)
+        if leg is None or cause is None or leg in self._ended or leg in self._answered:
+            return
+        self._forget(leg)
+        self._remember_end(leg)
+        await self._emit(LegFailed(leg, fse.leg_outcome(cause), fse.Q850.get(cause), cause, None))
+
+    def _remember_end(self, uuid: str) -> None:
+        self._ended.add(uuid)
+        if len(self._ended) > 1000:  # only needed until the originate's job result arrives
+            self._ended.pop()
+
+    # --- verbs ------------------------------------------------------------------------------
+
+    async def answer(self, channel_id: str) -> None:
+        await self._api(f"uuid_answer {_uuid(channel_id)}")
+
+    async def hangup(self, channel_id: str) -> None:
+        with contextlib.suppress(ChannelGone):
+            await self._api(f"uuid_kill {_uuid(channel_id)}")
+
+    async def continue_in_dialplan(self, channel_id: str, context: str, extension: str) -> None:
+        uuid = _uuid(channel_id)
+        await self._hand_off(uuid)
+        await self._api(f"uuid_transfer {uuid} {_word(extension)} XML {_word(context)}")
+
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None:
+        await self._api(f"uuid_setvar {_uuid(channel_id)} {_word(name)} {_line(value)}")
+
+    async def attach_media(self, channel_id: str, local: MediaAddress, codec: str) -> MediaAddress:
+        """`unicast`: FreeSWITCH sends the caller's audio as raw L16 (host order, 8 kHz for
+        G.711 callers) from `media_host:<port>` to `local`, and plays what reaches that port.
+        `codec` is not used: FreeSWITCH transcodes to L16 whatever the caller speaks."""
+        uuid = _uuid(channel_id)
+        if uuid in self._park_without_media:
+            await self._repark_with_media(uuid)
+        port = self._media.get(uuid) or self._free_port()
+        headers = {
+            "local-ip": self.media_host,
+            "local-port": str(port),
+            "remote-ip": local.host,
+            "remote-port": str(local.port),
+            "transport": "udp",
+        }
+        try:
+            await self.client.sendmsg_raw(uuid, "unicast", headers)
+        except EslError as exc:
+            raise _translate(exc) from exc
+        self._media[uuid] = port
+        return MediaAddress(self.media_host, port, framing="raw", codec="slin_le")
+
+    async def _repark_with_media(self, uuid: str) -> None:
+        """Leave and re-enter park (inline dialplan): a park that starts with media set up
+        handles `unicast` safely. Waits for the new CHANNEL_PARK."""
+        waiter = self._repark[uuid] = asyncio.get_running_loop().create_future()
+        try:
+            await self._api(f"uuid_transfer {uuid} park inline")
+            async with asyncio.timeout(5):
+                await waiter
+        except TimeoutError as exc:
+            raise PbxCommandFailed("the caller was not parked again") from exc
+        finally:
+            self._repark.pop(uuid, None)
+        self._park_without_media.discard(uuid)
+
+    async def detach_media(self, channel_id: str) -> None:
+        """Nothing to send: FreeSWITCH ends `unicast` when the caller leaves park (bridge,
+        transfer, hangup). The port goes back to the pool."""
+        self._media.pop(_uuid(channel_id), None)
+
+    def _free_port(self) -> int:
+        used = set(self._media.values())
+        for _ in range(self._port_count):
+            port = next(self._ports)
+            if port not in used:
+                return port
+        raise PbxCommandFailed("no free unicast port left (raise unicast_ports)")
+
+    async def play_tone(self, channel_id: str, tone: str) -> str:
+        """`uuid_broadcast` of the `gentones` app (argument quoted: uuid_broadcast splits on
+        spaces). Not `playback` of a tone_stream: a playback ends with a session reset that
+        shuts `unicast` down for the rest of the park; and not `uuid_displace`: a media bug
+        on a parked channel hears no written frames, so the caller would hear nothing
+        (both seen on 1.10.12)."""
+        uuid = _uuid(channel_id)
+        await self._api(f"uuid_broadcast {uuid} 'gentones::{_line(_tone(tone))}' aleg")
+        return uuid
+
+    async def stop_playback(self, playback_id: str) -> None:
+        with contextlib.suppress(ChannelGone):
+            await self._api(f"uuid_break {_uuid(playback_id)}")
+
+    async def originate(
+        self,
+        leg_id: str,
+        target: DialTarget,
+        *,
+        caller_number: str | None,
+        ring_timeout: float,
+        variables: dict[str, str] | None = None,
+    ) -> None:
+        """`bgapi originate {...}<dial> &park()`: returns once FreeSWITCH took the job; the
+        outcome arrives as channel events (or the job's `-ERR`)."""
+        assert fse.is_leg(leg_id), "leg ids must carry the leg prefix"
+        uuid = _uuid(leg_id)
+        chan_vars = {
+            "origination_uuid": uuid,
+            "originate_timeout": str(max(1, round(ring_timeout))),
+            "callbridge_leg": "true",
+            "hangup_after_bridge": "true",
+            **(variables or {}),
+        }
+        if caller_number:
+            chan_vars["origination_caller_id_number"] = caller_number
+        command = f"originate {{{_vars(chan_vars)}}}{dial_string(target, self.profile)} &park()"
+        self._legs.add(uuid)
+        try:
+            reply = await self.client.raw_command(encode_bgapi(command))
+        except EslError as exc:
+            self._legs.discard(uuid)
+            raise _translate(exc) from exc
+        if not reply.reply_text.startswith("+OK"):
+            self._legs.discard(uuid)
+            raise PbxCommandFailed(f"originate refused: {reply.reply_text}")
+
+    async def connect(self, channel_id: str, leg_id: str) -> None:
+        """`uuid_bridge`: the caller leaves park, which also ends its unicast media."""
+        await self._api(f"uuid_bridge {_uuid(channel_id)} {_uuid(leg_id)}")
+        self._media.pop(channel_id, None)
+
+    async def blind_transfer(
+        self, channel_id: str, target: DialTarget, ring_timeout: float
+    ) -> None:
+        """Default: `uuid_transfer` into the blind context, whose extension bridges
+        `${callbridge_dial}` (FreeSWITCH dials; we lose sight of the outcome). With
+        `blind_method="deflect"` and a SIP URI target: a REFER (`uuid_deflect`, in the
+        background because it waits up to ~10 s for the NOTIFY)."""
+        uuid = _uuid(channel_id)
+        if self.blind_method == "deflect" and target.sip_uri:
+            await self._hand_off(uuid)
+            uri = target.sip_uri if target.sip_uri.startswith("sip") else f"sip:{target.sip_uri}"
+            reply = await self._raw_bgapi(f"uuid_deflect {uuid} {_word(uri)}")
+            log.info("freeswitch.deflect", channel=uuid, reply=reply)
+            return
+        await self.set_variable(uuid, "callbridge_dial", dial_string(target, self.profile))
+        await self.set_variable(uuid, "callbridge_ring_timeout", str(max(1, round(ring_timeout))))
+        await self._hand_off(uuid)
+        await self._api(f"uuid_transfer {uuid} s XML {_word(self.blind_context)}")
+
+    async def _hand_off(self, uuid: str) -> None:
+        """The caller stops being ours: unmark it, so a resync does not adopt it again."""
+        await self._api(f"uuid_setvar {uuid} {self.marker}")
+        self._callers.discard(uuid)
+        self._media.pop(uuid, None)
+
+    # --- trunks -----------------------------------------------------------------------------
+
+    async def provision_trunk(self, trunk: TrunkSpec) -> None:
+        if self.gateway_dir is None:
+            log.warning("freeswitch.trunk_not_provisioned", trunk=trunk.id, reason="no gateway_dir")
+            return
+        path = write_gateway(self.gateway_dir, trunk)
+        name = gateway_name(trunk.id)
+        await self._api("reloadxml")
+        with contextlib.suppress(PbxCommandFailed):  # a new gateway has nothing to kill
+            await self._api(f"sofia profile {self.profile} killgw {name}")
+        await self._rescan(name)
+        log.info("freeswitch.trunk_provisioned", trunk=trunk.id, gateway=name, file=str(path))
+
+    async def remove_trunk(self, trunk_id: str) -> None:
+        if self.gateway_dir is None:
+            return
+        remove_gateway(self.gateway_dir, trunk_id)
+        await self._api("reloadxml")
+        with contextlib.suppress(PbxCommandFailed):
+            await self._api(f"sofia profile {self.profile} killgw {gateway_name(trunk_id)}")
+        log.info("freeswitch.trunk_removed", trunk=trunk_id)
+
+    async def _rescan(self, name: str) -> None:
+        # killgw only marks the gateway for deletion; the sofia worker drops it a moment
+        # later, and rescan skips names that still exist. Retry until the new one is there.
+        for _ in range(10):
+            await self._api(f"sofia profile {self.profile} rescan")
+            status = await self._api(f"sofia status gateway {name}")
+            if "invalid gateway" not in status.lower():
+                return
+            await asyncio.sleep(0.3)
+        raise PbxCommandFailed(f"sofia did not load gateway {name}")
+
+    async def _provision_all(self) -> None:
+        if self._trunk_source is None or self.gateway_dir is None:
+            return
+        for spec in await self._trunk_source():
+            try:
+                await self.provision_trunk(spec)
+            except (PbxCommandFailed, ValueError, OSError) as exc:
+                log.error("freeswitch.trunk_provision_failed", trunk=spec.id, error=str(exc))
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _api(self, command: str) -> str:
+        try:
+            return await self.client.api(command)
+        except EslError as exc:
+            raise _translate(exc) from exc
+
+    async def _raw_bgapi(self, command: str) -> str:
+        try:
+            return (await self.client.raw_command(encode_bgapi(command))).reply_text
+        except EslError as exc:
+            raise _translate(exc) from exc
+
+
+def _translate(exc: EslError) -> Exception:
+    if isinstance(exc, EslChannelGone):
+        return ChannelGone(exc.reply)
+    if isinstance(exc, EslConnectionError):
+        return exc  # already a PbxUnavailable
+    if isinstance(exc, EslCommandError):
+        return PbxCommandFailed(str(exc))
+    return PbxUnavailable(str(exc))
+
+
+def _tone(tone: str) -> str:
+    return TONES.get(tone, tone if tone.startswith("%(") else RING_TONE)
+
+
+def _word(value: str) -> str:
+    """One space-free argument of an API command line."""
+    if not value or any(ch.isspace() for ch in value) or "'" in value:
+        raise ValueError(f"not a single word: {value!r}")
+    return value
+
+
+def _uuid(value: str) -> str:
+    return _word(value)
+
+
+def _line(value: str) -> str:
+    if any(ch in value for ch in "\r\n\x00'"):
+        raise ValueError(f"refusing {value!r} in an API command")
+    return value
+
+
+def _vars(variables: dict[str, str]) -> str:
+    """`{k=v,...}` body; commas escaped, values with spaces single-quoted."""
+    out = []
+    for key, value in variables.items():
+        _word(key)
+        value = _line(value).replace(",", "\\,")
+        if any(ch in value for ch in " {}"):
+            value = f"'{value}'"
+        out.append(f"{key}={value}")
+    return ",".join(out)
