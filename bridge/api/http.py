@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from bridge.api.errors import InvalidBody, InvalidJson, PayloadTooLarge, UnsupportedMediaType
 from bridge.api.ports import CallControl, HealthProbe
-from bridge.api.schemas import CallsQuery, ControlRequest
+from bridge.api.schemas import CallsQuery, ControlRequest, TransferStatsQuery
 from bridge.directory.service import DirectoryService, validate
 from bridge.store.db import Database
 
@@ -144,6 +144,11 @@ async def control_call(request: web.Request) -> web.Response:
     command = validate(ControlRequest, await json_object(request)).root
     accepted = await request.app[CALLS].control(request.match_info["id"], command)
     return respond(accepted, status=202)
+
+
+async def transfer_stats(request: web.Request) -> web.Response:
+    q: TransferStatsQuery = query(request, TransferStatsQuery)
+    return respond(await request.app[CALLS].transfer_stats(q.since))
 
 
 # --- service ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ unit tests pass a small fake. Errors are domain errors from `bridge.errors`; the
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 from bridge.calls.model import CallStatus, ControlCommand
@@ -22,6 +23,10 @@ class CallControl(Protocol):
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
         """A call's public dict with `events` and `transfers` lists; raises NotFound."""
+        ...
+
+    async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
+        """Transfer monitoring: counts and rates by outcome, source and destination."""
         ...
 
     async def control(self, call_id: str, command: ControlCommand) -> dict[str, Any]:

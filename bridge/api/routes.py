@@ -21,6 +21,8 @@ from bridge.api.schemas import (
     ControlRequest,
     Health,
     NumberOut,
+    TransferStats,
+    TransferStatsQuery,
     TrunkOut,
     patch_model,
 )
@@ -114,6 +116,9 @@ ROUTES: list[Route] = [
     Route("POST", "/calls/{id}/control", http.control_call, "control_call",
           "Send a command to a call (transfer, say, end_call)", "calls", status=202,
           request=ControlRequest, response=ControlAccepted, errors=(403, 409, 503)),
+    Route("GET", "/transfers/stats", http.transfer_stats, "transfer_stats",
+          "Transfer monitoring: rates and outcomes, per destination", "calls",
+          response=TransferStats, query=TransferStatsQuery),
     Route("GET", "/health", http.health, "health", "Liveness and PBX connection state",
           "service", response=Health, public=True),
     Route("GET", "/openapi.json", http.openapi, "openapi", "This API as OpenAPI 3.1",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
@@ -114,6 +115,36 @@ class CallsQuery(BaseModel):
 
     status: CallStatus | None = None
     limit: int = Field(100, ge=1, le=500)
+
+
+class TransferStatsQuery(BaseModel):
+    """Query of GET /transfers/stats: count from `since` (ISO 8601; default: all time)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: datetime | None = None
+
+
+class DestinationStats(BaseModel):
+    destination: str
+    attempts: int
+    answered: int
+    answer_rate: float
+    outcomes: dict[str, int]
+
+
+class TransferStats(BaseModel):
+    """Transfer monitoring: how often the assistant's calls reach a human, and how each
+    destination answers."""
+
+    model_config = _OUT
+    since: datetime | None
+    calls: int
+    transfers: int
+    transfer_rate: float
+    by_outcome: dict[str, int]
+    by_source: dict[str, int]
+    by_destination: list[DestinationStats]
 
 
 class Health(BaseModel):

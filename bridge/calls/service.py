@@ -8,6 +8,7 @@ of the adapter's transfer verbs.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from bridge.calls.conversation import ConversationFactory
@@ -319,6 +320,9 @@ class CallService:
         data["events"] = [e.public_dict() for e in await self.store.events(call_id)]
         data["transfers"] = [t.public_dict() for t in await self.store.transfers(call_id)]
         return data
+
+    async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
+        return await self.store.transfer_stats(since)
 
     async def control(self, call_id: str, command: Any) -> dict[str, Any]:
         session = self._by_id.get(call_id)

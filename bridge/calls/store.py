@@ -125,3 +125,46 @@ class CallStore:
             "SELECT doc FROM transfers WHERE call_id = ? ORDER BY created_at", (call_id,)
         )
         return [transfer_from_doc(json.loads(r["doc"])) for r in rows]
+
+    async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
+        """Transfer counts since `since`: overall, per outcome, per source, per destination."""
+        after = _iso(since) or ""
+        calls = await self.db.fetchone(
+            "SELECT COUNT(*) AS n FROM calls WHERE started_at >= ? AND assistant_id IS NOT NULL",
+            (after,),
+        )
+        rows = await self.db.fetchall(
+            "SELECT call_id, json_extract(doc, '$.destination') AS destination,"
+            " json_extract(doc, '$.source') AS source, state, outcome"
+            " FROM transfers WHERE created_at >= ?",
+            (after,),
+        )
+        by_outcome: dict[str, int] = {}
+        by_source: dict[str, int] = {}
+        per_dest: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            outcome = r["outcome"] or r["state"]
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+            by_source[r["source"]] = by_source.get(r["source"], 0) + 1
+            dest = per_dest.setdefault(
+                r["destination"],
+                {"destination": r["destination"], "attempts": 0, "answered": 0, "outcomes": {}},
+            )
+            dest["attempts"] += 1
+            dest["answered"] += outcome == "answered"
+            dest["outcomes"][outcome] = dest["outcomes"].get(outcome, 0) + 1
+        for dest in per_dest.values():
+            dest["answer_rate"] = round(dest["answered"] / dest["attempts"], 4)
+        n_calls = int(calls["n"]) if calls else 0
+        transferred = {r["call_id"] for r in rows if r["outcome"] == "answered"}
+        return {
+            "since": _iso(since),
+            "calls": n_calls,
+            "transfers": len(rows),
+            # Share of the assistant's calls that ended up with a human: the number to watch
+            # when training the assistant not to over-transfer.
+            "transfer_rate": round(len(transferred) / n_calls, 4) if n_calls else 0.0,
+            "by_outcome": by_outcome,
+            "by_source": by_source,
+            "by_destination": sorted(per_dest.values(), key=lambda d: -d["attempts"]),
+        }

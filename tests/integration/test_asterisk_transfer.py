@@ -79,6 +79,8 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
             assert transfer["outcome"] == "answered"
             assert [h["state"] for h in transfer["history"]][:2] == ["announcing", "dialing"]
             assert done["status"] == "transferred"
+            stats = await api.ok("GET", "/transfers/stats")
+            assert stats["transfer_rate"] == 1.0 and stats["by_outcome"] == {"answered": 1}
 
             # The UAS behind the trunk got an INVITE for the destination, and (the scenario
             # verifies the digest) answered only after valid trunk credentials.
@@ -151,6 +153,10 @@ async def test_failed_transfer_keeps_caller_with_assistant(
             if sip_code is not None and transfer["sip_code"] is not None:
                 assert transfer["sip_code"] == sip_code
             assert done["status"] == "active"
+            stats = await api.ok("GET", "/transfers/stats")
+            assert (stats["calls"], stats["transfers"], stats["transfer_rate"]) == (1, 1, 0.0)
+            assert stats["by_outcome"] == {outcome: 1}
+            assert stats["by_destination"][0]["destination"] == DESTINATION
             # The caller is still connected and hears the assistant explain.
             t0 = asyncio.get_running_loop().time()
             await heard_speech(caller_rtp, since=t0)
