@@ -19,7 +19,12 @@ from pydantic import BaseModel
 
 from bridge.api.errors import InvalidBody, InvalidJson, PayloadTooLarge, UnsupportedMediaType
 from bridge.api.ports import CallControl, HealthProbe
-from bridge.api.schemas import CallsQuery, ControlRequest, TransferStatsQuery
+from bridge.api.schemas import (
+    CallsQuery,
+    ControlRequest,
+    DestinationTestRequest,
+    TransferStatsQuery,
+)
 from bridge.directory.service import DirectoryService, validate
 from bridge.store.db import Database
 
@@ -144,6 +149,14 @@ async def control_call(request: web.Request) -> web.Response:
     command = validate(ControlRequest, await json_object(request)).root
     accepted = await request.app[CALLS].control(request.match_info["id"], command)
     return respond(accepted, status=202)
+
+
+async def test_destination(request: web.Request) -> web.Response:
+    body = validate(DestinationTestRequest, await json_object(request))
+    result = await request.app[CALLS].test_destination(
+        body.destination, body.number_id, body.ring_timeout
+    )
+    return respond(result)
 
 
 async def transfer_stats(request: web.Request) -> web.Response:

@@ -25,6 +25,12 @@ class CallControl(Protocol):
         """A call's public dict with `events` and `transfers` lists; raises NotFound."""
         ...
 
+    async def test_destination(
+        self, destination: str, number_id: str | None, ring_timeout: float
+    ) -> dict[str, Any]:
+        """A test call by the route a transfer would take; the typed outcome."""
+        ...
+
     async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
         """Transfer monitoring: counts and rates by outcome, source and destination."""
         ...

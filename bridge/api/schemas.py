@@ -13,10 +13,10 @@ import typing
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model, field_validator
 from pydantic.fields import FieldInfo
 
-from bridge.calls.model import Call, CallStatus, ControlCommand
+from bridge.calls.model import Call, CallStatus, ControlCommand, check_destination
 from bridge.directory.models import Assistant, Number, Trunk
 
 
@@ -115,6 +115,29 @@ class CallsQuery(BaseModel):
 
     status: CallStatus | None = None
     limit: int = Field(100, ge=1, le=500)
+
+
+class DestinationTestRequest(BaseModel):
+    """A test call to a destination, routed as a transfer from `number_id` would be."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    destination: str = Field(min_length=1, max_length=300)
+    number_id: str | None = None
+    ring_timeout: float = Field(20, gt=0, le=120)
+
+    _destination = field_validator("destination")(check_destination)
+
+
+class DestinationTestResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    destination: str
+    route: str
+    outcome: str
+    sip_code: int | None = None
+    ring_ms: int | None = None
+    duration_ms: int
 
 
 class TransferStatsQuery(BaseModel):

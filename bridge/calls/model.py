@@ -74,6 +74,15 @@ def _iso(value: datetime | None) -> str | None:
 # --- control commands (POST /calls/{id}/control) ---------------------------------------------
 
 
+def check_destination(value: str) -> str:
+    """A transfer destination: an E.164 number or a SIP URI."""
+    if value.startswith(("sip:", "sips:")):
+        return check_sip_uri(value)
+    if not E164.match(value):
+        raise ValueError("must be an E.164 number (+31612345678) or a SIP URI (sip:...)")
+    return value
+
+
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -85,14 +94,7 @@ class TransferCommand(_Command):
     mode: Literal["bridge", "blind"] | None = None
     ring_timeout: float | None = Field(default=None, gt=0, le=300)
 
-    @field_validator("destination")
-    @classmethod
-    def _destination(cls, value: str) -> str:
-        if value.startswith(("sip:", "sips:")):
-            return check_sip_uri(value)
-        if not E164.match(value):
-            raise ValueError("must be an E.164 number (+31612345678) or a SIP URI (sip:...)")
-        return value
+    _destination = field_validator("destination")(check_destination)
 
 
 class SayCommand(_Command):

@@ -7,6 +7,7 @@ of the adapter's transfer verbs.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,13 @@ from bridge.calls.session import CallSession, Resume
 from bridge.calls.store import CallStore
 from bridge.calls.transfer import TransferState
 from bridge.config import Settings
-from bridge.errors import Conflict, DestinationNotAllowed, InvalidInput, NotFound
+from bridge.errors import (
+    Conflict,
+    DestinationNotAllowed,
+    InvalidInput,
+    NotFound,
+    PbxCommandFailed,
+)
 from bridge.log import get_logger
 from bridge.media.rtp import MediaClock
 from bridge.pbx.ports import (
@@ -28,7 +35,9 @@ from bridge.pbx.ports import (
     ConnectionRestored,
     DialTarget,
     LegAnswered,
+    LegFailed,
     LegOutcome,
+    LegRinging,
     PbxAdapter,
     PbxEvent,
     TrunkSpec,
@@ -62,6 +71,7 @@ class CallService:
         # Builds each call's conversation (the assistant's voice pipeline); None: greet only.
         self.conversation_factory: ConversationFactory | None = None
         self.connected = False
+        self._probes: dict[str, asyncio.Queue[PbxEvent]] = {}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -93,8 +103,11 @@ class CallService:
             self.connected = False
             return
         session = self._by_channel.get(event.channel_id)
+        probe = self._probes.get(event.channel_id)
         if session is not None:
             session.post(event)
+        elif probe is not None:
+            probe.put_nowait(event)
         elif isinstance(event, LegAnswered):
             log.warning("call.orphan_leg_answered", leg=event.channel_id)
             await self._safe_hangup(event.channel_id)
@@ -248,16 +261,16 @@ class CallService:
 
     # --- policies used by sessions ----------------------------------------------------------
 
-    async def resolve_destination(self, call: Call, destination: str) -> DialTarget:
+    async def resolve_destination(self, number_id: str | None, destination: str) -> DialTarget:
         """E.164 goes through the number's transfer trunk (looked up now: a PATCH during the
         call counts), else the default route; a SIP URI is dialled directly."""
         self._check_policy(destination)
         if destination.startswith(("sip:", "sips:")):
             return DialTarget(sip_uri=destination)
         trunk_id = None
-        if call.number_id:
+        if number_id:
             try:
-                trunk_id = (await self.directory.get_number(call.number_id)).transfer_trunk_id
+                trunk_id = (await self.directory.get_number(number_id)).transfer_trunk_id
             except NotFound:
                 trunk_id = None
         if trunk_id:
@@ -283,9 +296,7 @@ class CallService:
                     f"SIP domain {host} is not in transfer.allowed_sip_domains",
                     field="destination",
                 )
-        elif policy.allowed_prefixes and not destination.startswith(
-            tuple(policy.allowed_prefixes)
-        ):
+        elif policy.allowed_prefixes and not destination.startswith(tuple(policy.allowed_prefixes)):
             raise DestinationNotAllowed(
                 "number is not in transfer.allowed_prefixes", field="destination"
             )
@@ -320,6 +331,61 @@ class CallService:
         data["events"] = [e.public_dict() for e in await self.store.events(call_id)]
         data["transfers"] = [t.public_dict() for t in await self.store.transfers(call_id)]
         return data
+
+    async def test_destination(
+        self, destination: str, number_id: str | None, ring_timeout: float
+    ) -> dict[str, Any]:
+        """Place a short test call to a destination by the route a transfer would take; hang
+        up as soon as it answers. Returns the typed outcome (the seed's "test destinations")."""
+        if number_id is not None:
+            await self.directory.get_number(number_id)  # NotFound names the field
+        target = await self.resolve_destination(number_id, destination)
+        leg = f"cbleg-probe-{uuid.uuid4()}"
+        events: asyncio.Queue[PbxEvent] = asyncio.Queue()
+        self._probes[leg] = events
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        rang_at: float | None = None
+        result: dict[str, Any] = {"destination": destination, "route": target.describe()}
+        try:
+            await self.pbx.originate(
+                leg,
+                target,
+                caller_number=None,
+                ring_timeout=ring_timeout,
+                variables={"CALLBRIDGE_PROBE": "1"},
+            )
+            async with asyncio.timeout(ring_timeout + 10):
+                while True:
+                    event = await events.get()
+                    if isinstance(event, LegRinging) and rang_at is None:
+                        rang_at = loop.time()
+                    elif isinstance(event, LegAnswered):
+                        await self._safe_hangup(leg)
+                        result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
+                        break
+                    elif isinstance(event, LegFailed):
+                        outcome = event.outcome
+                        if outcome is LegOutcome.NO_ANSWER and rang_at is None:
+                            outcome = LegOutcome.UNREACHABLE
+                        result.update(
+                            outcome=outcome.value,
+                            sip_code=event.sip_code,
+                            cause=event.cause,
+                            cause_text=event.cause_text,
+                        )
+                        break
+        except TimeoutError:
+            await self._safe_hangup(leg)
+            result.update(outcome=LegOutcome.NO_ANSWER.value, cause_text="no final answer")
+        except (ChannelGone, PbxCommandFailed) as exc:
+            result.update(outcome=LegOutcome.UNREACHABLE.value, cause_text=str(exc))
+        finally:
+            self._probes.pop(leg, None)
+        result["ring_ms"] = round((rang_at - started) * 1000) if rang_at else None
+        result["duration_ms"] = round((loop.time() - started) * 1000)
+        log.info("destination.tested", **result)
+        return result
 
     async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
         return await self.store.transfer_stats(since)

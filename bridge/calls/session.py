@@ -250,9 +250,7 @@ class CallSession:
 
     # --- speech -----------------------------------------------------------------------------
 
-    def say(
-        self, text: str, *, token: str = "", interruptible: bool = True
-    ) -> asyncio.Task[None]:
+    def say(self, text: str, *, token: str = "", interruptible: bool = True) -> asyncio.Task[None]:
         """Speak `text` to the caller; a `SpeechDone(token)` comes back through the queue.
         The returned task ends when the audio has played or was flushed (the conversation
         awaits it, and cancels it on barge-in before its audio is queued)."""
@@ -323,7 +321,7 @@ class CallSession:
                 f"cannot transfer while the call is {self.call.status.value}", field="type"
             )
         settings = self.service.settings.transfer
-        target = await self.service.resolve_destination(self.call, command.destination)
+        target = await self.service.resolve_destination(self.call.number_id, command.destination)
         transfer = Transfer(
             id=str(uuid.uuid4()),
             call_id=self.call.id,

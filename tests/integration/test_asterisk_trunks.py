@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippUas
 from tests.support.daemon import start_daemon
 
@@ -77,5 +78,45 @@ async def test_trunks_are_provisioned_again_on_connect(asterisk_lab: Any, tmp_pa
     try:
         assert endpoint in asterisk_lab.cli(f"pjsip show endpoint {endpoint}")
     finally:
+        await api.close()
+        await daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("scenario", "outcome", "sip_code"),
+    [("uas_answer.xml", "answered", 200), ("uas_busy.xml", "busy", 486)],
+)
+async def test_destination_test_call_reports_the_outcome(
+    asterisk_lab: Any, tmp_path: Path, scenario: str, outcome: str, sip_code: int
+) -> None:
+    peer = await RtpPeer().start()
+    uas = SippUas(scenario, rtp_port=peer.port)
+    await uas.start()
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    try:
+        trunk = await api.ok(
+            "POST", "/sip-trunks", {"name": "t", "host": "127.0.0.1", "port": uas.local_port}
+        )
+        number = await api.ok(
+            "POST", "/numbers", {"number": "+31201234567", "transfer_trunk_id": trunk["id"]}
+        )
+        result = await api.ok(
+            "POST",
+            "/destinations/test",
+            {"destination": "+31612345678", "number_id": number["id"], "ring_timeout": 5},
+        )
+        assert (result["outcome"], result["sip_code"]) == (outcome, sip_code), result
+        assert "+31612345678 via trunk" in result["route"]
+        assert "+31612345678" in (uas.invite.request_uri or "")
+        if outcome == "answered":  # answered, then released at once
+            assert await asyncio.wait_for(uas.wait(), 10) == 0
+            assert uas.received_requests("BYE")
+        status, error = await api.request(
+            "POST", "/destinations/test", {"destination": "0800-CALL-ME"}
+        )
+        assert (status, error["error"]["field"]) == (422, "destination")
+    finally:
+        peer.close()
+        await uas.stop()
         await api.close()
         await daemon.stop()

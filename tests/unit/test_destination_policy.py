@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from bridge.calls.model import Call, CallStatus, utcnow
 from bridge.calls.service import CallService
 from bridge.calls.store import CallStore
 from bridge.config import Settings
@@ -38,27 +37,23 @@ def service(directory: DirectoryService, db: Database, **transfer: Any) -> CallS
     )
 
 
-def call(number_id: str | None) -> Call:
-    return Call("c1", "asterisk", "ch1", CallStatus.ACTIVE, utcnow(), number_id=number_id)
-
-
 async def test_e164_goes_through_the_numbers_trunk_then_the_default_route(world: Any) -> None:
     db, directory = world
     trunk = await directory.create_trunk(TrunkIn(name="t", host="pbx.example.com"))
     number = await directory.create_number(NumberIn(number="+31201234567"))
     svc = service(directory, db, default_route="PJSIP/{number}@carrier")
-    assert await svc.resolve_destination(call(number.id), "+31612345678") == DialTarget(
+    assert await svc.resolve_destination(number.id, "+31612345678") == DialTarget(
         number="+31612345678", route="PJSIP/{number}@carrier"
     )
     await directory.patch_number(number.id, {"transfer_trunk_id": trunk.id})
-    assert await svc.resolve_destination(call(number.id), "+31612345678") == DialTarget(
+    assert await svc.resolve_destination(number.id, "+31612345678") == DialTarget(
         number="+31612345678", trunk_id=trunk.id
     )
-    assert await svc.resolve_destination(call(None), "sip:bob@example.com") == DialTarget(
+    assert await svc.resolve_destination(None, "sip:bob@example.com") == DialTarget(
         sip_uri="sip:bob@example.com"
     )
     with pytest.raises(InvalidInput) as info:
-        await service(directory, db).resolve_destination(call(None), "+31612345678")
+        await service(directory, db).resolve_destination(None, "+31612345678")
     assert info.value.field == "destination"
 
 
@@ -71,9 +66,9 @@ async def test_toll_fraud_guard(world: Any) -> None:
         allowed_prefixes=["+316", "+3120"],
         allowed_sip_domains=["pbx.example.com"],
     )
-    await svc.resolve_destination(call(None), "+31612345678")
-    await svc.resolve_destination(call(None), "sip:alice@PBX.example.com:5060;transport=udp")
+    await svc.resolve_destination(None, "+31612345678")
+    await svc.resolve_destination(None, "sip:alice@PBX.example.com:5060;transport=udp")
     for bad in ("+900123456789", "+4420123456", "sip:alice@evil.example.net"):
         with pytest.raises(DestinationNotAllowed) as info:
-            await svc.resolve_destination(call(None), bad)
+            await svc.resolve_destination(None, bad)
         assert info.value.field == "destination"
