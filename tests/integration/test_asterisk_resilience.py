@@ -25,6 +25,19 @@ from tests.support.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.asterisk
 
 
+@pytest.fixture
+async def proxied(asterisk_lab: Any, tmp_path: Path):
+    """A daemon whose ARI connection runs through a proxy the test can cut."""
+    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, ari_url=proxy.url)
+    try:
+        yield proxy, daemon, api
+    finally:
+        await api.close()
+        await daemon.stop()
+        await proxy.close()
+
+
 async def call_status(api: Api, call_id: str) -> str:
     return (await api.ok("GET", f"/calls/{call_id}"))["status"]
 
@@ -56,80 +69,64 @@ async def test_unknown_number_goes_to_the_dialplan_fallback(
 
 
 async def test_ari_connection_drop_keeps_the_call_and_control(
-    asterisk_lab: Any, tmp_path: Path
+    asterisk_lab: Any, proxied: Any
 ) -> None:
-    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
-    daemon, api = await start_daemon(asterisk_lab, tmp_path, ari_url=proxy.url)
-    assert daemon.calls is not None
-    try:
-        async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-            uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
-            await uas.start()
-            await setup_directory(api, uas, auth=False)
-            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-            await caller.start()
-            try:
-                call = await active_call(api)
-                await heard_speech(caller_rtp, since=0)
+    proxy, daemon, api = proxied
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
 
-                proxy.cut()
-                await wait_for(
-                    lambda: _false(daemon.calls.connected), "the daemon to see the drop", 5
-                )
-                await asyncio.sleep(1.0)  # an outage: the caller stays up meanwhile
-                proxy.restore()
-                await wait_for(lambda: _true(daemon.calls.connected), "reconnect", 10)
+            proxy.cut()
+            await wait_for(lambda: _false(daemon.calls.connected), "the daemon to see the drop", 5)
+            await asyncio.sleep(1.0)  # an outage: the caller stays up meanwhile
+            proxy.restore()
+            await wait_for(lambda: _true(daemon.calls.connected), "reconnect", 10)
 
-                assert await call_status(api, call["id"]) == "active"
-                t0 = asyncio.get_running_loop().time()
-                say = {"type": "say", "message": "Still here."}
-                await api.ok("POST", f"/calls/{call['id']}/control", say)
-                await heard_speech(caller_rtp, since=t0)
-                await api.ok(
-                    "POST",
-                    f"/calls/{call['id']}/control",
-                    {"type": "transfer", "destination": DESTINATION},
-                )
-                done = await transfer_settled(api, call["id"])
-                assert done["transfers"][-1]["state"] == "bridged"
-                assert not caller.got_bye()
-            finally:
-                await caller.terminate()
-                await uas.stop()
-    finally:
-        await api.close()
-        await daemon.stop()
-        await proxy.close()
+            assert await call_status(api, call["id"]) == "active"
+            t0 = asyncio.get_running_loop().time()
+            say = {"type": "say", "message": "Still here."}
+            await api.ok("POST", f"/calls/{call['id']}/control", say)
+            await heard_speech(caller_rtp, since=t0)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION},
+            )
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged"
+            assert not caller.got_bye()
+        finally:
+            await caller.terminate()
+            await uas.stop()
 
 
 async def test_caller_leaving_during_an_outage_is_recorded_after_reconnect(
-    asterisk_lab: Any, tmp_path: Path
+    asterisk_lab: Any, proxied: Any
 ) -> None:
-    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
-    daemon, api = await start_daemon(asterisk_lab, tmp_path, ari_url=proxy.url)
-    assert daemon.calls is not None
-    try:
-        async with RtpPeer() as caller_rtp:
-            await setup_directory(api, None)
-            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=3000)
-            await caller.start()
-            call = await active_call(api)
-            proxy.cut()
-            await asyncio.wait_for(caller.wait(), 15)  # hangs up while we are disconnected
-            proxy.restore()
+    proxy, _, api = proxied
+    async with RtpPeer() as caller_rtp:
+        await setup_directory(api, None)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=3000)
+        await caller.start()
+        call = await active_call(api)
+        proxy.cut()
+        await asyncio.wait_for(caller.wait(), 15)  # hangs up while we are disconnected
+        proxy.restore()
 
-            async def ended() -> bool:
-                return await call_status(api, call["id"]) == "ended"
+        async def ended() -> bool:
+            return await call_status(api, call["id"]) == "ended"
 
-            await wait_for(ended, "the call to be ended after reconnect", 15)
-            data = await api.ok("GET", f"/calls/{call['id']}")
-            assert data["end_reason"] == "caller hung up"
-            (ended_event,) = [e for e in data["events"] if e["type"] == "call.ended"]
-            assert "disconnected" in ended_event["cause_text"]
-    finally:
-        await api.close()
-        await daemon.stop()
-        await proxy.close()
+        await wait_for(ended, "the call to be ended after reconnect", 15)
+        data = await api.ok("GET", f"/calls/{call['id']}")
+        assert data["end_reason"] == "caller hung up"
+        (ended_event,) = [e for e in data["events"] if e["type"] == "call.ended"]
+        assert "disconnected" in ended_event["cause_text"]
 
 
 async def test_daemon_restart_resumes_active_and_bridged_calls(
