@@ -44,19 +44,23 @@ class Daemon:
         self.directory = DirectoryService(
             self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
         )
+        tts = self._build_tts()
         self.calls = CallService(
             settings=s,
             pbx=pbx,
             pbx_name=s.pbx,
             store=CallStore(self.db),
             directory=self.directory,
-            tts=self._build_tts(),
+            tts=tts,
         )
         if s.agent.enabled:
             # Speech and LLM providers: built once, models loaded before the first call.
             self.providers = AgentProviders(s)
             if s.agent.warm_up:
                 await self.providers.warm_up()
+                warm_tts = getattr(tts, "warm_up", None)  # piper loads a voice model
+                if warm_tts is not None:
+                    await warm_tts()
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
         await self.calls.start()
         app = create_api_app(self.directory, self.calls, self.db, health=self._health)

@@ -29,4 +29,5 @@ class AgentFactory:
             stt=self.providers.stt,
             detector=self.providers.turn_detector(),
             settings=self.settings,
+            load_events=lambda: session.service.store.events(session.call.id),
         )

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.agent.early import EarlyTranscriber
+from bridge.agent.history import history_from_transcript
 from bridge.agent.sentences import SentenceSplitter
 from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
 from bridge.calls.transfer import Transfer, TransferState
@@ -93,8 +94,10 @@ class VoiceAgent:
         stt: SttProvider,
         detector: TurnDetector,
         settings: AgentSettings,
+        load_events: Callable[[], Awaitable[Iterable[Any]]] | None = None,
     ) -> None:
         self.session = session
+        self._load_events = load_events  # the call's stored events, to resume after a restart
         self.llm = llm
         self.stt = stt
         self.detector = detector
@@ -136,7 +139,14 @@ class VoiceAgent:
         self._last_audio = loop.time()
         self._gap_timer = loop.call_later(GAP_CHECK_S, self._check_gap)
         if resumed:
-            return  # after a restart the caller is mid-conversation: no second greeting
+            # After a restart the caller is mid-conversation: no second greeting, and the
+            # model sees what was said before.
+            if self._load_events is not None:
+                try:
+                    self.history = history_from_transcript(await self._load_events())
+                except Exception as exc:
+                    self.log.warning("agent.history_not_restored", error=str(exc))
+            return
         assistant = self.session.assistant
         greeting = assistant.first_message if assistant is not None else None
         if greeting:
@@ -158,7 +168,11 @@ class VoiceAgent:
         content = json.dumps(result)
         if call is not None:
             self.history.append(ChatMessage.tool(call.id, content))
-            self._spawn(self._transcript("tool_result", content, tool="transfer_call", **result))
+            self._spawn(
+                self._transcript(
+                    "tool_result", content, tool="transfer_call", call_id=call.id, **result
+                )
+            )
         elif transfer.state is not TransferState.BRIDGED:
             # An operator's transfer (control API) failed: the model should know too.
             note = f"A transfer to {transfer.label or transfer.destination} failed: {content}"
@@ -179,7 +193,8 @@ class VoiceAgent:
             task.cancel()
         for speech in self._speech:
             speech.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)  # a committed turn gets a moment to finish
 
     # --- audio and turn events (the agent's task) -------------------------------------------
 
@@ -225,7 +240,7 @@ class VoiceAgent:
         thinking = self._turn is not None and not self._turn.done()
         if not thinking and not (media is not None and media.playing):
             return
-        if self._turn is not None:
+        if thinking and self._turn is not None:
             self._turn.cancel()
             current = self._current
             if current is not None and not current.heard:

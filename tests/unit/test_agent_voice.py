@@ -1,0 +1,294 @@
+"""VoiceAgent with fakes: turns, sentence streaming, tools, barge-in, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
+from bridge.llm.base import Finished, LlmServerError, LlmTimeout, TextDelta, ToolCall, ToolCallEvent
+from bridge.speech.stt import SttError
+from tests.support.agent import (
+    FakeSession,
+    ScriptedLlm,
+    ScriptedStt,
+    Step,
+    failed_transfer,
+    make_agent,
+    make_assistant,
+    settle,
+    speak,
+)
+
+
+def tool(name: str, args: dict[str, str], call_id: str = "call_1") -> ToolCallEvent:
+    return ToolCallEvent(ToolCall(call_id, name, json.dumps(args)))
+
+
+def text(*pieces: str) -> list[TextDelta]:
+    return [TextDelta(p) for p in pieces]
+
+
+async def test_greets_with_first_message_and_not_when_resumed() -> None:
+    session = FakeSession()
+    agent = make_agent(session, ScriptedLlm(), ScriptedStt())
+    await agent.start(resumed=False)
+    assert session.said == [("Hello, Acme here.", True)]
+    assert session.transcript() == [("assistant", "Hello, Acme here.")]
+    await agent.close()
+
+    resumed = FakeSession()
+    agent = make_agent(resumed, ScriptedLlm(), ScriptedStt())
+    await agent.start(resumed=True)
+    assert resumed.said == []
+    await agent.close()
+
+
+async def test_turn_streams_sentences_before_the_reply_is_complete() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(
+        Step([*text("We open at nine. ", "We close ", "at five."), Finished("stop")], delay=0.05)
+    )
+    stt = ScriptedStt("when are you open")
+    agent = make_agent(session, llm, stt)
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle(0.12)  # first sentence complete, the rest still streaming
+    assert session.said == [("We open at nine.", True)]
+    assert llm.abandoned == 0
+    await settle(0.3)
+    assert [s for s, _ in session.said] == ["We open at nine.", "We close at five."]
+    request = llm.requests[0]
+    assert [m.role for m in request] == ["system", "user"]
+    assert request[0].content == "Be brief." and request[1].content == "when are you open"
+    enum = llm.tools[0][0].parameters["properties"]["destination"]["enum"]
+    assert enum == ["sales_team", "technical_support"]
+    assert stt.prompts[0] == "Sales team, Technical support."
+    assert session.transcript() == [
+        ("caller", "when are you open"),
+        ("assistant", "We open at nine. We close at five."),
+    ]
+    latency = next(d for k, d in session.events if d.get("role") == "assistant")["latency_ms"]
+    assert set(latency) == {"stt", "llm", "say"}
+    await agent.close()
+
+
+async def test_transfer_call_runs_the_session_command_and_gets_the_typed_result() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(
+        Step([tool("transfer_call", {"destination": "sales_team"}), Finished("tool_calls")]),
+        Step([*text("Sales is busy. Can I help instead?"), Finished("stop")]),
+    )
+    agent = make_agent(session, llm, ScriptedStt("sales please", "okay"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    command, source, label = session.commands[0]
+    assert isinstance(command, TransferCommand)
+    assert command.destination == "+31612345678"
+    assert command.message == "I'm transferring you to our sales team."
+    assert (source, label) == ("assistant", "Sales team - for pricing and quotes")
+    # The transfer fails (busy): the caller is back with the assistant.
+    session.call.status = CallStatus.ACTIVE
+    agent.on_transfer_result(failed_transfer())
+    await settle(0.02)
+    await speak(agent)
+    await settle()
+    second = llm.requests[1]
+    assert [m.role for m in second] == ["system", "user", "assistant", "tool", "user"]
+    assert second[2].tool_calls[0].id == "call_1" and second[3].tool_call_id == "call_1"
+    result = json.loads(second[3].content or "")
+    assert result == {
+        "transferred": False,
+        "outcome": "busy",
+        "sip_code": 486,
+        "cause": "User busy",
+    }
+    roles = [r for r, _ in session.transcript()]
+    assert roles == ["caller", "tool_call", "tool_result", "caller", "assistant"]
+    await agent.close()
+
+
+async def test_refused_tool_call_goes_back_to_the_model() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(
+        Step([tool("transfer_call", {"destination": "+31900123456"}), Finished("tool_calls")]),
+        Step([tool("transfer_call", {"destination": "technical_support"}, "call_2")]),
+    )
+    agent = make_agent(session, llm, ScriptedStt("support"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    assert "is not a destination" in (llm.requests[1][-1].content or "")
+    assert session.commands[0][0].destination == "+31687654321"
+    await agent.close()
+
+
+async def test_barge_in_flushes_and_cancels_the_reply() -> None:
+    session = FakeSession(make_assistant(first_message=None), play_s=5)
+    llm = ScriptedLlm(
+        Step([*text("One. ", "Two. ", "Three. ", "Four. "), Finished("stop")], delay=0.1)
+    )
+    agent = make_agent(session, llm, ScriptedStt("tell me everything", "stop"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle(0.25)
+    assert session.said and session.media is not None and session.media.playing
+    await speak(agent, ms=100, then_silence_ms=0)  # the caller talks over the assistant
+    await settle(0.02)
+    assert session.media.flushes == 1 and not session.media.playing
+    assert llm.abandoned == 1  # the in-flight LLM stream was dropped
+    barge = [d for k, d in session.events if k == "agent.barge_in"]
+    assert len(barge) == 1 and barge[0]["dropped"] >= 1 and barge[0]["thinking"] is True
+    assert [r for r, _ in session.transcript()][-1] == "assistant"  # what was heard, kept
+    await agent.close()
+
+
+async def test_barge_in_does_not_cancel_a_decided_transfer() -> None:
+    session = FakeSession(make_assistant(first_message=None), play_s=0.3)
+    llm = ScriptedLlm(
+        Step(
+            [
+                *text("Sure, one moment. "),
+                tool("transfer_call", {"destination": "sales_team"}),
+                Finished("tool_calls"),
+            ]
+        )
+    )
+    agent = make_agent(session, llm, ScriptedStt("sales"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle(0.05)
+    assert session.media is not None and session.media.playing
+    await speak(agent, ms=100, then_silence_ms=0)  # caller talks during the preface
+    await settle(0.5)
+    assert session.media.flushes == 0
+    assert [type(c) for c, _, _ in session.commands] == [TransferCommand]
+    assert [s for s, _ in session.said] == [
+        "Sure, one moment.",
+        "I'm transferring you to our sales team.",
+    ]
+    await agent.close()
+
+
+async def test_llm_failure_apologises_and_transfers_to_the_first_destination() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step(error=LlmTimeout("slow", phase="first_token")))
+    agent = make_agent(session, llm, ScriptedStt("hello"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    command, source, _ = session.commands[0]
+    assert command.destination == "+31612345678" and source == "assistant"
+    assert command.message.startswith("Sorry, I'm having trouble right now.")
+    assert any(k == "agent.llm_failed" for k, _ in session.events)
+    await agent.close()
+
+
+async def test_llm_failure_apologises_only_when_configured() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step(error=LlmServerError("boom", status=502)))
+    agent = make_agent(session, llm, ScriptedStt("hello"), on_llm_failure="apologize")
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    assert session.commands == []
+    assert session.said == [("Sorry, I'm having trouble right now.", True)]
+    await agent.close()
+
+
+async def test_stt_failure_asks_again_and_empty_transcripts_are_ignored() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm()
+    agent = make_agent(session, llm, ScriptedStt(SttError("down"), "  "))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    assert session.said == [("Sorry, I didn't catch that. Could you say it again?", True)]
+    await speak(agent)
+    await settle()
+    assert llm.requests == []  # noise: no turn
+    await agent.close()
+
+
+async def test_end_call_lets_the_goodbye_play_then_hangs_up() -> None:
+    session = FakeSession(make_assistant(first_message=None), play_s=0.1)
+    llm = ScriptedLlm(
+        Step([*text("Goodbye!"), tool("end_call", {}), Finished("tool_calls")]),
+    )
+    agent = make_agent(session, llm, ScriptedStt("bye"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle(0.05)
+    assert session.commands == []  # still saying goodbye
+    await settle(0.15)
+    command = session.commands[0][0]
+    assert isinstance(command, EndCallCommand) and command.message is None
+    await agent.close()
+
+
+async def test_end_call_without_words_uses_the_configured_goodbye() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step([tool("end_call", {"reason": "done"}), Finished("tool_calls")]))
+    agent = make_agent(session, llm, ScriptedStt("that's all"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    assert session.commands[0][0].message == "Goodbye."
+    await agent.close()
+
+
+async def test_silent_peer_still_ends_the_turn() -> None:
+    """A peer that stops sending packets (DTX) instead of sending silence."""
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step([*text("Yes?"), Finished("stop")]))
+    agent = make_agent(session, llm, ScriptedStt("hello"))
+    await agent.start(resumed=False)
+    await speak(agent, then_silence_ms=0)
+    await asyncio.sleep(0.5)
+    assert session.said == [("Yes?", True)]
+    await agent.close()
+
+
+async def test_early_stt_at_a_pause_is_used_when_the_turn_ends() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step([*text("Yes?"), Finished("stop")]))
+    stt = ScriptedStt("early words")
+    agent = make_agent(session, llm, stt, early_stt_ms=40)
+    await agent.start(resumed=False)
+    await speak(agent)
+    await settle()
+    assert len(stt.prompts) == 1  # one decode, started at the pause, used at the turn end
+    assert llm.requests[0][-1].content == "early words"
+    await agent.close()
+
+
+async def test_early_stt_is_discarded_when_the_caller_goes_on() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step([*text("Yes?"), Finished("stop")]))
+    stt = ScriptedStt("half a sentence", "the whole sentence")
+    agent = make_agent(session, llm, stt, early_stt_ms=40)
+    await agent.start(resumed=False)
+    await speak(agent, ms=200, then_silence_ms=60)  # a pause shorter than the turn's end
+    await speak(agent, ms=200, then_silence_ms=200)
+    await settle()
+    assert len(stt.prompts) == 2  # at the first pause (thrown away), at the second (used)
+    assert [m.content for m in llm.requests[0] if m.role == "user"] == ["the whole sentence"]
+    await agent.close()
+
+
+async def test_words_of_a_turn_cut_off_while_transcribing_are_kept() -> None:
+    """The caller pauses longer than silence_ms mid-sentence, then goes on while STT runs:
+    the first part's audio is prepended to the next turn instead of being lost."""
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step([*text("Right."), Finished("stop")]))
+    stt = ScriptedStt("first half", "first half and the rest", delay=0.3)
+    agent = make_agent(session, llm, stt)
+    await agent.start(resumed=False)
+    await speak(agent, ms=200, then_silence_ms=140)  # turn ends, STT starts
+    await speak(agent, ms=200, then_silence_ms=200)  # barge-in while thinking
+    await settle(0.5)
+    assert len(stt.lengths) == 2 and stt.lengths[1] > stt.lengths[0] * 1.5
+    assert [m.content for m in llm.requests[0] if m.role == "user"] == ["first half and the rest"]
+    assert len(llm.requests) == 1
+    await agent.close()
