@@ -1,9 +1,10 @@
 """`python -m bridge.lab.demo`: see callbridge work in one go on a local, real Asterisk.
 
 It starts a lab Asterisk, the daemon, a SIPp "human agent" behind a SIP trunk, configures
-everything through the REST API exactly as the seed's curl examples do, places a SIPp call
-that is greeted with real speech, transfers it with the control API, and prints what the
-API says about the call. Nothing leaves this machine: every address is on loopback.
+everything through the REST API exactly as the seed's curl examples do, and places a SIPp
+call. The caller is greeted with real speech, says (real speech, over RTP) that they want
+sales, and the assistant transfers them by its own decision (the offline `local` provider):
+caller and agent end up bridged, audio checked both ways. Nothing leaves this machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from bridge.lab.asterisk import AsteriskLab
 from bridge.lab.harness import Api, start_daemon, wait_for
 from bridge.lab.rtp import RtpPeer, dominant_frequency, rms
 from bridge.lab.sipp import SippCall, SippUas
+from bridge.speech.tts import FliteTts
 
 DID = "+31201234567"
 SALES = "+31612345678"
@@ -67,7 +70,13 @@ async def _call_flow(lab: AsteriskLab, api: Api) -> int:
                                     "number": SALES,
                                     "description": "Sales team - for pricing and quotes",
                                     "message": "I'm transferring you to our sales team.",
-                                }
+                                },
+                                {
+                                    "type": "number",
+                                    "number": "+31687654321",
+                                    "description": "Technical support - for product issues",
+                                    "message": "I'm transferring you to technical support.",
+                                },
                             ],
                         },
                         {"type": "end_call"},
@@ -106,16 +115,11 @@ async def _call_flow(lab: AsteriskLab, api: Api) -> int:
         await wait_for(lambda: _loud(caller_rtp), "the greeting at the caller", timeout=10)
         show(f"The caller hears the greeting (RMS {rms(caller_rtp.received_pcm()):.0f})")
 
-        accepted = await api.ok(
-            "POST",
-            f"/calls/{call['id']}/control",
-            {
-                "type": "transfer",
-                "destination": SALES,
-                "message": "One moment, I'm transferring you to a colleague.",
-            },
-        )
-        show(f"POST /api/v1/calls/{call['id']}/control", accepted)
+        await _quiet(caller_rtp)
+        sentence = "I'd like to talk to someone in sales about pricing."
+        show(f'The caller says: "{sentence}"')
+        pcm = await FliteTts().synthesize(sentence)
+        await caller_rtp.send_pcm(pcm + bytes(16000))  # the words, then a second of silence
 
         async def settled() -> dict[str, Any] | None:
             data = await api.ok("GET", f"/calls/{call['id']}")
@@ -129,7 +133,13 @@ async def _call_flow(lab: AsteriskLab, api: Api) -> int:
 
         data = await wait_for(settled, "the transfer", timeout=30)
         transfer = data["transfers"][-1]
-        show("GET /api/v1/calls/{id} -> transfers[-1]", transfer)
+        turns = [
+            {"role": e["role"], "text": e["text"]}
+            for e in data["events"]
+            if e["type"] == "transcript"
+        ]
+        show("GET /api/v1/calls/{id} -> the transcript", turns)
+        show("GET /api/v1/calls/{id} -> transfers[-1] (decided by the assistant)", transfer)
         if transfer["state"] == "bridged":
             await agent_rtp.wait_for_packet(timeout=5)
             t0 = asyncio.get_running_loop().time()
@@ -143,6 +153,15 @@ async def _call_flow(lab: AsteriskLab, api: Api) -> int:
         await caller.terminate()
         await agent.stop()
         return 0 if transfer["state"] == "bridged" else 1
+
+
+async def _quiet(peer: RtpPeer, gap: float = 0.4) -> None:
+    """Wait until the greeting is over: no audio packet for `gap` seconds."""
+
+    async def quiet() -> bool:
+        return bool(peer.packets) and time.monotonic() - peer.packets[-1].arrival > gap
+
+    await wait_for(quiet, "the greeting to end", timeout=15, every=0.05)
 
 
 async def _loud(peer: RtpPeer) -> bool:
