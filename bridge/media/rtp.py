@@ -19,6 +19,7 @@ import numpy as np
 
 from bridge.log import get_logger
 from bridge.media import g711
+from bridge.media.jitter import JitterBuffer
 
 log = get_logger(__name__)
 
@@ -94,6 +95,8 @@ class RtpStream(asyncio.DatagramProtocol):
         self._ssrc = int.from_bytes(os.urandom(4), "big")
         self._talking = False
         self.framing = "rtp"
+        self._jitter = JitterBuffer()
+        self._frame_bytes = PCM_FRAME_BYTES
         self.packets_in = 0
         self.packets_out = 0
         self._clock: MediaClock | None = None
@@ -127,8 +130,16 @@ class RtpStream(asyncio.DatagramProtocol):
         if data[0] & 0x20 and payload:  # padding
             payload = payload[: -payload[-1]]
         self.packets_in += 1
-        if self.on_audio is not None and payload:
-            self.on_audio(self.codec.decode(payload))
+        if self.on_audio is None or not payload:
+            return
+        seq, ssrc = struct.unpack_from("!H", data, 2)[0], struct.unpack_from("!I", data, 8)[0]
+        for due in self._jitter.push(seq, payload, ssrc):
+            if due is None:  # lost: silence of a frame's length keeps the turn timing right
+                self.on_audio(bytes(self._frame_bytes))
+                continue
+            pcm = self.codec.decode(due)
+            self._frame_bytes = len(pcm)
+            self.on_audio(pcm)
 
     def set_remote(
         self, host: str, port: int, *, framing: str = "rtp", codec: str | None = None

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 
-from bridge.media.g711 import ulaw_encode
+from bridge.media.g711 import ulaw_decode, ulaw_encode
 from bridge.media.rtp import PCM_FRAME_BYTES, MediaClock, RtpStream
 
 
@@ -84,6 +84,26 @@ async def test_inbound_rtp_is_decoded_and_foreign_payloads_ignored() -> None:
     await asyncio.sleep(0.05)
     assert len(heard) == 1 and len(heard[0]) == 320
     assert stream.packets_in == 1
+    transport.close()
+    stream.close()
+    await clock.close()
+
+
+async def test_inbound_packets_are_reordered_and_loss_becomes_silence() -> None:
+    clock = MediaClock()
+    heard: list[bytes] = []
+    stream = RtpStream("ulaw", on_audio=heard.append)
+    host, port = await stream.open("127.0.0.1", clock)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=(host, port)
+    )
+    frames = {seq: bytes([0x80 + seq]) * 160 for seq in range(1, 9)}  # distinct µ-law levels
+    for seq in (1, 3, 2, 5, 6, 7, 8):  # 2 arrives late, 4 never
+        transport.sendto(struct.pack("!BBHII", 0x80, 0, seq, 160 * seq, 9) + frames[seq])
+    await asyncio.sleep(0.05)
+    expected = [ulaw_decode(frames[s]) if s != 4 else bytes(320) for s in range(1, 9)]
+    assert heard == expected
     transport.close()
     stream.close()
     await clock.close()
