@@ -203,6 +203,8 @@ async def assert_transferred_to_sales(api: Api, call: Call, call_id: str) -> dic
     assert transfer["message"] == "I'm transferring you to our sales team."
     invites = call.uas.received_requests("INVITE")
     assert invites and SALES in (invites[0].request_uri or ""), invites
+    # The caller talks to the agent now (its earlier words may have ended before the bridge).
+    await call.caller_rtp.send_tone(440, 0.5)
     assert await call.dest_rtp.wait_for_packet(timeout=5), "no media from the bridged caller"
     assert done["status"] == "transferred"
     return done

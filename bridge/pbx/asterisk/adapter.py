@@ -1,13 +1,15 @@
 """Asterisk through ARI: the PBX port's verbs as ARI requests, ARI events as PBX events.
 
-Ids are derived, not remembered, so that a restarted daemon finds its objects again:
-the caller's bridge is `cb-<caller channel>`, its media channel `cbmedia-<caller channel>`,
-outbound legs are created with ids starting `cbleg-`, trunks are `cb-trunk-<trunk id>`.
+Ids are derived, so that a restarted daemon finds its objects again: the caller's bridge is
+`cb-<caller channel>`, its media channels `cbmedia-<caller channel>-<n>` (a fresh one for each
+attach: Asterisk refuses an id whose previous channel is still being torn down), outbound
+legs start with `cbleg-`, trunks are `cb-trunk-<trunk id>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 from bridge.errors import PbxCommandFailed, PbxUnavailable
@@ -49,7 +51,12 @@ def bridge_id(channel_id: str) -> str:
 
 
 def media_id(channel_id: str) -> str:
-    return f"{MEDIA_PREFIX}{channel_id}"
+    return f"{MEDIA_PREFIX}{channel_id}-{secrets.token_hex(4)}"
+
+
+def media_owner(media_channel_id: str) -> str:
+    """The caller channel a media channel serves."""
+    return media_channel_id[len(MEDIA_PREFIX) :].rsplit("-", 1)[0]
 
 
 def trunk_endpoint(trunk_id: str) -> str:
@@ -76,6 +83,7 @@ class AsteriskAdapter:
         self._answered_legs: set[str] = set()
         self._media_ready: dict[str, asyncio.Future[None]] = {}
         self._hangup_causes: dict[str, int | None] = {}
+        self._media: dict[str, str] = {}  # caller channel -> its media channel
         self._task: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -108,6 +116,7 @@ class AsteriskAdapter:
             cid = ch["id"]
             dialplan = ch.get("dialplan") or {}
             if cid.startswith(MEDIA_PREFIX):
+                self._media[media_owner(cid)] = cid  # stale after a restart: detach finds it
                 continue
             if cid.startswith(LEG_PREFIX):
                 up = ch.get("state") == "Up"
@@ -163,6 +172,8 @@ class AsteriskAdapter:
         elif kind == "ChannelDestroyed":
             self._hangup_causes.pop(cid, None)
             if cid.startswith(MEDIA_PREFIX):
+                if self._media.get(media_owner(cid)) == cid:
+                    del self._media[media_owner(cid)]
                 return
             cause = event.get("cause")
             cause_text = event.get("cause_txt")
@@ -218,6 +229,7 @@ class AsteriskAdapter:
         await self._add_to_bridge(bid, channel_id)
         await self.detach_media(channel_id)  # a stale one from before a daemon restart
         mid = media_id(channel_id)
+        self._media[channel_id] = mid
         # The media channel can join the bridge only once it is in Stasis: wait for its
         # StasisStart (it may arrive before the POST returns, so listen first).
         ready = self._media_ready[mid] = asyncio.get_running_loop().create_future()
@@ -252,8 +264,11 @@ class AsteriskAdapter:
         return remote
 
     async def detach_media(self, channel_id: str) -> None:
+        mid = self._media.pop(channel_id, None)
+        if mid is None:
+            return
         try:
-            await self._call("DELETE", f"/channels/{media_id(channel_id)}")
+            await self._call("DELETE", f"/channels/{mid}")
         except ChannelGone:
             pass
 
