@@ -19,6 +19,7 @@ from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
+from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
 from bridge.speech.tts import TtsProvider, make_tts
 from bridge.store.db import Database
 
@@ -75,8 +76,10 @@ class Daemon:
 
     def _build_pbx(self) -> Any:
         s = self.settings
-        if s.pbx != "asterisk":
-            raise SystemExit(f"pbx {s.pbx!r} is not supported yet")
+        if s.pbx == "freeswitch":
+            return build_freeswitch_adapter(
+                s.freeswitch, trunks=self._trunk_specs, blind_context=s.transfer.blind_context
+            )
         client = AriClient(
             s.ari.url,
             s.ari.username,

@@ -138,6 +138,27 @@ class AgentSettings(BaseModel):
     early_stt_ms: int = Field(200, ge=0, le=2000)
 
 
+class FreeswitchSettings(BaseModel):
+    """The inbound event socket, and where FreeSWITCH-side things live."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8021, ge=1, le=65535)
+    password: SecretStr = SecretStr("ClueCon")
+    profile: str = "callbridge"  # sofia profile for SIP URI targets and our gateways
+    marker: str = "callbridge"  # channel variable the dialplan sets on callers for us
+    blind_method: Literal["transfer", "deflect"] = "transfer"
+    # Address FreeSWITCH binds its unicast media socket on (reachable by the daemon);
+    # default: host. Ports are taken from [unicast_port_min, unicast_port_max].
+    media_host: str | None = None
+    unicast_port_min: int = Field(24000, ge=1024, le=65535)
+    unicast_port_max: int = Field(24999, ge=1024, le=65535)
+    # Directory the sofia profile includes gateways from; None: trunks are not provisioned.
+    gateway_dir: Path | None = None
+    reconnect_initial_delay: float = 0.5
+    reconnect_max_delay: float = 15.0
+    command_timeout: float = 10.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CALLBRIDGE_", env_nested_delimiter="__", extra="forbid"
@@ -149,6 +170,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api: ApiSettings = ApiSettings()
     ari: AriSettings = AriSettings()
+    freeswitch: FreeswitchSettings = FreeswitchSettings()
     media: MediaSettings = MediaSettings()
     transfer: TransferSettings = TransferSettings()
     calls: CallSettings = CallSettings()

@@ -11,8 +11,15 @@ Scriptable channel model, enough for adapter tests:
   per number (`set_originate_outcome`): answer / busy (486) / noanswer / decline (603), with
   the captured events, hangup causes, SIP fields and BACKGROUND_JOB results;
 - `uuid_answer`, `uuid_bridge`, `uuid_broadcast` (PLAYBACK_START/STOP), `uuid_break`,
+  `uuid_displace` start/stop,
   `uuid_kill`, `uuid_transfer`, `uuid_setvar/getvar`, `sendmsg` execute/hangup;
-- `hangup()` (the far end hangs up), `drop_connections()` (FreeSWITCH restarts).
+- `hangup()` (the far end hangs up), `drop_connections()` (FreeSWITCH restarts);
+- `sendmsg` `call-command: unicast`: a real UDP socket at local-ip:local-port, as FreeSWITCH
+  binds it (frames received are kept per channel, `send_media()` sends caller audio), closed
+  when the channel leaves park (bridge, transfer) or hangs up;
+- sofia gateways read from `gateway_dir` on `sofia profile <p> rescan` (`reloadxml`,
+  `killgw`, `sofia status gateway <name>`); originate to an unknown gateway fails like the
+  real one (`-ERR INVALID_GATEWAY`, no channel).
 """
 
 from __future__ import annotations
@@ -202,6 +209,32 @@ class FakeChannel:
     variables: dict[str, str] = field(default_factory=dict)
     playback: asyncio.Task[None] | None = None
     up: bool = True
+    media: _Unicast | None = None
+    park_has_media: bool = False  # did the current park start with media up?
+    media_in: list[bytes] = field(default_factory=list)  # frames the daemon sent the caller
+
+
+class _Unicast(asyncio.DatagramProtocol):
+    """FreeSWITCH's side of `unicast` for one channel: raw frames both ways."""
+
+    def __init__(self, chan: FakeChannel, remote: tuple[str, int]) -> None:
+        self.chan = chan
+        self.remote = remote
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.chan.media_in.append(data)
+
+    def send(self, frame: bytes) -> None:
+        if self.transport is not None:
+            self.transport.sendto(frame, self.remote)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _rekey(items: Iterable[tuple[str, str]], new: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -237,6 +270,10 @@ class FakeEslServer:
         self.step_seconds = 0.0
         self.bgapi_delay = 0.0  # delay of every BACKGROUND_JOB (interleaving tests)
         self._outcomes: dict[str, str] = {}
+        self.gateway_dir: Path | None = None  # where `rescan` finds gateway XML files
+        self.gateways: set[str] = set()
+        self.crashes: list[str] = []  # channels whose unicast would have aborted FreeSWITCH
+        self.unicast_ignored: list[str] = []  # unicast sent where one already ran
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -358,9 +395,11 @@ class FakeEslServer:
             variables=dict(variables or {}),
         )
         self.channels[chan.uuid] = chan
+        chan.variables.setdefault("callbridge", "1")  # what the dialplan hook sets
         for name in ("CHANNEL_CREATE", "CHANNEL_EXECUTE:park", "CHANNEL_PARK"):
             self.emit_channel_event(chan, name)
             await asyncio.sleep(self.step_seconds)
+        chan.park_has_media = False
         if answered:
             self._answer(chan)
         return chan.uuid
@@ -389,6 +428,7 @@ class FakeEslServer:
         chan.up = False
         if chan.playback is not None:
             chan.playback.cancel()
+        self._stop_media(chan)
         over = {
             "Hangup-Cause": cause,
             "variable_hangup_cause": cause,
@@ -409,6 +449,11 @@ class FakeEslServer:
         variables = dict(kv.split("=", 1) for kv in (m["vars"] or "").split(",") if "=" in kv)
         leg = variables.pop("origination_uuid", None) or str(uuid_mod.uuid4())
         number = re.sub(r"^.*/", "", m["dial"]).split("@", 1)[0]
+        gateway = re.match(r"^sofia/gateway/([^/]+)/", m["dial"])
+        if gateway and self.gateway_dir is not None and gateway[1] not in self.gateways:
+            if on_result is not None:
+                on_result("-ERR INVALID_GATEWAY\n")
+            return "-ERR INVALID_GATEWAY\n"
         outcome = self._outcomes.get(number, self._outcomes.get("*", "answer"))
         script, result, old_uuid = _originate_script(outcome)
         caller = variables.get("origination_caller_id_number", "0000000000")
@@ -435,20 +480,28 @@ class FakeEslServer:
         return result
 
     async def _playback(self, chan: FakeChannel, path: str) -> None:
-        app = "speak" if path.startswith("speak::") else "playback"
-        data = path.removeprefix("speak::")
+        """`playback` of a file, or `app::arg` (speak, gentones) as uuid_broadcast runs it.
+        Like FreeSWITCH, a finished file playback resets the session, which ends unicast;
+        `gentones` with loops -1 runs until uuid_break."""
+        app, sep, data = path.partition("::")
+        if not sep:
+            app, data = "playback", path
         over = {"Application": app, "Application-Data": data}
-        self.emit_channel_event(chan, f"CHANNEL_EXECUTE:{app}", over)
+        key = app if app in ("speak", "playback") else "speak"  # captured templates
+        self.emit_channel_event(chan, f"CHANNEL_EXECUTE:{key}", over)
         play = {"Playback-File-Path": data}
         try:
             if app == "playback":
                 self.emit_channel_event(chan, "PLAYBACK_START", play)
+            if app == "gentones" and data.endswith("|-1"):
+                await asyncio.Event().wait()  # until cancelled (uuid_break, hangup)
             await asyncio.sleep(self.playback_seconds)
         finally:
             if chan.up:
                 if app == "playback":
                     self.emit_channel_event(chan, "PLAYBACK_STOP", play)
-                self.emit_channel_event(chan, f"CHANNEL_EXECUTE_COMPLETE:{app}", over)
+                    self._stop_media(chan)  # switch_ivr_play_file ends with a session reset
+                self.emit_channel_event(chan, f"CHANNEL_EXECUTE_COMPLETE:{key}", over)
             chan.playback = None
 
     def _start_playback(self, chan: FakeChannel, path: str) -> None:
@@ -469,6 +522,12 @@ class FakeEslServer:
             return self._show_channels()
         if cmd == "originate":
             return await self._originate(arg, on_result)
+        if cmd == "expand" and arg.startswith("global_setvar "):
+            return "+OK\n"
+        if cmd == "reloadxml":
+            return "+OK [Success]\n\n"
+        if cmd == "sofia":
+            return self._sofia(words)
         if cmd.startswith("uuid_"):
             if not words:
                 return "-USAGE: <uuid> [args]\n"
@@ -517,6 +576,7 @@ class FakeEslServer:
             for c in (chan, peer):
                 if c.playback is not None:
                     c.playback.cancel()
+                self._stop_media(c)  # leaving park ends unicast
             self.emit_channel_event(chan, "CHANNEL_BRIDGE")
             return "+OK\n"
         if cmd == "uuid_broadcast":
@@ -524,6 +584,13 @@ class FakeEslServer:
             path = re.sub(r"\s+(aleg|bleg|both)$", "", path)
             self._start_playback(chan, path)
             return "+OK Message sent\n"
+        if cmd == "uuid_displace" and len(words) >= 3:  # a media bug: no channel events
+            if words[1] == "start":
+                chan.variables[f"displace:{words[2]}"] = "1"
+                return "+OK Success\n"
+            if chan.variables.pop(f"displace:{words[2]}", None) is None:
+                return "-ERR Cannot stop displace session!\n"
+            return "+OK Success\n"
         if cmd == "uuid_break":
             if chan.playback is not None:
                 chan.playback.cancel()
@@ -531,16 +598,76 @@ class FakeEslServer:
         if cmd == "uuid_transfer":
             over = {"Application": "park"}
             self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", over)
+            self._stop_media(chan)
+            if words[1:3] == ["park", "inline"]:  # park again, now with media if answered
+                state = {"Answer-State": "answered" if chan.answered else "ringing"}
+                self.emit_channel_event(chan, "CHANNEL_EXECUTE:park", state)
+                self.emit_channel_event(chan, "CHANNEL_PARK", state)
+                chan.park_has_media = chan.answered
+                return "+OK\n"
             chan.variables["transfer_destination"] = " ".join(words[1:])
             return "+OK\n"
-        if cmd == "uuid_setvar" and len(words) >= 2:
-            chan.variables[words[1]] = " ".join(words[2:])
+        if cmd == "uuid_setvar" and len(words) == 2:  # no value: unset
+            chan.variables.pop(words[1], None)
+            return "+OK\n"
+        if cmd == "uuid_setvar" and len(words) > 2:
+            chan.variables[words[1]] = arg.split(" ", 2)[2]
             return "+OK\n"
         if cmd == "uuid_exists":
             return "true"
         if cmd == "uuid_getvar" and len(words) >= 2:
             return chan.variables.get(words[1], "_undef_")
         return f"-ERR {cmd} Command not found!\n"
+
+    def _sofia(self, words: list[str]) -> str:
+        """The few `sofia` commands gateway provisioning uses, with FreeSWITCH's replies."""
+        if words[:1] == ["profile"] and len(words) >= 3:
+            if words[2] == "rescan":
+                if self.gateway_dir is not None:
+                    found = {p.stem for p in self.gateway_dir.glob("*.xml")}
+                    self.gateways |= found
+                return "+OK scan complete\n"
+            if words[2] == "killgw" and len(words) >= 4:
+                if words[3] not in self.gateways:
+                    return "-ERR no such gateway.\n"
+                self.gateways.discard(words[3])
+                return "+OK gateway marked for deletion.\n"
+        if words[:2] == ["status", "gateway"] and len(words) >= 3:
+            if words[2] in self.gateways:
+                return f"Name    \t{words[2]}\nStatus  \tUP\n"
+            return "Invalid Gateway!\n"
+        return "-ERR Usage: sofia profile <name> rescan|killgw <gw>\n"
+
+    async def start_media(self, chan: FakeChannel, headers: Mapping[str, str]) -> None:
+        if not chan.park_has_media:
+            # FreeSWITCH 1.10.12 aborts here (switch_ivr_park: Assertion `read_frame'
+            # failed) when unicast starts in a park that began without media: seen live.
+            self.crashes.append(chan.uuid)
+            self._spawn(self.pause())
+            return
+        if chan.media is not None:
+            # A second unicast in the same park: the park loop keeps the first connection
+            # (the new socket cannot bind the same port; another port would never be read).
+            self.unicast_ignored.append(chan.uuid)
+            return
+        loop = asyncio.get_running_loop()
+        remote = (headers.get("remote-ip", "127.0.0.1"), int(headers.get("remote-port", "8026")))
+        local = (headers.get("local-ip", "127.0.0.1"), int(headers.get("local-port", "8025")))
+        _, proto = await loop.create_datagram_endpoint(
+            lambda: _Unicast(chan, remote), local_addr=local
+        )
+        chan.media = proto
+
+    def send_media(self, channel_uuid: str, frame: bytes) -> None:
+        """The caller speaks: one raw L16 frame to the daemon (as unicast sends it)."""
+        chan = self.channels[channel_uuid]
+        if chan.media is not None:
+            chan.media.send(frame)
+
+    def _stop_media(self, chan: FakeChannel) -> None:
+        if chan.media is not None:
+            chan.media.close()
+            chan.media = None
 
     async def _later(self, fn: object, *args: object) -> None:
         await asyncio.sleep(0)
@@ -693,7 +820,9 @@ class _Conn:
             return
         self.write(command_reply("+OK"))
         command = headers.get("call-command", "")
-        if command == "hangup":
+        if command == "unicast":
+            await self.server.start_media(chan, headers)
+        elif command == "hangup":
             self.server._hangup(chan, headers.get("hangup-cause", "NORMAL_CLEARING"))
         elif command == "execute":
             app = headers.get("execute-app-name", "")

@@ -30,12 +30,7 @@ from bridge.pbx.freeswitch.esl_client import (
     EslError,
 )
 from bridge.pbx.freeswitch.esl_protocol import EslEvent, encode_bgapi
-from bridge.pbx.freeswitch.gateways import (
-    dial_string,
-    gateway_name,
-    remove_gateway,
-    write_gateway,
-)
+from bridge.pbx.freeswitch.gateways import SofiaGateways, dial_string
 from bridge.pbx.ports import (
     ChannelGone,
     ChannelHungUp,
@@ -110,7 +105,7 @@ class FreeswitchAdapter:
         self._ports = itertools.cycle(range(unicast_ports[0], unicast_ports[1] + 1))
         self._port_count = unicast_ports[1] - unicast_ports[0] + 1
         self._media: dict[str, int] = {}  # caller uuid -> FreeSWITCH-side unicast port
-        self.gateway_dir = gateway_dir
+        self.gateways = SofiaGateways(self._api, profile, gateway_dir) if gateway_dir else None
         self._trunk_source = trunks
         self._sink: EventSink | None = None
         self._callers: set[str] = set()
@@ -118,10 +113,12 @@ class FreeswitchAdapter:
         self._ringing: set[str] = set()
         self._answered: set[str] = set()
         self._ended: set[str] = set()  # legs whose CHANNEL_HANGUP was seen
-        # Callers whose park began without media: `unicast` there aborts FreeSWITCH 1.10.12
-        # (switch_ivr_park asserts read_frame), so they are re-parked once answered.
-        self._park_without_media: set[str] = set()
-        self._repark: dict[str, asyncio.Future[None]] = {}
+        # Callers whose current park began with media up and has no unicast yet: the only
+        # safe place for `unicast` on 1.10.12. In a park that began without media it aborts
+        # FreeSWITCH (switch_ivr_park asserts read_frame); in one that already had unicast
+        # the park loop keeps serving the old connection. Others are re-parked first.
+        self._fresh_park: set[str] = set()
+        self._reparks: dict[str, asyncio.Future[None]] = {}
         self._connect_task: asyncio.Task[None] | None = None
         # The dialplan hook parks callers only while this global (FreeSWITCH's epoch) is
         # fresh; otherwise they go straight to the fallback (daemon unreachable).
@@ -225,7 +222,7 @@ class FreeswitchAdapter:
             self._legs,
             self._ringing,
             self._answered,
-            self._park_without_media,
+            self._fresh_park,
         ):
             group.discard(uuid)
         self._media.pop(uuid, None)
@@ -243,7 +240,7 @@ class FreeswitchAdapter:
         if fse.is_leg(uuid):
             await self._on_leg_event(name, uuid, event)
         elif name == "CHANNEL_PARK":
-            waiter = self._repark.pop(uuid, None)
+            waiter = self._reparks.pop(uuid, None)
             if waiter is not None:  # our own re-park, not a new arrival
                 if not waiter.done():
                     waiter.set_result(None)
@@ -251,8 +248,8 @@ class FreeswitchAdapter:
             arrived = fse.arrival(event, self.marker)
             if arrived is not None:
                 self._callers.add(uuid)
-                if event.get("Answer-State") not in ("answered", "early"):
-                    self._park_without_media.add(uuid)
+                if event.get("Answer-State") in ("answered", "early"):
+                    self._fresh_park.add(uuid)
                 await self._emit(arrived)
         elif name == "CHANNEL_HANGUP":
             if uuid in self._callers or fse.truthy(event.variable(self.marker)):
@@ -320,8 +317,8 @@ class FreeswitchAdapter:
         G.711 callers) from `media_host:<port>` to `local`, and plays what reaches that port.
         `codec` is not used: FreeSWITCH transcodes to L16 whatever the caller speaks."""
         uuid = _uuid(channel_id)
-        if uuid in self._park_without_media:
-            await self._repark_with_media(uuid)
+        if uuid not in self._fresh_park:
+            await self._repark(uuid)
         port = self._media.get(uuid) or self._free_port()
         headers = {
             "local-ip": self.media_host,
@@ -334,13 +331,14 @@ class FreeswitchAdapter:
             await self.client.sendmsg_raw(uuid, "unicast", headers)
         except EslError as exc:
             raise _translate(exc) from exc
+        self._fresh_park.discard(uuid)
         self._media[uuid] = port
         return MediaAddress(self.media_host, port, framing="raw", codec="slin_le")
 
-    async def _repark_with_media(self, uuid: str) -> None:
-        """Leave and re-enter park (inline dialplan): a park that starts with media set up
-        handles `unicast` safely. Waits for the new CHANNEL_PARK."""
-        waiter = self._repark[uuid] = asyncio.get_running_loop().create_future()
+    async def _repark(self, uuid: str) -> None:
+        """Leave and re-enter park (inline dialplan), which also ends an old unicast: the
+        new park starts with media up and takes `unicast`. Waits for its CHANNEL_PARK."""
+        waiter = self._reparks[uuid] = asyncio.get_running_loop().create_future()
         try:
             await self._api(f"uuid_transfer {uuid} park inline")
             async with asyncio.timeout(5):
@@ -348,8 +346,8 @@ class FreeswitchAdapter:
         except TimeoutError as exc:
             raise PbxCommandFailed("the caller was not parked again") from exc
         finally:
-            self._repark.pop(uuid, None)
-        self._park_without_media.discard(uuid)
+            self._reparks.pop(uuid, None)
+        self._fresh_park.add(uuid)
 
     async def detach_media(self, channel_id: str) -> None:
         """Nothing to send: FreeSWITCH ends `unicast` when the caller leaves park (bridge,
@@ -444,45 +442,23 @@ class FreeswitchAdapter:
     # --- trunks -----------------------------------------------------------------------------
 
     async def provision_trunk(self, trunk: TrunkSpec) -> None:
-        if self.gateway_dir is None:
+        if self.gateways is None:
             log.warning("freeswitch.trunk_not_provisioned", trunk=trunk.id, reason="no gateway_dir")
             return
-        path = write_gateway(self.gateway_dir, trunk)
-        name = gateway_name(trunk.id)
-        await self._api("reloadxml")
-        with contextlib.suppress(PbxCommandFailed):  # a new gateway has nothing to kill
-            await self._api(f"sofia profile {self.profile} killgw {name}")
-        await self._rescan(name)
-        log.info("freeswitch.trunk_provisioned", trunk=trunk.id, gateway=name, file=str(path))
+        await self.gateways.provision([trunk])
 
     async def remove_trunk(self, trunk_id: str) -> None:
-        if self.gateway_dir is None:
-            return
-        remove_gateway(self.gateway_dir, trunk_id)
-        await self._api("reloadxml")
-        with contextlib.suppress(PbxCommandFailed):
-            await self._api(f"sofia profile {self.profile} killgw {gateway_name(trunk_id)}")
-        log.info("freeswitch.trunk_removed", trunk=trunk_id)
-
-    async def _rescan(self, name: str) -> None:
-        # killgw only marks the gateway for deletion; the sofia worker drops it a moment
-        # later, and rescan skips names that still exist. Retry until the new one is there.
-        for _ in range(10):
-            await self._api(f"sofia profile {self.profile} rescan")
-            status = await self._api(f"sofia status gateway {name}")
-            if "invalid gateway" not in status.lower():
-                return
-            await asyncio.sleep(0.3)
-        raise PbxCommandFailed(f"sofia did not load gateway {name}")
+        if self.gateways is not None:
+            await self.gateways.remove(trunk_id)
 
     async def _provision_all(self) -> None:
-        if self._trunk_source is None or self.gateway_dir is None:
+        if self._trunk_source is None or self.gateways is None:
             return
-        for spec in await self._trunk_source():
-            try:
-                await self.provision_trunk(spec)
-            except (PbxCommandFailed, ValueError, OSError) as exc:
-                log.error("freeswitch.trunk_provision_failed", trunk=spec.id, error=str(exc))
+        specs = await self._trunk_source()
+        try:
+            await self.gateways.provision(specs)
+        except (PbxCommandFailed, ValueError, OSError) as exc:
+            log.error("freeswitch.trunks_not_provisioned", error=str(exc))
 
     # --- helpers ----------------------------------------------------------------------------
 

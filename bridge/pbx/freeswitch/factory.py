@@ -1,39 +1,13 @@
-"""Build the FreeSWITCH adapter from settings, so the composition root needs one call.
-
-`FreeswitchSettings` is the model for `[freeswitch]` in the config file; `bridge.config` can
-adopt it as is (`freeswitch: FreeswitchSettings = FreeswitchSettings()`).
-"""
+"""Build the FreeSWITCH adapter from the `[freeswitch]` settings, so the composition root
+needs one call."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
-
+from bridge.config import FreeswitchSettings
 from bridge.pbx.freeswitch.adapter import FreeswitchAdapter, TrunkSource
-
-
-class FreeswitchSettings(BaseModel):
-    """The inbound event socket, and where FreeSWITCH-side things live."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8021, ge=1, le=65535)
-    password: SecretStr = SecretStr("ClueCon")
-    profile: str = "callbridge"  # sofia profile for SIP URI targets and our gateways
-    marker: str = "callbridge"  # channel variable the dialplan sets on callers for us
-    blind_method: Literal["transfer", "deflect"] = "transfer"
-    # Address FreeSWITCH binds its unicast media socket on (reachable by the daemon);
-    # default: host. Ports are taken from [unicast_port_min, unicast_port_max].
-    media_host: str | None = None
-    unicast_port_min: int = Field(24000, ge=1024, le=65535)
-    unicast_port_max: int = Field(24999, ge=1024, le=65535)
-    # Directory the sofia profile includes gateways from; None: trunks are not provisioned.
-    gateway_dir: Path | None = None
-    reconnect_initial_delay: float = 0.5
-    reconnect_max_delay: float = 15.0
-    command_timeout: float = 10.0
 
 
 def build_freeswitch_adapter(

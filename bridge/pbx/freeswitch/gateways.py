@@ -8,12 +8,20 @@ or removed gateway needs `killgw` first (rescan only adds new ones).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from bridge.errors import PbxCommandFailed
+from bridge.log import get_logger
 from bridge.pbx.ports import DialTarget, TrunkSpec
+
+log = get_logger(__name__)
+Api = Callable[[str], Awaitable[str]]  # runs one API command; -ERR raises PbxCommandFailed
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _SAFE_DIAL = re.compile(r"^[^\s{}'\",]+$")  # nothing that ends a dial string or its {vars}
@@ -51,16 +59,21 @@ def gateway_xml(trunk: TrunkSpec) -> str:
     )
 
 
-def write_gateway(directory: Path, trunk: TrunkSpec) -> Path:
-    """Write the gateway file atomically, readable by its owner only (it holds a password)."""
+def write_gateway(directory: Path, trunk: TrunkSpec) -> bool:
+    """Write the gateway file atomically, readable by its owner only (it holds a password);
+    False when it already said exactly this."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{gateway_name(trunk.id)}.xml"
+    text = gateway_xml(trunk)
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == text:
+            return False
     tmp = path.with_suffix(".xml.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(gateway_xml(trunk))
+        fh.write(text)
     tmp.replace(path)
-    return path
+    return True
 
 
 def remove_gateway(directory: Path, trunk_id: str) -> bool:
@@ -88,3 +101,52 @@ def dial_string(target: DialTarget, profile: str) -> str:
     if not _SAFE_DIAL.match(dial):
         raise ValueError(f"refusing dial string {dial!r}")
     return dial
+
+
+class SofiaGateways:
+    """Trunks as gateways of one sofia profile, through the event socket's API commands."""
+
+    def __init__(self, api: Api, profile: str, directory: Path) -> None:
+        self._api = api
+        self.profile = profile
+        self.directory = directory
+
+    async def provision(self, trunks: list[TrunkSpec]) -> None:
+        """Write every file, then one `reloadxml`; a changed or missing gateway is killed and
+        rescanned, an unchanged one that sofia already runs is left alone (no re-REGISTER)."""
+        stale: list[str] = []
+        for trunk in trunks:
+            changed = write_gateway(self.directory, trunk)
+            name = gateway_name(trunk.id)
+            if changed or not await self._loaded(name):
+                stale.append(name)
+        if not stale:
+            return
+        await self._api("reloadxml")
+        for name in stale:
+            with contextlib.suppress(PbxCommandFailed):  # a new gateway has nothing to kill
+                await self._api(f"sofia profile {self.profile} killgw {name}")
+        for name in stale:
+            await self._rescan(name)
+            log.info("freeswitch.gateway_loaded", gateway=name, profile=self.profile)
+
+    async def remove(self, trunk_id: str) -> None:
+        remove_gateway(self.directory, trunk_id)
+        await self._api("reloadxml")
+        with contextlib.suppress(PbxCommandFailed):
+            await self._api(f"sofia profile {self.profile} killgw {gateway_name(trunk_id)}")
+        log.info("freeswitch.gateway_removed", gateway=gateway_name(trunk_id))
+
+    async def _loaded(self, name: str) -> bool:
+        status = await self._api(f"sofia status gateway {name}")
+        return "invalid gateway" not in status.lower()
+
+    async def _rescan(self, name: str) -> None:
+        # killgw only marks the gateway for deletion; the sofia worker drops it a moment
+        # later, and rescan skips names that still exist. Retry until the new one is there.
+        for _ in range(10):
+            await self._api(f"sofia profile {self.profile} rescan")
+            if await self._loaded(name):
+                return
+            await asyncio.sleep(0.3)
+        raise PbxCommandFailed(f"sofia did not load gateway {name}")

@@ -1,0 +1,396 @@
+"""The PBXs the behaviour suite runs against, behind one small interface.
+
+- `asterisk`: the real lab Asterisk, SIPp callers and UASes, RtpPeer audio.
+- `freeswitch`: in CI the protocol-faithful fake event socket (tests/support/esl_server.py,
+  built from captures of a real FreeSWITCH 1.10.12); against a real FreeSWITCH when
+  `CALLBRIDGE_TEST_FREESWITCH=host:port:password` is set (then SIPp and RtpPeer as for
+  Asterisk; `CALLBRIDGE_TEST_FREESWITCH_SIP=host:port` is its SIP address, default
+  host:15060; its dialplan must hand the test DID to callbridge, as freeswitch_conf/ does).
+
+Every backend puts a cuttable TCP proxy between the daemon and the PBX's control connection,
+so "the connection dropped" is the same act on all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.api.keys import create_api_key
+from bridge.app import Daemon
+from bridge.config import Settings
+from bridge.lab.asterisk import free_port
+from bridge.lab.rtp import RtpPeer, dominant_frequency, rms
+from bridge.lab.sipp import SippCall, SippUas
+from bridge.log import configure_logging
+from bridge.pbx.freeswitch.esl_client import EslClient
+from tests.support.daemon import Api, start_daemon, wait_for
+from tests.support.esl_server import FakeChannel, FakeEslServer
+from tests.support.flows import DESTINATION
+from tests.support.tcp_proxy import TcpProxy
+
+SCENARIOS = {"answer": "uas_answer.xml", "busy": "uas_busy.xml", "no_answer": "uas_noanswer.xml"}
+FAKE_OUTCOMES = {"answer": "answer", "busy": "busy", "no_answer": "noanswer"}
+
+
+def _loud(pcm: bytes) -> bool:
+    """At least 0.5 s of clearly non-silent 8 kHz audio."""
+    return len(pcm) >= 8000 and rms(pcm) > 300
+
+
+# --- SIP callers and destinations (real PBXs) ------------------------------------------------
+
+
+class SipCaller:
+    """A SIPp call with an RtpPeer for its audio."""
+
+    def __init__(self, sip: tuple[str, int], number: str, hold_ms: int) -> None:
+        self.rtp = RtpPeer()
+        self._sip = sip
+        self._number = number
+        self._hold_ms = hold_ms
+        self.sipp: SippCall | None = None
+
+    async def start(self) -> SipCaller:
+        await self.rtp.start()
+        self.sipp = SippCall(self._sip, self._number, rtp_port=self.rtp.port, hold_ms=self._hold_ms)
+        await self.sipp.start()
+        return self
+
+    def mark(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def heard_speech(self, since: float, seconds: float = 10) -> None:
+        await wait_for(
+            lambda: _true(_loud(self.rtp.received_pcm(since=since))),
+            "non-silent audio at the caller",
+            timeout=seconds,
+        )
+
+    async def hang_up(self) -> None:
+        """Only the scenario's hold time hangs up with a BYE: wait for it."""
+        assert self.sipp is not None
+        await asyncio.wait_for(self.sipp.wait(), self._hold_ms / 1000 + 15)
+
+    def connected(self) -> bool:
+        return (
+            self.sipp is not None
+            and self.sipp.proc is not None
+            and (self.sipp.proc.returncode is None)
+        )
+
+    async def wait_bye(self, seconds: float = 15) -> bool:
+        assert self.sipp is not None
+        await asyncio.wait_for(self.sipp.wait(), seconds)
+        return self.sipp.got_bye()
+
+    async def close(self) -> None:
+        if self.sipp is not None:
+            await self.sipp.terminate()
+        self.rtp.close()
+
+
+class SipDestination:
+    """A SIPp UAS behind the trunk, with an RtpPeer for its audio."""
+
+    def __init__(self, outcome: str, local_port: int | None) -> None:
+        self.rtp = RtpPeer()
+        self.outcome = outcome
+        self._port = local_port
+        self.uas: SippUas | None = None
+
+    async def start(self) -> SipDestination:
+        await self.rtp.start()
+        self.uas = SippUas(SCENARIOS[self.outcome], rtp_port=self.rtp.port, local_port=self._port)
+        await self.uas.start()
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.uas is not None
+        return self.uas.local_port
+
+    def invited(self) -> bool:
+        assert self.uas is not None
+        invite = self.uas.invite
+        return invite is not None and DESTINATION in (invite.request_uri or "")
+
+    async def assert_bridged(self, caller: Any) -> None:
+        """Audio both ways through the PBX: 440 Hz from the caller, 1000 Hz back."""
+        assert isinstance(caller, SipCaller) and caller.sipp is not None
+        # FreeSWITCH sends nothing into a bridge before someone speaks (Asterisk does): take
+        # the PBX's media addresses from the SDP when no packet has latched them yet.
+        await self.rtp.wait_for_packet(timeout=1)
+        if self.rtp.remote is None:
+            invite = self.uas.invite if self.uas else None
+            found = re.search(r"^m=audio (\d+)", invite.body if invite else "", re.MULTILINE)
+            assert found, "no SDP offer from the PBX in the INVITE"
+            self.rtp.set_remote("127.0.0.1", int(found.group(1)))
+        if caller.rtp.remote is None:
+            caller.rtp.set_remote("127.0.0.1", caller.sipp.sdp_port() or 0)
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.gather(caller.rtp.send_tone(440, 1.5), self.rtp.send_tone(1000, 1.5))
+        assert abs(dominant_frequency(self.rtp.received_pcm(since=t0)) - 440) < 20
+        assert abs(dominant_frequency(caller.rtp.received_pcm(since=t0)) - 1000) < 20
+
+    async def close(self) -> None:
+        if self.uas is not None:
+            await self.uas.stop()
+        self.rtp.close()
+
+
+# --- fake FreeSWITCH callers and destinations ------------------------------------------------
+
+
+class FakeCaller:
+    """A caller the fake FreeSWITCH parks; its 'ear' is the fake's unicast socket."""
+
+    def __init__(self, server: FakeEslServer, number: str, hold_ms: int) -> None:
+        self.server = server
+        self.number = number
+        self.hold_ms = hold_ms
+        self.chan: FakeChannel | None = None
+
+    async def start(self) -> FakeCaller:
+        uuid = await self.server.call_arrives(self.number, "sipp-caller")
+        self.chan = self.server.channels[uuid]
+        return self
+
+    def mark(self) -> float:
+        return float(len(self.chan.media_in)) if self.chan else 0.0
+
+    async def heard_speech(self, since: float, seconds: float = 10) -> None:
+        def loud() -> bool:
+            assert self.chan is not None
+            return _loud(b"".join(self.chan.media_in[int(since) :]))
+
+        await wait_for(lambda: _true(loud()), "non-silent audio at the caller", timeout=seconds)
+
+    async def hang_up(self) -> None:
+        assert self.chan is not None
+        await asyncio.sleep(self.hold_ms / 1000)
+        await self.server.hangup(self.chan.uuid)
+
+    def connected(self) -> bool:
+        return self.chan is not None and self.chan.up
+
+    async def wait_bye(self, seconds: float = 15) -> bool:
+        await wait_for(lambda: _true(not self.connected()), "the caller to be hung up", seconds)
+        return True
+
+    async def close(self) -> None:
+        if self.chan is not None and self.chan.up:
+            await self.server.hangup(self.chan.uuid)
+
+
+@dataclass
+class FakeDestination:
+    server: FakeEslServer
+    outcome: str
+    port: int = 5090
+
+    async def start(self) -> FakeDestination:
+        self.server.set_originate_outcome(DESTINATION, FAKE_OUTCOMES[self.outcome])
+        return self
+
+    def invited(self) -> bool:
+        return any(
+            c.startswith("bgapi originate") and "sofia/gateway/cb-trunk-" in c and DESTINATION in c
+            for c in self.server.commands
+        )
+
+    async def assert_bridged(self, caller: Any) -> None:
+        assert isinstance(caller, FakeCaller) and caller.chan is not None
+        leg = self.server.channels.get(caller.chan.bridged_with or "")
+        assert leg is not None and leg.direction == "outbound" and leg.answered
+        assert leg.bridged_with == caller.chan.uuid
+        assert caller.chan.media is None, "unicast must stop once the caller is bridged"
+
+    async def close(self) -> None:
+        return None
+
+
+# --- backends --------------------------------------------------------------------------------
+
+
+class Backend:
+    """Start a daemon on this PBX, place calls, provide destinations, cut the connection."""
+
+    name = ""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.proxy: TcpProxy | None = None
+        self._closers: list[Any] = []
+
+    async def start_daemon(self) -> tuple[Daemon, Api]:
+        raise NotImplementedError
+
+    async def caller(self, number: str, hold_ms: int = 60000) -> Any:
+        raise NotImplementedError
+
+    async def destination(self, outcome: str) -> Any:
+        raise NotImplementedError
+
+    def cut(self) -> None:
+        assert self.proxy is not None
+        self.proxy.cut()
+
+    def restore(self) -> None:
+        assert self.proxy is not None
+        self.proxy.restore()
+
+    def track(self, thing: Any) -> Any:
+        self._closers.append(thing)
+        return thing
+
+    async def close(self) -> None:
+        for thing in reversed(self._closers):
+            await thing.close()
+        if self.proxy is not None:
+            await self.proxy.close()
+
+
+class AsteriskBackend(Backend):
+    name = "asterisk"
+
+    def __init__(self, tmp: Path, lab: Any) -> None:
+        super().__init__(tmp)
+        self.lab = lab
+
+    async def start_daemon(self) -> tuple[Daemon, Api]:
+        self.proxy = await TcpProxy("127.0.0.1", self.lab.http_port).start()
+        return await start_daemon(self.lab, self.tmp, ari_url=self.proxy.url)
+
+    async def caller(self, number: str, hold_ms: int = 60000) -> SipCaller:
+        sip = (self.lab.host, self.lab.sip_port)
+        return self.track(await SipCaller(sip, number, hold_ms).start())
+
+    async def destination(self, outcome: str) -> SipDestination:
+        return self.track(await SipDestination(outcome, None).start())
+
+    async def close(self) -> None:
+        await super().close()
+        # Backstop: a channel left in the lab would be adopted by the next test's daemon.
+        status, channels = self.lab.ari("GET", "/channels")
+        for channel in channels if status == 200 and isinstance(channels, list) else []:
+            self.lab.ari("DELETE", f"/channels/{channel['id']}")
+
+
+class FreeswitchBackend(Backend):
+    name = "freeswitch"
+
+    def __init__(self, tmp: Path, real: str | None) -> None:
+        super().__init__(tmp)
+        self.real = real
+        self.server: FakeEslServer | None = None
+        self.sip: tuple[str, int] = ("127.0.0.1", 15060)
+
+    async def _target(self) -> tuple[str, int, str, Path]:
+        """ESL host, port, password and the gateway directory the sofia profile includes."""
+        if self.real is None:
+            self.server = FakeEslServer("callbridge-test")
+            await self.server.start()
+            self.server.gateway_dir = self.tmp / "gateways"
+            self._closers.append(_Stopper(self.server))
+            return "127.0.0.1", self.server.port, "callbridge-test", self.tmp / "gateways"
+        host, port, password = self.real.split(":", 2)
+        self._closers.append(_GatewayCleanup(host, int(port), password))
+        sip = os.environ.get("CALLBRIDGE_TEST_FREESWITCH_SIP") or f"{host}:15060"
+        sip_host, sip_port = sip.rsplit(":", 1)
+        self.sip = (sip_host, int(sip_port))
+        probe = EslClient(host, int(port), password, reconnect=False)
+        await probe.connect()
+        try:
+            conf_dir = (await probe.api("global_getvar conf_dir")).strip()
+        finally:
+            await probe.close()
+        gateways = Path(conf_dir) / "callbridge-gateways"
+        self._closers[-1].start(gateways)
+        return host, int(port), password, gateways
+
+    async def start_daemon(self) -> tuple[Daemon, Api]:
+        host, port, password, gateways = await self._target()
+        self.proxy = await TcpProxy(host, port).start()
+        configure_logging("console", "debug")
+        fs = {
+            "host": "127.0.0.1",
+            "port": self.proxy.port,
+            "password": password,
+            "media_host": host if self.real else "127.0.0.1",
+            "gateway_dir": gateways,
+            "reconnect_initial_delay": 0.2,
+            "reconnect_max_delay": 1.0,
+            "unicast_port_min": 24000 + (os.getpid() % 50) * 20,
+            "unicast_port_max": 24019 + (os.getpid() % 50) * 20,
+        }
+        settings = Settings(
+            database=self.tmp / "callbridge.sqlite3",
+            api={"host": "127.0.0.1", "port": 0},
+            pbx="freeswitch",
+            freeswitch=fs,
+        )
+        daemon = Daemon(settings)
+        await daemon.start()
+        assert daemon.db is not None
+        key = await create_api_key(daemon.db, "tests")
+        api = Api(f"http://127.0.0.1:{daemon.api_port}", key)
+        await wait_for(
+            lambda: _true(bool(daemon.calls and daemon.calls.connected)), "ESL connected", 10
+        )
+        return daemon, api
+
+    async def caller(self, number: str, hold_ms: int = 60000) -> Any:
+        if self.server is not None:
+            return self.track(await FakeCaller(self.server, number, hold_ms).start())
+        return self.track(await SipCaller(self.sip, number, hold_ms).start())
+
+    async def destination(self, outcome: str) -> Any:
+        if self.server is not None:
+            return self.track(await FakeDestination(self.server, outcome).start())
+        return self.track(await SipDestination(outcome, free_port()).start())
+
+
+@dataclass
+class _Stopper:
+    server: FakeEslServer
+
+    async def close(self) -> None:
+        await self.server.stop()
+
+
+class _GatewayCleanup:
+    """Remove the sofia gateways a test's trunks left on the real FreeSWITCH."""
+
+    def __init__(self, host: str, port: int, password: str) -> None:
+        self.esl = (host, port, password)
+        self.directory: Path | None = None
+        self.before: set[Path] = set()
+
+    def start(self, directory: Path) -> None:
+        self.directory = directory
+        self.before = set(directory.glob("cb-trunk-*.xml"))
+
+    async def close(self) -> None:
+        if self.directory is None:
+            return
+        left = set(self.directory.glob("cb-trunk-*.xml")) - self.before
+        if not left:
+            return
+        probe = EslClient(*self.esl, reconnect=False)
+        await probe.connect()
+        try:
+            for path in left:
+                path.unlink(missing_ok=True)
+                await probe.api(f"sofia profile callbridge killgw {path.stem}")
+            await probe.api("reloadxml")
+        finally:
+            await probe.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
