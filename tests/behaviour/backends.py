@@ -71,6 +71,10 @@ class SipCaller:
             timeout=seconds,
         )
 
+    async def speak(self, pcm: bytes) -> None:
+        """The caller talks: 8 kHz PCM as paced µ-law RTP."""
+        await self.rtp.send_pcm(pcm)
+
     async def hang_up(self) -> None:
         """Only the scenario's hold time hangs up with a BYE: wait for it."""
         assert self.sipp is not None
@@ -169,6 +173,13 @@ class FakeCaller:
             return _loud(b"".join(self.chan.media_in[int(since) :]))
 
         await wait_for(lambda: _true(loud()), "non-silent audio at the caller", timeout=seconds)
+
+    async def speak(self, pcm: bytes) -> None:
+        """The caller talks: raw L16 frames, 20 ms apart, as FreeSWITCH's unicast sends them."""
+        assert self.chan is not None
+        for i in range(0, len(pcm), 320):
+            self.server.send_media(self.chan.uuid, pcm[i : i + 320].ljust(320, b"\0"))
+            await asyncio.sleep(0.02)
 
     async def hang_up(self) -> None:
         assert self.chan is not None

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bridge.speech.tts import FliteTts
 from tests.behaviour.backends import Backend
 from tests.support.daemon import Api, wait_for
 from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
@@ -167,3 +168,23 @@ async def _is(value: bool) -> bool:
 
 async def _is_status(api: Api, call_id: str, status: str) -> bool:
     return await call_status(api, call_id) == status
+
+
+async def test_assistant_transfers_on_the_callers_words(backend: Backend, api: Api) -> None:
+    """The caller asks for sales in real (flite) speech; the offline assistant hears it, and
+    its transfer_call takes the same path as a control transfer, to a bridge."""
+    dest = await backend.destination("answer")
+    await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
+    caller = await backend.caller(DID)
+    call = await active_call(api)
+    await caller.heard_speech(since=caller.mark())
+    await asyncio.sleep(3.5)  # let the greeting finish
+    words = await FliteTts().synthesize("I'd like to talk to a human about my problem please.")
+    await caller.speak(words + bytes(16000))
+    done = await transfer_settled(api, call["id"], timeout=40)
+    transfer = done["transfers"][-1]
+    assert (transfer["source"], transfer["state"]) == ("assistant", "bridged"), transfer
+    assert transfer["destination"] == DESTINATION
+    assert dest.invited()
+    roles = [e["role"] for e in done["events"] if e["type"] == "transcript"]
+    assert roles[:3] == ["assistant", "caller", "tool_call"], roles
