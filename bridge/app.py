@@ -94,7 +94,12 @@ class Daemon:
         )
 
     def _build_tts(self) -> TtsProvider:
-        return make_tts(self.settings.tts.engine, self.settings.tts.voice, sample_rate=8000)
+        t = self.settings.tts
+        cloud: dict[str, Any] = {}
+        if t.engine == "openai":
+            key = t.api_key.get_secret_value() if t.api_key else None
+            cloud = {"base_url": t.base_url, "api_key": key, "model": t.model}
+        return make_tts(t.engine, t.voice, sample_rate=8000, **cloud)
 
     async def _trunk_specs(self) -> list[Any]:
         assert self.directory is not None

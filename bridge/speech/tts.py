@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
+
 from bridge.media.resample import resample
 
 
@@ -167,12 +169,68 @@ class PiperTts:
         return pcm if self._rate is None else resample(pcm, rate, self._rate)
 
 
-def make_tts(engine: str, voice: str | None = None, sample_rate: int = 8000) -> TtsProvider:
-    """Build the configured TTS engine: "flite" (8 kHz native), "espeak-ng" or "piper"."""
+class OpenAiTts:
+    """Cloud TTS over the OpenAI-compatible `{base_url}/audio/speech` endpoint (OpenAI, Azure
+    OpenAI, and local servers that mimic it). Asks for WAV and resamples to the call's rate."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        model: str = "tts-1",
+        voice: str | None = None,
+        sample_rate: int = 8000,
+        timeout: float = 15.0,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/audio/speech"
+        self.api_key = api_key
+        self.model = model
+        self.voice = voice or "alloy"
+        self.sample_rate = sample_rate
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def synthesize(self, text: str) -> bytes:
+        body = {"model": self.model, "input": text, "voice": self.voice, "response_format": "wav"}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._session.post(self.url, json=body, headers=headers) as resp:
+                    data = await resp.read()
+                    if resp.status != 200:
+                        detail = data[:300].decode(errors="replace")
+                        raise TtsError(f"speech synthesis failed ({resp.status}): {detail}")
+        except TimeoutError:
+            raise TtsError(f"no speech from {self.url} within {self.timeout} s") from None
+        except aiohttp.ClientError as exc:
+            raise TtsError(f"cannot reach {self.url}: {exc}") from exc
+        try:
+            pcm, rate = wav_to_pcm(data)
+        except (wave.Error, EOFError) as exc:
+            raise TtsError(f"{self.url} did not answer with a WAV: {exc}") from exc
+        return resample(pcm, rate, self.sample_rate)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def make_tts(
+    engine: str, voice: str | None = None, sample_rate: int = 8000, **cloud: Any
+) -> TtsProvider:
+    """Build the configured TTS engine: "flite" (8 kHz native), "espeak-ng", "piper", or
+    "openai" (cloud; `cloud` holds base_url, api_key, model)."""
+    if engine == "openai":
+        return OpenAiTts(voice=voice, sample_rate=sample_rate, **cloud)
     if engine == "flite":
         return FliteTts(voice)
     if engine in ("espeak-ng", "espeak"):
         return EspeakTts(voice, sample_rate)
     if engine == "piper":
         return PiperTts(voice, sample_rate)
-    raise TtsError(f"unknown TTS engine {engine!r} (flite, espeak-ng, piper)")
+    raise TtsError(f"unknown TTS engine {engine!r} (flite, espeak-ng, piper, openai)")
