@@ -101,6 +101,11 @@ async def test_ari_connection_drop_keeps_the_call_and_control(
             done = await transfer_settled(api, call["id"])
             assert done["transfers"][-1]["state"] == "bridged"
             assert not caller.got_bye()
+            # End it through the API: both legs are released (nothing left in Asterisk).
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+            await asyncio.wait_for(uas.wait(), 10)
+            assert uas.received_requests("BYE")
         finally:
             await caller.terminate()
             await uas.stop()

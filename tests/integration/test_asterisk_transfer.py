@@ -192,13 +192,14 @@ async def test_transfer_to_a_sip_uri_dials_it_directly(asterisk_lab: Any, daemon
             assert (uas.invite.request_uri or "").startswith(
                 f"sip:alice@127.0.0.1:{uas.local_port}"
             )
-            # Without a trunk, an E.164 destination has no route: a clear 422, nothing dialled.
             status, error = await api.request(
                 "POST",
                 f"/calls/{call['id']}/control",
                 {"type": "transfer", "destination": DESTINATION},
             )
             assert status == 409, error  # the call is already transferred
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
         finally:
             await caller.terminate()
             await uas.stop()

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from bridge.lab.asterisk import AsteriskLab
+from bridge.lab.harness import wait_for
 from bridge.lab.rtp import RtpPeer, dominant_frequency, rms, speech_like
 from bridge.lab.sipp import SippCall, SippUas
 
@@ -132,9 +133,17 @@ async def test_busy_callee_gives_caller_486(asterisk_lab: AsteriskLab) -> None:
 
 async def test_inbound_without_daemon_goes_to_fallback(asterisk_lab: AsteriskLab) -> None:
     """No ARI app connected: Stasis fails and [callbridge-fallback] plays ss-noservice."""
-    status, apps = asterisk_lab.ari("GET", "/applications")
-    if status == 200 and any(a.get("name") == asterisk_lab.app_name for a in apps):
-        pytest.skip("a callbridge ARI app is connected to the session lab")
+
+    async def no_app() -> bool:
+        status, apps = asterisk_lab.ari("GET", "/applications")
+        return status == 200 and not any(a.get("name") == asterisk_lab.app_name for a in apps)
+
+    # Earlier tests' daemons have stopped; a callbridge still registered here is a leak.
+    try:
+        await wait_for(no_app, "no callbridge ARI app on the session lab", timeout=15)
+    except AssertionError as exc:
+        channels = asterisk_lab.cli("core show channels concise")
+        raise AssertionError(f"{exc}; channels left by earlier tests:\n{channels}") from None
     async with RtpPeer() as peer:
         call = SippCall.to_lab(asterisk_lab, "+3120555", rtp_port=peer.port, hold_ms=8000)
         await call.start()
