@@ -251,7 +251,7 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
         uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
         await uas.start()
         await setup_directory(api, uas, auth=False)
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=12000)
         await caller.start()
         try:
             call = await active_call(api)
@@ -276,6 +276,10 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
             t0 = asyncio.get_running_loop().time()
             await caller_rtp.send_tone(440, 1.0)
             assert abs(dominant_frequency(dest_rtp.received_pcm(since=t0)) - 440) < 20
+            # The caller hangs up (BYE at 12 s); the dialplan's Dial releases the agent.
+            assert await asyncio.wait_for(caller.wait(), 20) == 0
+            await asyncio.wait_for(uas.wait(), 10)
+            assert uas.received_requests("BYE")
         finally:
             await caller.terminate()
             await uas.stop()
