@@ -132,6 +132,9 @@ async def test_caller_leaving_during_an_outage_is_recorded_after_reconnect(
         assert data["end_reason"] == "caller hung up"
         (ended_event,) = [e for e in data["events"] if e["type"] == "call.ended"]
         assert "disconnected" in ended_event["cause_text"]
+        # Its media channel, which nothing in Asterisk would ever hang up, is gone too.
+        _, channels = asterisk_lab.ari("GET", "/channels")
+        assert not [c for c in channels if data["channel_id"] in c["id"]], channels
 
 
 async def test_daemon_restart_resumes_active_and_bridged_calls(
@@ -196,3 +199,29 @@ async def _true(value: bool) -> bool:
 
 async def _false(value: bool) -> bool:
     return not value
+
+
+async def test_caller_leaving_while_the_daemon_is_down_leaves_nothing_behind(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp:
+        await setup_directory(api, None)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=4000)
+        await caller.start()
+        call = await active_call(api)
+        await heard_speech(caller_rtp, since=0)
+        await api.close()
+        await daemon.stop()
+        await asyncio.wait_for(caller.wait(), 15)  # hangs up while no daemon runs
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    try:
+        data = await api.ok("GET", f"/calls/{call['id']}")
+        assert data["status"] == "ended"
+        assert data["end_reason"] == "channel gone while callbridge was disconnected"
+        # The externalMedia channel of the old process is dropped: Asterisk would keep it.
+        _, channels = asterisk_lab.ari("GET", "/channels")
+        assert not [c for c in channels if data["channel_id"] in c["id"]], channels
+    finally:
+        await api.close()
+        await daemon.stop()

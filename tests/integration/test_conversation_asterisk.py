@@ -148,6 +148,10 @@ async def lab_daemon(asterisk_lab: Any, tmp_path: Path, speech_models: None, fak
     try:
         yield daemon, api
     finally:
+        # End what the test left up while the daemon still runs, so nothing is left behind.
+        for status in ("active", "transferring", "transferred"):
+            for call in (await api.ok("GET", f"/calls?status={status}"))["data"]:
+                await api.request("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
         await api.close()
         await daemon.stop()
 

@@ -110,13 +110,17 @@ class AsteriskAdapter:
     async def _on_connect(self) -> None:
         await self._provision_all()
         channels = await self.ari.get("/channels")
+        live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
         for ch in channels:
             cid = ch["id"]
             dialplan = ch.get("dialplan") or {}
             if cid.startswith(MEDIA_PREFIX):
-                self._media[media_owner(cid)] = cid  # stale after a restart: detach finds it
+                if media_owner(cid) in live:
+                    self._media[media_owner(cid)] = cid  # stale after a restart: detach finds it
+                else:  # its caller left while we were away: nothing else would free it
+                    await self._drop_channel(cid)
                 continue
             if cid.startswith(LEG_PREFIX):
                 up = ch.get("state") == "Up"
@@ -421,6 +425,13 @@ class AsteriskAdapter:
             raise PbxUnavailable(str(exc)) from exc
 
     # --- helpers ----------------------------------------------------------------------------
+
+    async def _drop_channel(self, channel_id: str) -> None:
+        try:
+            await self.ari.delete(f"/channels/{channel_id}")
+        except AriNotFound:
+            pass
+        log.info("asterisk.orphan_channel_dropped", channel=channel_id)
 
     async def _ensure_bridge(self, channel_id: str) -> str:
         """The caller's mixing bridge, created on first use (and found again after a restart)."""
