@@ -222,6 +222,8 @@ async def test_caller_leaving_while_the_daemon_is_down_leaves_nothing_behind(
         # The externalMedia channel of the old process is dropped: Asterisk would keep it.
         _, channels = asterisk_lab.ari("GET", "/channels")
         assert not [c for c in channels if data["channel_id"] in c["id"]], channels
+        _, bridges = asterisk_lab.ari("GET", "/bridges")
+        assert f"cb-{data['channel_id']}" not in {b["id"] for b in bridges}
     finally:
         await api.close()
         await daemon.stop()

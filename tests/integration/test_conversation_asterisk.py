@@ -152,6 +152,12 @@ async def lab_daemon(asterisk_lab: Any, tmp_path: Path, speech_models: None, fak
         for status in ("active", "transferring", "transferred"):
             for call in (await api.ok("GET", f"/calls?status={status}"))["data"]:
                 await api.request("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+
+        async def all_ended() -> bool:
+            calls = (await api.ok("GET", "/calls"))["data"]
+            return all(c["status"] == "ended" for c in calls)
+
+        await wait_for(all_ended, "the test's calls to end", timeout=10)
         await api.close()
         await daemon.stop()
 

@@ -143,7 +143,8 @@ async def test_inbound_without_daemon_goes_to_fallback(asterisk_lab: AsteriskLab
         await wait_for(no_app, "no callbridge ARI app on the session lab", timeout=15)
     except AssertionError as exc:
         channels = asterisk_lab.cli("core show channels concise")
-        raise AssertionError(f"{exc}; channels left by earlier tests:\n{channels}") from None
+        bridges = asterisk_lab.cli("bridge show all")
+        raise AssertionError(f"{exc}; left by earlier tests:\n{channels}\n{bridges}") from None
     async with RtpPeer() as peer:
         call = SippCall.to_lab(asterisk_lab, "+3120555", rtp_port=peer.port, hold_ms=8000)
         await call.start()

@@ -131,6 +131,13 @@ class AsteriskAdapter:
                 dialplan.get("app_data", "")
             ).startswith(self.ari.app):
                 callers.append(_arrival(ch))
+        for bridge in await self.ari.get("/bridges"):
+            bid = str(bridge.get("id", ""))
+            if bid.startswith("cb-") and bid[3:] not in live:  # its caller left meanwhile
+                try:
+                    await self.ari.delete(f"/bridges/{bid}")
+                except AriNotFound:
+                    pass
         await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
 
     async def _on_disconnect(self) -> None:
