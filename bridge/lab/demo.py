@@ -141,7 +141,10 @@ async def _call_flow(lab: AsteriskLab, api: Api) -> int:
         show("GET /api/v1/calls/{id} -> the transcript", turns)
         show("GET /api/v1/calls/{id} -> transfers[-1] (decided by the assistant)", transfer)
         if transfer["state"] == "bridged":
-            await agent_rtp.wait_for_packet(timeout=5)
+            await caller_rtp.send_tone(440, 0.3)  # a bridge forwards only what arrives
+            if not await agent_rtp.wait_for_packet(timeout=5):
+                show("No audio reached the agent")
+                return 1
             t0 = asyncio.get_running_loop().time()
             await asyncio.gather(caller_rtp.send_tone(440, 1.0), agent_rtp.send_tone(1000, 1.0))
             show(

@@ -94,7 +94,10 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
             ), "the UAS never accepted the authenticated INVITE"
 
             # Caller and destination are bridged: audio flows both ways through Asterisk.
-            await dest_rtp.wait_for_packet(timeout=5)
+            # The caller speaks first: a bridge only forwards what arrives, and the
+            # destination's peer learns where to send from the first packet it gets.
+            await caller_rtp.send_tone(440, 0.3)
+            assert await dest_rtp.wait_for_packet(timeout=5), "no audio reached the destination"
             t0 = asyncio.get_running_loop().time()
             await asyncio.gather(caller_rtp.send_tone(440, 1.5), dest_rtp.send_tone(1000, 1.5))
             heard_by_dest = dest_rtp.received_pcm(since=t0)
