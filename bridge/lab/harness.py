@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +65,21 @@ async def start_daemon(
     assert daemon.db is not None
     key = await create_api_key(daemon.db, "tests")
     api = Api(f"http://127.0.0.1:{daemon.api_port}", key)
-    await wait_for(lambda: _connected(daemon), "daemon connected to ARI", timeout=10)
+    await wait_for(lambda: daemon.calls and daemon.calls.connected, "ARI connected", timeout=10)
     return daemon, api
 
 
-async def _connected(daemon: Daemon) -> bool:
-    return bool(daemon.calls and daemon.calls.connected)
-
-
 async def wait_for(
-    check: Callable[[], Awaitable[Any]], what: str, timeout: float = 15.0, every: float = 0.1
+    check: Callable[[], Any], what: str, timeout: float = 15.0, every: float = 0.1
 ) -> Any:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    """Poll `check` (plain or async) until it returns something truthy; fail with `what`
+    after `timeout`."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = await check()
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(every)

@@ -66,7 +66,7 @@ class SipCaller:
 
     async def heard_speech(self, since: float, seconds: float = 10) -> None:
         await wait_for(
-            lambda: _true(_loud(self.rtp.received_pcm(since=since))),
+            lambda: _loud(self.rtp.received_pcm(since=since)),
             "non-silent audio at the caller",
             timeout=seconds,
         )
@@ -172,7 +172,7 @@ class FakeCaller:
             assert self.chan is not None
             return _loud(b"".join(self.chan.media_in[int(since) :]))
 
-        await wait_for(lambda: _true(loud()), "non-silent audio at the caller", timeout=seconds)
+        await wait_for(lambda: loud(), "non-silent audio at the caller", timeout=seconds)
 
     async def speak(self, pcm: bytes) -> None:
         """The caller talks: raw L16 frames, 20 ms apart, as FreeSWITCH's unicast sends them."""
@@ -190,7 +190,7 @@ class FakeCaller:
         return self.chan is not None and self.chan.up
 
     async def wait_bye(self, seconds: float = 15) -> bool:
-        await wait_for(lambda: _true(not self.connected()), "the caller to be hung up", seconds)
+        await wait_for(lambda: not self.connected(), "the caller to be hung up", seconds)
         return True
 
     async def close(self) -> None:
@@ -350,9 +350,7 @@ class FreeswitchBackend(Backend):
         assert daemon.db is not None
         key = await create_api_key(daemon.db, "tests")
         api = Api(f"http://127.0.0.1:{daemon.api_port}", key)
-        await wait_for(
-            lambda: _true(bool(daemon.calls and daemon.calls.connected)), "ESL connected", 10
-        )
+        await wait_for(lambda: bool(daemon.calls and daemon.calls.connected), "ESL connected", 10)
         return daemon, api
 
     async def caller(self, number: str, hold_ms: int = 60000) -> Any:
@@ -401,7 +399,3 @@ class _GatewayCleanup:
             await probe.api("reloadxml")
         finally:
             await probe.close()
-
-
-async def _true(value: bool) -> bool:
-    return value

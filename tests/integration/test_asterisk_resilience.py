@@ -83,10 +83,10 @@ async def test_ari_connection_drop_keeps_the_call_and_control(
             await heard_speech(caller_rtp, since=0)
 
             proxy.cut()
-            await wait_for(lambda: _false(daemon.calls.connected), "the daemon to see the drop", 5)
+            await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
             await asyncio.sleep(1.0)  # an outage: the caller stays up meanwhile
             proxy.restore()
-            await wait_for(lambda: _true(daemon.calls.connected), "reconnect", 10)
+            await wait_for(lambda: daemon.calls.connected, "reconnect", 10)
 
             assert await call_status(api, call["id"]) == "active"
             t0 = asyncio.get_running_loop().time()
@@ -191,14 +191,6 @@ async def test_daemon_restart_resumes_active_and_bridged_calls(
             await uas.stop()
             await api.close()
             await daemon.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _false(value: bool) -> bool:
-    return not value
 
 
 async def test_caller_leaving_while_the_daemon_is_down_leaves_nothing_behind(

@@ -273,7 +273,7 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
 
             assert "blind" in (await wait_for(ended, "the call record to end"))["end_reason"]
             # The dialplan dialled the destination through the trunk and connected the caller.
-            await wait_for(lambda: _true(uas.invite is not None), "the INVITE at the UAS")
+            await wait_for(lambda: uas.invite is not None, "the INVITE at the UAS")
             assert DESTINATION in (uas.invite.request_uri or "")
             await dest_rtp.wait_for_packet(timeout=10)
             t0 = asyncio.get_running_loop().time()
@@ -286,7 +286,3 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
         finally:
             await caller.terminate()
             await uas.stop()
-
-
-async def _true(value: bool) -> bool:
-    return value
