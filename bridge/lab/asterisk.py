@@ -47,8 +47,9 @@ def default_dialplan_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "dialplan"
 
 
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1",
-              avoid: set[int] | None = None) -> int:
+def free_port(
+    kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1", avoid: set[int] | None = None
+) -> int:
     """Let the kernel pick a free loopback port (UDP or TCP); never assume 5060 is free."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, kind) as s:
@@ -84,8 +85,10 @@ def render_template(text: str, values: Mapping[str, str]) -> str:
 
 def _module_dir(root: Path) -> str:
     """The package's module dir inside the chroot (multiarch path differs per architecture)."""
-    candidates = [*sorted(root.glob("usr/lib/*/asterisk/modules")),
-                  root / "usr/lib/asterisk/modules"]
+    candidates = [
+        *sorted(root.glob("usr/lib/*/asterisk/modules")),
+        root / "usr/lib/asterisk/modules",
+    ]
     for cand in candidates:
         if (cand / "chan_pjsip.so").exists():
             return "/" + str(cand.relative_to(root))
@@ -182,8 +185,10 @@ class AsteriskLab:
     def ari_ws_url(self) -> str:
         """Events websocket URL for `app_name` (api_key auth, all event sources)."""
         key = urllib.parse.quote(f"{self.ari_username}:{self.ari_password}")
-        return (f"ws://{self.host}:{self.http_port}/ari/events?app={self.app_name}"
-                f"&api_key={key}&subscribeAll=true")
+        return (
+            f"ws://{self.host}:{self.http_port}/ari/events?app={self.app_name}"
+            f"&api_key={key}&subscribeAll=true"
+        )
 
     @property
     def conf_path(self) -> str:
@@ -221,9 +226,22 @@ class AsteriskLab:
         log = open(self.instance_dir / "log" / "console.log", "wb")
         try:
             self._proc = subprocess.Popen(
-                ["chroot", str(self.root), "/usr/sbin/asterisk", "-f", "-U", "asterisk",
-                 "-G", "asterisk", "-n", "-C", self.conf_path],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "chroot",
+                    str(self.root),
+                    "/usr/sbin/asterisk",
+                    "-f",
+                    "-U",
+                    "asterisk",
+                    "-G",
+                    "asterisk",
+                    "-n",
+                    "-C",
+                    self.conf_path,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # = setsid: our Ctrl-C does not reach Asterisk
             )
         finally:
@@ -339,15 +357,22 @@ class AsteriskLab:
     def __enter__(self) -> AsteriskLab:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     # ------------------------------------------------------------------ helpers
     def _cli_raw(self, cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", self.conf_path, "-rx", cmd],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     def cli(self, cmd: str, timeout: float = 10.0) -> str:
@@ -367,8 +392,14 @@ class AsteriskLab:
                 out.append(f"[{fname}]\n" + "\n".join(text))
         return "\n".join(out) or "(no Asterisk log yet)"
 
-    def ari(self, method: str, path: str, params: Mapping[str, str] | None = None,
-            body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    def ari(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, Any]:
         """Minimal synchronous ARI call for fixtures and scripts: returns (status, JSON|None).
 
         The daemon has its own asyncio client; this one only exists so the lab needs no loop.
@@ -396,9 +427,12 @@ class AsteriskLab:
 def main() -> None:
     """`python -m bridge.lab.asterisk`: run a lab Asterisk until Ctrl-C (for the demo)."""
     with AsteriskLab(ari_password="callbridge") as lab:
-        print(f"Asterisk lab {lab.name}: ARI {lab.ari_url} user {lab.ari_username} "
-              f"password {lab.ari_password}; SIP udp {lab.host}:{lab.sip_port}; "
-              f"sipp-uas -> {lab.host}:{lab.uas_port}", flush=True)
+        print(
+            f"Asterisk lab {lab.name}: ARI {lab.ari_url} user {lab.ari_username} "
+            f"password {lab.ari_password}; SIP udp {lab.host}:{lab.sip_port}; "
+            f"sipp-uas -> {lab.host}:{lab.uas_port}",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)

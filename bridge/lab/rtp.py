@@ -48,7 +48,7 @@ def parse_rtp(data: bytes) -> tuple[int, int, int, int, bool, bytes] | None:
     if b0 & 0x10:  # header extension
         if len(data) < offset + 4:
             return None
-        ext_words = struct.unpack("!H", data[offset + 2:offset + 4])[0]
+        ext_words = struct.unpack("!H", data[offset + 2 : offset + 4])[0]
         offset += 4 + 4 * ext_words
     end = len(data)
     if b0 & 0x20 and end > offset:  # padding
@@ -166,7 +166,7 @@ class RtpPeer:
         async with self._send_lock:
             start = time.monotonic()
             for i in range(0, len(pcm), frame_bytes):
-                payload = ulaw_encode(pcm[i:i + frame_bytes])
+                payload = ulaw_encode(pcm[i : i + frame_bytes])
                 self._transport.sendto(self._packet(payload), self.remote)
                 self.sent_packets += 1
                 delay = start + (i // frame_bytes + 1) * 0.02 - time.monotonic()
@@ -228,8 +228,9 @@ def dominant_frequency(pcm: bytes, rate: int = RATE) -> float:
     return float(np.argmax(spectrum) * rate / len(x))
 
 
-def speech_like(pcm: bytes, rate: int = RATE, threshold: float = 300.0,
-                min_active: float = 0.2) -> bool:
+def speech_like(
+    pcm: bytes, rate: int = RATE, threshold: float = 300.0, min_active: float = 0.2
+) -> bool:
     """True if at least `min_active` of the 20 ms frames carry energy above `threshold` RMS:
     a cheap "somebody is talking / a prompt is playing" check, not a VAD."""
     x = _samples(pcm)

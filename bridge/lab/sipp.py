@@ -148,11 +148,29 @@ class _SippProcess:
         self.returncode: int | None = None
 
     def _args(self) -> list[str]:
-        args = ["sipp", "-sf", str(self.scenario), "-i", self.host, "-p", str(self.local_port),
-                "-m", "1", "-nostdin", "-trace_msg", "-message_file", str(self.message_file),
-                "-trace_err", "-error_file", str(self.error_file),
-                "-timeout", f"{int(self.max_seconds)}s", "-timeout_error",
-                "-mp", str(free_port())]  # SIPp binds a media port we never use
+        args = [
+            "sipp",
+            "-sf",
+            str(self.scenario),
+            "-i",
+            self.host,
+            "-p",
+            str(self.local_port),
+            "-m",
+            "1",
+            "-nostdin",
+            "-trace_msg",
+            "-message_file",
+            str(self.message_file),
+            "-trace_err",
+            "-error_file",
+            str(self.error_file),
+            "-timeout",
+            f"{int(self.max_seconds)}s",
+            "-timeout_error",
+            "-mp",
+            str(free_port()),
+        ]  # SIPp binds a media port we never use
         for k, v in self.keys.items():
             args += ["-key", k, v]
         return args + self.extra_args
@@ -160,8 +178,11 @@ class _SippProcess:
     async def start(self) -> None:
         with open(self.workdir / "stdout.log", "wb") as out:  # noqa: ASYNC230 (tmpfs, tiny)
             self.proc = await asyncio.create_subprocess_exec(
-                *self._args(), stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                stderr=asyncio.subprocess.STDOUT, cwd=self.workdir,
+                *self._args(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=self.workdir,
             )
         # Ready once SIPp holds the UDP port (we can no longer bind it).
         for _ in range(100):
@@ -201,12 +222,20 @@ class _SippProcess:
         return parse_message_trace(self.message_file.read_text(errors="replace"))
 
     def received_requests(self, method: str | None = None) -> list[SipMessage]:
-        return [m for m in self.messages() if m.direction == "received" and m.is_request
-                and (method is None or m.method == method)]
+        return [
+            m
+            for m in self.messages()
+            if m.direction == "received" and m.is_request and (method is None or m.method == method)
+        ]
 
     def received_responses(self, cseq_method: str | None = None) -> list[SipMessage]:
-        return [m for m in self.messages() if m.direction == "received" and not m.is_request
-                and (cseq_method is None or m.cseq_method == cseq_method)]
+        return [
+            m
+            for m in self.messages()
+            if m.direction == "received"
+            and not m.is_request
+            and (cseq_method is None or m.cseq_method == cseq_method)
+        ]
 
     def output(self) -> str:
         """SIPp's stdout and error log (for assertion messages)."""
@@ -236,14 +265,26 @@ class SippUas(_SippProcess):
     an answering scenario rings before 200 (SIPp's -d).
     """
 
-    def __init__(self, scenario: str | Path, *, rtp_port: int = 0, ring_ms: int = 200,
-                 local_port: int | None = None, keys: Mapping[str, str | int] | None = None,
-                 extra_args: Sequence[str] = (), max_seconds: float = 120.0) -> None:
-        all_keys: dict[str, str | int] = {"rtp_port": rtp_port, "auth_user": "",
-                                          "auth_pass": ""}
+    def __init__(
+        self,
+        scenario: str | Path,
+        *,
+        rtp_port: int = 0,
+        ring_ms: int = 200,
+        local_port: int | None = None,
+        keys: Mapping[str, str | int] | None = None,
+        extra_args: Sequence[str] = (),
+        max_seconds: float = 120.0,
+    ) -> None:
+        all_keys: dict[str, str | int] = {"rtp_port": rtp_port, "auth_user": "", "auth_pass": ""}
         all_keys.update(keys or {})
-        super().__init__(scenario, local_port=local_port, keys=all_keys,
-                         extra_args=["-d", str(ring_ms), *extra_args], max_seconds=max_seconds)
+        super().__init__(
+            scenario,
+            local_port=local_port,
+            keys=all_keys,
+            extra_args=["-d", str(ring_ms), *extra_args],
+            max_seconds=max_seconds,
+        )
 
     @classmethod
     def for_lab(cls, lab: LabLike, scenario: str | Path, **kwargs: object) -> SippUas:
@@ -267,17 +308,35 @@ class SippCall(_SippProcess):
     and hangs up after `hold_ms` unless the other side sends BYE first.
     """
 
-    def __init__(self, remote: tuple[str, int], service: str, *, rtp_port: int,
-                 from_user: str = "sipp-caller", hold_ms: int = 5000,
-                 scenario: str | Path = "uac_call.xml", local_port: int | None = None,
-                 keys: Mapping[str, str | int] | None = None, extra_args: Sequence[str] = (),
-                 max_seconds: float = 120.0) -> None:
+    def __init__(
+        self,
+        remote: tuple[str, int],
+        service: str,
+        *,
+        rtp_port: int,
+        from_user: str = "sipp-caller",
+        hold_ms: int = 5000,
+        scenario: str | Path = "uac_call.xml",
+        local_port: int | None = None,
+        keys: Mapping[str, str | int] | None = None,
+        extra_args: Sequence[str] = (),
+        max_seconds: float = 120.0,
+    ) -> None:
         all_keys: dict[str, str | int] = {"rtp_port": rtp_port, "from_user": from_user}
         all_keys.update(keys or {})
         super().__init__(
-            scenario, local_port=local_port, keys=all_keys, max_seconds=max_seconds,
-            extra_args=["-s", service, "-recv_timeout", str(hold_ms), *extra_args,
-                        f"{remote[0]}:{remote[1]}"],
+            scenario,
+            local_port=local_port,
+            keys=all_keys,
+            max_seconds=max_seconds,
+            extra_args=[
+                "-s",
+                service,
+                "-recv_timeout",
+                str(hold_ms),
+                *extra_args,
+                f"{remote[0]}:{remote[1]}",
+            ],
         )
 
     @classmethod
@@ -293,8 +352,11 @@ class SippCall(_SippProcess):
         return None
 
     def provisional_statuses(self) -> list[int]:
-        return [m.status_code for m in self.received_responses("INVITE")
-                if m.status_code is not None and m.status_code < 200]
+        return [
+            m.status_code
+            for m in self.received_responses("INVITE")
+            if m.status_code is not None and m.status_code < 200
+        ]
 
     def answered(self) -> bool:
         return self.final_status() == 200

@@ -38,8 +38,9 @@ def test_ari_answers(asterisk_lab: AsteriskLab) -> None:
 
 async def test_selftest_call_hears_hello_world(asterisk_lab: AsteriskLab) -> None:
     async with RtpPeer() as peer:
-        call = SippCall.to_lab(asterisk_lab, "100", rtp_port=peer.port,
-                               from_user="lab-selftest", hold_ms=8000)
+        call = SippCall.to_lab(
+            asterisk_lab, "100", rtp_port=peer.port, from_user="lab-selftest", hold_ms=8000
+        )
         await call.start()
         try:
             await call.wait(15)
@@ -57,8 +58,9 @@ async def test_lab_dial_two_way_audio(asterisk_lab: AsteriskLab) -> None:
     async with RtpPeer() as caller, RtpPeer() as callee:
         uas = SippUas.for_lab(asterisk_lab, "uas_answer.xml", rtp_port=callee.port)
         await uas.start()
-        call = SippCall.to_lab(asterisk_lab, "+31612345678", rtp_port=caller.port,
-                               from_user="lab-dial", hold_ms=3000)
+        call = SippCall.to_lab(
+            asterisk_lab, "+31612345678", rtp_port=caller.port, from_user="lab-dial", hold_ms=3000
+        )
         await call.start()
         try:
             assert await _until(call.answered, 5), call.output()
@@ -88,16 +90,23 @@ async def test_lab_dial_two_way_audio(asterisk_lab: AsteriskLab) -> None:
 
 
 @pytest.mark.parametrize(("password_ok", "expected"), [(True, 200), (False, 403)])
-async def test_lab_dial_digest_auth(asterisk_lab: AsteriskLab, password_ok: bool,
-                                    expected: int) -> None:
+async def test_lab_dial_digest_auth(
+    asterisk_lab: AsteriskLab, password_ok: bool, expected: int
+) -> None:
     async with RtpPeer() as caller, RtpPeer() as callee:
-        uas = SippUas.for_lab(asterisk_lab, "uas_answer_auth.xml", rtp_port=callee.port, keys={
-            "auth_user": asterisk_lab.uas_auth_user,
-            "auth_pass": asterisk_lab.uas_auth_password if password_ok else "wrong",
-        })
+        uas = SippUas.for_lab(
+            asterisk_lab,
+            "uas_answer_auth.xml",
+            rtp_port=callee.port,
+            keys={
+                "auth_user": asterisk_lab.uas_auth_user,
+                "auth_pass": asterisk_lab.uas_auth_password if password_ok else "wrong",
+            },
+        )
         await uas.start()
-        call = SippCall.to_lab(asterisk_lab, "200", rtp_port=caller.port,
-                               from_user="lab-dial-auth", hold_ms=500)
+        call = SippCall.to_lab(
+            asterisk_lab, "200", rtp_port=caller.port, from_user="lab-dial-auth", hold_ms=500
+        )
         await call.start()
         try:
             await call.wait(10)
@@ -109,7 +118,8 @@ async def test_lab_dial_digest_auth(asterisk_lab: AsteriskLab, password_ok: bool
         invites = uas.received_requests("INVITE")
         assert len(invites) == 2 and invites[0].header("Authorization") is None
         assert f'username="{asterisk_lab.uas_auth_user}"' in (
-            invites[1].header("Authorization") or "")
+            invites[1].header("Authorization") or ""
+        )
         call.cleanup()
         uas.cleanup()
 

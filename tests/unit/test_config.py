@@ -20,7 +20,7 @@ def test_toml_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     conf = tmp_path / "callbridge.toml"
     conf.write_text(
         'database = "/tmp/x.sqlite3"\n[ari]\nurl = "http://10.0.0.1:8088"\npassword = "file"\n'
-        '[transfer]\nring_timeout = 20\n'
+        "[transfer]\nring_timeout = 20\n"
     )
     monkeypatch.setenv("CALLBRIDGE_CONFIG", str(conf))
     monkeypatch.setenv("CALLBRIDGE_ARI__PASSWORD", "env")
