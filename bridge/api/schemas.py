@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model, field_validator
 from pydantic.fields import FieldInfo
 
-from bridge.calls.model import Call, CallStatus, ControlCommand, check_destination
-from bridge.directory.models import Assistant, Number, Trunk
+from bridge.calls import model as calls
+from bridge.calls.model import Call, CallStatus, check_destination
+from bridge.directory import models
+from bridge.directory.models import Assistant, Number, Speakable, Trunk
 
 
 def _create_model(model_name: str, /, **kwargs: Any) -> type[BaseModel]:
@@ -94,7 +96,39 @@ CallDetail = create_model(  # type: ignore[call-overload]
 )
 
 
-class ControlRequest(RootModel[ControlCommand]):
+def _destination_pattern(schema: dict[str, Any]) -> None:
+    """An E.164 number or a SIP URI, from the grammars' constants when the document is built."""
+    schema["pattern"] = f"(?:{models.E164.pattern})|(?:{models.SIP_URI.pattern})"
+
+
+_DESTINATION = Field(min_length=1, max_length=300, json_schema_extra=_destination_pattern)
+# What a control request may be, strictly: the call domain's commands with their spoken text
+# checked (a NUL or a control character is a 422 naming the field, not silence for the
+# caller) and no lax coercion ("ring_timeout": "20" is an error, as the document says). The
+# handler then builds the domain command itself (`ControlCommand`) from the same body.
+_API_COMMAND = ConfigDict(strict=True)
+
+
+# Named as the domain's commands: the OpenAPI document shows them under those names.
+class TransferCommand(calls.TransferCommand):
+    model_config = _API_COMMAND
+    destination: str = _DESTINATION
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+class SayCommand(calls.SayCommand):
+    model_config = _API_COMMAND
+    message: Speakable = Field(min_length=1, max_length=1000)
+
+
+class EndCallCommand(calls.EndCallCommand):
+    model_config = _API_COMMAND
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+class ControlRequest(
+    RootModel[Annotated[TransferCommand | SayCommand | EndCallCommand, Field(discriminator="type")]]
+):
     """A call-control command, chosen by `type`."""
 
 
@@ -120,9 +154,9 @@ class CallsQuery(BaseModel):
 class DestinationTestRequest(BaseModel):
     """A test call to a destination, routed as a transfer from `number_id` would be."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
-    destination: str = Field(min_length=1, max_length=300)
+    destination: str = _DESTINATION
     number_id: str | None = None
     ring_timeout: float = Field(20, gt=0, le=120)
 

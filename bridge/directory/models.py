@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # sip:user@host[:port][;params] or sips:; user part optional. Deliberately strict: no spaces,
@@ -21,10 +21,86 @@ SIP_URI = re.compile(
     r"|\[[0-9A-Fa-f:.]+\])"
     r"(?::[0-9]{1,5})?(?:;[A-Za-z0-9\-_.!~*'()%=]+)*$"
 )
-HOSTNAME = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$"
-    r"|^\[?[0-9A-Fa-f:]+\]?$"
+
+
+# --- hosts and SIP user parts as the PBXs parse them (RFC 3261 §25.1) ----------------------
+# Each pattern is one regular expression used both to validate and in the OpenAPI document, in
+# the common subset of Python, Rust (pydantic) and ECMA-262 syntax.
+
+
+def _ipv6() -> str:
+    """RFC 3986 IPv6address."""
+    h16 = "[0-9A-Fa-f]{1,4}"
+    ls32 = f"(?:{h16}:{h16}|{_IPV4})"
+    forms = [
+        f"(?:{h16}:){{6}}{ls32}",
+        f"::(?:{h16}:){{5}}{ls32}",
+        f"(?:{h16})?::(?:{h16}:){{4}}{ls32}",
+        f"(?:(?:{h16}:){{0,1}}{h16})?::(?:{h16}:){{3}}{ls32}",
+        f"(?:(?:{h16}:){{0,2}}{h16})?::(?:{h16}:){{2}}{ls32}",
+        f"(?:(?:{h16}:){{0,3}}{h16})?::{h16}:{ls32}",
+        f"(?:(?:{h16}:){{0,4}}{h16})?::{ls32}",
+        f"(?:(?:{h16}:){{0,5}}{h16})?::{h16}",
+        f"(?:(?:{h16}:){{0,6}}{h16})?::",
+    ]
+    return "(?:" + "|".join(forms) + ")"
+
+
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+# hostname = *( domainlabel "." ) toplabel; a top label starts with a letter, so a host that
+# looks like an address is one (no "1.2.3.999").
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TOPLABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_PATTERN = rf"^(?:(?:{_LABEL}\.)*{_TOPLABEL}|{_IPV4}|\[{_ipv6()}\])$"
+# A SIP user part for trunk credentials: unreserved characters and %-escapes. RFC 3261 also
+# allows & = $ , ; ? / (user-unreserved), which a dial string or a request line re-parses.
+SIP_USER_PATTERN = r"^(?:[A-Za-z0-9\-_.!~*+]|%[0-9A-Fa-f]{2})+$"
+# Text the assistant speaks: no control characters (tab and newlines aside), no lone
+# surrogates, private-use or non-characters (a TTS engine says nothing, or stops, on them).
+SPEAKABLE_PATTERN = (
+    "^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f"
+    "\ud800-\udfff\ue000-\uf8ff\ufdd0-\ufdef\ufffe\uffff]*$"
 )
+# A secret: any printable text (a NUL ends a C string in the PBX).
+SECRET_PATTERN = "^[^\u0000-\u001f\u007f]*$"
+_HOST = re.compile(HOST_PATTERN)
+_SIP_USER = re.compile(SIP_USER_PATTERN)
+_SPEAKABLE = re.compile(SPEAKABLE_PATTERN)
+_SECRET = re.compile(SECRET_PATTERN)
+
+
+def check_speakable(value: str) -> str:
+    if not _SPEAKABLE.match(value):
+        bad = next(i for i, ch in enumerate(value) if not _SPEAKABLE.match(ch))
+        raise ValueError(
+            f"contains a character that cannot be spoken (U+{ord(value[bad]):04X} at"
+            f" position {bad})"
+        )
+    return value
+
+
+def _pattern_of(name: str) -> Any:
+    """A JSON schema hook adding `pattern` from a module constant, read when the document is
+    built: the grammar may be rewritten and the document follows it."""
+
+    def add(schema: dict[str, Any]) -> None:
+        constant = globals()[name]
+        schema["pattern"] = constant if isinstance(constant, str) else constant.pattern
+
+    return add
+
+
+# Text spoken to a caller (first_message, destination and control messages).
+Speakable = Annotated[
+    str, AfterValidator(check_speakable), Field(json_schema_extra=_pattern_of("SPEAKABLE_PATTERN"))
+]
+E164Number = Annotated[
+    str, AfterValidator(lambda v: check_e164(v)), Field(json_schema_extra=_pattern_of("E164"))
+]
+SipUri = Annotated[
+    str, AfterValidator(lambda v: check_sip_uri(v)), Field(json_schema_extra=_pattern_of("SIP_URI"))
+]
 
 
 def check_e164(value: str) -> str:
@@ -43,7 +119,14 @@ def check_sip_uri(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    """API input: unknown fields refused, and strict types (`"port": "5060"`, `"port": true`
+    and `"registration": 0` are errors), so that validation is what the OpenAPI document
+    says. Stored objects (`Assistant`, `Trunk`, `Number`) relax it for their timestamps."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
+
+
+_STORED = ConfigDict(strict=False)
 
 
 # --- assistants ----------------------------------------------------------------------------
@@ -51,22 +134,18 @@ class _Strict(BaseModel):
 
 class NumberDestination(_Strict):
     type: Literal["number"] = "number"
-    number: str
+    number: E164Number
     description: str = Field(min_length=1, max_length=500)
-    message: str | None = Field(default=None, max_length=1000)
-
-    _e164 = field_validator("number")(check_e164)
+    message: Speakable | None = Field(default=None, max_length=1000)
 
 
 class SipDestination(_Strict):
     """Our extension of the seed: a destination reached by SIP URI."""
 
     type: Literal["sip"]
-    sip_uri: str
+    sip_uri: SipUri
     description: str = Field(min_length=1, max_length=500)
-    message: str | None = Field(default=None, max_length=1000)
-
-    _uri = field_validator("sip_uri")(check_sip_uri)
+    message: Speakable | None = Field(default=None, max_length=1000)
 
 
 Destination = Annotated[NumberDestination | SipDestination, Field(discriminator="type")]
@@ -98,11 +177,13 @@ class LlmConfig(_Strict):
 
 class AssistantIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    first_message: str | None = Field(default=None, max_length=2000)
+    first_message: Speakable | None = Field(default=None, max_length=2000)
     llm_config: LlmConfig = Field(default_factory=LlmConfig)
 
 
 class Assistant(AssistantIn):
+    model_config = _STORED
+
     id: str
     created_at: datetime
     updated_at: datetime
@@ -124,31 +205,56 @@ class Assistant(AssistantIn):
 # --- SIP trunks ----------------------------------------------------------------------------
 
 
+def _check_host(value: str) -> str:
+    if not _HOST.match(value):
+        raise ValueError(
+            "must be a hostname, an IPv4 address or a bracketed IPv6 address ([2001:db8::1]),"
+            " without scheme or port"
+        )
+    return value
+
+
+def _check_sip_user(value: str) -> str:
+    if not _SIP_USER.match(value):
+        raise ValueError(
+            "may contain only letters, digits, - _ . ! ~ * + and %-escapes (a SIP user part"
+            " without the characters a dial string re-parses)"
+        )
+    return value
+
+
+def _check_secret(value: SecretStr) -> SecretStr:
+    if not _SECRET.match(value.get_secret_value()):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+# As PJSIP and sofia parse it: an RFC 3261 hostname, an IPv4 address or a bracketed IPv6
+# address; no scheme, no port (`port` is its own field).
+SipHost = Annotated[
+    str, AfterValidator(_check_host), Field(json_schema_extra=_pattern_of("HOST_PATTERN"))
+]
+SipUser = Annotated[
+    str, AfterValidator(_check_sip_user), Field(json_schema_extra=_pattern_of("SIP_USER_PATTERN"))
+]
+Secret = Annotated[
+    SecretStr, AfterValidator(_check_secret), Field(json_schema_extra=_pattern_of("SECRET_PATTERN"))
+]
+
+
 class TrunkIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    host: str = Field(min_length=1, max_length=253)
+    host: SipHost = Field(min_length=1, max_length=253)
     port: int = Field(5060, ge=1, le=65535)
     transport: Literal["udp", "tcp", "tls"] = "udp"
-    username: str | None = Field(default=None, min_length=1, max_length=200)
-    password: SecretStr | None = Field(default=None, max_length=200)
+    username: SipUser | None = Field(default=None, min_length=1, max_length=200)
+    password: Secret | None = Field(default=None, max_length=200)
     registration: bool = False  # REGISTER with the trunk's credentials
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if not HOSTNAME.match(value):
-            raise ValueError("must be a hostname or IP address, without scheme or port")
-        return value
-
-    @field_validator("username")
-    @classmethod
-    def _username(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+", value):
-            raise ValueError("may contain only characters allowed in a SIP user part")
-        return value
 
 
 class Trunk(TrunkIn):
+    model_config = _STORED
+
     id: str
     created_at: datetime
     updated_at: datetime
@@ -171,6 +277,8 @@ class NumberIn(_Strict):
 
 
 class Number(NumberIn):
+    model_config = _STORED
+
     id: str
     created_at: datetime
     updated_at: datetime

@@ -20,9 +20,9 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from bridge.directory.models import (
     Assistant,
@@ -40,6 +40,7 @@ from bridge.store.db import Database
 log = get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 TrunkSavedHook = Callable[[Trunk], Awaitable[None]]
 TrunkDeletedHook = Callable[[str], Awaitable[None]]
 
@@ -118,9 +119,16 @@ def validation_error(exc: ValidationError, data: Any) -> InvalidInput:
     return InvalidInput(message, field=first["field"] or None, errors=errors)
 
 
-def validate(model: type[M], data: Any) -> M:
-    """`model.model_validate(data)`, raising `InvalidInput` instead of `ValidationError`."""
+@overload
+def validate(model: type[M], data: Any) -> M: ...
+@overload
+def validate(model: TypeAdapter[T], data: Any) -> T: ...
+def validate(model: type[BaseModel] | TypeAdapter[Any], data: Any) -> Any:
+    """`model.model_validate(data)` (or a TypeAdapter's `validate_python`), raising
+    `InvalidInput` instead of `ValidationError`."""
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(data)
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
