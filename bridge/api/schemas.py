@@ -9,6 +9,7 @@ acknowledgement, list query).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -30,6 +31,19 @@ def _create_model(model_name: str, /, **kwargs: Any) -> type[BaseModel]:
 _OUT = ConfigDict(json_schema_serialization_defaults_required=True)
 
 
+def _without_default(extra: Any) -> Any:
+    """A json_schema_extra that also drops `default` (a field that may be omitted, not null)."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        if callable(extra):
+            extra(schema)
+        elif isinstance(extra, dict):
+            schema.update(extra)
+        schema.pop("default", None)
+
+    return apply
+
+
 def patch_model(model: type[BaseModel]) -> type[BaseModel]:
     """Every top-level field of `model` optional and nullable: the documented shape of a JSON
     merge patch (the service validates the merged object with `model` itself)."""
@@ -37,7 +51,13 @@ def patch_model(model: type[BaseModel]) -> type[BaseModel]:
     for name, info in model.model_fields.items():
         patched = FieldInfo.merge_field_infos(info, default=None)
         patched.default_factory = None
-        fields[name] = (info.annotation | None, patched)
+        # null removes a field: allowed where the field has a default, an error (422, "Field
+        # required") where it has none, so the document does not offer null there.
+        annotation = info.annotation | None
+        if info.is_required():
+            annotation = info.annotation
+            patched.json_schema_extra = _without_default(info.json_schema_extra)
+        fields[name] = (annotation, patched)
     return _create_model(
         f"{model.__name__.removesuffix('In')}Patch",
         __config__=ConfigDict(extra="forbid"),
@@ -180,6 +200,14 @@ class TransferStatsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     since: datetime | None = None
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: Any) -> Any:
+        # pydantic would read "0.5" as a Unix time; the document says date-time.
+        if isinstance(value, str) and not re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+            raise ValueError("must be an ISO 8601 date-time such as 2026-01-31T00:00:00Z")
+        return value
 
 
 class DestinationStats(BaseModel):

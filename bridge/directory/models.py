@@ -10,7 +10,15 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+)
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # sip:user@host[:port][;params] or sips:; user part optional. Deliberately strict: no spaces,
@@ -56,14 +64,16 @@ HOST_PATTERN = rf"^(?:(?:{_LABEL}\.)*{_TOPLABEL}|{_IPV4}|\[{_ipv6()}\])$"
 # A SIP user part for trunk credentials: unreserved characters and %-escapes. RFC 3261 also
 # allows & = $ , ; ? / (user-unreserved), which a dial string or a request line re-parses.
 SIP_USER_PATTERN = r"^(?:[A-Za-z0-9\-_.!~*+]|%[0-9A-Fa-f]{2})+$"
-# Text the assistant speaks: no control characters (tab and newlines aside), no lone
-# surrogates, private-use or non-characters (a TTS engine says nothing, or stops, on them).
+# Text the assistant speaks: no control characters (tab and newlines aside), private-use or
+# non-characters (a TTS engine says nothing, or stops, on them). Lone surrogates never get
+# this far (pydantic refuses them as "not a unicode string"). The escapes stay escapes in the
+# pattern text, so the OpenAPI document is plain ASCII that any regex engine reads.
 SPEAKABLE_PATTERN = (
-    "^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f"
-    "\ud800-\udfff\ue000-\uf8ff\ufdd0-\ufdef\ufffe\uffff]*$"
+    r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F"
+    r"\uE000-\uF8FF\uFDD0-\uFDEF\uFFFE\uFFFF]*$"
 )
 # A secret: any printable text (a NUL ends a C string in the PBX).
-SECRET_PATTERN = "^[^\u0000-\u001f\u007f]*$"
+SECRET_PATTERN = r"^[^\u0000-\u001F\u007F]*$"
 _HOST = re.compile(HOST_PATTERN)
 _SIP_USER = re.compile(SIP_USER_PATTERN)
 _SPEAKABLE = re.compile(SPEAKABLE_PATTERN)
@@ -148,7 +158,22 @@ class SipDestination(_Strict):
     message: Speakable | None = Field(default=None, max_length=1000)
 
 
-Destination = Annotated[NumberDestination | SipDestination, Field(discriminator="type")]
+def _destination_type(value: Any) -> str | None:
+    """`type` is optional for a number destination (its default, as in the seed)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "number")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "type", None)
+
+
+Destination = Annotated[
+    Annotated[NumberDestination, Tag("number")] | Annotated[SipDestination, Tag("sip")],
+    Discriminator(
+        _destination_type,
+        custom_error_type="destination_type",  # service.field_path names `type` for it
+        custom_error_message="Input tag should be 'number' or 'sip'",
+    ),
+]
 
 
 class TransferCallTool(_Strict):

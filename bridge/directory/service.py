@@ -94,6 +94,8 @@ def field_path(loc: Sequence[int | str], data: Any) -> str:
 
 def _error_field(error: Any, data: Any) -> str:
     path = field_path(error["loc"], data)
+    if error["type"] == "destination_type":
+        return f"{path}.type" if path else "type"
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         # The discriminator itself is wrong or missing: name it.
         tag = str(error.get("ctx", {}).get("discriminator", "type")).strip("'\"")
@@ -187,7 +189,7 @@ class DirectoryService:
     async def patch_assistant(self, assistant_id: str, patch: dict[str, Any]) -> Assistant:
         async with self._lock:
             row = await self._require("assistants", assistant_id)
-            data = validate(AssistantIn, merge_patch(row.doc, _object(patch)))
+            data = validate(AssistantIn, merge_patch(row.doc, _object(patch, AssistantIn)))
             row = await self._update("assistants", row, data)
         return Assistant.model_validate(row.fields())
 
@@ -222,7 +224,7 @@ class DirectoryService:
     async def patch_trunk(self, trunk_id: str, patch: dict[str, Any]) -> Trunk:
         async with self._lock:
             row = await self._require("trunks", trunk_id)
-            data = validate(TrunkIn, merge_patch(row.doc, _object(patch)))
+            data = validate(TrunkIn, merge_patch(row.doc, _object(patch, TrunkIn)))
             trunk = Trunk.model_validate((await self._update("trunks", row, data)).fields())
             await self._run_hook("on_trunk_saved", self._on_trunk_saved, trunk, trunk.id)
         return trunk
@@ -251,7 +253,7 @@ class DirectoryService:
     async def patch_number(self, number_id: str, patch: dict[str, Any]) -> Number:
         async with self._lock:
             row = await self._require("numbers", number_id)
-            data = validate(NumberIn, merge_patch(row.doc, _object(patch)))
+            data = validate(NumberIn, merge_patch(row.doc, _object(patch, NumberIn)))
             await self._check_number(data, number_id)
             row = await self._update("numbers", row, data)
         return Number.model_validate(row.fields())
@@ -346,7 +348,17 @@ class DirectoryService:
             log.exception("trunk hook failed", hook=name, trunk_id=trunk_id)
 
 
-def _object(patch: Any) -> dict[str, Any]:
+def _object(patch: Any, model: type[BaseModel]) -> dict[str, Any]:
+    """The patch as an object whose keys are all fields of `model` (`{"nmae": null}` removes
+    nothing: it is a mistake, refused as a non-null unknown key is)."""
     if not isinstance(patch, dict):
         raise InvalidInput("a PATCH body must be a JSON object")
+    for key in patch:
+        if key not in model.model_fields:
+            message = "Extra inputs are not permitted"
+            raise InvalidInput(
+                f"{key}: {message}",
+                field=key,
+                errors=[{"field": key, "message": message, "type": "extra_forbidden"}],
+            )
     return patch
