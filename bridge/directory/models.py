@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -267,10 +268,22 @@ Secret = Annotated[
 ]
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5060.0 as an integer; strict mode would not (true and "5060" stay
+    errors)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema defines it (the document says "type": "integer").
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class TrunkIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
     host: SipHost = Field(min_length=1, max_length=253)
-    port: int = Field(5060, ge=1, le=65535)
+    port: JsonInt = Field(5060, ge=1, le=65535)
     transport: Literal["udp", "tcp", "tls"] = "udp"
     username: SipUser | None = Field(default=None, min_length=1, max_length=200)
     password: Secret | None = Field(default=None, max_length=200)
