@@ -34,7 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DIRECTORY = web.AppKey("directory", DirectoryService)
 CALLS = web.AppKey("calls", CallControl)
 DB = web.AppKey("db", Database)
-HEALTH = web.AppKey("health", HealthProbe | None)  # type: ignore[arg-type]
+HEALTH: web.AppKey[HealthProbe | None] = web.AppKey("health")
 MAX_BODY = web.AppKey("max_body", int)
 OPENAPI = web.AppKey("openapi", dict)
 

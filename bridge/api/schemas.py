@@ -24,7 +24,8 @@ from bridge.directory.models import Assistant, Number, Speakable, Trunk
 
 
 def _create_model(model_name: str, /, **kwargs: Any) -> type[BaseModel]:
-    return create_model(model_name, **kwargs)  # type: ignore[no-any-return, call-overload]
+    model: type[BaseModel] = create_model(model_name, **kwargs)
+    return model
 
 
 # Responses always carry every field, defaults included: say so in the schema.
@@ -53,7 +54,7 @@ def patch_model(model: type[BaseModel]) -> type[BaseModel]:
         patched.default_factory = None
         # null removes a field: allowed where the field has a default, an error (422, "Field
         # required") where it has none, so the document does not offer null there.
-        annotation = info.annotation | None
+        annotation: Any = info.annotation | None  # type: ignore[operator]
         if info.is_required():
             annotation = info.annotation
             patched.json_schema_extra = _without_default(info.json_schema_extra)
@@ -101,13 +102,13 @@ def _call_out() -> type[BaseModel]:
         f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
         for f in dataclasses.fields(Call)
     }
-    return create_model(  # type: ignore[no-any-return, call-overload]
+    return _create_model(
         "Call", __config__=_OUT, __doc__="A call, as `Call.public_dict` shows it.", **fields
     )
 
 
 CallOut = _call_out()
-CallDetail = create_model(  # type: ignore[call-overload]
+CallDetail = create_model(
     "CallDetail",
     __base__=CallOut,
     __doc__="A call with its events and transfers.",
