@@ -144,7 +144,13 @@ class Daemon:
 async def run_daemon(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     daemon = Daemon(settings)
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException:
+        # e.g. the API port is in use: close what did start (the database's thread would keep
+        # the process alive), then let `callbridge run` report it in one line.
+        await daemon.stop()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -132,3 +132,41 @@ def test_cli_refuses_a_database_it_cannot_keep_private(
         f"callbridge: database file {path} belongs to uid 65534, not to the daemon's user"
         " (uid 0): refusing to keep trunk passwords in it"
     ]
+
+
+def test_run_that_cannot_start_exits_with_one_line(tmp_path: Path) -> None:
+    """A port in use: exit status 1, one line, no traceback, and the process really ends (the
+    database thread it had opened does not keep it alive)."""
+    import socket
+    import subprocess
+    import sys
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))  # bound, not listening: ARI connections are refused
+    conf = tmp_path / "callbridge.toml"
+    conf.write_text(
+        f'database = "cb.sqlite3"\n[api]\nport = {busy.getsockname()[1]}\n'
+        f'[ari]\nurl = "http://127.0.0.1:{nobody.getsockname()[1]}"\n'
+        "[agent]\nenabled = false\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": str(tmp_path)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bridge", "--config", str(conf), "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        busy.close()
+        nobody.close()
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("callbridge: cannot start: ") and "address already in use" in last
