@@ -7,6 +7,7 @@ input and describe stored objects; `public_dict` is what the API shows (never a 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     Tag,
+    ValidationInfo,
 )
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -91,6 +93,23 @@ def check_speakable(value: str) -> str:
     return value
 
 
+# Validation context of objects read back from the database: the checks below were added after
+# objects were stored (issue 7); an object stored before them must still load (the PBX refuses
+# a bad trunk host as it did, a first_message is still spoken as it was), not break every list.
+STORED: dict[str, Any] = {"stored": True}
+
+
+def _on_input(check: Callable[[Any], Any]) -> Callable[[Any, ValidationInfo], Any]:
+    """`check` for API input; skipped when loading a stored object (context STORED)."""
+
+    def validator(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(info.context, dict) and info.context.get("stored"):
+            return value
+        return check(value)
+
+    return validator
+
+
 def _pattern_of(name: str) -> Any:
     """A JSON schema hook adding `pattern` from a module constant, read when the document is
     built: the grammar may be rewritten and the document follows it."""
@@ -104,7 +123,9 @@ def _pattern_of(name: str) -> Any:
 
 # Text spoken to a caller (first_message, destination and control messages).
 Speakable = Annotated[
-    str, AfterValidator(check_speakable), Field(json_schema_extra=_pattern_of("SPEAKABLE_PATTERN"))
+    str,
+    AfterValidator(_on_input(check_speakable)),
+    Field(json_schema_extra=_pattern_of("SPEAKABLE_PATTERN")),
 ]
 E164Number = Annotated[
     str, AfterValidator(lambda v: check_e164(v)), Field(json_schema_extra=_pattern_of("E164"))
@@ -258,13 +279,19 @@ def _check_secret(value: SecretStr) -> SecretStr:
 # As PJSIP and sofia parse it: an RFC 3261 hostname, an IPv4 address or a bracketed IPv6
 # address; no scheme, no port (`port` is its own field).
 SipHost = Annotated[
-    str, AfterValidator(_check_host), Field(json_schema_extra=_pattern_of("HOST_PATTERN"))
+    str,
+    AfterValidator(_on_input(_check_host)),
+    Field(json_schema_extra=_pattern_of("HOST_PATTERN")),
 ]
 SipUser = Annotated[
-    str, AfterValidator(_check_sip_user), Field(json_schema_extra=_pattern_of("SIP_USER_PATTERN"))
+    str,
+    AfterValidator(_on_input(_check_sip_user)),
+    Field(json_schema_extra=_pattern_of("SIP_USER_PATTERN")),
 ]
 Secret = Annotated[
-    SecretStr, AfterValidator(_check_secret), Field(json_schema_extra=_pattern_of("SECRET_PATTERN"))
+    SecretStr,
+    AfterValidator(_on_input(_check_secret)),
+    Field(json_schema_extra=_pattern_of("SECRET_PATTERN")),
 ]
 
 

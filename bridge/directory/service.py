@@ -25,6 +25,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from bridge.directory.models import (
+    STORED,
     Assistant,
     AssistantIn,
     Number,
@@ -139,6 +140,11 @@ def validate(model: type[BaseModel] | TypeAdapter[Any], data: Any) -> Any:
 # --- the service --------------------------------------------------------------------------------
 
 
+def _stored(model: type[M], row: dict[str, Any]) -> M:
+    """An object read back from the database (checks added since it was stored are skipped)."""
+    return model.model_validate(row, context=STORED)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -178,20 +184,20 @@ class DirectoryService:
     async def create_assistant(self, data: AssistantIn) -> Assistant:
         async with self._lock:
             row = await self._insert("assistants", data)
-        return Assistant.model_validate(row.fields())
+        return _stored(Assistant, row.fields())
 
     async def get_assistant(self, assistant_id: str) -> Assistant:
-        return Assistant.model_validate((await self._require("assistants", assistant_id)).fields())
+        return _stored(Assistant, (await self._require("assistants", assistant_id)).fields())
 
     async def list_assistants(self) -> list[Assistant]:
-        return [Assistant.model_validate(r.fields()) for r in await self._store.list("assistants")]
+        return [_stored(Assistant, r.fields()) for r in await self._store.list("assistants")]
 
     async def patch_assistant(self, assistant_id: str, patch: dict[str, Any]) -> Assistant:
         async with self._lock:
             row = await self._require("assistants", assistant_id)
             data = validate(AssistantIn, merge_patch(row.doc, _object(patch, AssistantIn)))
             row = await self._update("assistants", row, data)
-        return Assistant.model_validate(row.fields())
+        return _stored(Assistant, row.fields())
 
     async def delete_assistant(self, assistant_id: str) -> None:
         async with self._lock:
@@ -203,13 +209,13 @@ class DirectoryService:
 
     async def create_trunk(self, data: TrunkIn) -> Trunk:
         async with self._lock:
-            trunk = Trunk.model_validate((await self._insert("trunks", data)).fields())
+            trunk = _stored(Trunk, (await self._insert("trunks", data)).fields())
             await self._run_hook("on_trunk_saved", self._on_trunk_saved, trunk, trunk.id)
         return trunk
 
     async def get_trunk(self, trunk_id: str) -> Trunk:
         """The trunk; its password is a `SecretStr` that `public_dict` leaves out."""
-        return Trunk.model_validate((await self._require("trunks", trunk_id)).fields())
+        return _stored(Trunk, (await self._require("trunks", trunk_id)).fields())
 
     async def get_trunk_secret(self, trunk_id: str) -> Trunk:
         """The trunk with its password, for provisioning it on the PBX.
@@ -219,13 +225,13 @@ class DirectoryService:
         return await self.get_trunk(trunk_id)
 
     async def list_trunks(self) -> list[Trunk]:
-        return [Trunk.model_validate(r.fields()) for r in await self._store.list("trunks")]
+        return [_stored(Trunk, r.fields()) for r in await self._store.list("trunks")]
 
     async def patch_trunk(self, trunk_id: str, patch: dict[str, Any]) -> Trunk:
         async with self._lock:
             row = await self._require("trunks", trunk_id)
             data = validate(TrunkIn, merge_patch(row.doc, _object(patch, TrunkIn)))
-            trunk = Trunk.model_validate((await self._update("trunks", row, data)).fields())
+            trunk = _stored(Trunk, (await self._update("trunks", row, data)).fields())
             await self._run_hook("on_trunk_saved", self._on_trunk_saved, trunk, trunk.id)
         return trunk
 
@@ -242,13 +248,13 @@ class DirectoryService:
         async with self._lock:
             await self._check_number(data, None)
             row = await self._insert("numbers", data)
-        return Number.model_validate(row.fields())
+        return _stored(Number, row.fields())
 
     async def get_number(self, number_id: str) -> Number:
-        return Number.model_validate((await self._require("numbers", number_id)).fields())
+        return _stored(Number, (await self._require("numbers", number_id)).fields())
 
     async def list_numbers(self) -> list[Number]:
-        return [Number.model_validate(r.fields()) for r in await self._store.list("numbers")]
+        return [_stored(Number, r.fields()) for r in await self._store.list("numbers")]
 
     async def patch_number(self, number_id: str, patch: dict[str, Any]) -> Number:
         async with self._lock:
@@ -256,7 +262,7 @@ class DirectoryService:
             data = validate(NumberIn, merge_patch(row.doc, _object(patch, NumberIn)))
             await self._check_number(data, number_id)
             row = await self._update("numbers", row, data)
-        return Number.model_validate(row.fields())
+        return _stored(Number, row.fields())
 
     async def delete_number(self, number_id: str) -> None:
         async with self._lock:
@@ -275,7 +281,7 @@ class DirectoryService:
         other = dialled[1:] if dialled.startswith("+") else f"+{dialled}"
         rows = await self._store.numbers_by_value([dialled, other])
         rows.sort(key=lambda r: r.doc.get("number") != dialled)
-        return Number.model_validate(rows[0].fields()) if rows else None
+        return _stored(Number, rows[0].fields()) if rows else None
 
     # --- internals ---
 

@@ -17,6 +17,7 @@ from bridge.api.keys import create_api_key
 from bridge.api.server import create_api_app
 from bridge.directory import models
 from bridge.directory.service import DirectoryService
+from bridge.errors import InvalidInput
 from bridge.store.db import Database
 from tests.unit.test_api_http import ACTIVE, FakeCalls
 
@@ -370,3 +371,30 @@ async def test_transfer_stats_since_must_be_iso_8601(api: Api) -> None:
     assert_422(await api.send("GET", "/transfers/stats?since=0.5"), "since")
     status, _ = await api.send("GET", "/transfers/stats?since=2026-01-31T00:00:00Z")
     assert status == 200
+
+
+# --- objects stored before these checks ----------------------------------------------------
+
+
+async def test_objects_stored_before_the_checks_still_load(tmp_path: Path) -> None:
+    """A trunk host or a first_message stored by an earlier version, that the API now refuses,
+    does not break listing them (nor the daemon's provisioning or its calls)."""
+    db = await Database.open(tmp_path / "old.sqlite3")
+    try:
+        now = "2026-01-01T00:00:00Z"
+        trunk = {"name": "t", "host": "::1", "port": 5060, "transport": "udp",
+                 "username": "a/b", "password": None, "registration": False}  # fmt: skip
+        assistant = {"name": "a", "first_message": "hi\x00", "llm_config": {}}
+        for table, doc in (("trunks", trunk), ("assistants", assistant)):
+            await db.execute(
+                f"INSERT INTO {table} (id, doc, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (f"old-{table}", json.dumps(doc), now, now),
+            )
+        directory = DirectoryService(db)
+        assert [t.host for t in await directory.list_trunks()] == ["::1"]
+        assert (await directory.get_assistant("old-assistants")).first_message == "hi\x00"
+        # ...while the API refuses to store them again.
+        with pytest.raises(InvalidInput, match="host"):
+            await directory.patch_trunk("old-trunks", {"name": "renamed"})
+    finally:
+        await db.close()
