@@ -20,6 +20,7 @@ from bridge.log import configure_logging, get_logger
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
+from bridge.pbx.ports import PbxAdapter
 from bridge.speech.tts import TtsProvider, make_tts
 from bridge.store.db import Database
 
@@ -72,9 +73,14 @@ class Daemon:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.api_port = sockets[0].getsockname()[1] if sockets else s.api.port
-        log.info("callbridge.started", api=f"http://{s.api.host}:{self.api_port}", pbx=s.pbx)
+        log.info(
+            "callbridge.started",
+            api=f"http://{s.api.host}:{self.api_port}",
+            pbx=s.pbx,
+            database=str(s.database),
+        )
 
-    def _build_pbx(self) -> Any:
+    def _build_pbx(self) -> PbxAdapter:
         s = self.settings
         if s.pbx == "freeswitch":
             return build_freeswitch_adapter(
@@ -138,7 +144,13 @@ class Daemon:
 async def run_daemon(settings: Settings) -> None:
     configure_logging(settings.log_format, settings.log_level)
     daemon = Daemon(settings)
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException:
+        # e.g. the API port is in use: close what did start (the database's thread would keep
+        # the process alive), then let `callbridge run` report it in one line.
+        await daemon.stop()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

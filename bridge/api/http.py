@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from bridge.api.errors import InvalidBody, InvalidJson, PayloadTooLarge, UnsupportedMediaType
 from bridge.api.ports import CallControl, HealthProbe
@@ -25,6 +25,7 @@ from bridge.api.schemas import (
     DestinationTestRequest,
     TransferStatsQuery,
 )
+from bridge.calls.model import ControlCommand
 from bridge.directory.service import DirectoryService, validate
 from bridge.store.db import Database
 
@@ -33,7 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DIRECTORY = web.AppKey("directory", DirectoryService)
 CALLS = web.AppKey("calls", CallControl)
 DB = web.AppKey("db", Database)
-HEALTH = web.AppKey("health", HealthProbe | None)  # type: ignore[arg-type]
+HEALTH: web.AppKey[HealthProbe | None] = web.AppKey("health")
 MAX_BODY = web.AppKey("max_body", int)
 OPENAPI = web.AppKey("openapi", dict)
 
@@ -75,11 +76,37 @@ async def json_object(request: web.Request) -> dict[str, Any]:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes", limit=limit) from None
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: ~1,000 levels of `[[[[…` (a 2 KB body) exhaust the parser's stack.
+        if isinstance(exc, RecursionError):
+            raise InvalidJson(f"request body is nested deeper than {MAX_DEPTH} levels") from None
         raise InvalidJson(f"request body is not valid JSON: {exc}") from None
+    if _too_deep(data):
+        raise InvalidJson(f"request body is nested deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
         raise InvalidBody("request body must be a JSON object")
     return data
+
+
+# The deepest document any request model has is ~6 levels (assistant → llm_config → tools →
+# destinations → …); the merge patch and the validators recurse, so a deep body must stop
+# here, not in a RecursionError (a 500).
+MAX_DEPTH = 32
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether `data` nests lists/objects deeper than MAX_DEPTH (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if not isinstance(node, list):
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in node)
+    return False
 
 
 def query(request: web.Request, model: type[BaseModel]) -> Any:
@@ -145,8 +172,13 @@ async def get_call(request: web.Request) -> web.Response:
     return respond(await request.app[CALLS].get_call(request.match_info["id"]))
 
 
+_CONTROL_COMMAND: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
+
+
 async def control_call(request: web.Request) -> web.Response:
-    command = validate(ControlRequest, await json_object(request)).root
+    body = await json_object(request)
+    validate(ControlRequest, body)  # the API's stricter rules, with their 422s
+    command = validate(_CONTROL_COMMAND, body)  # the call domain's own command
     accepted = await request.app[CALLS].control(request.match_info["id"], command)
     return respond(accepted, status=202)
 

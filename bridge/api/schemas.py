@@ -9,23 +9,40 @@ acknowledgement, list query).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model, field_validator
 from pydantic.fields import FieldInfo
 
-from bridge.calls.model import Call, CallStatus, ControlCommand, check_destination
-from bridge.directory.models import Assistant, Number, Trunk
+from bridge.calls import model as calls
+from bridge.calls.model import Call, CallStatus, check_destination
+from bridge.directory import models
+from bridge.directory.models import Assistant, Number, Speakable, Trunk
 
 
 def _create_model(model_name: str, /, **kwargs: Any) -> type[BaseModel]:
-    return create_model(model_name, **kwargs)  # type: ignore[no-any-return, call-overload]
+    model: type[BaseModel] = create_model(model_name, **kwargs)
+    return model
 
 
 # Responses always carry every field, defaults included: say so in the schema.
 _OUT = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+def _without_default(extra: Any) -> Any:
+    """A json_schema_extra that also drops `default` (a field that may be omitted, not null)."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        if callable(extra):
+            extra(schema)
+        elif isinstance(extra, dict):
+            schema.update(extra)
+        schema.pop("default", None)
+
+    return apply
 
 
 def patch_model(model: type[BaseModel]) -> type[BaseModel]:
@@ -35,7 +52,13 @@ def patch_model(model: type[BaseModel]) -> type[BaseModel]:
     for name, info in model.model_fields.items():
         patched = FieldInfo.merge_field_infos(info, default=None)
         patched.default_factory = None
-        fields[name] = (info.annotation | None, patched)
+        # null removes a field: allowed where the field has a default, an error (422, "Field
+        # required") where it has none, so the document does not offer null there.
+        annotation: Any = info.annotation | None  # type: ignore[operator]
+        if info.is_required():
+            annotation = info.annotation
+            patched.json_schema_extra = _without_default(info.json_schema_extra)
+        fields[name] = (annotation, patched)
     return _create_model(
         f"{model.__name__.removesuffix('In')}Patch",
         __config__=ConfigDict(extra="forbid"),
@@ -79,13 +102,13 @@ def _call_out() -> type[BaseModel]:
         f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
         for f in dataclasses.fields(Call)
     }
-    return create_model(  # type: ignore[no-any-return, call-overload]
+    return _create_model(
         "Call", __config__=_OUT, __doc__="A call, as `Call.public_dict` shows it.", **fields
     )
 
 
 CallOut = _call_out()
-CallDetail = create_model(  # type: ignore[call-overload]
+CallDetail = create_model(
     "CallDetail",
     __base__=CallOut,
     __doc__="A call with its events and transfers.",
@@ -94,7 +117,39 @@ CallDetail = create_model(  # type: ignore[call-overload]
 )
 
 
-class ControlRequest(RootModel[ControlCommand]):
+def _destination_pattern(schema: dict[str, Any]) -> None:
+    """An E.164 number or a SIP URI, from the grammars' constants when the document is built."""
+    schema["pattern"] = f"(?:{models.E164.pattern})|(?:{models.SIP_URI.pattern})"
+
+
+_DESTINATION = Field(min_length=1, max_length=300, json_schema_extra=_destination_pattern)
+# What a control request may be, strictly: the call domain's commands with their spoken text
+# checked (a NUL or a control character is a 422 naming the field, not silence for the
+# caller) and no lax coercion ("ring_timeout": "20" is an error, as the document says). The
+# handler then builds the domain command itself (`ControlCommand`) from the same body.
+_API_COMMAND = ConfigDict(strict=True)
+
+
+# Named as the domain's commands: the OpenAPI document shows them under those names.
+class TransferCommand(calls.TransferCommand):
+    model_config = _API_COMMAND
+    destination: str = _DESTINATION
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+class SayCommand(calls.SayCommand):
+    model_config = _API_COMMAND
+    message: Speakable = Field(min_length=1, max_length=1000)
+
+
+class EndCallCommand(calls.EndCallCommand):
+    model_config = _API_COMMAND
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+class ControlRequest(
+    RootModel[Annotated[TransferCommand | SayCommand | EndCallCommand, Field(discriminator="type")]]
+):
     """A call-control command, chosen by `type`."""
 
 
@@ -120,9 +175,9 @@ class CallsQuery(BaseModel):
 class DestinationTestRequest(BaseModel):
     """A test call to a destination, routed as a transfer from `number_id` would be."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
-    destination: str = Field(min_length=1, max_length=300)
+    destination: str = _DESTINATION
     number_id: str | None = None
     ring_timeout: float = Field(20, gt=0, le=120)
 
@@ -146,6 +201,14 @@ class TransferStatsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     since: datetime | None = None
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: Any) -> Any:
+        # pydantic would read "0.5" as a Unix time; the document says date-time.
+        if isinstance(value, str) and not re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+            raise ValueError("must be an ISO 8601 date-time such as 2026-01-31T00:00:00Z")
+        return value
 
 
 class DestinationStats(BaseModel):

@@ -7,10 +7,21 @@ input and describe stored objects; `public_dict` is what the API shows (never a 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationInfo,
+)
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # sip:user@host[:port][;params] or sips:; user part optional. Deliberately strict: no spaces,
@@ -21,10 +32,107 @@ SIP_URI = re.compile(
     r"|\[[0-9A-Fa-f:.]+\])"
     r"(?::[0-9]{1,5})?(?:;[A-Za-z0-9\-_.!~*'()%=]+)*$"
 )
-HOSTNAME = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$"
-    r"|^\[?[0-9A-Fa-f:]+\]?$"
+
+
+# --- hosts and SIP user parts as the PBXs parse them (RFC 3261 §25.1) ----------------------
+# Each pattern is one regular expression used both to validate and in the OpenAPI document, in
+# the common subset of Python, Rust (pydantic) and ECMA-262 syntax.
+
+
+def _ipv6() -> str:
+    """RFC 3986 IPv6address."""
+    h16 = "[0-9A-Fa-f]{1,4}"
+    ls32 = f"(?:{h16}:{h16}|{_IPV4})"
+    forms = [
+        f"(?:{h16}:){{6}}{ls32}",
+        f"::(?:{h16}:){{5}}{ls32}",
+        f"(?:{h16})?::(?:{h16}:){{4}}{ls32}",
+        f"(?:(?:{h16}:){{0,1}}{h16})?::(?:{h16}:){{3}}{ls32}",
+        f"(?:(?:{h16}:){{0,2}}{h16})?::(?:{h16}:){{2}}{ls32}",
+        f"(?:(?:{h16}:){{0,3}}{h16})?::{h16}:{ls32}",
+        f"(?:(?:{h16}:){{0,4}}{h16})?::{ls32}",
+        f"(?:(?:{h16}:){{0,5}}{h16})?::{h16}",
+        f"(?:(?:{h16}:){{0,6}}{h16})?::",
+    ]
+    return "(?:" + "|".join(forms) + ")"
+
+
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+# hostname = *( domainlabel "." ) toplabel; a top label starts with a letter, so a host that
+# looks like an address is one (no "1.2.3.999").
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TOPLABEL = "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_PATTERN = rf"^(?:(?:{_LABEL}\.)*{_TOPLABEL}|{_IPV4}|\[{_ipv6()}\])$"
+# A SIP user part for trunk credentials: unreserved characters and %-escapes. RFC 3261 also
+# allows & = $ , ; ? / (user-unreserved), which a dial string or a request line re-parses.
+SIP_USER_PATTERN = r"^(?:[A-Za-z0-9\-_.!~*+]|%[0-9A-Fa-f]{2})+$"
+# Text the assistant speaks: no control characters (tab and newlines aside), private-use or
+# non-characters (a TTS engine says nothing, or stops, on them). Lone surrogates never get
+# this far (pydantic refuses them as "not a unicode string"). The escapes stay escapes in the
+# pattern text, so the OpenAPI document is plain ASCII that any regex engine reads.
+SPEAKABLE_PATTERN = (
+    r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F"
+    r"\uE000-\uF8FF\uFDD0-\uFDEF\uFFFE\uFFFF]*$"
 )
+# A secret: any printable text (a NUL ends a C string in the PBX).
+SECRET_PATTERN = r"^[^\u0000-\u001F\u007F]*$"
+_HOST = re.compile(HOST_PATTERN)
+_SIP_USER = re.compile(SIP_USER_PATTERN)
+_SPEAKABLE = re.compile(SPEAKABLE_PATTERN)
+_SECRET = re.compile(SECRET_PATTERN)
+
+
+def check_speakable(value: str) -> str:
+    if not _SPEAKABLE.match(value):
+        bad = next(i for i, ch in enumerate(value) if not _SPEAKABLE.match(ch))
+        raise ValueError(
+            f"contains a character that cannot be spoken (U+{ord(value[bad]):04X} at"
+            f" position {bad})"
+        )
+    return value
+
+
+# Validation context of objects read back from the database: the checks below were added after
+# objects were stored (issue 7); an object stored before them must still load (the PBX refuses
+# a bad trunk host as it did, a first_message is still spoken as it was), not break every list.
+STORED: dict[str, Any] = {"stored": True}
+
+
+def _on_input(check: Callable[[Any], Any]) -> Callable[[Any, ValidationInfo], Any]:
+    """`check` for API input; skipped when loading a stored object (context STORED)."""
+
+    def validator(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(info.context, dict) and info.context.get("stored"):
+            return value
+        return check(value)
+
+    return validator
+
+
+def _pattern_of(name: str) -> Any:
+    """A JSON schema hook adding `pattern` from a module constant, read when the document is
+    built: the grammar may be rewritten and the document follows it."""
+
+    def add(schema: dict[str, Any]) -> None:
+        constant = globals()[name]
+        schema["pattern"] = constant if isinstance(constant, str) else constant.pattern
+
+    return add
+
+
+# Text spoken to a caller (first_message, destination and control messages).
+Speakable = Annotated[
+    str,
+    AfterValidator(_on_input(check_speakable)),
+    Field(json_schema_extra=_pattern_of("SPEAKABLE_PATTERN")),
+]
+E164Number = Annotated[
+    str, AfterValidator(lambda v: check_e164(v)), Field(json_schema_extra=_pattern_of("E164"))
+]
+SipUri = Annotated[
+    str, AfterValidator(lambda v: check_sip_uri(v)), Field(json_schema_extra=_pattern_of("SIP_URI"))
+]
 
 
 def check_e164(value: str) -> str:
@@ -43,7 +151,14 @@ def check_sip_uri(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    """API input: unknown fields refused, and strict types (`"port": "5060"`, `"port": true`
+    and `"registration": 0` are errors), so that validation is what the OpenAPI document
+    says. Stored objects (`Assistant`, `Trunk`, `Number`) relax it for their timestamps."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
+
+
+_STORED = ConfigDict(strict=False)
 
 
 # --- assistants ----------------------------------------------------------------------------
@@ -51,25 +166,36 @@ class _Strict(BaseModel):
 
 class NumberDestination(_Strict):
     type: Literal["number"] = "number"
-    number: str
+    number: E164Number
     description: str = Field(min_length=1, max_length=500)
-    message: str | None = Field(default=None, max_length=1000)
-
-    _e164 = field_validator("number")(check_e164)
+    message: Speakable | None = Field(default=None, max_length=1000)
 
 
 class SipDestination(_Strict):
     """Our extension of the seed: a destination reached by SIP URI."""
 
     type: Literal["sip"]
-    sip_uri: str
+    sip_uri: SipUri
     description: str = Field(min_length=1, max_length=500)
-    message: str | None = Field(default=None, max_length=1000)
-
-    _uri = field_validator("sip_uri")(check_sip_uri)
+    message: Speakable | None = Field(default=None, max_length=1000)
 
 
-Destination = Annotated[NumberDestination | SipDestination, Field(discriminator="type")]
+def _destination_type(value: Any) -> str | None:
+    """`type` is optional for a number destination (its default, as in the seed)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "number")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "type", None)
+
+
+Destination = Annotated[
+    Annotated[NumberDestination, Tag("number")] | Annotated[SipDestination, Tag("sip")],
+    Discriminator(
+        _destination_type,
+        custom_error_type="destination_type",  # service.field_path names `type` for it
+        custom_error_message="Input tag should be 'number' or 'sip'",
+    ),
+]
 
 
 class TransferCallTool(_Strict):
@@ -98,11 +224,13 @@ class LlmConfig(_Strict):
 
 class AssistantIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    first_message: str | None = Field(default=None, max_length=2000)
+    first_message: Speakable | None = Field(default=None, max_length=2000)
     llm_config: LlmConfig = Field(default_factory=LlmConfig)
 
 
 class Assistant(AssistantIn):
+    model_config = _STORED
+
     id: str
     created_at: datetime
     updated_at: datetime
@@ -124,31 +252,74 @@ class Assistant(AssistantIn):
 # --- SIP trunks ----------------------------------------------------------------------------
 
 
+def _check_host(value: str) -> str:
+    if not _HOST.match(value):
+        raise ValueError(
+            "must be a hostname, an IPv4 address or a bracketed IPv6 address ([2001:db8::1]),"
+            " without scheme or port"
+        )
+    return value
+
+
+def _check_sip_user(value: str) -> str:
+    if not _SIP_USER.match(value):
+        raise ValueError(
+            "may contain only letters, digits, - _ . ! ~ * + and %-escapes (a SIP user part"
+            " without the characters a dial string re-parses)"
+        )
+    return value
+
+
+def _check_secret(value: SecretStr) -> SecretStr:
+    if not _SECRET.match(value.get_secret_value()):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+# As PJSIP and sofia parse it: an RFC 3261 hostname, an IPv4 address or a bracketed IPv6
+# address; no scheme, no port (`port` is its own field).
+SipHost = Annotated[
+    str,
+    AfterValidator(_on_input(_check_host)),
+    Field(json_schema_extra=_pattern_of("HOST_PATTERN")),
+]
+SipUser = Annotated[
+    str,
+    AfterValidator(_on_input(_check_sip_user)),
+    Field(json_schema_extra=_pattern_of("SIP_USER_PATTERN")),
+]
+Secret = Annotated[
+    SecretStr,
+    AfterValidator(_on_input(_check_secret)),
+    Field(json_schema_extra=_pattern_of("SECRET_PATTERN")),
+]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5060.0 as an integer; strict mode would not (true and "5060" stay
+    errors)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema defines it (the document says "type": "integer").
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class TrunkIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    host: str = Field(min_length=1, max_length=253)
-    port: int = Field(5060, ge=1, le=65535)
+    host: SipHost = Field(min_length=1, max_length=253)
+    port: JsonInt = Field(5060, ge=1, le=65535)
     transport: Literal["udp", "tcp", "tls"] = "udp"
-    username: str | None = Field(default=None, min_length=1, max_length=200)
-    password: SecretStr | None = Field(default=None, max_length=200)
+    username: SipUser | None = Field(default=None, min_length=1, max_length=200)
+    password: Secret | None = Field(default=None, max_length=200)
     registration: bool = False  # REGISTER with the trunk's credentials
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if not HOSTNAME.match(value):
-            raise ValueError("must be a hostname or IP address, without scheme or port")
-        return value
-
-    @field_validator("username")
-    @classmethod
-    def _username(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+", value):
-            raise ValueError("may contain only characters allowed in a SIP user part")
-        return value
 
 
 class Trunk(TrunkIn):
+    model_config = _STORED
+
     id: str
     created_at: datetime
     updated_at: datetime
@@ -171,6 +342,8 @@ class NumberIn(_Strict):
 
 
 class Number(NumberIn):
+    model_config = _STORED
+
     id: str
     created_at: datetime
     updated_at: datetime

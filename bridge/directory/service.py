@@ -20,11 +20,12 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from bridge.directory.models import (
+    STORED,
     Assistant,
     AssistantIn,
     Number,
@@ -40,6 +41,7 @@ from bridge.store.db import Database
 log = get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 TrunkSavedHook = Callable[[Trunk], Awaitable[None]]
 TrunkDeletedHook = Callable[[str], Awaitable[None]]
 
@@ -93,6 +95,8 @@ def field_path(loc: Sequence[int | str], data: Any) -> str:
 
 def _error_field(error: Any, data: Any) -> str:
     path = field_path(error["loc"], data)
+    if error["type"] == "destination_type":
+        return f"{path}.type" if path else "type"
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         # The discriminator itself is wrong or missing: name it.
         tag = str(error.get("ctx", {}).get("discriminator", "type")).strip("'\"")
@@ -118,15 +122,27 @@ def validation_error(exc: ValidationError, data: Any) -> InvalidInput:
     return InvalidInput(message, field=first["field"] or None, errors=errors)
 
 
-def validate(model: type[M], data: Any) -> M:
-    """`model.model_validate(data)`, raising `InvalidInput` instead of `ValidationError`."""
+@overload
+def validate(model: type[M], data: Any) -> M: ...
+@overload
+def validate(model: TypeAdapter[T], data: Any) -> T: ...
+def validate(model: type[BaseModel] | TypeAdapter[Any], data: Any) -> Any:
+    """`model.model_validate(data)` (or a TypeAdapter's `validate_python`), raising
+    `InvalidInput` instead of `ValidationError`."""
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(data)
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, data) from None
 
 
 # --- the service --------------------------------------------------------------------------------
+
+
+def _stored(model: type[M], row: dict[str, Any]) -> M:
+    """An object read back from the database (checks added since it was stored are skipped)."""
+    return model.model_validate(row, context=STORED)
 
 
 def _now() -> datetime:
@@ -168,20 +184,20 @@ class DirectoryService:
     async def create_assistant(self, data: AssistantIn) -> Assistant:
         async with self._lock:
             row = await self._insert("assistants", data)
-        return Assistant.model_validate(row.fields())
+        return _stored(Assistant, row.fields())
 
     async def get_assistant(self, assistant_id: str) -> Assistant:
-        return Assistant.model_validate((await self._require("assistants", assistant_id)).fields())
+        return _stored(Assistant, (await self._require("assistants", assistant_id)).fields())
 
     async def list_assistants(self) -> list[Assistant]:
-        return [Assistant.model_validate(r.fields()) for r in await self._store.list("assistants")]
+        return [_stored(Assistant, r.fields()) for r in await self._store.list("assistants")]
 
     async def patch_assistant(self, assistant_id: str, patch: dict[str, Any]) -> Assistant:
         async with self._lock:
             row = await self._require("assistants", assistant_id)
-            data = validate(AssistantIn, merge_patch(row.doc, _object(patch)))
+            data = validate(AssistantIn, merge_patch(row.doc, _object(patch, AssistantIn)))
             row = await self._update("assistants", row, data)
-        return Assistant.model_validate(row.fields())
+        return _stored(Assistant, row.fields())
 
     async def delete_assistant(self, assistant_id: str) -> None:
         async with self._lock:
@@ -193,13 +209,13 @@ class DirectoryService:
 
     async def create_trunk(self, data: TrunkIn) -> Trunk:
         async with self._lock:
-            trunk = Trunk.model_validate((await self._insert("trunks", data)).fields())
+            trunk = _stored(Trunk, (await self._insert("trunks", data)).fields())
             await self._run_hook("on_trunk_saved", self._on_trunk_saved, trunk, trunk.id)
         return trunk
 
     async def get_trunk(self, trunk_id: str) -> Trunk:
         """The trunk; its password is a `SecretStr` that `public_dict` leaves out."""
-        return Trunk.model_validate((await self._require("trunks", trunk_id)).fields())
+        return _stored(Trunk, (await self._require("trunks", trunk_id)).fields())
 
     async def get_trunk_secret(self, trunk_id: str) -> Trunk:
         """The trunk with its password, for provisioning it on the PBX.
@@ -209,13 +225,13 @@ class DirectoryService:
         return await self.get_trunk(trunk_id)
 
     async def list_trunks(self) -> list[Trunk]:
-        return [Trunk.model_validate(r.fields()) for r in await self._store.list("trunks")]
+        return [_stored(Trunk, r.fields()) for r in await self._store.list("trunks")]
 
     async def patch_trunk(self, trunk_id: str, patch: dict[str, Any]) -> Trunk:
         async with self._lock:
             row = await self._require("trunks", trunk_id)
-            data = validate(TrunkIn, merge_patch(row.doc, _object(patch)))
-            trunk = Trunk.model_validate((await self._update("trunks", row, data)).fields())
+            data = validate(TrunkIn, merge_patch(row.doc, _object(patch, TrunkIn)))
+            trunk = _stored(Trunk, (await self._update("trunks", row, data)).fields())
             await self._run_hook("on_trunk_saved", self._on_trunk_saved, trunk, trunk.id)
         return trunk
 
@@ -232,21 +248,21 @@ class DirectoryService:
         async with self._lock:
             await self._check_number(data, None)
             row = await self._insert("numbers", data)
-        return Number.model_validate(row.fields())
+        return _stored(Number, row.fields())
 
     async def get_number(self, number_id: str) -> Number:
-        return Number.model_validate((await self._require("numbers", number_id)).fields())
+        return _stored(Number, (await self._require("numbers", number_id)).fields())
 
     async def list_numbers(self) -> list[Number]:
-        return [Number.model_validate(r.fields()) for r in await self._store.list("numbers")]
+        return [_stored(Number, r.fields()) for r in await self._store.list("numbers")]
 
     async def patch_number(self, number_id: str, patch: dict[str, Any]) -> Number:
         async with self._lock:
             row = await self._require("numbers", number_id)
-            data = validate(NumberIn, merge_patch(row.doc, _object(patch)))
+            data = validate(NumberIn, merge_patch(row.doc, _object(patch, NumberIn)))
             await self._check_number(data, number_id)
             row = await self._update("numbers", row, data)
-        return Number.model_validate(row.fields())
+        return _stored(Number, row.fields())
 
     async def delete_number(self, number_id: str) -> None:
         async with self._lock:
@@ -265,7 +281,7 @@ class DirectoryService:
         other = dialled[1:] if dialled.startswith("+") else f"+{dialled}"
         rows = await self._store.numbers_by_value([dialled, other])
         rows.sort(key=lambda r: r.doc.get("number") != dialled)
-        return Number.model_validate(rows[0].fields()) if rows else None
+        return _stored(Number, rows[0].fields()) if rows else None
 
     # --- internals ---
 
@@ -338,7 +354,17 @@ class DirectoryService:
             log.exception("trunk hook failed", hook=name, trunk_id=trunk_id)
 
 
-def _object(patch: Any) -> dict[str, Any]:
+def _object(patch: Any, model: type[BaseModel]) -> dict[str, Any]:
+    """The patch as an object whose keys are all fields of `model` (`{"nmae": null}` removes
+    nothing: it is a mistake, refused as a non-null unknown key is)."""
     if not isinstance(patch, dict):
         raise InvalidInput("a PATCH body must be a JSON object")
+    for key in patch:
+        if key not in model.model_fields:
+            message = "Extra inputs are not permitted"
+            raise InvalidInput(
+                f"{key}: {message}",
+                field=key,
+                errors=[{"field": key, "message": message, "type": "extra_forbidden"}],
+            )
     return patch

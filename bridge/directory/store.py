@@ -8,6 +8,7 @@ The store checks nothing: `DirectoryService` owns the rules and maps `sqlite3.In
 
 from __future__ import annotations
 
+import builtins  # `list` is also a method of DirectoryStore
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -127,7 +128,9 @@ class DirectoryStore:
     async def delete(self, table: Table, obj_id: str) -> bool:
         return await self._db.execute(f"DELETE FROM {_table(table)} WHERE id = ?", (obj_id,)) > 0
 
-    async def numbers_referencing(self, column: RefColumn, obj_id: str) -> list[dict[str, str]]:
+    async def numbers_referencing(
+        self, column: RefColumn, obj_id: str
+    ) -> builtins.list[dict[str, str]]:
         """The numbers whose `column` names `obj_id`, as `{"id", "number"}` pairs."""
         if column not in _REF_COLUMNS:
             raise ValueError(f"unknown reference column {column!r}")
@@ -136,7 +139,7 @@ class DirectoryStore:
         )
         return [{"id": r["id"], "number": r["number"]} for r in records]
 
-    async def numbers_by_value(self, values: list[str]) -> list[Row]:
+    async def numbers_by_value(self, values: builtins.list[str]) -> builtins.list[Row]:
         """Numbers whose `number` column equals one of `values` (indexed: UNIQUE)."""
         if not values:
             return []

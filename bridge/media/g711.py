@@ -63,7 +63,7 @@ def _index(pcm: bytes) -> np.ndarray:
 
 def ulaw_encode(pcm: bytes) -> bytes:
     """16-bit little-endian signed PCM → µ-law bytes."""
-    return _ULAW_ENC[_index(pcm)].tobytes()
+    return bytes(_ULAW_ENC[_index(pcm)].tobytes())
 
 
 def ulaw_decode(data: bytes) -> bytes:
@@ -71,7 +71,7 @@ def ulaw_decode(data: bytes) -> bytes:
 
 
 def alaw_encode(pcm: bytes) -> bytes:
-    return _ALAW_ENC[_index(pcm)].tobytes()
+    return bytes(_ALAW_ENC[_index(pcm)].tobytes())
 
 
 def alaw_decode(data: bytes) -> bytes:

@@ -26,17 +26,17 @@ class JitterBuffer:
     def push(self, seq: int, payload: bytes, ssrc: int = 0) -> list[bytes | None]:
         """Add one packet; return the payloads now due, in order (`None` for a lost one)."""
         if ssrc != self._ssrc or self._expected is None:
-            out = self._restart(ssrc)
+            flushed = self._restart(ssrc)
             self._expected = (seq + 1) % _SEQ_MOD
-            return [*out, payload]
+            return [*flushed, payload]
         ahead = (seq - self._expected) % _SEQ_MOD
         if ahead >= _HALF:  # older than what was already played out: late or duplicate
             self.dropped += 1
             return []
         if ahead > self.max_gap:  # the sender jumped: start over from this packet
-            out = self._restart(ssrc)
+            flushed = self._restart(ssrc)
             self._expected = (seq + 1) % _SEQ_MOD
-            return [*out, payload]
+            return [*flushed, payload]
         if seq in self._pending:
             self.dropped += 1
             return []

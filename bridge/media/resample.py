@@ -57,7 +57,7 @@ def lowpass_taps(cutoff_hz: float, rate: int, transition_hz: float) -> np.ndarra
     ntaps |= 1  # odd: integer-sample group delay
     n = np.arange(ntaps) - (ntaps - 1) / 2
     taps = 2 * cutoff_hz / rate * np.sinc(2 * cutoff_hz / rate * n) * np.kaiser(ntaps, beta)
-    return (taps / taps.sum()).astype(np.float32)
+    return np.asarray(taps / taps.sum(), dtype=np.float32)
 
 
 class _StreamFir:

@@ -7,10 +7,15 @@ commits at once: a daemon crash loses nothing that was acknowledged.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from bridge.log import get_logger
+
+log = get_logger(__name__)
 
 MIGRATIONS: list[str] = [
     # 1: the seed's objects, API keys, calls with their events and transfers.
@@ -82,6 +87,39 @@ MIGRATIONS: list[str] = [
 ]
 
 
+class DatabaseRefused(Exception):
+    """The database file cannot be trusted with trunk passwords (owned by another user)."""
+
+
+def secure_file(path: Path) -> None:
+    """Trunk passwords live in the database: readable and writable by the daemon's user only.
+
+    A new file is created 0600 (its directory 0700 if we create it). An existing file (and its
+    -wal/-shm companions) with group or other permissions is fixed to 0600 and logged; one that
+    belongs to another user is refused, since we cannot make it private.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        path.touch(mode=0o600)
+        os.chmod(path, 0o600)
+        return
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = file.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != os.geteuid():
+            raise DatabaseRefused(
+                f"database file {file} belongs to uid {st.st_uid}, not to the daemon's user"
+                f" (uid {os.geteuid()}): refusing to keep trunk passwords in it"
+            )
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            os.chmod(file, 0o600)
+            log.warning("database.permissions_fixed", file=str(file), was=oct(mode), now=oct(0o600))
+
+
 class Database:
     """An open SQLite file with the schema at the newest version."""
 
@@ -92,11 +130,7 @@ class Database:
     async def open(cls, path: str | Path) -> Database:
         path = Path(path)
         if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                # Trunk passwords live here: readable by the daemon's user only.
-                path.touch(mode=0o600)
-                os.chmod(path, 0o600)
+            secure_file(path)
         conn = await aiosqlite.connect(path)
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA foreign_keys = ON")

@@ -86,3 +86,47 @@ async def test_run_serves_the_api_with_keys_and_stops_on_sigterm(
         if daemon.returncode is None:
             daemon.kill()
             await daemon.wait()
+
+
+async def test_ari_credentials_in_the_url_connect(asterisk_lab: Any, tmp_path: Path) -> None:
+    """`[ari] url = "http://user:pw@host:port"` alone: the daemon connects (the credentials
+    move out of the URL) instead of running with a dead events task."""
+    port = free_port(kind=socket.SOCK_STREAM)
+    scheme, rest = asterisk_lab.ari_url.split("://", 1)
+    url = f"{scheme}://{asterisk_lab.ari_username}:{asterisk_lab.ari_password}@{rest}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CALLBRIDGE_")},
+        "CALLBRIDGE_DATABASE": str(tmp_path / "cb.sqlite3"),
+        "CALLBRIDGE_API__PORT": str(port),
+        "CALLBRIDGE_ARI__URL": url,
+        "CALLBRIDGE_AGENT__ENABLED": "false",
+        "CALLBRIDGE_LOG_FORMAT": "json",
+    }
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def connected() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/api/v1/health") as resp:
+                        return bool((await resp.json()).get("pbx_connected"))
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(connected, "the daemon to connect to ARI", timeout=20)
+        daemon.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(daemon.wait(), 10) == 0
+        _, err = await daemon.communicate()
+        assert asterisk_lab.ari_password.encode() not in err  # the URL is logged without it
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
