@@ -99,7 +99,7 @@ class Daemon:
         if t.engine == "openai":
             key = t.api_key.get_secret_value() if t.api_key else None
             cloud = {"base_url": t.base_url, "api_key": key, "model": t.model}
-        return make_tts(t.engine, t.voice, sample_rate=8000, **cloud)
+        return make_tts(t.engine, t.voice, sample_rate=8000, timeout=t.timeout, **cloud)
 
     async def _trunk_specs(self) -> list[Any]:
         assert self.directory is not None

@@ -79,6 +79,8 @@ class TtsSettings(BaseModel):
     base_url: str = "https://api.openai.com/v1"
     api_key: SecretStr | None = None
     model: str = "tts-1"
+    # Seconds one utterance may take; a hung engine is killed and the call goes on.
+    timeout: float = Field(10.0, gt=0, le=120)
 
 
 class VadSettings(BaseModel):

@@ -75,6 +75,13 @@ class EarlyTranscriber:
             task.cancel()
             task.add_done_callback(_swallow)
 
+    def reset(self) -> None:
+        """Forget the utterance under way (the caller was not talking to us meanwhile)."""
+        self._discard()
+        self._recent.clear()
+        self._utterance = []
+        self._quiet_ms = 0
+
     def close(self) -> None:
         self._discard()
 
