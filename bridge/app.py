@@ -11,6 +11,7 @@ from aiohttp import web
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
 from bridge.api.server import create_api_app
+from bridge.calls.admission import Admission, LoopLagMonitor
 from bridge.calls.service import CallService, trunk_spec
 from bridge.calls.store import CallStore
 from bridge.config import Settings
@@ -35,6 +36,7 @@ class Daemon:
         self.calls: CallService | None = None
         self.directory: DirectoryService | None = None
         self.providers: AgentProviders | None = None
+        self.loop_lag: LoopLagMonitor | None = None
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
 
@@ -63,6 +65,7 @@ class Daemon:
                 if warm_tts is not None:
                     await warm_tts()
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
+        self._start_admission()
         await self.calls.start()
         app = create_api_app(self.directory, self.calls, self.db, health=self._health)
         self._runner = web.AppRunner(app, access_log=None)
@@ -73,6 +76,25 @@ class Daemon:
         sockets = getattr(server, "sockets", None) or []
         self.api_port = sockets[0].getsockname()[1] if sockets else s.api.port
         log.info("callbridge.started", api=f"http://{s.api.host}:{self.api_port}", pbx=s.pbx)
+
+    def _start_admission(self) -> None:
+        """The event-loop lag monitor, and admission control for arriving calls."""
+        assert self.calls is not None
+        s = self.settings.calls
+        self.loop_lag = LoopLagMonitor(window=s.lag_window_s, warn_ms=s.max_loop_lag_ms)
+        self.loop_lag.start()
+        calls = self.calls
+        stt = self.providers.stt if self.providers is not None else None
+        backlog = getattr(stt, "backlog", None)
+        admission = Admission(
+            s,
+            active=lambda: len(calls._by_id),
+            lag=self.loop_lag,
+            stt_backlog=(lambda: int(getattr(stt, "backlog", 0))) if backlog is not None else None,
+            stt_workers=int(getattr(stt, "workers", 1)),
+        )
+        calls.admission = admission  # type: ignore[attr-defined]
+        log.info("admission.policy", **admission.describe())
 
     def _build_pbx(self) -> Any:
         s = self.settings
@@ -128,6 +150,8 @@ class Daemon:
             await self._runner.cleanup()
         if self.calls is not None:
             await self.calls.stop()
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
         if self.providers is not None:
             await self.providers.aclose()
         if self.db is not None:

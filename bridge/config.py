@@ -69,6 +69,15 @@ class CallSettings(BaseModel):
     fallback_context: str = "callbridge-fallback"
     # After the assistant's goodbye, or on a failure we cannot handle, where the caller goes.
     default_greeting: str = "Hello, how can I help you?"
+    # Admission control (bridge/calls/admission.py): a new call goes to `fallback_context`
+    # at once, reason recorded, when `max_active` calls are up (None: no cap), when the event
+    # loop ran more than `max_loop_lag_ms` late in the last `lag_window_s` seconds (None: not
+    # checked), or when more than `max_stt_backlog_per_worker` utterances per STT worker wait
+    # for STT (None: not checked).
+    max_active: int | None = Field(default=None, ge=1)
+    max_loop_lag_ms: int | None = Field(default=250, ge=10)
+    lag_window_s: float = Field(default=2.0, gt=0, le=60)
+    max_stt_backlog_per_worker: int | None = Field(default=3, ge=1)
 
 
 class TtsSettings(BaseModel):
@@ -96,7 +105,11 @@ class VadSettings(BaseModel):
 class SttSettings(BaseModel):
     engine: Literal["whisper", "openai"] = "whisper"  # openai: any compatible endpoint
     compute_type: str = "int8"  # whisper: int8 or float32
-    cpu_threads: int = Field(2, ge=1, le=64)
+    # Whisper decodes at most `workers` utterances at once (None: one per core), each on
+    # `cpu_threads` threads (None: cores / workers); the others wait in a queue, turn ends
+    # before early (speculative) ones.
+    workers: int | None = Field(None, ge=1, le=64)
+    cpu_threads: int | None = Field(None, ge=1, le=64)
     base_url: str | None = None  # openai: e.g. https://api.openai.com/v1
     api_key: SecretStr | None = None
     model: str = "whisper-1"

@@ -54,10 +54,15 @@ class EarlyTranscriber:
                 self._discard()  # the caller goes on: the early text would be incomplete
             else:
                 self._quiet_ms += len(frame) * 1000 // (2 * SAMPLE_RATE)
-                if self._quiet_ms >= self.pause_ms and self._task is None:
+                if (
+                    self._quiet_ms >= self.pause_ms
+                    and self._task is None
+                    and not getattr(self.stt, "busy", False)  # loaded: no speculative work
+                ):
                     audio = b"".join(self._utterance)
+                    transcribe = getattr(self.stt, "transcribe_early", self.stt.transcribe)
                     self._task = asyncio.get_running_loop().create_task(
-                        self.stt.transcribe(audio, SAMPLE_RATE, self.prompt)
+                        transcribe(audio, SAMPLE_RATE, self.prompt)
                     )
         self._recent.append(frame)
 

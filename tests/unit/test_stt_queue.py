@@ -1,0 +1,90 @@
+"""Bounded STT concurrency: `QueuedStt` (issue 7, section 8)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.lab.harness import wait_for
+from bridge.speech.stt import QueuedStt, Transcript
+
+
+class GatedStt:
+    """Each transcription waits until the test opens its gate (by the prompt as its name)."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.started: list[str] = []
+        self.running = 0
+        self.most = 0
+
+    async def transcribe(
+        self, pcm: bytes, sample_rate: int, prompt: str | None = None
+    ) -> Transcript:
+        assert prompt is not None
+        self.started.append(prompt)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.gates.setdefault(prompt, asyncio.Event()).wait()
+        finally:
+            self.running -= 1
+        return Transcript(prompt)
+
+    def open(self, name: str) -> None:
+        self.gates.setdefault(name, asyncio.Event()).set()
+
+
+async def test_at_most_workers_decode_and_the_rest_wait_in_order() -> None:
+    inner = GatedStt()
+    stt = QueuedStt(inner, workers=2)
+    names = ["a", "b", "c", "d", "e"]
+    tasks = [asyncio.ensure_future(stt.transcribe(b"", 8000, n)) for n in names]
+    await wait_for(lambda: inner.started == ["a", "b"], "two decoding", every=0.005)
+    assert stt.backlog == 5 and stt.busy
+    for name in names:
+        inner.open(name)
+    results = await asyncio.gather(*tasks)
+    assert [r.text for r in results] == names
+    assert inner.started == names and inner.most == 2
+    assert stt.backlog == 0 and not stt.busy and stt.done == 5
+
+
+async def test_a_turns_transcription_goes_before_early_ones() -> None:
+    inner = GatedStt()
+    stt = QueuedStt(inner, workers=1)
+    first = asyncio.ensure_future(stt.transcribe(b"", 8000, "first"))
+    await wait_for(lambda: inner.started == ["first"], "first decoding", every=0.005)
+    early = asyncio.ensure_future(stt.transcribe_early(b"", 8000, "early"))
+    turn = asyncio.ensure_future(stt.transcribe(b"", 8000, "turn"))
+    await wait_for(lambda: stt.backlog == 3, "both queued", every=0.005)
+    for name in ("first", "turn", "early"):
+        inner.open(name)
+    await asyncio.gather(first, early, turn)
+    assert inner.started == ["first", "turn", "early"]
+
+
+async def test_cancelled_requests_leave_the_queue_and_a_running_one_keeps_its_worker() -> None:
+    inner = GatedStt()
+    stt = QueuedStt(inner, workers=1)
+    running = asyncio.ensure_future(stt.transcribe(b"", 8000, "running"))
+    await wait_for(lambda: inner.started == ["running"], "decoding", every=0.005)
+    waiting = asyncio.ensure_future(stt.transcribe(b"", 8000, "waiting"))
+    later = asyncio.ensure_future(stt.transcribe(b"", 8000, "later"))
+    await wait_for(lambda: stt.backlog == 3, "queued", every=0.005)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert stt.backlog == 2
+    running.cancel()  # the caller gave up; the decode (a thread, in whisper) goes on
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert inner.started == ["running"] and stt.busy  # "later" waits for the worker
+    inner.open("running")
+    inner.open("later")
+    assert (await later).text == "later"
+    assert inner.started == ["running", "later"] and inner.most == 1
+    assert stt.backlog == 0
