@@ -152,6 +152,9 @@ class Daemon:
             await self.calls.stop()
         if self.loop_lag is not None:
             await self.loop_lag.stop()
+            admission = getattr(self.calls, "admission", None)
+            refused = dict(admission.refused) if admission is not None else {}
+            log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
         if self.providers is not None:
             await self.providers.aclose()
         if self.db is not None:
