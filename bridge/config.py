@@ -75,7 +75,7 @@ class CallSettings(BaseModel):
     # checked), or when more than `max_stt_backlog_per_worker` utterances per STT worker wait
     # for STT (None: not checked).
     max_active: int | None = Field(default=None, ge=1)
-    max_loop_lag_ms: int | None = Field(default=250, ge=10)
+    max_loop_lag_ms: int | None = Field(default=500, ge=10)
     lag_window_s: float = Field(default=2.0, gt=0, le=60)
     max_stt_backlog_per_worker: int | None = Field(default=3, ge=1)
 
