@@ -143,7 +143,15 @@ class Daemon:
 
     def _health(self) -> dict[str, Any]:
         connected = bool(self.calls and self.calls.connected)
-        return {"pbx": self.settings.pbx, "pbx_connected": connected}
+        health: dict[str, Any] = {"pbx": self.settings.pbx, "pbx_connected": connected}
+        if self.loop_lag is not None:
+            # The event-loop lag metric (worst of the admission window) and what admission
+            # control refused so far, by rule.
+            health["loop_lag_ms"] = round(self.loop_lag.lag_ms(), 1)
+            admission = getattr(self.calls, "admission", None)
+            if admission is not None:
+                health["calls_refused"] = dict(admission.refused)
+        return health
 
     async def stop(self) -> None:
         if self._runner is not None:
