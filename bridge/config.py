@@ -109,6 +109,9 @@ class SttSettings(BaseModel):
     # `cpu_threads` threads (None: cores / workers); the others wait in a queue, turn ends
     # before early (speculative) ones.
     workers: int | None = Field(None, ge=1, le=64)
+    # Whisper's threads run this much nicer than the daemon (0: same priority), so that a
+    # saturated machine delays transcripts rather than every call's audio and signalling.
+    nice: int = Field(10, ge=0, le=19)
     cpu_threads: int | None = Field(None, ge=1, le=64)
     base_url: str | None = None  # openai: e.g. https://api.openai.com/v1
     api_key: SecretStr | None = None

@@ -49,7 +49,10 @@ class AgentProviders:
         if s.engine == "whisper":
             workers = s.workers or default_workers()
             whisper = WhisperStt(
-                compute_type=s.compute_type, cpu_threads=s.cpu_threads, workers=workers
+                compute_type=s.compute_type,
+                cpu_threads=s.cpu_threads,
+                workers=workers,
+                nice=s.nice,
             )
             return QueuedStt(whisper, workers)
         base_url = s.base_url or self.settings.llm.base_url

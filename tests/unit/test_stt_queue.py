@@ -88,3 +88,20 @@ async def test_cancelled_requests_leave_the_queue_and_a_running_one_keeps_its_wo
     assert (await later).text == "later"
     assert inner.started == ["running", "later"] and inner.most == 1
     assert stt.backlog == 0
+
+
+async def test_whisper_threads_run_at_a_lower_priority_than_the_event_loop() -> None:
+    """On a saturated machine the decodes yield the CPU to the loop (media, ARI, API)."""
+    import os
+    import threading
+
+    from bridge.speech.whisper import _executor
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    loop = asyncio.get_running_loop()
+    mine = nice_here()
+    decoding = await loop.run_in_executor(_executor(1, nice=10), nice_here)
+    assert decoding == min(19, mine + 10)
+    assert await loop.run_in_executor(_executor(1, nice=0), nice_here) == mine
