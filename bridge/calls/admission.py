@@ -24,7 +24,7 @@ import collections
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.calls.model import CallStatus, utcnow
 from bridge.config import CallSettings
@@ -33,8 +33,17 @@ from bridge.log import get_logger
 from bridge.pbx.ports import ChannelGone
 
 if TYPE_CHECKING:
+    from bridge.calls.model import Call
     from bridge.calls.service import CallService
-    from bridge.calls.session import CallSession
+
+
+class Arrival(Protocol):
+    """The arriving call's session, as far as `turn_away` needs it."""
+
+    call: Call
+
+    async def record(self, kind: str, **data: Any) -> None: ...
+
 
 log = get_logger(__name__)
 
@@ -176,7 +185,7 @@ class Admission:
         }
 
 
-async def turn_away(service: CallService, session: CallSession, reason: str) -> None:
+async def turn_away(service: CallService, session: Arrival, reason: str) -> None:
     """Send an arriving call we will not serve to the dialplan fallback, reason recorded.
     Whatever `calls.unknown_number_action` says: an overloaded daemon never hangs up."""
     call = session.call
