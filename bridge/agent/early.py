@@ -72,6 +72,9 @@ class EarlyTranscriber:
         task, self._task = self._task, None
         self._utterance = []
         self._quiet_ms = 0
+        promote = getattr(self.stt, "promote", None)
+        if task is not None and promote is not None:
+            promote(task)  # the turn's own transcription now: no longer speculative
         return task
 
     def _discard(self) -> None:

@@ -68,6 +68,7 @@ class QueuedStt:
         self.workers = max(1, workers)
         self._running = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiting_tasks: dict[asyncio.Task[Any], tuple[int, int, asyncio.Future[None]]] = {}
         self._seq = itertools.count()
         self.max_wait_ms = 0.0
         self.done = 0
@@ -90,6 +91,18 @@ class QueuedStt:
         self, pcm: bytes, sample_rate: int, prompt: str | None = None
     ) -> Transcript:
         return await self._submit(1, pcm, sample_rate, prompt)
+
+    def promote(self, task: asyncio.Task[Any]) -> None:
+        """An early transcription became the turn's (the turn ended): if it still waits, it
+        now goes before other early ones, in its place among the turns."""
+        entry = self._waiting_tasks.get(task)
+        if entry is None or entry[0] == 0 or entry not in self._waiters:
+            return
+        self._waiters.remove(entry)
+        promoted = (0, entry[1], entry[2])
+        self._waiters.append(promoted)
+        heapq.heapify(self._waiters)
+        self._waiting_tasks[task] = promoted
 
     async def warm_up(self) -> None:
         warm = getattr(self.inner, "warm_up", None)
@@ -118,15 +131,22 @@ class QueuedStt:
         turn = asyncio.get_running_loop().create_future()
         entry = (priority, next(self._seq), turn)
         heapq.heappush(self._waiters, entry)
+        me = asyncio.current_task()
+        if me is not None:
+            self._waiting_tasks[me] = entry
         try:
             await turn
         except asyncio.CancelledError:
+            entry = self._waiting_tasks.get(me, entry) if me is not None else entry
             if turn.done() and not turn.cancelled():
                 self._release()  # granted just as we were cancelled: pass it on
             elif entry in self._waiters:
                 self._waiters.remove(entry)
                 heapq.heapify(self._waiters)
             raise
+        finally:
+            if me is not None:
+                self._waiting_tasks.pop(me, None)
 
     def _finished(self, work: asyncio.Future[Any]) -> None:
         if not work.cancelled():

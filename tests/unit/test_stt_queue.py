@@ -105,3 +105,19 @@ async def test_whisper_threads_run_at_a_lower_priority_than_the_event_loop() -> 
     decoding = await loop.run_in_executor(_executor(1, nice=10), nice_here)
     assert decoding == min(19, mine + 10)
     assert await loop.run_in_executor(_executor(1, nice=0), nice_here) == mine
+
+
+async def test_an_early_transcription_that_became_the_turns_is_promoted() -> None:
+    inner = GatedStt()
+    stt = QueuedStt(inner, workers=1)
+    first = asyncio.ensure_future(stt.transcribe(b"", 8000, "first"))
+    await wait_for(lambda: inner.started == ["first"], "first decoding", every=0.005)
+    other_early = asyncio.ensure_future(stt.transcribe_early(b"", 8000, "other early"))
+    mine = asyncio.ensure_future(stt.transcribe_early(b"", 8000, "mine"))
+    later_turn = asyncio.ensure_future(stt.transcribe(b"", 8000, "later turn"))
+    await wait_for(lambda: stt.backlog == 4, "queued", every=0.005)
+    stt.promote(mine)  # its turn ended: it goes before early ones, after earlier turns
+    for name in ("first", "other early", "mine", "later turn"):
+        inner.open(name)
+    await asyncio.gather(first, other_early, mine, later_turn)
+    assert inner.started == ["first", "mine", "later turn", "other early"]
