@@ -151,6 +151,9 @@ class Daemon:
             admission = getattr(self.calls, "admission", None)
             if admission is not None:
                 health["calls_refused"] = dict(admission.refused)
+        backlog = getattr(self.providers.stt if self.providers else None, "backlog", None)
+        if backlog is not None:
+            health["stt_backlog"] = backlog
         return health
 
     async def stop(self) -> None:
