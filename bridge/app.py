@@ -11,6 +11,7 @@ from aiohttp import web
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
 from bridge.api.server import create_api_app
+from bridge.calls.admission import Admission, LoopLagMonitor
 from bridge.calls.service import CallService, trunk_spec
 from bridge.calls.store import CallStore
 from bridge.config import Settings
@@ -36,6 +37,7 @@ class Daemon:
         self.calls: CallService | None = None
         self.directory: DirectoryService | None = None
         self.providers: AgentProviders | None = None
+        self.loop_lag: LoopLagMonitor | None = None
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
 
@@ -64,6 +66,7 @@ class Daemon:
                 if warm_tts is not None:
                     await warm_tts()
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
+        self._start_admission()
         await self.calls.start()
         app = create_api_app(self.directory, self.calls, self.db, health=self._health)
         self._runner = web.AppRunner(app, access_log=None)
@@ -79,6 +82,25 @@ class Daemon:
             pbx=s.pbx,
             database=str(s.database),
         )
+
+    def _start_admission(self) -> None:
+        """The event-loop lag monitor, and admission control for arriving calls."""
+        assert self.calls is not None
+        s = self.settings.calls
+        self.loop_lag = LoopLagMonitor(window=s.lag_window_s, warn_ms=s.max_loop_lag_ms)
+        self.loop_lag.start()
+        calls = self.calls
+        stt = self.providers.stt if self.providers is not None else None
+        backlog = getattr(stt, "backlog", None)
+        admission = Admission(
+            s,
+            active=lambda: len(calls._by_id),
+            lag=self.loop_lag,
+            stt_backlog=(lambda: int(getattr(stt, "backlog", 0))) if backlog is not None else None,
+            stt_workers=int(getattr(stt, "workers", 1)),
+        )
+        calls.admission = admission  # type: ignore[attr-defined]
+        log.info("admission.policy", **admission.describe())
 
     def _build_pbx(self) -> PbxAdapter:
         s = self.settings
@@ -105,7 +127,7 @@ class Daemon:
         if t.engine == "openai":
             key = t.api_key.get_secret_value() if t.api_key else None
             cloud = {"base_url": t.base_url, "api_key": key, "model": t.model}
-        return make_tts(t.engine, t.voice, sample_rate=8000, **cloud)
+        return make_tts(t.engine, t.voice, sample_rate=8000, timeout=t.timeout, **cloud)
 
     async def _trunk_specs(self) -> list[Any]:
         assert self.directory is not None
@@ -127,13 +149,29 @@ class Daemon:
 
     def _health(self) -> dict[str, Any]:
         connected = bool(self.calls and self.calls.connected)
-        return {"pbx": self.settings.pbx, "pbx_connected": connected}
+        health: dict[str, Any] = {"pbx": self.settings.pbx, "pbx_connected": connected}
+        if self.loop_lag is not None:
+            # The event-loop lag metric (worst of the admission window) and what admission
+            # control refused so far, by rule.
+            health["loop_lag_ms"] = round(self.loop_lag.lag_ms(), 1)
+            admission = getattr(self.calls, "admission", None)
+            if admission is not None:
+                health["calls_refused"] = dict(admission.refused)
+        backlog = getattr(self.providers.stt if self.providers else None, "backlog", None)
+        if backlog is not None:
+            health["stt_backlog"] = backlog
+        return health
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.calls is not None:
             await self.calls.stop()
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
+            admission = getattr(self.calls, "admission", None)
+            refused = dict(admission.refused) if admission is not None else {}
+            log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
         if self.providers is not None:
             await self.providers.aclose()
         if self.db is not None:

@@ -144,6 +144,15 @@ class CallSettings(_Section):
     fallback_context: str = "callbridge-fallback"
     # After the assistant's goodbye, or on a failure we cannot handle, where the caller goes.
     default_greeting: str = "Hello, how can I help you?"
+    # Admission control (bridge/calls/admission.py): a new call goes to `fallback_context`
+    # at once, reason recorded, when `max_active` calls are up (None: no cap), when the event
+    # loop ran more than `max_loop_lag_ms` late in the last `lag_window_s` seconds (None: not
+    # checked), or when more than `max_stt_backlog_per_worker` utterances per STT worker wait
+    # for STT (None: not checked).
+    max_active: int | None = Field(default=None, ge=1)
+    max_loop_lag_ms: int | None = Field(default=500, ge=10)
+    lag_window_s: float = Field(default=2.0, gt=0, le=60)
+    max_stt_backlog_per_worker: int | None = Field(default=3, ge=1)
 
 
 class TtsSettings(_Section):
@@ -154,6 +163,8 @@ class TtsSettings(_Section):
     base_url: str = "https://api.openai.com/v1"
     api_key: SecretStr | None = None
     model: str = "tts-1"
+    # Seconds one utterance may take; a hung engine is killed and the call goes on.
+    timeout: float = Field(10.0, gt=0, le=120)
 
 
 class VadSettings(_Section):
@@ -169,7 +180,14 @@ class VadSettings(_Section):
 class SttSettings(_Section):
     engine: Literal["whisper", "openai"] = "whisper"  # openai: any compatible endpoint
     compute_type: str = "int8"  # whisper: int8 or float32
-    cpu_threads: int = Field(2, ge=1, le=64)
+    # Whisper decodes at most `workers` utterances at once (None: one per core), each on
+    # `cpu_threads` threads (None: cores / workers); the others wait in a queue, turn ends
+    # before early (speculative) ones.
+    workers: int | None = Field(None, ge=1, le=64)
+    # Whisper's threads run this much nicer than the daemon (0: same priority), so that a
+    # saturated machine delays transcripts rather than every call's audio and signalling.
+    nice: int = Field(10, ge=0, le=19)
+    cpu_threads: int | None = Field(None, ge=1, le=64)
     base_url: str | None = None  # openai: e.g. https://api.openai.com/v1
     api_key: SecretStr | None = None
     model: str = "whisper-1"

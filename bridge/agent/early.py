@@ -54,10 +54,15 @@ class EarlyTranscriber:
                 self._discard()  # the caller goes on: the early text would be incomplete
             else:
                 self._quiet_ms += len(frame) * 1000 // (2 * SAMPLE_RATE)
-                if self._quiet_ms >= self.pause_ms and self._task is None:
+                if (
+                    self._quiet_ms >= self.pause_ms
+                    and self._task is None
+                    and not getattr(self.stt, "busy", False)  # loaded: no speculative work
+                ):
                     audio = b"".join(self._utterance)
+                    transcribe = getattr(self.stt, "transcribe_early", self.stt.transcribe)
                     self._task = asyncio.get_running_loop().create_task(
-                        self.stt.transcribe(audio, SAMPLE_RATE, self.prompt)
+                        transcribe(audio, SAMPLE_RATE, self.prompt)
                     )
         self._recent.append(frame)
 
@@ -67,6 +72,9 @@ class EarlyTranscriber:
         task, self._task = self._task, None
         self._utterance = []
         self._quiet_ms = 0
+        promote = getattr(self.stt, "promote", None)
+        if task is not None and promote is not None:
+            promote(task)  # the turn's own transcription now: no longer speculative
         return task
 
     def _discard(self) -> None:
@@ -74,6 +82,13 @@ class EarlyTranscriber:
             task, self._task = self._task, None
             task.cancel()
             task.add_done_callback(_swallow)
+
+    def reset(self) -> None:
+        """Forget the utterance under way (the caller was not talking to us meanwhile)."""
+        self._discard()
+        self._recent.clear()
+        self._utterance = []
+        self._quiet_ms = 0
 
     def close(self) -> None:
         self._discard()

@@ -16,9 +16,9 @@ from bridge.llm.base import LlmProvider
 from bridge.llm.local import LocalRouter
 from bridge.llm.openai_compat import OpenAICompatLlm
 from bridge.log import get_logger
-from bridge.speech.stt import OpenAiStt, SttError, SttProvider
+from bridge.speech.stt import OpenAiStt, QueuedStt, SttError, SttProvider
 from bridge.speech.vad import TurnConfig, TurnDetector, make_vad
-from bridge.speech.whisper import WhisperStt
+from bridge.speech.whisper import WhisperStt, default_workers
 
 log = get_logger(__name__)
 
@@ -47,7 +47,14 @@ class AgentProviders:
     def _build_stt(self) -> SttProvider:
         s = self.settings.stt
         if s.engine == "whisper":
-            return WhisperStt(compute_type=s.compute_type, cpu_threads=s.cpu_threads)
+            workers = s.workers or default_workers()
+            whisper = WhisperStt(
+                compute_type=s.compute_type,
+                cpu_threads=s.cpu_threads,
+                workers=workers,
+                nice=s.nice,
+            )
+            return QueuedStt(whisper, workers)
         base_url = s.base_url or self.settings.llm.base_url
         api_key = _secret(s.api_key) or _secret(self.settings.llm.api_key)
         # The aiohttp session is made lazily by the provider (no event loop needed here).
@@ -105,7 +112,7 @@ class AgentProviders:
             self.turn_detector()
         except Exception as exc:  # a missing model must not stop the daemon
             log.warning("agent.vad_warm_up_failed", error=str(exc))
-        if isinstance(self.stt, WhisperStt):
+        if isinstance(self.stt, QueuedStt) and isinstance(self.stt.inner, WhisperStt):
             try:
                 await self.stt.warm_up()
             except (SttError, ImportError, OSError) as exc:

@@ -116,6 +116,9 @@ class VoiceAgent:
         self._turn: asyncio.Task[None] | None = None
         self._speech: list[asyncio.Task[None]] = []
         self._committed = False  # this turn decided a transfer or the end: no barge-in
+        self._suspended = False  # a transfer was accepted: not listening until its result
+        self._commanding = False  # this agent's own transfer command is under way
+        self._stale = False  # the detector holds audio from while we were not listening
         self._pending: dict[str, ToolCall] = {}  # transfer id → the tool call that asked
         self._asking: ToolCall | None = None  # the transfer call whose command is under way
         self._settled: set[str] = set()  # transfer ids with a result
@@ -159,6 +162,35 @@ class VoiceAgent:
             self._inbox.put_nowait(pcm)
         self._last_audio = asyncio.get_running_loop().time()
 
+    def on_transfer_started(self) -> None:
+        """A transfer was accepted (control API or this assistant): the caller is no longer
+        talking to us. Cancel the turn under way (its LLM stream, sentences not yet
+        synthesised, interruptible audio already queued) and ignore the caller's audio until
+        `on_transfer_result` says the caller is back."""
+        if self._closed:
+            return
+        self._suspended = True
+        self._stale = True
+        self._carry = b""
+        self.early.reset()
+        if self._commanding:
+            return  # our own transfer: its turn has drained its speech and ends by itself
+        turn = self._turn
+        thinking = turn is not None and not turn.done()
+        if turn is not None and thinking:
+            turn.cancel()
+        for speech in self._speech:
+            speech.cancel()
+        self._speech.clear()
+        media = self.session.media
+        dropped = media.flush() if media is not None else 0
+        self.log.info("agent.turn_cancelled", reason="transfer", dropped=dropped)
+        self._spawn(
+            self.session.record(
+                "agent.turn_cancelled", reason="transfer", dropped=dropped, thinking=thinking
+            )
+        )
+
     def on_transfer_result(self, transfer: Transfer) -> None:
         self._settled.add(transfer.id)
         call = self._pending.pop(transfer.id, None)
@@ -178,7 +210,12 @@ class VoiceAgent:
             note = f"A transfer to {transfer.label or transfer.destination} failed: {content}"
             self.history.append(ChatMessage.system(note))
         if transfer.state is not TransferState.BRIDGED:
-            self._committed = False  # the caller is back with the assistant
+            # The caller is back with the assistant (the session calls this once the call is
+            # active with media again): listen, from a clean detector.
+            self._committed = False
+            self._suspended = False
+            self._stale = True
+            self._carry = b""
 
     async def close(self) -> None:
         self._closed = True
@@ -203,6 +240,13 @@ class VoiceAgent:
             frame = await self._inbox.get()
             if frame is None:
                 return
+            if not self._listening:
+                self._stale = True  # transferring: no turns, and no VAD work either
+                continue
+            if self._stale:
+                self._stale = False
+                self.detector.reset()
+                self.early.reset()
             try:
                 events = self.detector.feed(frame)
             except Exception:
@@ -231,7 +275,11 @@ class VoiceAgent:
 
     @property
     def _listening(self) -> bool:
-        return not self._closed and self.session.call.status is CallStatus.ACTIVE
+        return (
+            not self._closed
+            and not self._suspended
+            and self.session.call.status is CallStatus.ACTIVE
+        )
 
     def _on_speech_started(self) -> None:
         if not self._listening or self._committed:
@@ -322,6 +370,8 @@ class VoiceAgent:
 
     async def _reply(self, turn: _Turn) -> None:
         for _ in range(self.settings.max_tool_rounds):
+            if self._suspended:
+                return  # a transfer took the caller meanwhile
             spoken: list[str] = []
             try:
                 text, calls = await self._generate(turn, spoken)
@@ -365,7 +415,24 @@ class VoiceAgent:
         return "".join(parts).strip(), calls
 
     async def _run_tools(self, calls: Sequence[ToolCall], *, spoke: bool) -> bool:
-        """Run the model's calls; True if the model must be asked again (a refused call)."""
+        """Run the model's calls; True if the model must be asked again (a refused call).
+
+        Whatever fails or cancels the turn here, every call gets a tool message: a history
+        with an unanswered tool call is refused by OpenAI-compatible servers (400) for the
+        rest of the call."""
+        try:
+            return await self._run_tool_calls(calls, spoke=spoke)
+        finally:
+            self._answer_unanswered(calls)
+
+    def _answer_unanswered(self, calls: Sequence[ToolCall]) -> None:
+        answered = {m.tool_call_id for m in self.history if m.role == "tool"}
+        waiting = {c.id for c in self._pending.values()}  # a transfer's result comes later
+        for call in calls:
+            if call.id not in answered and call.id not in waiting:
+                self._tool_result(call, {"error": "not run: the turn was interrupted"})
+
+    async def _run_tool_calls(self, calls: Sequence[ToolCall], *, spoke: bool) -> bool:
         again = False
         for i, call in enumerate(calls):
             await self._transcript("tool_call", call.arguments, tool=call.name, call_id=call.id)
@@ -394,22 +461,33 @@ class VoiceAgent:
         preface is spoken uninterruptibly by the session; the outcome arrives later in
         `on_transfer_result`. True if the model must be asked again (refused)."""
         self._committed = True
-        await self._drain_speech()  # what the model said first plays to the end
+        accepted = False
         dest = intent.destination
-        command = TransferCommand(type="transfer", destination=dest.target, message=intent.preface)
-        self._asking = call
         try:
+            await self._drain_speech()  # what the model said first plays to the end
+            # Built inside the try: a preface the command refuses (too long, unspeakable
+            # text) is a failed transfer the model hears about, not a dead turn.
+            command = TransferCommand(
+                type="transfer", destination=dest.target, message=intent.preface
+            )
+            self._asking = call
+            self._commanding = True
             reply = await asyncio.shield(
                 self.session.command(command, source="assistant", label=dest.description)
             )
-        except BridgeError as exc:
-            self._committed = False
+            accepted = True
+        except Exception as exc:  # BridgeError (refused), ValidationError, anything
+            if not isinstance(exc, BridgeError):
+                self.log.error("agent.transfer_failed", error=repr(exc))
             if call is None:
                 return False
             self._tool_result(call, {"transferred": False, "outcome": "failed", "cause": str(exc)})
             return True
         finally:
             self._asking = None
+            self._commanding = False
+            if not accepted:
+                self._committed = False  # barge-in works again, whatever happened
         transfer_id = str(reply.get("transfer_id"))
         if call is not None and transfer_id not in self._settled:
             self._pending[transfer_id] = call
@@ -418,22 +496,29 @@ class VoiceAgent:
     async def _end_call(self, call: ToolCall, *, spoke: bool) -> None:
         self._committed = True
         self._tool_result(call, {"ended": True})
-        await self._drain_speech()  # the goodbye the model wrote plays to the end
-        message = None if spoke else self.settings.goodbye_message
+        ended = False
         try:
+            await self._drain_speech()  # the goodbye the model wrote plays to the end
+            message = None if spoke else self.settings.goodbye_message
             await asyncio.shield(
                 self.session.command(
                     EndCallCommand(type="end_call", message=message), source="assistant"
                 )
             )
-        except BridgeError as exc:
-            self.log.warning("agent.end_call_failed", error=str(exc))
+            ended = True
+        except Exception as exc:
+            self.log.warning("agent.end_call_failed", error=repr(exc))
+        finally:
+            if not ended:
+                self._committed = False
 
     async def _llm_failed(self, exc: BaseException) -> None:
         """Never silence: apologise, then transfer to the first destination or keep
         listening, as configured."""
         error_type = type(exc).__name__
         self.log.warning("agent.llm_failed", error=str(exc), error_type=error_type)
+        if self._suspended:
+            return  # a transfer took the caller: nothing to say
         await self.session.record("agent.llm_failed", error=str(exc), error_type=error_type)
         apology = self.settings.llm_failure_message
         first = self.destinations[0] if self.destinations else None
@@ -452,6 +537,8 @@ class VoiceAgent:
     # --- helpers ----------------------------------------------------------------------------
 
     def _speak(self, text: str) -> None:
+        if self._suspended:
+            return  # the caller is being transferred: not a word over it
         self._speech = [t for t in self._speech if not t.done()]
         self._speech.append(self.session.say(text, token="assistant"))
 

@@ -25,8 +25,17 @@ class Conversation(Protocol):
         """20 ms of the caller's audio, 8 kHz 16-bit PCM. Called on the event loop: be quick."""
         ...
 
+    def on_transfer_started(self) -> None:
+        """A transfer was accepted (control API or the assistant): cancel the turn under way
+        (LLM stream, sentences not yet spoken, queued interruptible audio) and stop reacting
+        to the caller's audio until `on_transfer_result`. Called by `start_transfer` when it
+        accepts the transfer."""
+        ...
+
     def on_transfer_result(self, transfer: Transfer) -> None:
-        """A transfer reached its final state (typed outcome in `transfer`)."""
+        """A transfer reached its final state (typed outcome in `transfer`). For a failed
+        transfer, call it only once the call is back ACTIVE with media attached: the
+        conversation listens again from then on, and gives the model the typed outcome."""
         ...
 
     async def close(self) -> None: ...

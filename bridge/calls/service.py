@@ -12,6 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from bridge.calls.admission import turn_away
 from bridge.calls.conversation import ConversationFactory
 from bridge.calls.model import Call, CallStatus, utcnow
 from bridge.calls.session import CallSession, Resume
@@ -170,6 +171,11 @@ class CallService:
                 action=self.settings.calls.unknown_number_action,
             )
             await self._refuse(session, why)
+            return
+        admission = getattr(self, "admission", None)  # bridge/calls/admission.py
+        overloaded = admission.refuse_reason() if admission is not None else None
+        if overloaded is not None:
+            await turn_away(self, session, overloaded)
             return
         log.info(
             "call.started",

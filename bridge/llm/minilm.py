@@ -48,17 +48,19 @@ def _erf(x: np.ndarray) -> np.ndarray:
     poly = t * (
         0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
     )
-    return np.asarray(sign * (1.0 - poly * np.exp(-x * x)))
+    out: np.ndarray = sign * (1.0 - poly * np.exp(-x * x))
+    return out
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    return np.asarray(0.5 * x * (1.0 + _erf(x / np.sqrt(2.0))))
+    return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return np.asarray((x - mean) / np.sqrt(var + _EPS) * weight + bias)
+    out: np.ndarray = (x - mean) / np.sqrt(var + _EPS) * weight + bias
+    return out
 
 
 class MiniLmEmbedder:
@@ -82,7 +84,8 @@ class MiniLmEmbedder:
                 self._w[name] = np.ascontiguousarray(self._w[name].T)
 
     def _linear(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        return np.asarray(x @ self._w[prefix + ".weight"] + self._w[prefix + ".bias"])
+        out: np.ndarray = x @ self._w[prefix + ".weight"] + self._w[prefix + ".bias"]
+        return out
 
     def _encode_one(self, ids: Sequence[int]) -> np.ndarray:
         w = self._w
@@ -115,7 +118,8 @@ class MiniLmEmbedder:
                 w[p + "output.LayerNorm.bias"],
             )
         pooled = x.mean(0)
-        return np.asarray(pooled / max(float(np.linalg.norm(pooled)), 1e-12), dtype=np.float32)
+        out: np.ndarray = (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
+        return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors, one row per text (one sequence at a time: no padding to mask)."""

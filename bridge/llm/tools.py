@@ -23,6 +23,7 @@ from bridge.llm.base import ChatMessage, FunctionTool, ToolCall
 TRANSFER_CALL = "transfer_call"
 END_CALL = "end_call"
 _MAX_KEY = 32
+MAX_PREFACE = 500  # characters the model may have spoken before a transfer (the command takes 1000)
 
 
 class ToolError(Exception):
@@ -193,7 +194,13 @@ class Toolset:
                 f"{choices}. If none fits, ask the caller what they need."
             )
         said = args.get("message")
-        preface = dest.message or (str(said).strip() if said else None) or None
+        said = str(said).strip() if said else None
+        if said and not dest.message and len(said) > MAX_PREFACE:
+            raise ToolError(
+                f"The message of transfer_call is {len(said)} characters long; keep it to one "
+                f"short sentence (at most {MAX_PREFACE} characters) and call it again."
+            )
+        preface = dest.message or said or None
         return TransferIntent(dest.key, dest, preface, call.id)
 
 

@@ -13,12 +13,15 @@ OpenAI, Groq, faster-whisper-server / speaches, LocalAI and vLLM serve.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import io
+import itertools
 import re
+import time
 import wave
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -48,6 +51,116 @@ class SttProvider(Protocol):
     async def transcribe(
         self, pcm: bytes, sample_rate: int, prompt: str | None = None
     ) -> Transcript: ...
+
+
+class QueuedStt:
+    """At most `workers` transcriptions at once; the others wait in a queue the caller does
+    not notice (their turn ends while earlier ones decode). A turn's transcription goes before
+    early (speculative) ones, and early ones are not started while every worker is busy.
+
+    `backlog` (decoding + waiting) is what admission control bounds. A request cancelled while
+    it waits leaves the queue; one cancelled while it decodes keeps its worker until the
+    decode is over (a thread cannot be stopped), so the bound is never exceeded."""
+
+    def __init__(self, inner: SttProvider, workers: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.workers = max(1, workers)
+        self._running = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiting_tasks: dict[asyncio.Task[Any], tuple[int, int, asyncio.Future[None]]] = {}
+        self._seq = itertools.count()
+        self.max_wait_ms = 0.0
+        self.done = 0
+
+    @property
+    def backlog(self) -> int:
+        return self._running + len(self._waiters)
+
+    @property
+    def busy(self) -> bool:
+        """Every worker is taken: new work would wait."""
+        return self._running >= self.workers
+
+    async def transcribe(
+        self, pcm: bytes, sample_rate: int, prompt: str | None = None
+    ) -> Transcript:
+        return await self._submit(0, pcm, sample_rate, prompt)
+
+    async def transcribe_early(
+        self, pcm: bytes, sample_rate: int, prompt: str | None = None
+    ) -> Transcript:
+        return await self._submit(1, pcm, sample_rate, prompt)
+
+    def promote(self, task: asyncio.Task[Any]) -> None:
+        """An early transcription became the turn's (the turn ended): if it still waits, it
+        now goes before other early ones, in its place among the turns."""
+        entry = self._waiting_tasks.get(task)
+        if entry is None or entry[0] == 0 or entry not in self._waiters:
+            return
+        self._waiters.remove(entry)
+        promoted = (0, entry[1], entry[2])
+        self._waiters.append(promoted)
+        heapq.heapify(self._waiters)
+        self._waiting_tasks[task] = promoted
+
+    async def warm_up(self) -> None:
+        warm = getattr(self.inner, "warm_up", None)
+        if warm is not None:
+            await warm()
+
+    async def aclose(self) -> None:
+        close = getattr(self.inner, "aclose", None)
+        if close is not None:
+            await close()
+
+    async def _submit(
+        self, priority: int, pcm: bytes, sample_rate: int, prompt: str | None
+    ) -> Transcript:
+        queued = time.monotonic()
+        await self._acquire(priority)
+        self.max_wait_ms = max(self.max_wait_ms, (time.monotonic() - queued) * 1000)
+        work = asyncio.ensure_future(self.inner.transcribe(pcm, sample_rate, prompt))
+        work.add_done_callback(self._finished)
+        return await asyncio.shield(work)
+
+    async def _acquire(self, priority: int) -> None:
+        if self._running < self.workers and not self._waiters:
+            self._running += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        entry = (priority, next(self._seq), turn)
+        heapq.heappush(self._waiters, entry)
+        me = asyncio.current_task()
+        if me is not None:
+            self._waiting_tasks[me] = entry
+        try:
+            await turn
+        except asyncio.CancelledError:
+            entry = self._waiting_tasks.get(me, entry) if me is not None else entry
+            if turn.done() and not turn.cancelled():
+                self._release()  # granted just as we were cancelled: pass it on
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+            raise
+        finally:
+            if me is not None:
+                self._waiting_tasks.pop(me, None)
+
+    def _finished(self, work: asyncio.Future[Any]) -> None:
+        if not work.cancelled():
+            work.exception()  # retrieved: a cancelled caller's failure is not an error
+        self.done += 1
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, turn = heapq.heappop(self._waiters)
+            if not turn.done():
+                turn.set_result(None)  # the worker goes to the next in line
+                return
+        self._running -= 1
 
 
 def vocabulary_prompt(descriptions: Iterable[str], max_chars: int = 200) -> str | None:

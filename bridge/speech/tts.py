@@ -22,9 +22,15 @@ import aiohttp
 
 from bridge.media.resample import resample
 
+DEFAULT_TIMEOUT = 10.0  # seconds; `[tts] timeout`
+
 
 class TtsError(Exception):
     pass
+
+
+class TtsTimeout(TtsError):
+    """The engine did not finish in time (it was killed: later utterances go on)."""
 
 
 class TtsProvider(Protocol):
@@ -44,7 +50,11 @@ def wav_to_pcm(data: bytes) -> tuple[bytes, int]:
         return wav.readframes(wav.getnframes()), wav.getframerate()
 
 
-async def _run_engine(argv: list[str], text: str) -> bytes:
+async def _run_engine(argv: list[str], text: str, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    """Run one synthesis. An engine that hangs is killed and reaped after `timeout` seconds
+    (or when the caller is cancelled): the session synthesises one utterance at a time, so a
+    hung engine would otherwise silence every later utterance of the call, the transfer
+    message included."""
     if shutil.which(argv[0]) is None:
         raise TtsError(f"TTS engine {argv[0]!r} is not installed")
     proc = await asyncio.create_subprocess_exec(
@@ -53,10 +63,27 @@ async def _run_engine(argv: list[str], text: str) -> bytes:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate(text.encode())
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(text.encode())
+    except TimeoutError:
+        await _kill(proc)
+        raise TtsTimeout(f"{argv[0]} did not finish within {timeout:g} s (killed)") from None
+    except BaseException:
+        await asyncio.shield(_kill(proc))
+        raise
     if proc.returncode != 0:
         raise TtsError(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace')}")
     return out
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        await proc.wait()  # reaped: no zombie per hung utterance
 
 
 class FliteTts:
@@ -65,15 +92,17 @@ class FliteTts:
     name = "flite"
     sample_rate = 8000
 
-    def __init__(self, voice: str | None = None) -> None:
+    def __init__(self, voice: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.voice = voice or "kal"
+        self.timeout = timeout
 
-    async def synthesize(self, text: str) -> bytes:
+    def argv(self, text: str) -> list[str]:
         # The text goes as one argv element (no shell). flite hangs reading a piped
         # /dev/stdin, but writes a complete WAV to a piped /dev/stdout.
-        data = await _run_engine(
-            ["flite", "-voice", self.voice, "-t", text, "-o", "/dev/stdout"], ""
-        )
+        return ["flite", "-voice", self.voice, "-t", text, "-o", "/dev/stdout"]
+
+    async def synthesize(self, text: str) -> bytes:
+        data = await _run_engine(self.argv(text), "", self.timeout)
         pcm, rate = wav_to_pcm(data)
         if rate != self.sample_rate:
             raise TtsError(f"flite produced {rate} Hz, expected {self.sample_rate}")
@@ -87,17 +116,22 @@ class EspeakTts:
     name = "espeak-ng"
 
     def __init__(
-        self, voice: str | None = None, sample_rate: int | None = 8000, speed: int = 165
+        self,
+        voice: str | None = None,
+        sample_rate: int | None = 8000,
+        speed: int = 165,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.voice = voice or "en-us"
         self.speed = speed
+        self.timeout = timeout
         self._rate = sample_rate
         self.sample_rate = sample_rate or 22050
 
     async def synthesize(self, text: str) -> bytes:
         # Text on stdin, not argv: a sentence starting with "-" must not read as an option.
         argv = ["espeak-ng", "--stdout", "-v", self.voice, "-s", str(self.speed)]
-        pcm, rate = wav_to_pcm(await _run_engine(argv, text))
+        pcm, rate = wav_to_pcm(await _run_engine(argv, text, self.timeout))
         if self._rate is None:
             self.sample_rate = rate
             return pcm
@@ -142,8 +176,14 @@ class PiperTts:
 
     name = "piper"
 
-    def __init__(self, voice: str | Path | None = None, sample_rate: int | None = 8000) -> None:
+    def __init__(
+        self,
+        voice: str | Path | None = None,
+        sample_rate: int | None = 8000,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.model = Path(voice) if voice else None
+        self.timeout = timeout
         self._rate = sample_rate
         self.sample_rate = sample_rate or 22050
 
@@ -159,8 +199,14 @@ class PiperTts:
         await asyncio.get_running_loop().run_in_executor(_piper_executor, self._voice)
 
     async def synthesize(self, text: str) -> bytes:
+        # A thread cannot be killed: on a timeout the utterance fails (the call goes on), and
+        # the next waits for the worker thread to come back.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_piper_executor, self._synthesize, text)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await loop.run_in_executor(_piper_executor, self._synthesize, text)
+        except TimeoutError:
+            raise TtsTimeout(f"piper did not finish within {self.timeout:g} s") from None
 
     def _synthesize(self, text: str) -> bytes:
         voice = self._voice()
@@ -221,16 +267,21 @@ class OpenAiTts:
 
 
 def make_tts(
-    engine: str, voice: str | None = None, sample_rate: int = 8000, **cloud: Any
+    engine: str,
+    voice: str | None = None,
+    sample_rate: int = 8000,
+    timeout: float = DEFAULT_TIMEOUT,
+    **cloud: Any,
 ) -> TtsProvider:
     """Build the configured TTS engine: "flite" (8 kHz native), "espeak-ng", "piper", or
-    "openai" (cloud; `cloud` holds base_url, api_key, model)."""
+    "openai" (cloud; `cloud` holds base_url, api_key, model). `timeout`: seconds one
+    utterance may take before the engine is given up on (a subprocess is killed)."""
     if engine == "openai":
-        return OpenAiTts(voice=voice, sample_rate=sample_rate, **cloud)
+        return OpenAiTts(voice=voice, sample_rate=sample_rate, timeout=timeout, **cloud)
     if engine == "flite":
-        return FliteTts(voice)
+        return FliteTts(voice, timeout=timeout)
     if engine in ("espeak-ng", "espeak"):
-        return EspeakTts(voice, sample_rate)
+        return EspeakTts(voice, sample_rate, timeout=timeout)
     if engine == "piper":
-        return PiperTts(voice, sample_rate)
+        return PiperTts(voice, sample_rate, timeout=timeout)
     raise TtsError(f"unknown TTS engine {engine!r} (flite, espeak-ng, piper, openai)")

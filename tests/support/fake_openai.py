@@ -57,6 +57,22 @@ def _split(text: str, pieces: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
+def unanswered_tool_calls(messages: list[dict[str, Any]]) -> list[str]:
+    """Tool call ids of assistant messages not followed by their tool messages (OpenAI
+    refuses such a history with 400)."""
+    missing: list[str] = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant" or not message.get("tool_calls"):
+            continue
+        answered = set()
+        for later in messages[i + 1 :]:
+            if later.get("role") != "tool":
+                break
+            answered.add(later.get("tool_call_id"))
+        missing += [c["id"] for c in message["tool_calls"] if c.get("id") not in answered]
+    return missing
+
+
 class FakeOpenAI:
     """`async with FakeOpenAI() as fake:` then point a client at `fake.base_url`."""
 
@@ -113,6 +129,15 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         if not self._authorized(request):
             return self._error(401, "Incorrect API key provided.")
+        missing = unanswered_tool_calls(body.get("messages", []))
+        if missing:
+            # What OpenAI answers for a history with an unanswered tool call.
+            return self._error(
+                400,
+                "An assistant message with 'tool_calls' must be followed by tool messages "
+                "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                f"response messages: {', '.join(missing)}",
+            )
         reply = self.replies.popleft() if self.replies else self.default_reply
         if reply.status != 200:
             return self._error(reply.status, reply.error_message)
