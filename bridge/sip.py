@@ -7,6 +7,7 @@ request router would interpret rather than carry:
 - user part: alphanumerics and `+ - _ . ! ~ * '` only, plus %-escapes that do not decode to
   anything else than those or `#` (never `& , ( ) $ ^ | / ; ? = @ :`, whitespace or controls:
   `Dial()` splits on `&` and `,`; `;`/`?`/`=` would start parameters or headers; `:` a password);
+- scheme `sip:` or `sips:`, in lower case;
 - host: a hostname, an IPv4 address or a bracketed IPv6 address, compared case-insensitively
   (`SipUri.host` is lower-cased; no trailing dot);
 - an optional port 1-65535;
@@ -45,7 +46,7 @@ _MAX_LENGTH = 256
 # The grammar as one regular expression, for documents (OpenAPI `pattern`): it checks the
 # characters and the shape; `parse_sip_uri` also checks escapes, port range and parameters.
 SIP_URI_PATTERN = re.compile(
-    r"^[Ss][Ii][Pp][Ss]?:(?:(?:[A-Za-z0-9+\-_.!~*']|%[0-9A-Fa-f]{2})+@)?"
+    r"^sips?:(?:(?:[A-Za-z0-9+\-_.!~*']|%[0-9A-Fa-f]{2})+@)?"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])"
     r"(?::[0-9]{1,5})?(?:;[A-Za-z0-9\-_.!~*]+(?:=[A-Za-z0-9\-_.!~*]+)?)*$"
@@ -87,7 +88,7 @@ def parse_sip_uri(value: str, *, allowed_params: Collection[str] = ()) -> SipUri
     if "?" in value:
         raise SipUriError("SIP URI headers ('?...') are not accepted")
     scheme, sep, rest = value.partition(":")
-    if not sep or scheme.lower() not in ("sip", "sips"):
+    if not sep or scheme not in ("sip", "sips"):  # lower case: what every caller tests for
         raise SipUriError("must be a SIP URI such as sip:alice@pbx.example.com")
     address, *raw_params = rest.split(";")
     user: str | None = None
@@ -98,7 +99,7 @@ def parse_sip_uri(value: str, *, allowed_params: Collection[str] = ()) -> SipUri
         hostport = address
     host, port = _split_hostport(hostport)
     params = _check_params(raw_params, allowed_params)
-    return SipUri(scheme.lower(), user, host.lower(), port, params)
+    return SipUri(scheme, user, host.lower(), port, params)
 
 
 def check_sip_uri(value: str, *, allowed_params: Collection[str] | None = None) -> str:
@@ -125,7 +126,7 @@ _ANY: Collection[str] = _AnyName()
 
 def is_sip_uri(value: str) -> bool:
     """True if `value` is meant as a SIP URI (valid or not): it has a sip/sips scheme."""
-    return value[:5].lower().startswith(("sip:", "sips:"))
+    return value[:5].lower().startswith(("sip:", "sips:"))  # so "SIP:..." is refused as a URI
 
 
 def configure_uri_params(names: Collection[str]) -> None:
