@@ -99,6 +99,8 @@ def dial_string(target: DialTarget, profile: str) -> str:
     if target.sip_uri:
         dial = f"sofia/{_profile(profile)}/{_sofia_uri(target.sip_uri)}"
     elif target.trunk_id:
+        if not _SAFE_ID.match(target.trunk_id):
+            raise UnsafeDialString(f"refusing trunk id {target.trunk_id!r} in a dial string")
         dial = f"sofia/gateway/{gateway_name(target.trunk_id)}/{_number(target.number)}"
     elif target.route:
         if target.route.count("{number}") > 1:
