@@ -243,7 +243,8 @@ async def test_blind_context_refuses_parts_it_would_have_to_filter(
     asterisk_lab: Any, daemon_api: Any, variables: dict[str, str]
 ) -> None:
     """Defence in depth: even if the daemon let a bad part through, the dialplan does not
-    dial it (it plays the failure message and hangs up)."""
+    dial it (it plays the failure message and hangs up); and a whole dial string in
+    CALLBRIDGE_DIAL (what main's context ran `Dial()` on) is never dialled."""
     _, api = daemon_api
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
         carrier = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
@@ -264,7 +265,12 @@ async def test_blind_context_refuses_parts_it_would_have_to_filter(
             status, info = asterisk_lab.ari("GET", f"/channels/{channel}")
             assert status == 200
             name = info["name"]  # how the dialplan log names this call
-            parts = {"CALLBRIDGE_ENDPOINT": endpoint, "CALLBRIDGE_RING_TIMEOUT": "5"}
+            parts = {
+                "CALLBRIDGE_ENDPOINT": endpoint,
+                "CALLBRIDGE_RING_TIMEOUT": "5",
+                # What main's blind context dialled as is: it must be ignored now.
+                "CALLBRIDGE_DIAL": f"PJSIP/cb-direct/sip:x&PJSIP/{PREMIUM}@{endpoint}",
+            }
             parts |= {k: v.replace("ENDPOINT", endpoint) for k, v in variables.items()}
             for variable, value in parts.items():
                 status, _ = asterisk_lab.ari(
