@@ -79,6 +79,22 @@ class TransferSettings(BaseModel):
     # None: no cap.
     max_legs_per_trunk: int | None = Field(default=None, ge=1, le=10000)
 
+    @field_validator("default_route")
+    @classmethod
+    def _route(cls, value: str | None) -> str | None:
+        # Checked again whole by each adapter once {number} is filled in; refused here so that
+        # a route that could never be dialled safely stops the daemon at start.
+        if value is not None and (
+            value.count("{number}") > 1
+            or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*/[A-Za-z0-9+_./@:#*{}-]+", value)
+            or re.search(r"[{}]", value.replace("{number}", ""))
+        ):
+            raise ValueError(
+                "must be a dial string such as PJSIP/{number}@carrier: a technology, '/', then "
+                "only letters, digits, + _ . / @ : # * - and {number} at most once"
+            )
+        return value
+
     @field_validator("allowed_prefixes")
     @classmethod
     def _prefixes(cls, value: list[str]) -> list[str]:

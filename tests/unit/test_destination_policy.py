@@ -163,6 +163,11 @@ def test_allow_any_is_never_combined_with_allow_lists() -> None:
         TransferSettings(allowed_sip_domains=["pbx.example.com:5060"])
     with pytest.raises(ValidationError):
         TransferSettings(allowed_prefix=["+31"])  # type: ignore[call-arg]  # a typo
+    for route in ("PJSIP/{number}@a&Local/1@b", "PJSIP/{number}@a,30", "{number}", "PJSIP/${X}",
+                  "PJSIP/{number}@{number}", "PJSIP/{numbr}@a", "PJSIP/{number}@a b"):  # fmt: skip
+        with pytest.raises(ValidationError):
+            TransferSettings(default_route=route)
+    assert TransferSettings(default_route="Local/{number}@out/n").default_route
     assert TransferSettings(allowed_sip_domains=["PBX.Example.com"]).allowed_sip_domains == [
         "pbx.example.com"
     ]
