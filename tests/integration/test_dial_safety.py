@@ -319,3 +319,37 @@ async def test_an_invite_from_cb_direct_is_not_routed_into_callbridge(
         finally:
             await intruder.terminate()
     assert (await api.ok("GET", "/calls"))["data"] == []
+
+
+async def test_blind_transfer_through_the_default_route_is_assembled_by_the_dialplan(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The route kind: `transfer.default_route` split around {number}, filtered, dialled."""
+    daemon, api = await start_daemon(
+        asterisk_lab,
+        tmp_path,
+        transfer=POLICY | {"default_route": "PJSIP/{number}@sipp-uas"},  # a lab endpoint
+        agent={"enabled": False},
+    )
+    try:
+        async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+            uas = SippUas.for_lab(asterisk_lab, "uas_answer.xml", rtp_port=dest_rtp.port)
+            await uas.start()
+            await setup_directory(api, None)  # the number has no trunk: the route is used
+            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
+            await caller.start()
+            try:
+                call = await active_call(api)
+                await api.ok(
+                    "POST",
+                    f"/calls/{call['id']}/control",
+                    {"type": "transfer", "destination": DESTINATION, "mode": "blind"},
+                )
+                await wait_for(lambda: uas.invite is not None, "the INVITE at the UAS")
+                assert (uas.invite.request_uri or "").startswith(f"sip:{DESTINATION}@")
+            finally:
+                await caller.terminate()
+                await uas.stop()
+    finally:
+        await api.close()
+        await daemon.stop()
