@@ -22,6 +22,7 @@ from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
 from bridge.pbx.ports import PbxAdapter
+from bridge.sip import configure_uri_params
 from bridge.speech.tts import TtsProvider, make_tts
 from bridge.store.db import Database
 
@@ -57,6 +58,10 @@ class Daemon:
             directory=self.directory,
             tts=tts,
         )
+        # The toll-fraud policy in force, logged once (allow_any loudly); the URI parameters it
+        # allows also hold for API input and stored destinations.
+        configure_uri_params(s.transfer.allowed_uri_params)
+        self.calls.policy.log_start()
         if s.agent.enabled:
             # Speech and LLM providers: built once, models loaded before the first call.
             self.providers = AgentProviders(s)

@@ -18,12 +18,21 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -31,6 +40,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from bridge.sip import parse_sip_uri
 
 ENV_PREFIX = "CALLBRIDGE_"
 # Read when neither `--config` nor CALLBRIDGE_CONFIG names a file, if it exists.
@@ -131,10 +142,78 @@ class TransferSettings(_Section):
     busy_message: str = "Sorry, that line is busy. I'm still here with you."
     no_answer_message: str = "Sorry, nobody answered. I'm still here with you."
     blind_context: str = "callbridge-blind-transfer"
-    # Toll-fraud guard for every transfer (API and assistant): when set, an E.164 destination
-    # must start with one of these prefixes and a SIP URI's host must be one of these domains.
-    allowed_prefixes: list[str] = []
-    allowed_sip_domains: list[str] = []
+    # The toll-fraud policy for every transfer (API, assistant, destinations/test), see
+    # docs/security.md. Fail-closed: with no allow-list and allow_any false, a transfer may go
+    # only to a destination configured on the call's assistant. With an allow-list, every
+    # destination must match it (an E.164 number one of the prefixes, a SIP URI's host one of
+    # the domains, exactly, case-insensitively); a kind with no list (e.g. SIP URIs when only
+    # prefixes are set) is refused. A trunk's own `allowed_prefixes` replace these prefixes for
+    # the numbers it carries.
+    allow_any: bool = False  # any destination (logged loudly at start); never with lists
+    allowed_prefixes: list[str] = Field(default_factory=list, max_length=1000)
+    allowed_sip_domains: list[str] = Field(default_factory=list, max_length=1000)
+    # SIP URI parameters accepted in a destination besides user=phone (e.g. ["transport"]);
+    # maddr, transport, lr... change where a request goes, so none by default.
+    allowed_uri_params: list[str] = Field(default_factory=list, max_length=20)
+    max_per_call: int = Field(3, ge=1, le=100)  # transfers (API + assistant) in one call
+    # Concurrent transfer legs through one trunk (or the default route, or one SIP host);
+    # None: no cap.
+    max_legs_per_trunk: int | None = Field(default=None, ge=1, le=10000)
+
+    @field_validator("default_route")
+    @classmethod
+    def _route(cls, value: str | None) -> str | None:
+        # Checked again whole by each adapter once {number} is filled in; refused here so that
+        # a route that could never be dialled safely stops the daemon at start.
+        if value is not None and (
+            value.count("{number}") > 1
+            or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*/[A-Za-z0-9+_./@:#*{}-]+", value)
+            or re.search(r"[{}]", value.replace("{number}", ""))
+        ):
+            raise ValueError(
+                "must be a dial string such as PJSIP/{number}@carrier: a technology, '/', then "
+                "only letters, digits, + _ . / @ : # * - and {number} at most once"
+            )
+        return value
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not re.fullmatch(r"\+[0-9]{1,15}", prefix):
+                raise ValueError(f"{prefix!r} is not an E.164 prefix such as +31 or +3120")
+        return value
+
+    @field_validator("allowed_sip_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        out = []
+        for domain in value:
+            try:
+                uri = parse_sip_uri(f"sip:{domain}")
+            except ValueError as exc:
+                raise ValueError(f"{domain!r} is not a host name or IP address") from exc
+            if uri.port is not None or uri.params:
+                raise ValueError(f"{domain!r}: give the host only, without port or parameters")
+            out.append(uri.host)
+        return out
+
+    @field_validator("allowed_uri_params")
+    @classmethod
+    def _params(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9\-_.!~*]{1,32}", name):
+                raise ValueError(f"{name!r} is not a SIP URI parameter name")
+        return [n.lower() for n in value]
+
+    @model_validator(mode="after")
+    def _any_or_lists(self) -> TransferSettings:
+        if self.allow_any and (self.allowed_prefixes or self.allowed_sip_domains):
+            raise ValueError(
+                "transfer.allow_any = true cannot be combined with allowed_prefixes or "
+                "allowed_sip_domains: choose one"
+            )
+        return self
 
 
 class CallSettings(_Section):

@@ -46,3 +46,11 @@ class PbxCommandFailed(BridgeError):
     """The PBX refused a command (wrong state, bad argument)."""
 
     error_id = "pbx-command-failed"
+
+
+class UnsafeDialString(PbxCommandFailed, ValueError):
+    """An adapter refused to send a dial string it built: it holds characters the PBX would
+    interpret (`&`, `,`, `(`, `$`, whitespace...) or is not one of the shapes it builds. A local
+    refusal (our policy, not the destination): nothing was sent to the PBX."""
+
+    local = True

@@ -15,14 +15,13 @@ from typing import Any
 from bridge.calls.admission import turn_away
 from bridge.calls.conversation import ConversationFactory
 from bridge.calls.model import Call, CallStatus, utcnow
+from bridge.calls.policy import TransferPolicy
 from bridge.calls.session import CallSession, Resume
 from bridge.calls.store import CallStore
 from bridge.calls.transfer import TransferState
 from bridge.config import Settings
 from bridge.errors import (
     Conflict,
-    DestinationNotAllowed,
-    InvalidInput,
     NotFound,
     PbxCommandFailed,
 )
@@ -34,7 +33,6 @@ from bridge.pbx.ports import (
     ChannelHungUp,
     ConnectionLost,
     ConnectionRestored,
-    DialTarget,
     LegAnswered,
     LegFailed,
     LegOutcome,
@@ -73,6 +71,8 @@ class CallService:
         self.conversation_factory: ConversationFactory | None = None
         self.connected = False
         self._probes: dict[str, asyncio.Queue[PbxEvent]] = {}
+        # Where a transfer may go (fail-closed); every transfer and destination test asks it.
+        self.policy = TransferPolicy(settings.transfer, directory)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -267,46 +267,6 @@ class CallService:
 
     # --- policies used by sessions ----------------------------------------------------------
 
-    async def resolve_destination(self, number_id: str | None, destination: str) -> DialTarget:
-        """E.164 goes through the number's transfer trunk (looked up now: a PATCH during the
-        call counts), else the default route; a SIP URI is dialled directly."""
-        self._check_policy(destination)
-        if destination.startswith(("sip:", "sips:")):
-            return DialTarget(sip_uri=destination)
-        trunk_id = None
-        if number_id:
-            try:
-                trunk_id = (await self.directory.get_number(number_id)).transfer_trunk_id
-            except NotFound:
-                trunk_id = None
-        if trunk_id:
-            return DialTarget(number=destination, trunk_id=trunk_id)
-        route = self.settings.transfer.default_route
-        if route:
-            return DialTarget(number=destination, route=route)
-        raise InvalidInput(
-            "no route for this number: give the call's number a transfer_trunk_id, "
-            "set transfer.default_route, or transfer to a SIP URI",
-            field="destination",
-        )
-
-    def _check_policy(self, destination: str) -> None:
-        """The toll-fraud guard: only configured prefixes and SIP domains, when configured."""
-        policy = self.settings.transfer
-        if destination.startswith(("sip:", "sips:")):
-            host = destination.split(":", 1)[1].rsplit("@", 1)[-1].split(";")[0]
-            host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-            allowed = policy.allowed_sip_domains
-            if allowed and host.lower() not in {d.lower() for d in allowed}:
-                raise DestinationNotAllowed(
-                    f"SIP domain {host} is not in transfer.allowed_sip_domains",
-                    field="destination",
-                )
-        elif policy.allowed_prefixes and not destination.startswith(tuple(policy.allowed_prefixes)):
-            raise DestinationNotAllowed(
-                "number is not in transfer.allowed_prefixes", field="destination"
-            )
-
     def caller_id_for(self, call: Call) -> str | None:
         choice = self.settings.transfer.caller_id
         if choice == "caller":
@@ -345,7 +305,10 @@ class CallService:
         up as soon as it answers. Returns the typed outcome (the seed's "test destinations")."""
         if number_id is not None:
             await self.directory.get_number(number_id)  # NotFound names the field
-        target = await self.resolve_destination(number_id, destination)
+        # The toll-fraud policy (bridge.calls.policy); a refusal is logged there with its rule.
+        target = await self.policy.authorize(
+            destination, number_id=number_id, assistant=None, source="test", transfers_in_call=0
+        )
         leg = f"cbleg-probe-{uuid.uuid4()}"
         events: asyncio.Queue[PbxEvent] = asyncio.Queue()
         self._probes[leg] = events

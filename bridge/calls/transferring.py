@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.calls.items import SpeechDone, TimerFired
 from bridge.calls.model import CallStatus, TransferCommand
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.errors import BridgeError, Conflict
+from bridge.errors import BridgeError, Conflict, DestinationNotAllowed
 from bridge.pbx.ports import ChannelGone, LegAnswered, LegFailed, LegOutcome, LegRinging
 
 if TYPE_CHECKING:
@@ -37,7 +37,23 @@ class TransferSteps(_Base):
                 f"cannot transfer while the call is {self.call.status.value}", field="type"
             )
         settings = self.service.settings.transfer
-        target = await self.service.resolve_destination(self.call.number_id, command.destination)
+        try:  # the toll-fraud policy (bridge.calls.policy): route, or a refusal with its rule
+            target = await self.service.policy.authorize(
+                command.destination,
+                number_id=self.call.number_id,
+                assistant=self.assistant,
+                source=source,
+                transfers_in_call=len(await self.service.store.transfers(self.call.id)),
+            )
+        except DestinationNotAllowed as exc:
+            await self.record(
+                "transfer.refused",
+                rule=exc.details.get("rule"),
+                destination=command.destination,
+                source=source,
+                reason=exc.message,
+            )
+            raise
         transfer = Transfer(
             id=str(uuid.uuid4()),
             call_id=self.call.id,

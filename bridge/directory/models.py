@@ -23,15 +23,12 @@ from pydantic import (
     ValidationInfo,
 )
 
+from bridge import sip as _sip
+
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-# sip:user@host[:port][;params] or sips:; user part optional. Deliberately strict: no spaces,
-# no angle brackets, no header injection.
-SIP_URI = re.compile(
-    r"^sips?:(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+@)?"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])"
-    r"(?::[0-9]{1,5})?(?:;[A-Za-z0-9\-_.!~*'()%=]+)*$"
-)
+# The SIP URI grammar (user-part charset, host, port, no routing parameters) is bridge.sip's:
+# one grammar for every entry point (API transfers, stored destinations, destinations/test).
+SIP_URI = _sip.SIP_URI_PATTERN
 
 
 # --- hosts and SIP user parts as the PBXs parse them (RFC 3261 §25.1) ----------------------
@@ -142,12 +139,7 @@ def check_e164(value: str) -> str:
 
 
 def check_sip_uri(value: str) -> str:
-    if not SIP_URI.match(value):
-        raise ValueError("must be a SIP URI such as sip:alice@pbx.example.com")
-    port = re.search(r"@?[^@:;]+:(\d+)(?:;|$)", value.split(":", 1)[1])
-    if port and not 0 < int(port.group(1)) < 65536:
-        raise ValueError("SIP URI port must be between 1 and 65535")
-    return value
+    return _sip.check_sip_uri(value)
 
 
 class _Strict(BaseModel):
@@ -315,6 +307,12 @@ class TrunkIn(_Strict):
     username: SipUser | None = Field(default=None, min_length=1, max_length=200)
     password: Secret | None = Field(default=None, max_length=200)
     registration: bool = False  # REGISTER with the trunk's credentials
+    # Toll-fraud policy for this trunk: numbers it carries must start with one of these
+    # E.164 prefixes (they replace transfer.allowed_prefixes for this trunk); [] = the global
+    # policy alone. See docs/security.md.
+    allowed_prefixes: list[Annotated[str, Field(pattern=r"^\+[0-9]{1,15}$")]] = Field(
+        default_factory=list, max_length=100
+    )
 
 
 class Trunk(TrunkIn):

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.asterisk
 
 @pytest.fixture
 async def daemon_api(asterisk_lab: Any, tmp_path: Path):
-    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    # The toll-fraud guard stays on: explicit allow-lists for the lab's numbers and UAS host.
+    policy = {"allowed_prefixes": ["+31"], "allowed_sip_domains": ["127.0.0.1"]}
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer=policy)
     try:
         yield daemon, api
     finally:

@@ -92,7 +92,8 @@ async def test_destination_test_call_reports_the_outcome(
     peer = await RtpPeer().start()
     uas = SippUas(scenario, rtp_port=peer.port)
     await uas.start()
-    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    # The number has no assistant: only an allow-list lets the test call out (fail-closed).
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer={"allowed_prefixes": ["+31"]})
     try:
         trunk = await api.ok(
             "POST", "/sip-trunks", {"name": "t", "host": "127.0.0.1", "port": uas.local_port}

@@ -22,6 +22,12 @@ from bridge.pbx.asterisk.ari import (
     AriUnavailable,
 )
 from bridge.pbx.asterisk.causes import leg_outcome
+from bridge.pbx.asterisk.dialing import (
+    DIRECT_ENDPOINT,
+    OUTBOUND_ONLY_CONTEXT,
+    blind_variables,
+    dial_string,
+)
 from bridge.pbx.ports import (
     CallArrived,
     ChannelGone,
@@ -43,7 +49,6 @@ log = get_logger(__name__)
 
 LEG_PREFIX = "cbleg-"
 MEDIA_PREFIX = "cbmedia-"
-DIRECT_ENDPOINT = "cb-direct"
 
 
 def bridge_id(channel_id: str) -> str:
@@ -326,19 +331,20 @@ class AsteriskAdapter:
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
     ) -> None:
+        """The destination's parts in separate variables (never a dial string that `Dial()`
+        would re-parse); `[callbridge-blind-transfer]` filters them and dials."""
+        variables = blind_variables(target)  # UnsafeDialString before anything is changed
         await self.detach_media(channel_id)
-        await self.set_variable(channel_id, "CALLBRIDGE_DIAL", self.dial_string(target))
-        await self.set_variable(channel_id, "CALLBRIDGE_RING_TIMEOUT", str(round(ring_timeout)))
+        for name, value in variables.items():
+            await self.set_variable(channel_id, name, value)
+        await self.set_variable(
+            channel_id, "CALLBRIDGE_RING_TIMEOUT", str(max(1, round(ring_timeout)))
+        )
         await self.continue_in_dialplan(channel_id, self.blind_context, "s")
 
     def dial_string(self, target: DialTarget) -> str:
-        if target.sip_uri:
-            return f"PJSIP/{DIRECT_ENDPOINT}/{target.sip_uri}"
-        if target.trunk_id:
-            return f"PJSIP/{target.number}@{trunk_endpoint(target.trunk_id)}"
-        if target.route:
-            return target.route.replace("{number}", target.number or "")
-        raise ValueError("a dial target needs a SIP URI, a trunk or a route")
+        """The final dial string, checked whole (UnsafeDialString): see `dialing`."""
+        return dial_string(target)
 
     # --- trunks -----------------------------------------------------------------------------
 
@@ -403,11 +409,15 @@ class AsteriskAdapter:
         log.info("asterisk.trunk_removed", trunk=trunk_id)
 
     async def _provision_all(self) -> None:
+        # cb-direct only dials SIP URIs for us. It has no auth, so an INVITE that names it
+        # (From user cb-direct) must not reach the inbound context: its context only hangs
+        # up, and it is identified by IP only, with no identify object to match.
         await self._dynamic(
             "endpoint",
             DIRECT_ENDPOINT,
             {
-                "context": self.inbound_context,
+                "context": OUTBOUND_ONLY_CONTEXT,
+                "identify_by": "ip",
                 "disallow": "all",
                 "allow": "ulaw,alaw",
                 "direct_media": "no",

@@ -30,7 +30,7 @@ from bridge.pbx.freeswitch.esl_client import (
     EslError,
 )
 from bridge.pbx.freeswitch.esl_protocol import EslEvent, encode_bgapi
-from bridge.pbx.freeswitch.gateways import SofiaGateways, dial_string
+from bridge.pbx.freeswitch.gateways import SofiaGateways, dial_string, refer_uri
 from bridge.pbx.ports import (
     ChannelGone,
     ChannelHungUp,
@@ -423,12 +423,13 @@ class FreeswitchAdapter:
         background because it waits up to ~10 s for the NOTIFY)."""
         uuid = _uuid(channel_id)
         if self.blind_method == "deflect" and target.sip_uri:
+            uri = refer_uri(target)  # checked like a dial string (UnsafeDialString)
             await self._hand_off(uuid)
-            uri = target.sip_uri if target.sip_uri.startswith("sip") else f"sip:{target.sip_uri}"
             reply = await self._raw_bgapi(f"uuid_deflect {uuid} {_word(uri)}")
             log.info("freeswitch.deflect", channel=uuid, reply=reply)
             return
-        await self.set_variable(uuid, "callbridge_dial", dial_string(target, self.profile))
+        dial = dial_string(target, self.profile)  # UnsafeDialString before anything changes
+        await self.set_variable(uuid, "callbridge_dial", dial)
         await self.set_variable(uuid, "callbridge_ring_timeout", str(max(1, round(ring_timeout))))
         await self._hand_off(uuid)
         await self._api(f"uuid_transfer {uuid} s XML {_word(self.blind_context)}")

@@ -16,15 +16,21 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from bridge.errors import PbxCommandFailed
+from bridge.errors import PbxCommandFailed, UnsafeDialString
 from bridge.log import get_logger
 from bridge.pbx.ports import DialTarget, TrunkSpec
+from bridge.sip import SipUriError, check_uri_syntax
 
 log = get_logger(__name__)
 Api = Callable[[str], Awaitable[str]]  # runs one API command; -ERR raises PbxCommandFailed
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
-_SAFE_DIAL = re.compile(r"^[^\s{}'\",]+$")  # nothing that ends a dial string or its {vars}
+# The final dial string: a whitelist. No `, | { } [ ] < > $ ^ & ( ) ' "` or whitespace: nothing
+# that ends a dial string, adds a leg, opens variables or expands one.
+_SAFE_DIAL = re.compile(r"^[A-Za-z0-9+_.!~*%:@=;/#-]+$")
+_SAFE_URI = re.compile(r"^[A-Za-z0-9+_.!~*%:@=;-]+$")  # a SIP URI after its scheme (no IPv6 [])
+_SAFE_ROUTE = re.compile(r"^[A-Za-z][A-Za-z0-9]*/[A-Za-z0-9+_./@:#*=;-]+$")
+_NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
 
 
 def gateway_name(trunk_id: str) -> str:
@@ -86,21 +92,60 @@ def remove_gateway(directory: Path, trunk_id: str) -> bool:
 
 
 def dial_string(target: DialTarget, profile: str) -> str:
-    """`sofia/gateway/cb-trunk-<id>/<number>`, `sofia/<profile>/<uri>` or the route template."""
+    """`sofia/gateway/cb-trunk-<id>/<number>`, `sofia/<profile>/<uri>` or the route template,
+    checked whole before it is used (UnsafeDialString): `bridge`/`originate` split a dial
+    string on `,` `|` `:_:`, read `{...}`/`[...]`/`<...>` as variables and expand `${...}`,
+    so none of those (nor quotes or whitespace) may appear; each kind has its own shape."""
     if target.sip_uri:
-        uri = target.sip_uri
-        for scheme in ("sip:", "sips:"):
-            uri = uri.removeprefix(scheme)
-        dial = f"sofia/{profile}/{uri}"
+        dial = f"sofia/{_profile(profile)}/{_sofia_uri(target.sip_uri)}"
     elif target.trunk_id:
-        dial = f"sofia/gateway/{gateway_name(target.trunk_id)}/{target.number or ''}"
+        if not _SAFE_ID.match(target.trunk_id):
+            raise UnsafeDialString(f"refusing trunk id {target.trunk_id!r} in a dial string")
+        dial = f"sofia/gateway/{gateway_name(target.trunk_id)}/{_number(target.number)}"
     elif target.route:
-        dial = target.route.replace("{number}", target.number or "")
+        if target.route.count("{number}") > 1:
+            raise UnsafeDialString("transfer.default_route may contain {number} once")
+        dial = target.route.replace("{number}", _number(target.number))
+        if not _SAFE_ROUTE.match(dial):
+            raise UnsafeDialString(f"refusing dial string {dial!r} from transfer.default_route")
     else:
-        raise ValueError("a dial target needs a SIP URI, a trunk or a route")
+        raise UnsafeDialString("a dial target needs a SIP URI, a trunk or a route")
     if not _SAFE_DIAL.match(dial):
-        raise ValueError(f"refusing dial string {dial!r}")
+        raise UnsafeDialString(f"refusing dial string {dial!r}")
     return dial
+
+
+def refer_uri(target: DialTarget) -> str:
+    """The SIP URI a REFER (`uuid_deflect`) sends the caller to, checked like a dial string."""
+    if not target.sip_uri:
+        raise UnsafeDialString("a REFER needs a SIP URI target")
+    uri = target.sip_uri
+    _sofia_uri(uri)
+    return uri if uri.lower().startswith(("sip:", "sips:")) else f"sip:{uri}"
+
+
+def _sofia_uri(uri: str) -> str:
+    """The URI without its scheme, as sofia dial strings take it."""
+    try:
+        check_uri_syntax(uri)
+    except SipUriError as exc:
+        raise UnsafeDialString(f"refusing to dial SIP URI {uri!r}: {exc}") from exc
+    rest = uri.split(":", 1)[1]
+    if not _SAFE_URI.match(rest):
+        raise UnsafeDialString(f"refusing to dial SIP URI {uri!r}")
+    return rest
+
+
+def _number(number: str | None) -> str:
+    if not number or not _NUMBER.match(number):
+        raise UnsafeDialString(f"refusing to dial number {number!r}")
+    return number
+
+
+def _profile(profile: str) -> str:
+    if not _SAFE_ID.match(profile):
+        raise UnsafeDialString(f"refusing sofia profile name {profile!r}")
+    return profile
 
 
 class SofiaGateways:
