@@ -7,6 +7,7 @@ commits at once: a daemon crash loses nothing that was acknowledged.
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,27 @@ class Database:
         cur = await self.conn.execute(sql, params)
         await self.conn.commit()
         return cur.rowcount
+
+    async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run `statements` as one transaction (one commit): all are written or none.
+
+        The batch runs as one job on the connection's thread, so no other query on this
+        connection sees it half done (reads share the connection)."""
+        if not statements:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("BEGIN")
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        await self.conn._execute(run, self.conn._conn)  # one job on the connection's thread
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, params) as cur:
