@@ -13,17 +13,18 @@ from datetime import datetime
 from typing import Any
 
 from bridge.calls.conversation import ConversationFactory
-from bridge.calls.model import Call, CallStatus, utcnow
+from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
+from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.session import CallSession, Resume
 from bridge.calls.store import CallStore
-from bridge.calls.transfer import TransferState
+from bridge.calls.transfer import TransferEvent, TransferState
 from bridge.config import Settings
 from bridge.errors import (
+    BridgeError,
     Conflict,
     DestinationNotAllowed,
     InvalidInput,
     NotFound,
-    PbxCommandFailed,
 )
 from bridge.log import get_logger
 from bridge.media.rtp import MediaClock
@@ -37,6 +38,7 @@ from bridge.pbx.ports import (
     LegAnswered,
     LegFailed,
     LegOutcome,
+    LegProgress,
     LegRinging,
     PbxAdapter,
     PbxEvent,
@@ -93,7 +95,7 @@ class CallService:
     async def on_pbx_event(self, event: PbxEvent) -> None:
         if isinstance(event, CallArrived):
             if event.channel_id not in self._by_channel:
-                await self._new_call(event)
+                await self._arrive(event)
             return
         if isinstance(event, ConnectionRestored):
             self.connected = True
@@ -131,6 +133,32 @@ class CallService:
         transfer = session.transfer
         if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
             self._by_channel[transfer.leg_id] = session
+
+    async def _arrive(self, event: CallArrived) -> None:
+        """A new caller. Whatever fails while taking it (a locked database, the directory),
+        the caller goes to the dialplan fallback: never left in Stasis/park with no session."""
+        try:
+            await self._new_call(event)
+        except Exception as exc:
+            log.exception("call.arrival_failed", channel=event.channel_id, error=str(exc))
+            session = self._by_channel.get(event.channel_id)
+            if session is not None and not session.started:
+                self.forget(session)  # registered but never started
+            elif session is not None:
+                return  # its task owns the caller now
+            await self._send_to_fallback(event.channel_id, event.called_number)
+
+    async def _send_to_fallback(self, channel_id: str, number: str | None) -> None:
+        try:
+            await self.pbx.continue_in_dialplan(
+                channel_id, self.settings.calls.fallback_context, number or "s"
+            )
+            log.warning("call.sent_to_fallback", channel=channel_id)
+        except ChannelGone:
+            pass
+        except Exception as exc:
+            log.error("call.fallback_failed", channel=channel_id, error=str(exc))
+            await self._safe_hangup(channel_id)
 
     async def _new_call(self, event: CallArrived) -> None:
         number = await self.directory.find_number(event.called_number)
@@ -204,53 +232,87 @@ class CallService:
 
     async def _reconcile(self, restored: ConnectionRestored) -> None:
         """After a (re)connect: end calls whose channel is gone, resume the others, adopt
-        callers we have no record of, hang up legs nobody owns."""
+        callers we have no record of, hang up legs nobody owns. Each call is reconciled on
+        its own: one failing step is logged and never stops the others."""
         live_callers = {c.channel_id: c for c in restored.callers}
         live_legs = frozenset(leg for leg, _ in restored.legs)
         answered = frozenset(leg for leg, up in restored.legs if up)
         resume = Resume(live_legs, answered)
         known: set[str] = set()
-        for call in await self.store.unfinished(self.pbx_name):
+        try:
+            unfinished = await self.store.unfinished(self.pbx_name)
+        except Exception:
+            log.exception("call.reconcile_failed", step="unfinished")
+            unfinished = []
+            known.update(live_callers)  # without our records, adopt nothing blindly
+            known.difference_update(self._by_channel)
+        for call in unfinished:
             known.add(call.channel_id)
-            session = self._by_id.get(call.id)
-            if call.channel_id not in live_callers:
-                if session is not None:
-                    session.post(_gone(call.channel_id))
-                else:
-                    await self._mark_lost(call)
-                continue
-            if session is None:
-                session = await self._rebuild(call)
-                self._register(session)
-                session.start(resume)
-            else:
-                session.post(resume)
+            try:
+                await self._reconcile_call(call, live_callers, resume)
+            except Exception:
+                log.exception("call.reconcile_failed", call_id=call.id, channel=call.channel_id)
         for channel_id, arrival in live_callers.items():
-            if channel_id not in known and channel_id not in self._by_channel:
-                log.info("call.adopted", channel=channel_id)
-                await self._new_call(arrival)
+            if channel_id in known or channel_id in self._by_channel:
+                continue
+            try:
+                await self._adopt(arrival)
+            except Exception:
+                log.exception("call.reconcile_failed", channel=channel_id)
         owned = {s.transfer.leg_id for s in self._by_id.values() if s.transfer}
         for leg in live_legs - owned:
             log.warning("call.orphan_leg", leg=leg)
             await self._safe_hangup(leg)
 
-    async def _rebuild(self, call: Call) -> CallSession:
-        assistant = None
-        if call.assistant_id:
-            try:
-                assistant = await self.directory.get_assistant(call.assistant_id)
-            except NotFound:
-                pass
-        session = CallSession(self, call, assistant)
-        transfers = await self.store.transfers(call.id)
-        session.transfer = transfers[-1] if transfers else None
-        return session
+    async def _reconcile_call(
+        self, call: Call, live_callers: dict[str, CallArrived], resume: Resume
+    ) -> None:
+        session = self._by_id.get(call.id)
+        if call.channel_id not in live_callers:
+            if session is not None:
+                session.post(_gone(call.channel_id))
+            else:
+                await self._mark_lost(call)
+            return
+        if session is None:
+            session = await self._rebuild(call)
+            self._register(session)
+            session.start(resume)
+        else:
+            session.post(resume)
+
+    async def _adopt(self, arrival: CallArrived) -> None:
+        """A caller in our application we do not serve. With no record at all it is a call
+        that arrived while we were away: take it. With a record (the call ended, e.g. sent to
+        the fallback, but the channel is still with us) it is stuck: never a second call
+        record for it; send it to the fallback again."""
+        previous = await self.store.find_by_channel(self.pbx_name, arrival.channel_id)
+        if previous is None:
+            log.info("call.adopted", channel=arrival.channel_id)
+            await self._arrive(arrival)
+            return
+        log.warning("call.stuck_channel", channel=arrival.channel_id, call_id=previous.id)
+        await self._send_to_fallback(arrival.channel_id, previous.number)
 
     async def _mark_lost(self, call: Call) -> None:
+        """The caller left while we were away: the call ends, and a transfer it had open is
+        settled (cancelled) with it, in one transaction. Its leg, if still up, is hung up as
+        an orphan by the reconcile."""
         call.status = CallStatus.ENDED
         call.ended_at = utcnow()
         call.end_reason = "channel gone while callbridge was disconnected"
-        await self.store.save(call)
+        transfers = await self.store.transfers(call.id)
+        transfer = transfers[-1] if transfers else None
+        if transfer is not None and not transfer.final:
+            transfer.settle(
+                TransferEvent.CALLER_GONE,
+                LegOutcome.CANCELLED,
+                reason="the caller left while callbridge was disconnected",
+            )
+        else:
+            transfer = None
+        ended = CallEvent("call.ended", utcnow(), {"reason": call.end_reason})
+        await self.store.save_state(call, transfer, [ended])
         log.warning("call.lost", call_id=call.id, channel=call.channel_id)
 
     async def _safe_hangup(self, channel_id: str) -> None:
@@ -346,8 +408,14 @@ class CallService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         rang_at: float | None = None
+        progressed = False
         result: dict[str, Any] = {"destination": destination, "route": target.describe()}
+        policy = getattr(self, "policy", None)
+        claimed = False
         try:
+            if policy is not None:
+                policy.claim_leg(target)
+                claimed = True
             await self.pbx.originate(
                 leg,
                 target,
@@ -360,28 +428,37 @@ class CallService:
                     event = await events.get()
                     if isinstance(event, LegRinging) and rang_at is None:
                         rang_at = loop.time()
+                    elif isinstance(event, LegProgress):
+                        progressed = True
                     elif isinstance(event, LegAnswered):
                         await self._safe_hangup(leg)
                         result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
                         break
                     elif isinstance(event, LegFailed):
-                        outcome = event.outcome
-                        if outcome is LegOutcome.NO_ANSWER and rang_at is None:
-                            outcome = LegOutcome.UNREACHABLE
+                        outcome, reason = classify_leg_failure(
+                            event, rang=rang_at is not None, progressed=progressed
+                        )
                         result.update(
                             outcome=outcome.value,
                             sip_code=event.sip_code,
                             cause=event.cause,
                             cause_text=event.cause_text,
+                            reason=reason,
                         )
                         break
         except TimeoutError:
             await self._safe_hangup(leg)
-            result.update(outcome=LegOutcome.NO_ANSWER.value, cause_text="no final answer")
-        except (ChannelGone, PbxCommandFailed) as exc:
-            result.update(outcome=LegOutcome.UNREACHABLE.value, cause_text=str(exc))
+            outcome, reason = timeout_outcome(rang=rang_at is not None, progressed=progressed)
+            result.update(outcome=outcome.value, cause_text="no final answer", reason=reason)
+        except (ChannelGone, BridgeError, ValueError) as exc:
+            # The PBX could not place it (unreachable, refused, bad route): our fault.
+            result.update(
+                outcome=LegOutcome.FAILED.value, cause_text=str(exc), reason=local_reason(str(exc))
+            )
         finally:
             self._probes.pop(leg, None)
+            if claimed and policy is not None:
+                policy.release_leg(target)
         result["ring_ms"] = round((rang_at - started) * 1000) if rang_at else None
         result["duration_ms"] = round((loop.time() - started) * 1000)
         log.info("destination.tested", **result)
