@@ -250,8 +250,10 @@ class CallService:
             known.add(call.channel_id)
             try:
                 await self._reconcile_call(call, live_callers, resume)
-            except Exception:
+            except Exception as exc:
                 log.exception("call.reconcile_failed", call_id=call.id, channel=call.channel_id)
+                if call.channel_id in live_callers and call.id not in self._by_id:
+                    await self._abandon(call, f"could not resume the call: {exc}")
         for channel_id, arrival in live_callers.items():
             if channel_id in known or channel_id in self._by_channel:
                 continue
@@ -281,6 +283,19 @@ class CallService:
         else:
             session.post(resume)
 
+    async def _abandon(self, call: Call, why: str) -> None:
+        """A caller we cannot serve any more goes to the fallback (never left in Stasis with
+        no session); the record says so if the store lets us write it."""
+        await self._send_to_fallback(call.channel_id, call.number)
+        call.status = CallStatus.ENDED
+        call.ended_at = utcnow()
+        call.end_reason = f"{why}: sent to the dialplan fallback"
+        try:
+            ended = CallEvent("call.ended", utcnow(), {"reason": call.end_reason})
+            await self.store.save_state(call, None, [ended])
+        except Exception:
+            log.exception("call.save_failed", call_id=call.id)
+
     async def _adopt(self, arrival: CallArrived) -> None:
         """A caller in our application we do not serve. With no record at all it is a call
         that arrived while we were away: take it. With a record (the call ended, e.g. sent to
@@ -293,6 +308,19 @@ class CallService:
             return
         log.warning("call.stuck_channel", channel=arrival.channel_id, call_id=previous.id)
         await self._send_to_fallback(arrival.channel_id, previous.number)
+
+    async def _rebuild(self, call: Call) -> CallSession:
+        assistant = None
+        if call.assistant_id:
+            try:
+                assistant = await self.directory.get_assistant(call.assistant_id)
+            except NotFound:
+                pass
+        session = CallSession(self, call, assistant)
+        transfers = await self.store.transfers(call.id)
+        session.transfer = transfers[-1] if transfers else None
+        session.transfers_in_call = len(transfers)
+        return session
 
     async def _mark_lost(self, call: Call) -> None:
         """The caller left while we were away: the call ends, and a transfer it had open is
@@ -385,13 +413,14 @@ class CallService:
         return [c.public_dict() for c in await self.store.list(status, limit)]
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
-        session = self._by_id.get(call_id)
-        call = session.call if session else await self.store.get(call_id)
-        if call is None:
+        # One consistent read: the call, its events and transfers never disagree.
+        found = await self.store.snapshot(call_id)
+        if found is None:
             raise NotFound(f"no call {call_id}", field="id")
+        call, events, transfers = found
         data = call.public_dict()
-        data["events"] = [e.public_dict() for e in await self.store.events(call_id)]
-        data["transfers"] = [t.public_dict() for t in await self.store.transfers(call_id)]
+        data["events"] = [e.public_dict() for e in events]
+        data["transfers"] = [t.public_dict() for t in transfers]
         return data
 
     async def test_destination(

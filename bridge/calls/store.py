@@ -117,6 +117,29 @@ class CallStore:
             statements.append(_add_event(owner, event))
         await self.db.transaction(statements)
 
+    async def snapshot(self, call_id: str) -> tuple[Call, list[CallEvent], list[Transfer]] | None:
+        """A call with its events and transfers, read together (one consistent state)."""
+        calls, events, transfers = await self.db.read_batch(
+            [
+                (f"SELECT {_CALL_COLUMNS} FROM calls WHERE id = ?", (call_id,)),
+                (
+                    "SELECT at, kind, data FROM call_events WHERE call_id = ? ORDER BY seq",
+                    (call_id,),
+                ),
+                ("SELECT doc FROM transfers WHERE call_id = ? ORDER BY created_at", (call_id,)),
+            ]
+        )
+        if not calls:
+            return None
+        return (
+            _row_to_call(calls[0]),
+            [
+                CallEvent(r["kind"], datetime.fromisoformat(r["at"]), json.loads(r["data"]))
+                for r in events
+            ],
+            [transfer_from_doc(json.loads(r["doc"])) for r in transfers],
+        )
+
     async def find_by_channel(self, pbx: str, channel_id: str) -> Call | None:
         """The newest call record of a PBX channel (ended or not)."""
         row = await self.db.fetchone(

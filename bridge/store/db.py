@@ -143,6 +143,17 @@ class Database:
 
         await self.conn._execute(run, self.conn._conn)  # one job on the connection's thread
 
+    async def read_batch(
+        self, queries: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[sqlite3.Row]]:
+        """Run several SELECTs as one job on the connection's thread: they see one state of
+        the database (no transaction of ours can commit between them)."""
+
+        def run(conn: sqlite3.Connection) -> list[list[sqlite3.Row]]:
+            return [list(conn.execute(sql, params).fetchall()) for sql, params in queries]
+
+        return await self.conn._execute(run, self.conn._conn)
+
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, params) as cur:
             return await cur.fetchone()
