@@ -224,10 +224,20 @@ class CallEnv:
         return CallArrived(channel, CALLED, CALLER)
 
     async def arrive(self, channel: str = "ch1") -> CallSession:
-        """A caller arrives; returns its session once the media is attached."""
+        """A caller arrives; returns its session once the media is attached and the
+        conversation started."""
         await self.service.on_pbx_event(self.arrival(channel))
         session = self.service._by_channel[channel]
-        await until(lambda: session.media is not None, "media attached")
+
+        def started() -> bool:
+            conversation = session.conversation
+            return (
+                session.media is not None
+                and isinstance(conversation, RecordingConversation)
+                and bool(conversation.log)
+            )
+
+        await until(started, "media attached and conversation started")
         return session
 
     async def push(self, event: PbxEvent) -> None:

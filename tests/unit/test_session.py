@@ -117,6 +117,7 @@ async def test_transfer_rings_answers_and_bridges_call_and_transfer_together(
     assert env.pbx.verbs("stop_playback") == [(ringback,)]
     assert env.pbx.verbs("connect") == [("ch1", leg)]
     assert session.media is None
+    await until(lambda: conversation.log[-1][0] == "result", "result told")
     assert conversation.log[-1][:3] == ("result", TransferState.BRIDGED, CallStatus.TRANSFERRED)
     assert "transfer.completed" in kinds(data)
     assert session.transfers_in_call == 1
@@ -131,6 +132,7 @@ async def test_destination_hanging_up_after_the_bridge_ends_the_call(env: CallEn
     await env.wait_status(session.call.id, CallStatus.TRANSFERRED)
     await env.push(ChannelHungUp(leg, 16, "Normal Clearing"))
     data = await env.wait_status(session.call.id, CallStatus.ENDED)
+    await finished(session)
     assert data["end_reason"] == "destination hung up"
     assert "transfer.destination_hung_up" in kinds(data)
     assert ("ch1",) in env.pbx.verbs("hangup") and ("ch1",) in env.pbx.verbs("release")
@@ -203,8 +205,9 @@ async def test_ring_guard_fails_back_to_the_assistant_with_no_answer(env: CallEn
     data = await settled(env, session.call.id)
     t = data["transfers"][-1]
     assert (data["status"], t["state"], t["outcome"]) == ("active", "failed", "no_answer")
-    assert (leg,) in env.pbx.verbs("hangup")
     # Back with the assistant, media attached, THEN the conversation hears the result.
+    await until(lambda: conversation.log[-1][0] == "result", "result told")
+    assert (leg,) in env.pbx.verbs("hangup")
     assert conversation.log[-1] == ("result", TransferState.FAILED, CallStatus.ACTIVE, True)
     await until(lambda: env.settings.transfer.no_answer_message in env.tts.texts, "said")
 
@@ -266,6 +269,7 @@ async def test_a_local_leg_failure_is_failed_never_unreachable(env: CallEnv) -> 
     await env.push(LegFailed(transfer.leg_id, 66, "no such endpoint", None, local=True))
     t = (await settled(env, session.call.id))["transfers"][-1]
     assert t["outcome"] == "failed" and t["reason"].startswith("local failure")
+    await until(lambda: conversation.log[-1][0] == "result", "result told")
     assert conversation.log[-1] == ("result", TransferState.FAILED, CallStatus.ACTIVE, True)
     stats = await env.service.transfer_stats(None)
     assert stats["by_outcome"] == {"failed": 1}
@@ -438,9 +442,10 @@ async def test_restart_with_the_leg_gone_takes_its_late_failure(env: CallEnv) ->
     t = data["transfers"][-1]
     assert (data["status"], t["outcome"], t["sip_code"]) == ("active", "busy", 486)
     # Back with the assistant in the new process: ringback stopped, media, conversation.
+    conversation = await until(lambda: _resumed_conversation(env), "conversation resumed")
+    await until(lambda: len(conversation.log) == 2, "transfer result told")
     assert pbx.verbs("stop_playback") == [(f"cbring-{transfer.id}",)]
     assert pbx.verbs("attach_media") == [("ch1",)]
-    conversation = env.conversations[-1]
     assert conversation.log == [
         ("start", True),
         ("result", TransferState.FAILED, CallStatus.ACTIVE, True),
@@ -456,6 +461,7 @@ async def test_restart_with_the_leg_gone_and_no_news_fails_back(env: CallEnv) ->
     t = data["transfers"][-1]
     assert (data["status"], t["outcome"]) == ("active", "failed")
     assert "lost while callbridge was disconnected" in t["reason"]
+    await until(lambda: env.conversations[-1].log[-1][0] == "result", "result told")
     assert pbx.verbs("stop_playback") == [(f"cbring-{transfer.id}",)]
 
 
@@ -507,6 +513,16 @@ async def test_reconcile_goes_on_when_one_call_fails(
     # The call that could not be resumed is not left in Stasis: it goes to the fallback.
     assert [v[0] for v in pbx.verbs("continue_in_dialplan")] == ["ch1"]
     assert (await env.store.get(first.call.id)).status is CallStatus.ENDED  # type: ignore[union-attr]
+
+
+async def finished(session: Any) -> None:
+    """The session's task has run to its end (everything it does on the way out is done)."""
+    assert session._task is not None
+    await until(session._task.done, "session task finished")
+
+
+def _resumed_conversation(env: CallEnv) -> Any:
+    return next((c for c in env.conversations if ("start", True) in c.log), None)
 
 
 async def _has_event(env: CallEnv, call_id: str, kind: str) -> dict[str, Any] | None:
