@@ -118,9 +118,20 @@ class Database:
         return len(MIGRATIONS)
 
     async def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> int:
-        cur = await self.conn.execute(sql, params)
-        await self.conn.commit()
-        return cur.rowcount
+        """One statement, committed at once. Statement and commit run as ONE job on the
+        connection's thread: no other job (a `transaction`, a read) runs in between."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            try:
+                cur = conn.execute(sql, params)
+                conn.commit()
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+            return cur.rowcount
+
+        return int(await self.conn._execute(run, self.conn._conn))
 
     async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Run `statements` as one transaction (one commit): all are written or none.
