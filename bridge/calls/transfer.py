@@ -172,7 +172,7 @@ class Transfer:
             "transferred": self.state is TransferState.BRIDGED,
             "outcome": self.outcome.value if self.outcome else self.state.value,
             "sip_code": self.sip_code,
-            "cause": self.reason or self.cause_text,
+            "cause": self.cause_text or self.reason,
         }
 
 
