@@ -13,9 +13,10 @@ from datetime import datetime
 from typing import Any
 
 from bridge.calls.conversation import ConversationFactory
+from bridge.calls.items import Resume
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
-from bridge.calls.session import CallSession, Resume
+from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
 from bridge.calls.transfer import TransferEvent, TransferState
 from bridge.config import Settings

@@ -153,19 +153,6 @@ class CallStore:
         row = await self.db.fetchone(f"SELECT {_CALL_COLUMNS} FROM calls WHERE id = ?", (call_id,))
         return _row_to_call(row) if row else None
 
-    async def list(self, status: CallStatus | None = None, limit: int = 100) -> list[Call]:
-        if status is None:
-            rows = await self.db.fetchall(
-                f"SELECT {_CALL_COLUMNS} FROM calls ORDER BY started_at DESC LIMIT ?", (limit,)
-            )
-        else:
-            rows = await self.db.fetchall(
-                f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = ?"
-                " ORDER BY started_at DESC LIMIT ?",
-                (status.value, limit),
-            )
-        return [_row_to_call(r) for r in rows]
-
     async def unfinished(self, pbx: str) -> list[Call]:
         rows = await self.db.fetchall(
             f"SELECT {_CALL_COLUMNS} FROM calls WHERE status != 'ended' AND pbx = ?", (pbx,)
@@ -249,3 +236,17 @@ class CallStore:
             "by_source": by_source,
             "by_destination": sorted(per_dest.values(), key=lambda d: -d["attempts"]),
         }
+
+    # Last in the class: a method named `list` shadows the builtin in later annotations.
+    async def list(self, status: CallStatus | None = None, limit: int = 100) -> list[Call]:
+        if status is None:
+            rows = await self.db.fetchall(
+                f"SELECT {_CALL_COLUMNS} FROM calls ORDER BY started_at DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = await self.db.fetchall(
+                f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = ?"
+                " ORDER BY started_at DESC LIMIT ?",
+                (status.value, limit),
+            )
+        return [_row_to_call(r) for r in rows]

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from bridge.calls.items import SpeechDone, TimerFired
-from bridge.calls.model import CallEvent, CallStatus, TransferCommand, utcnow
+from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
@@ -34,9 +34,42 @@ from bridge.pbx.ports import (
 )
 
 if TYPE_CHECKING:
-    from bridge.calls.session import CallSession
+    from collections.abc import Awaitable
 
-    _Base = CallSession
+    from bridge.calls.conversation import Conversation
+    from bridge.calls.service import CallService
+    from bridge.calls.session import CallSession
+    from bridge.media.rtp import RtpStream
+
+    class _Base(Protocol):
+        """What the transfer steps use of their session: the explicit dependency list."""
+
+        service: CallService
+        call: Call
+        transfer: Transfer | None
+        media: RtpStream | None
+        conversation: Conversation | None
+        log: Any  # a bound structlog logger
+        _ringback: str | None
+        _redial: bool
+
+        def say(
+            self, text: str, *, token: str = "", interruptible: bool = True
+        ) -> asyncio.Task[None]: ...
+        def post(self, item: Any) -> None: ...
+        async def record(self, kind: str, **data: Any) -> None: ...
+        async def _persist(
+            self, *, call: bool = False, transfer: bool = False, event: CallEvent | None = None
+        ) -> None: ...
+        def _set_timer(self, name: str, delay: float, ref: str) -> None: ...
+        def _cancel_timer(self, name: str) -> None: ...
+        async def _end(
+            self, reason: str, *, cause: int | None = None, cause_text: str | None = None
+        ) -> None: ...
+        async def _quietly(self, what: str, step: Awaitable[Any]) -> None: ...
+        async def _attach_media(self) -> bool: ...
+        async def _start_conversation(self, *, resumed: bool) -> None: ...
+        def _close_media(self) -> None: ...
 else:
     _Base = object
 
@@ -47,6 +80,8 @@ RING_GUARD_MARGIN_S = 10.0
 class TransferSteps(_Base):
     """Mixed into `CallSession`: runs in the call's task like every other handler."""
 
+    transfer: Transfer | None
+    _ringback: str | None
     transfers_in_call: int = 0
     _claimed: DialTarget | None = None
     _dial_deadline: float | None = None
@@ -127,7 +162,7 @@ class TransferSteps(_Base):
             return
         transfer.apply(TransferEvent.MESSAGE_DONE)
         transfer.leg_id = f"cbleg-{uuid.uuid4()}"
-        self.service.track_leg(transfer.leg_id, self)
+        self.service.track_leg(transfer.leg_id, cast("CallSession", self))
         dialing = CallEvent(
             "transfer.dialing", utcnow(), {"transfer_id": transfer.id, "leg": transfer.leg_id}
         )

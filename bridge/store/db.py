@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,13 @@ class Database:
                 raise
             return cur.rowcount
 
-        return int(await self.conn._execute(run, self.conn._conn))
+        return int(await self._job(run))
+
+    async def _job(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `fn(sqlite3 connection)` as one job on aiosqlite's thread (its private
+        `_execute`, stable since 0.17): nothing else runs on the connection meanwhile."""
+        conn: Any = self.conn
+        return await conn._execute(fn, conn._conn)
 
     async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Run `statements` as one transaction (one commit): all are written or none.
@@ -152,7 +159,7 @@ class Database:
                     conn.execute("ROLLBACK")
                 raise
 
-        await self.conn._execute(run, self.conn._conn)  # one job on the connection's thread
+        await self._job(run)
 
     async def read_batch(
         self, queries: list[tuple[str, tuple[Any, ...]]]
@@ -163,7 +170,8 @@ class Database:
         def run(conn: sqlite3.Connection) -> list[list[sqlite3.Row]]:
             return [list(conn.execute(sql, params).fetchall()) for sql, params in queries]
 
-        return await self.conn._execute(run, self.conn._conn)
+        rows: list[list[sqlite3.Row]] = await self._job(run)
+        return rows
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, params) as cur:
