@@ -93,9 +93,16 @@ def classify_leg_failure(
     return outcome, reason
 
 
+LOCAL_PREFIX = "local failure (not the destination's): "
+
+
 def local_reason(detail: str) -> str:
     """A failure in our own PBX or daemon: says so, so that nobody blames the destination."""
-    return f"local failure, the destination was not tried: {detail}"
+    return f"{LOCAL_PREFIX}{detail}"
+
+
+def is_local(reason: str | None) -> bool:
+    return bool(reason) and str(reason).startswith(LOCAL_PREFIX)
 
 
 def timeout_outcome(*, rang: bool, progressed: bool) -> tuple[LegOutcome, str]:

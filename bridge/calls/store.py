@@ -196,7 +196,8 @@ class CallStore:
         )
         rows = await self.db.fetchall(
             "SELECT call_id, json_extract(doc, '$.destination') AS destination,"
-            " json_extract(doc, '$.source') AS source, state, outcome"
+            " json_extract(doc, '$.source') AS source, state, outcome,"
+            " json_extract(doc, '$.local_fault') AS local_fault"
             " FROM transfers WHERE created_at >= ?",
             (after,),
         )
@@ -204,6 +205,7 @@ class CallStore:
         by_source: dict[str, int] = {}
         per_dest: dict[str, dict[str, Any]] = {}
         in_progress = 0
+        local_faults = 0
         final = []
         for r in rows:
             if r["state"] not in _FINAL:
@@ -215,13 +217,25 @@ class CallStore:
             by_source[r["source"]] = by_source.get(r["source"], 0) + 1
             dest = per_dest.setdefault(
                 r["destination"],
-                {"destination": r["destination"], "attempts": 0, "answered": 0, "outcomes": {}},
+                {
+                    "destination": r["destination"],
+                    "attempts": 0,
+                    "answered": 0,
+                    "local_faults": 0,
+                    "outcomes": {},
+                },
             )
+            if r["local_fault"]:
+                # Our PBX or daemon failed: not an attempt on the destination.
+                local_faults += 1
+                dest["local_faults"] += 1
+                continue
             dest["attempts"] += 1
             dest["answered"] += outcome == "answered"
             dest["outcomes"][outcome] = dest["outcomes"].get(outcome, 0) + 1
         for dest in per_dest.values():
-            dest["answer_rate"] = round(dest["answered"] / dest["attempts"], 4)
+            attempts = dest["attempts"]
+            dest["answer_rate"] = round(dest["answered"] / attempts, 4) if attempts else 0.0
         n_calls = int(calls["n"]) if calls else 0
         transferred = {r["call_id"] for r in final if r["outcome"] == "answered"}
         return {
@@ -229,6 +243,7 @@ class CallStore:
             "calls": n_calls,
             "transfers": len(final),  # settled ones; `in_progress` are still under way
             "in_progress": in_progress,
+            "local_faults": local_faults,  # failed in our own PBX or daemon (in `failed`)
             # Share of the assistant's calls that ended up with a human: the number to watch
             # when training the assistant not to over-transfer.
             "transfer_rate": round(len(transferred) / n_calls, 4) if n_calls else 0.0,

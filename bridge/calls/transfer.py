@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from bridge.calls.model import _iso, utcnow
+from bridge.calls.outcomes import is_local
 from bridge.pbx.ports import DialTarget, LegOutcome
 
 
@@ -137,6 +138,11 @@ class Transfer:
         return state
 
     @property
+    def local_fault(self) -> bool:
+        """Failed inside our own PBX or daemon: never counted against the destination."""
+        return self.outcome is LegOutcome.FAILED and is_local(self.reason)
+
+    @property
     def ringback_id(self) -> str:
         """The id of the caller's ringback playback: derived, so a restarted daemon can stop
         the tone its predecessor started."""
@@ -159,6 +165,7 @@ class Transfer:
             "cause": self.cause,
             "cause_text": self.cause_text,
             "reason": self.reason,
+            "local_fault": self.local_fault,
             "rang": self.rang,
             "early_media": self.progressed,
             "created_at": _iso(self.created_at),

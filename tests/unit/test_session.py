@@ -272,7 +272,9 @@ async def test_a_local_leg_failure_is_failed_never_unreachable(env: CallEnv) -> 
     await until(lambda: conversation.log[-1][0] == "result", "result told")
     assert conversation.log[-1] == ("result", TransferState.FAILED, CallStatus.ACTIVE, True)
     stats = await env.service.transfer_stats(None)
-    assert stats["by_outcome"] == {"failed": 1}
+    assert (stats["by_outcome"], stats["local_faults"]) == ({"failed": 1}, 1)
+    [dest] = stats["by_destination"]
+    assert (dest["attempts"], dest["local_faults"]) == (0, 1)  # not held against it
 
 
 @pytest.mark.parametrize("error", [PbxCommandFailed("422 bad route"), ValueError("bad template")])
