@@ -536,3 +536,72 @@ def _transfer_command(**fields: Any) -> Any:
     from bridge.calls.model import TransferCommand
 
     return TransferCommand(type="transfer", destination=DEST, **fields)
+
+
+# --- the per-trunk leg cap hook and the destination tester ----------------------------------
+
+
+class RecordingPolicy:
+    """The dial-safety policy's leg accounting, recorded."""
+
+    def __init__(self) -> None:
+        self.claimed: list[Any] = []
+        self.released: list[Any] = []
+
+    def claim_leg(self, target: Any) -> None:
+        self.claimed.append(target)
+
+    def release_leg(self, target: Any) -> None:
+        self.released.append(target)
+
+
+async def test_each_leg_is_claimed_and_released_once(env: CallEnv) -> None:
+    policy = RecordingPolicy()
+    env.service.policy = policy  # type: ignore[attr-defined]
+    session = await env.arrive()
+    first = await env.transfer(session)
+    assert first.leg_id is not None
+    await env.push(LegFailed(first.leg_id, 17, "User busy", 486))
+    await settled(env, session.call.id)
+    assert len(policy.claimed) == 1 and policy.released == policy.claimed
+    second = await env.transfer(session)
+    assert second.leg_id is not None and session.transfers_in_call == 2
+    await env.push(LegAnswered(second.leg_id))
+    await env.wait_status(session.call.id, CallStatus.TRANSFERRED)
+    assert len(policy.released) == 1  # the bridged leg is still up
+    await env.push(ChannelHungUp("ch1", 16, None))
+    await env.wait_status(session.call.id, CallStatus.ENDED)
+    await finished(session)
+    assert len(policy.claimed) == 2 and policy.released == policy.claimed
+
+
+@pytest.mark.parametrize(
+    ("events", "outcome"),
+    [
+        ([LegProgress, (19, "No Answer", None)], "no_answer"),
+        ([(19, "No Answer", None)], "unreachable"),
+        ([LegRinging, (21, "Call Rejected", 603)], "declined"),
+        ([(66, "no such endpoint", None, True)], "failed"),
+    ],
+)
+async def test_destination_test_classifies_like_a_transfer(
+    env: CallEnv, events: list[Any], outcome: str
+) -> None:
+    import asyncio
+
+    probe = asyncio.create_task(env.service.test_destination(DEST, None, 5))
+    await until(lambda: env.pbx.verbs("originate"), "probe placed")
+    leg = env.pbx.verbs("originate")[0][0]
+    for item in events:
+        if isinstance(item, tuple):
+            await env.push(LegFailed(leg, *item))
+        else:
+            await env.push(item(leg))
+    result = await probe
+    assert result["outcome"] == outcome
+
+
+async def test_destination_test_with_the_pbx_down_is_a_local_failure(env: CallEnv) -> None:
+    env.pbx.fail["originate"] = PbxUnavailable("ARI connection refused")
+    result = await env.service.test_destination(DEST, None, 5)
+    assert result["outcome"] == "failed" and result["reason"].startswith("local failure")
