@@ -13,12 +13,12 @@ from datetime import datetime
 from typing import Any
 
 from bridge.calls.conversation import ConversationFactory
-from bridge.calls.items import Resume
-from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
+from bridge.calls.model import Call, CallStatus, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
+from bridge.calls.reconcile import Reconciler
 from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
-from bridge.calls.transfer import TransferEvent, TransferState
+from bridge.calls.transfer import TransferState
 from bridge.config import Settings
 from bridge.errors import (
     BridgeError,
@@ -32,7 +32,6 @@ from bridge.media.rtp import MediaClock
 from bridge.pbx.ports import (
     CallArrived,
     ChannelGone,
-    ChannelHungUp,
     ConnectionLost,
     ConnectionRestored,
     DialTarget,
@@ -75,6 +74,7 @@ class CallService:
         self.conversation_factory: ConversationFactory | None = None
         self.connected = False
         self._probes: dict[str, asyncio.Queue[PbxEvent]] = {}
+        self.reconciler = Reconciler(self)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -96,11 +96,11 @@ class CallService:
     async def on_pbx_event(self, event: PbxEvent) -> None:
         if isinstance(event, CallArrived):
             if event.channel_id not in self._by_channel:
-                await self._arrive(event)
+                await self.arrive(event)
             return
         if isinstance(event, ConnectionRestored):
             self.connected = True
-            await self._reconcile(event)
+            await self.reconciler.run(event)
             return
         if isinstance(event, ConnectionLost):
             self.connected = False
@@ -113,7 +113,18 @@ class CallService:
             probe.put_nowait(event)
         elif isinstance(event, LegAnswered):
             log.warning("call.orphan_leg_answered", leg=event.channel_id)
-            await self._safe_hangup(event.channel_id)
+            await self.safe_hangup(event.channel_id)
+
+    def session(self, call_id: str) -> CallSession | None:
+        return self._by_id.get(call_id)
+
+    def sessions(self) -> list[CallSession]:
+        return list(self._by_id.values())
+
+    @property
+    def routes(self) -> dict[str, CallSession]:
+        """Channel id (caller or leg) -> the session its events go to (read only)."""
+        return self._by_channel
 
     def track_leg(self, leg_id: str, session: CallSession) -> None:
         self._by_channel[leg_id] = session
@@ -128,14 +139,14 @@ class CallService:
         for key in [k for k, v in self._by_channel.items() if v is session]:
             del self._by_channel[key]
 
-    def _register(self, session: CallSession) -> None:
+    def register(self, session: CallSession) -> None:
         self._by_id[session.call.id] = session
         self._by_channel[session.call.channel_id] = session
         transfer = session.transfer
         if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
             self._by_channel[transfer.leg_id] = session
 
-    async def _arrive(self, event: CallArrived) -> None:
+    async def arrive(self, event: CallArrived) -> None:
         """A new caller. Whatever fails while taking it (a locked database, the directory),
         the caller goes to the dialplan fallback: never left in Stasis/park with no session."""
         try:
@@ -147,9 +158,9 @@ class CallService:
                 self.forget(session)  # registered but never started
             elif session is not None:
                 return  # its task owns the caller now
-            await self._send_to_fallback(event.channel_id, event.called_number)
+            await self.send_to_fallback(event.channel_id, event.called_number)
 
-    async def _send_to_fallback(self, channel_id: str, number: str | None) -> None:
+    async def send_to_fallback(self, channel_id: str, number: str | None) -> None:
         try:
             await self.pbx.continue_in_dialplan(
                 channel_id, self.settings.calls.fallback_context, number or "s"
@@ -159,7 +170,7 @@ class CallService:
             pass
         except Exception as exc:
             log.error("call.fallback_failed", channel=channel_id, error=str(exc))
-            await self._safe_hangup(channel_id)
+            await self.safe_hangup(channel_id)
 
     async def _new_call(self, event: CallArrived) -> None:
         number = await self.directory.find_number(event.called_number)
@@ -208,7 +219,7 @@ class CallService:
             caller=event.caller_number,
             assistant_id=assistant.id,
         )
-        self._register(session)
+        self.register(session)
         session.start("greet")
 
     async def _refuse(self, session: CallSession, why: str) -> None:
@@ -231,120 +242,7 @@ class CallService:
         await self.store.save(call)
         await session.record("call.ended", reason=reason)
 
-    async def _reconcile(self, restored: ConnectionRestored) -> None:
-        """After a (re)connect: end calls whose channel is gone, resume the others, adopt
-        callers we have no record of, hang up legs nobody owns. Each call is reconciled on
-        its own: one failing step is logged and never stops the others."""
-        live_callers = {c.channel_id: c for c in restored.callers}
-        live_legs = frozenset(leg for leg, _ in restored.legs)
-        answered = frozenset(leg for leg, up in restored.legs if up)
-        resume = Resume(live_legs, answered)
-        known: set[str] = set()
-        try:
-            unfinished = await self.store.unfinished(self.pbx_name)
-        except Exception:
-            log.exception("call.reconcile_failed", step="unfinished")
-            unfinished = []
-            known.update(live_callers)  # without our records, adopt nothing blindly
-            known.difference_update(self._by_channel)
-        for call in unfinished:
-            known.add(call.channel_id)
-            try:
-                await self._reconcile_call(call, live_callers, resume)
-            except Exception as exc:
-                log.exception("call.reconcile_failed", call_id=call.id, channel=call.channel_id)
-                if call.channel_id in live_callers and call.id not in self._by_id:
-                    await self._abandon(call, f"could not resume the call: {exc}")
-        for channel_id, arrival in live_callers.items():
-            if channel_id in known or channel_id in self._by_channel:
-                continue
-            try:
-                await self._adopt(arrival)
-            except Exception:
-                log.exception("call.reconcile_failed", channel=channel_id)
-        owned = {s.transfer.leg_id for s in self._by_id.values() if s.transfer}
-        for leg in live_legs - owned:
-            log.warning("call.orphan_leg", leg=leg)
-            await self._safe_hangup(leg)
-
-    async def _reconcile_call(
-        self, call: Call, live_callers: dict[str, CallArrived], resume: Resume
-    ) -> None:
-        session = self._by_id.get(call.id)
-        if call.channel_id not in live_callers:
-            if session is not None:
-                session.post(_gone(call.channel_id))
-            else:
-                await self._mark_lost(call)
-            return
-        if session is None:
-            session = await self._rebuild(call)
-            self._register(session)
-            session.start(resume)
-        else:
-            session.post(resume)
-
-    async def _abandon(self, call: Call, why: str) -> None:
-        """A caller we cannot serve any more goes to the fallback (never left in Stasis with
-        no session); the record says so if the store lets us write it."""
-        await self._send_to_fallback(call.channel_id, call.number)
-        call.status = CallStatus.ENDED
-        call.ended_at = utcnow()
-        call.end_reason = f"{why}: sent to the dialplan fallback"
-        try:
-            ended = CallEvent("call.ended", utcnow(), {"reason": call.end_reason})
-            await self.store.save_state(call, None, [ended])
-        except Exception:
-            log.exception("call.save_failed", call_id=call.id)
-
-    async def _adopt(self, arrival: CallArrived) -> None:
-        """A caller in our application we do not serve. With no record at all it is a call
-        that arrived while we were away: take it. With a record (the call ended, e.g. sent to
-        the fallback, but the channel is still with us) it is stuck: never a second call
-        record for it; send it to the fallback again."""
-        previous = await self.store.find_by_channel(self.pbx_name, arrival.channel_id)
-        if previous is None:
-            log.info("call.adopted", channel=arrival.channel_id)
-            await self._arrive(arrival)
-            return
-        log.warning("call.stuck_channel", channel=arrival.channel_id, call_id=previous.id)
-        await self._send_to_fallback(arrival.channel_id, previous.number)
-
-    async def _rebuild(self, call: Call) -> CallSession:
-        assistant = None
-        if call.assistant_id:
-            try:
-                assistant = await self.directory.get_assistant(call.assistant_id)
-            except NotFound:
-                pass
-        session = CallSession(self, call, assistant)
-        transfers = await self.store.transfers(call.id)
-        session.transfer = transfers[-1] if transfers else None
-        session.transfers_in_call = len(transfers)
-        return session
-
-    async def _mark_lost(self, call: Call) -> None:
-        """The caller left while we were away: the call ends, and a transfer it had open is
-        settled (cancelled) with it, in one transaction. Its leg, if still up, is hung up as
-        an orphan by the reconcile."""
-        call.status = CallStatus.ENDED
-        call.ended_at = utcnow()
-        call.end_reason = "channel gone while callbridge was disconnected"
-        transfers = await self.store.transfers(call.id)
-        transfer = transfers[-1] if transfers else None
-        if transfer is not None and not transfer.final:
-            transfer.settle(
-                TransferEvent.CALLER_GONE,
-                LegOutcome.CANCELLED,
-                reason="the caller left while callbridge was disconnected",
-            )
-        else:
-            transfer = None
-        ended = CallEvent("call.ended", utcnow(), {"reason": call.end_reason})
-        await self.store.save_state(call, transfer, [ended])
-        log.warning("call.lost", call_id=call.id, channel=call.channel_id)
-
-    async def _safe_hangup(self, channel_id: str) -> None:
+    async def safe_hangup(self, channel_id: str) -> None:
         try:
             await self.pbx.hangup(channel_id)
         except Exception as exc:
@@ -461,7 +359,7 @@ class CallService:
                     elif isinstance(event, LegProgress):
                         progressed = True
                     elif isinstance(event, LegAnswered):
-                        await self._safe_hangup(leg)
+                        await self.safe_hangup(leg)
                         result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
                         break
                     elif isinstance(event, LegFailed):
@@ -477,7 +375,7 @@ class CallService:
                         )
                         break
         except TimeoutError:
-            await self._safe_hangup(leg)
+            await self.safe_hangup(leg)
             outcome, reason = timeout_outcome(rang=rang_at is not None, progressed=progressed)
             result.update(outcome=outcome.value, cause_text="no final answer", reason=reason)
         except (ChannelGone, BridgeError, ValueError) as exc:
@@ -516,7 +414,3 @@ def trunk_spec(trunk: Any) -> TrunkSpec:
         password=trunk.password.get_secret_value() if trunk.password else None,
         register=trunk.registration,
     )
-
-
-def _gone(channel_id: str) -> ChannelHungUp:
-    return ChannelHungUp(channel_id, None, "gone while callbridge was disconnected")
