@@ -81,3 +81,47 @@ async def test_restart_while_the_destination_rings_stops_the_ringback(
             await uas.stop()
             await api.close()
             await daemon.stop()
+
+
+@pytest.mark.parametrize("how", ["end_call", "caller_hangup"])
+async def test_ending_the_call_while_the_destination_rings_cancels_it_at_once(
+    asterisk_lab: Any, tmp_path: Path, how: str
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_noanswer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            # The ring timeout is long: only our hang-up can stop the destination ringing.
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION, "ring_timeout": 120},
+            )
+            await wait_for(lambda: uas.received_requests("INVITE"), "the destination to ring")
+            if how == "end_call":
+                await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            else:  # the caller hangs up (from Asterisk's side: deterministic timing)
+                status, _ = asterisk_lab.ari("DELETE", f"/channels/{call['channel_id']}")
+                assert status == 204
+            await wait_for(
+                lambda: uas.received_requests("CANCEL"), "the leg to be cancelled", timeout=5
+            )
+            done = await transfer_settled(api, call["id"])
+            last = done["transfers"][-1]
+            assert (done["status"], last["state"], last["outcome"]) == (
+                "ended",
+                "cancelled",
+                "cancelled",
+            )
+            stats = await api.ok("GET", "/transfers/stats")
+            assert (stats["by_outcome"], stats["in_progress"]) == ({"cancelled": 1}, 0)
+        finally:
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()
