@@ -119,6 +119,7 @@ class Reconciler:
         transfers = await self.service.store.transfers(call.id)
         session.transfer = transfers[-1] if transfers else None
         session.transfers_in_call = len(transfers)
+        session.greeted = call.answered_at is not None  # mid-call: carry on, no new greeting
         return session
 
     async def _mark_lost(self, call: Call) -> None:

@@ -24,7 +24,7 @@ from bridge.calls.model import (
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
 from bridge.calls.transferring import TransferSteps
-from bridge.errors import BridgeError, Conflict
+from bridge.errors import BridgeError, Conflict, PbxUnavailable
 from bridge.log import get_logger
 from bridge.media.rtp import RtpStream
 from bridge.pbx.ports import (
@@ -49,6 +49,9 @@ log = get_logger(__name__)
 # After a reconnect, how long a transfer whose leg vanished waits for the adapter's late
 # report of how the leg ended before it fails back to the assistant.
 LEG_LOST_GRACE_S = 2.0
+# How long a caller whose media could not be attached (PBX unreachable) waits for the PBX to
+# come back before being sent to the fallback.
+MEDIA_WAIT_S = 10.0
 
 
 class CallSession(TransferSteps):
@@ -66,6 +69,7 @@ class CallSession(TransferSteps):
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._shut = False
+        self.greeted = False  # the conversation started once (a resume must not greet again)
         self._redial = False  # an originate failed with the PBX unreachable: retry on resume
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
 
@@ -157,6 +161,8 @@ class CallSession(TransferSteps):
             await self._on_leg_event(item)
         elif isinstance(item, SpeechDone):
             await self._on_speech_done(item)
+        elif isinstance(item, TimerFired) and item.name == "media_wait":
+            await self._on_media_wait()
         elif isinstance(item, TimerFired):
             await self._on_timer(item)
         elif isinstance(item, Resume):
@@ -217,6 +223,7 @@ class CallSession(TransferSteps):
         factory = self.service.conversation_factory
         if self.conversation is None and factory is not None:
             self.conversation = factory(self)
+        self.greeted = True
         if self.conversation is not None:
             await self.conversation.start(resumed=resumed)
         elif not resumed and self.assistant is not None and self.assistant.first_message:
@@ -237,6 +244,14 @@ class CallSession(TransferSteps):
             stream.close()
             await self._end("caller hung up")
             return False
+        except PbxUnavailable as exc:
+            # The PBX is unreachable (a short outage): the caller is still there. Re-attach on
+            # the `Resume` that follows the reconnect; the fallback if it does not come soon.
+            stream.close()
+            self.log.warning("call.media_waiting_for_pbx", error=str(exc))
+            await self.record("call.media_waiting", error=str(exc))
+            self._set_timer("media_wait", MEDIA_WAIT_S, self.call.id)
+            return False
         except (BridgeError, OSError) as exc:
             stream.close()
             self.log.error("call.media_failed", error=str(exc))
@@ -249,6 +264,10 @@ class CallSession(TransferSteps):
             "media.attached", local=f"{host}:{port}", remote=f"{remote.host}:{remote.port}"
         )
         return True
+
+    async def _on_media_wait(self) -> None:
+        if not self.ended and self.media is None and self.call.status is CallStatus.ACTIVE:
+            await self._to_fallback("media could not be attached (the PBX stayed unreachable)")
 
     def _on_audio(self, pcm: bytes) -> None:
         """Caller audio, 20 ms at a time, straight to the conversation."""
@@ -484,9 +503,10 @@ class CallSession(TransferSteps):
             # late LegFailed with the real cause): wait a moment for it, then fail back.
             self._set_timer("leg_lost", LEG_LOST_GRACE_S, transfer.id)
             return
-        if self.media is None:  # a daemon restart: the old process's media is gone
+        if self.media is None:  # a daemon restart (or media that waited for the PBX)
+            self._cancel_timer("media_wait")
             if not await self._attach_media():
                 return
-            await self._start_conversation(resumed=True)
+            await self._start_conversation(resumed=self.greeted)
             if transfer is not None and transfer.state is TransferState.ANNOUNCING:
                 self.post(SpeechDone(f"transfer:{transfer.id}", True))

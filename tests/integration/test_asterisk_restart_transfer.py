@@ -22,6 +22,7 @@ from tests.support.flows import (
     setup_directory,
     transfer_settled,
 )
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.asterisk
 
@@ -125,3 +126,51 @@ async def test_ending_the_call_while_the_destination_rings_cancels_it_at_once(
             await uas.stop()
             await api.close()
             await daemon.stop()
+
+
+async def test_a_transfer_asked_while_ari_is_down_is_placed_when_it_is_back(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, ari_url=proxy.url)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)  # media attached, greeting played
+            proxy.cut()
+            await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION, "ring_timeout": 30},
+            )
+
+            async def waiting() -> bool:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return "transfer.pbx_unavailable" in [e["type"] for e in data["events"]]
+
+            await wait_for(waiting, "the transfer to wait for the PBX")
+            data = await api.ok("GET", f"/calls/{call['id']}")
+            assert data["transfers"][-1]["state"] == "dialing"  # not failed, not blamed
+            proxy.restore()
+            done = await transfer_settled(api, call["id"])
+            last = done["transfers"][-1]
+            assert (done["status"], last["state"], last["outcome"]) == (
+                "transferred",
+                "bridged",
+                "answered",
+            )
+            assert len(uas.received_requests("INVITE")) == 1
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+        finally:
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()
+            await proxy.close()

@@ -605,3 +605,30 @@ async def test_destination_test_with_the_pbx_down_is_a_local_failure(env: CallEn
     env.pbx.fail["originate"] = PbxUnavailable("ARI connection refused")
     result = await env.service.test_destination(DEST, None, 5)
     assert result["outcome"] == "failed" and result["reason"].startswith("local failure")
+
+
+# --- media while the PBX is briefly unreachable ---------------------------------------------
+
+
+async def test_media_that_cannot_attach_during_an_outage_attaches_after_it(env: CallEnv) -> None:
+    env.pbx.fail["attach_media"] = [PbxUnavailable("ARI connection refused")]
+    await env.push(env.arrival())
+    session = env.service.routes["ch1"]
+    await until(lambda: _has_event(env, session.call.id, "call.media_waiting"), "waiting")
+    assert session.call.status is CallStatus.ACTIVE and env.pbx.verbs("continue_in_dialplan") == []
+    await env.push(ConnectionRestored("", callers=(env.arrival(),), legs=()))
+    await until(lambda: session.media is not None, "media attached after the reconnect")
+    conversation = await until(lambda: env.conversations and env.conversations[0], "conv")
+    await until(lambda: conversation.log, "conversation started")
+    assert conversation.log == [("start", False)]  # never greeted yet: it greets now
+
+
+async def test_media_that_never_attaches_sends_the_caller_to_the_fallback(env: CallEnv) -> None:
+    env.pbx.fail["attach_media"] = PbxUnavailable("ARI connection refused")
+    await env.push(env.arrival())
+    session = env.service.routes["ch1"]
+    await until(lambda: _has_event(env, session.call.id, "call.media_waiting"), "waiting")
+    session.post(TimerFired("media_wait", session.call.id))
+    data = await env.wait_status(session.call.id, CallStatus.ENDED)
+    assert data["end_reason"].endswith("sent to the dialplan fallback")
+    assert [v[0] for v in env.pbx.verbs("continue_in_dialplan")] == ["ch1"]
