@@ -296,7 +296,9 @@ class CallSession(TransferSteps):
                     return
                 playout = media.play(pcm, interruptible=interruptible)
             await self.record("assistant.said", text=text)
-            played = await playout.done
+            # Shielded: cancelling this waiter (barge-in) must not destroy the playout's own
+            # state (played or flushed), which the media and others still report.
+            played = await asyncio.shield(playout.done)
             self.post(SpeechDone(token, played))
         except Exception as exc:
             self.log.error("call.tts_failed", error=str(exc))

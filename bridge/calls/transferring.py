@@ -100,7 +100,7 @@ class TransferSteps(_Base):
         settings = self.service.settings.transfer
         target = await self.service.resolve_destination(self.call.number_id, command.destination)
         transfer = Transfer(
-            id=str(uuid.uuid4()),
+            id=self._new_transfer_id(),
             call_id=self.call.id,
             source=source,
             destination=command.destination,
@@ -136,6 +136,9 @@ class TransferSteps(_Base):
         else:
             self.post(SpeechDone(f"transfer:{transfer.id}", True))
         return {"id": self.call.id, "accepted": "transfer", "transfer_id": transfer.id}
+
+    def _new_transfer_id(self) -> str:
+        return str(uuid.uuid4())
 
     async def _after_announcement(self) -> None:
         transfer = self.transfer

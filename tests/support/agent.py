@@ -66,6 +66,7 @@ class FakePlayout:
     interruptible: bool
     done: asyncio.Future[bool]
     queued: bool = True  # still in the media queue (a cancelled waiter does not unqueue it)
+    claimed: bool = False  # the session's speech task queued its audio
 
 
 class FakeMedia:
@@ -78,11 +79,22 @@ class FakeMedia:
         self.flushes = 0  # flushes that cut audio (a flush with nothing queued cuts nothing)
         self.closed = False
 
-    def play(self, pcm: bytes, *, interruptible: bool = True) -> FakePlayout:
+    def reserve(self, text: str, interruptible: bool) -> FakePlayout:
+        """`say` was called: the playout exists from now on (as the old fake had it), and
+        plays once the session's speech task queues its audio."""
         loop = asyncio.get_running_loop()
-        playout = FakePlayout(pcm.decode(), interruptible, loop.create_future())
+        playout = FakePlayout(text, interruptible, loop.create_future())
         self.playouts.append(playout)
-        loop.call_later(self.play_s, _finish, playout, True)
+        return playout
+
+    def play(self, pcm: bytes, *, interruptible: bool = True) -> FakePlayout:
+        text = pcm.decode()
+        playout = next(
+            (p for p in self.playouts if not p.claimed and p.text == text), None
+        ) or self.reserve(text, interruptible)
+        playout.claimed = True
+        if playout.queued:
+            asyncio.get_running_loop().call_later(self.play_s, _finish, playout, True)
         return playout
 
     @property
@@ -183,8 +195,8 @@ class FakeSession(CallSession):
             number_id="n1",
         )
         super().__init__(service, call, assistant or make_assistant())
-        self.media = FakeMedia(play_s)  # type: ignore[assignment]
-        self.said: list[tuple[str, bool]] = []
+        self._fake_media = FakeMedia(play_s)
+        self.media = self._fake_media  # type: ignore[assignment]
         self.commands: list[tuple[Any, str, str | None]] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.command_error: Exception | None = None
@@ -192,9 +204,19 @@ class FakeSession(CallSession):
         service._by_channel[call.channel_id] = self
         self.start(PbxEvent(""))  # the call's task runs; this first item does nothing
 
+    def _new_transfer_id(self) -> str:
+        """Transfers are numbered t1, t2, ... (as `failed_transfer()` builds them)."""
+        self._transfer_seq = getattr(self, "_transfer_seq", 0) + 1
+        return f"t{self._transfer_seq}"
+
     def say(self, text: str, *, token: str = "", interruptible: bool = True) -> asyncio.Task[None]:
-        self.said.append((text, interruptible))
+        self._fake_media.reserve(text, interruptible)
         return super().say(text, token=token, interruptible=interruptible)
+
+    @property
+    def said(self) -> list[tuple[str, bool]]:
+        """What was queued for the caller, in order: (text, interruptible)."""
+        return [(p.text, p.interruptible) for p in self._fake_media.playouts]
 
     async def command(
         self, command: Any, *, source: str = "api", label: str | None = None
