@@ -69,6 +69,7 @@ class CallSession(TransferSteps):
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._shut = False
+        self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
         self.greeted = False  # the conversation started once (a resume must not greet again)
         self._redial = False  # an originate failed with the PBX unreachable: retry on resume
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
@@ -146,7 +147,13 @@ class CallSession(TransferSteps):
                 hangup_leg=True,
             )
         except Exception:
+            # Even recovering failed (e.g. the store is locked): never leave the caller in
+            # the PBX with no session. Send them to the fallback; `_end` never raises.
             self.log.exception("call.recover_failed")
+            try:
+                await self._to_fallback(f"internal error: {exc}")
+            except Exception:
+                self.log.exception("call.fallback_failed")
             await self._end(f"internal error: {exc}")
 
     async def _handle(self, item: Any) -> None:
@@ -512,3 +519,5 @@ class CallSession(TransferSteps):
             await self._start_conversation(resumed=self.greeted)
             if transfer is not None and transfer.state is TransferState.ANNOUNCING:
                 self.post(SpeechDone(f"transfer:{transfer.id}", True))
+            elif transfer is not None and self._untold is transfer:
+                self._tell_result(transfer)  # a failed transfer waited for the media

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         log: Any  # a bound structlog logger
         _ringback: str | None
         _redial: bool
+        _untold: Transfer | None
 
         def say(
             self, text: str, *, token: str = "", interruptible: bool = True
@@ -82,6 +83,7 @@ class TransferSteps(_Base):
 
     transfer: Transfer | None
     _ringback: str | None
+    _untold: Transfer | None
     transfers_in_call: int = 0
     _claimed: DialTarget | None = None
     _dial_deadline: float | None = None
@@ -441,10 +443,20 @@ class TransferSteps(_Base):
         await self._stop_ringback()
         if self.media is None:  # e.g. after a daemon restart during the transfer
             if not await self._attach_media():
-                return  # sent to the fallback, or the caller left
+                # Sent to the fallback, or the caller left, or the media waits for the PBX:
+                # then the result is told once it is attached (on the `Resume`).
+                self._untold = transfer
+                return
             if self.conversation is None:
                 await self._start_conversation(resumed=True)
-        self.say(self.service.failure_message(outcome), token="transfer_failed")
+        self._tell_result(transfer)
+
+    def _tell_result(self, transfer: Transfer) -> None:
+        """The caller is ACTIVE with media: say why, then hand the typed result to the
+        conversation, which listens again from now on."""
+        self._untold = None
+        assert transfer.outcome is not None
+        self.say(self.service.failure_message(transfer.outcome), token="transfer_failed")
         if self.conversation is not None:
             self.conversation.on_transfer_result(transfer)
 

@@ -377,6 +377,8 @@ async def test_a_broken_store_still_ends_the_call_and_fails_pending_commands(
     assert session.ended and session.media is None
     assert env.service._by_id == {} and "ch1" not in env.service._by_channel
     assert ("ch1",) in env.pbx.verbs("release")
+    # Not left in the PBX with no session: sent to the fallback.
+    assert [v[0] for v in env.pbx.verbs("continue_in_dialplan")] == ["ch1"]
     await until(lambda: ("close",) in conversation.log, "conversation closed")
     with pytest.raises(Conflict):
         await env.service.control(session.call.id, SayCommand(type="say", message="hi"))
@@ -632,3 +634,21 @@ async def test_media_that_never_attaches_sends_the_caller_to_the_fallback(env: C
     data = await env.wait_status(session.call.id, CallStatus.ENDED)
     assert data["end_reason"].endswith("sent to the dialplan fallback")
     assert [v[0] for v in env.pbx.verbs("continue_in_dialplan")] == ["ch1"]
+
+
+async def test_a_failed_transfer_after_a_restart_during_an_outage_is_told_on_reconnect(
+    env: CallEnv,
+) -> None:
+    call_id, leg, _, pbx = await _ringing_then_restart(env)
+    await env.push(ConnectionRestored("", callers=(env.arrival(),), legs=((leg, False),)))
+    session = await until(lambda: env.service.session(call_id), "resumed")
+    pbx.fail["attach_media"] = [PbxUnavailable("ARI connection refused")]
+    await env.push(LegFailed(leg, 17, "User busy", 486))
+    await until(lambda: _has_event(env, call_id, "call.media_waiting"), "media waits")
+    assert env.settings.transfer.busy_message not in env.tts.texts
+    await env.push(ConnectionRestored("", callers=(env.arrival(),), legs=()))
+    conversation = await until(lambda: _resumed_conversation(env), "conversation resumed")
+    await until(lambda: len(conversation.log) == 2, "transfer result told")
+    assert conversation.log[1] == ("result", TransferState.FAILED, CallStatus.ACTIVE, True)
+    assert session.media is not None
+    await until(lambda: env.settings.transfer.busy_message in env.tts.texts, "busy said")
