@@ -164,7 +164,8 @@ class TrunkSpec:
 
 class PbxAdapter(Protocol):
     """Verbs the call service uses. Every verb raises `ChannelGone` when the channel no longer
-    exists and `PbxUnavailable` when the PBX cannot be reached."""
+    exists, `PbxUnavailable` when the PBX cannot be reached and `PbxCommandFailed` when the PBX
+    refuses the command; never a raw protocol error (ARI HTTP status, ESL reply)."""
 
     async def start(self, sink: EventSink) -> None:
         """Connect, keep reconnecting, and deliver events to `sink` in order per channel."""
