@@ -87,6 +87,8 @@ class CallSession(TransferSteps):
         self, command: Any, *, source: str = "api", label: str | None = None
     ) -> dict[str, Any]:
         """Run a control command in the call's task; `source` is "api" or "assistant"."""
+        if self._shut or self.ended:
+            raise Conflict("the call has ended", field="id")  # no task left to answer
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.post(CommandEnvelope(command, reply, source, label))
         return await reply

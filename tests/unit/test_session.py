@@ -382,6 +382,8 @@ async def test_a_broken_store_still_ends_the_call_and_fails_pending_commands(
     await until(lambda: ("close",) in conversation.log, "conversation closed")
     with pytest.raises(Conflict):
         await env.service.control(session.call.id, SayCommand(type="say", message="hi"))
+    with pytest.raises(Conflict):  # the conversation still holds the session: no hang
+        await session.command(SayCommand(type="say", message="hi"), source="assistant")
 
 
 async def test_end_survives_a_failing_release_and_hangup(env: CallEnv) -> None:
