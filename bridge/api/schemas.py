@@ -216,6 +216,7 @@ class DestinationStats(BaseModel):
     attempts: int
     answered: int
     answer_rate: float
+    local_faults: int  # failed in our own PBX or daemon: not counted as attempts
     outcomes: dict[str, int]
 
 
@@ -226,7 +227,9 @@ class TransferStats(BaseModel):
     model_config = _OUT
     since: datetime | None
     calls: int
-    transfers: int
+    transfers: int  # settled transfers (those with a final outcome)
+    in_progress: int  # transfers still under way: not an outcome
+    local_faults: int  # of `by_outcome["failed"]`, those that failed in our PBX or daemon
     transfer_rate: float
     by_outcome: dict[str, int]
     by_source: dict[str, int]

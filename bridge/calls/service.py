@@ -15,27 +15,29 @@ from typing import Any
 from bridge.calls.admission import turn_away
 from bridge.calls.conversation import ConversationFactory
 from bridge.calls.model import Call, CallStatus, utcnow
+from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.policy import TransferPolicy
-from bridge.calls.session import CallSession, Resume
+from bridge.calls.reconcile import Reconciler
+from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
 from bridge.calls.transfer import TransferState
 from bridge.config import Settings
 from bridge.errors import (
+    BridgeError,
     Conflict,
     NotFound,
-    PbxCommandFailed,
 )
 from bridge.log import get_logger
 from bridge.media.rtp import MediaClock
 from bridge.pbx.ports import (
     CallArrived,
     ChannelGone,
-    ChannelHungUp,
     ConnectionLost,
     ConnectionRestored,
     LegAnswered,
     LegFailed,
     LegOutcome,
+    LegProgress,
     LegRinging,
     PbxAdapter,
     PbxEvent,
@@ -73,6 +75,7 @@ class CallService:
         self._probes: dict[str, asyncio.Queue[PbxEvent]] = {}
         # Where a transfer may go (fail-closed); every transfer and destination test asks it.
         self.policy = TransferPolicy(settings.transfer, directory)
+        self.reconciler = Reconciler(self)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -94,11 +97,11 @@ class CallService:
     async def on_pbx_event(self, event: PbxEvent) -> None:
         if isinstance(event, CallArrived):
             if event.channel_id not in self._by_channel:
-                await self._new_call(event)
+                await self.arrive(event)
             return
         if isinstance(event, ConnectionRestored):
             self.connected = True
-            await self._reconcile(event)
+            await self.reconciler.run(event)
             return
         if isinstance(event, ConnectionLost):
             self.connected = False
@@ -111,7 +114,18 @@ class CallService:
             probe.put_nowait(event)
         elif isinstance(event, LegAnswered):
             log.warning("call.orphan_leg_answered", leg=event.channel_id)
-            await self._safe_hangup(event.channel_id)
+            await self.safe_hangup(event.channel_id)
+
+    def session(self, call_id: str) -> CallSession | None:
+        return self._by_id.get(call_id)
+
+    def sessions(self) -> list[CallSession]:
+        return list(self._by_id.values())
+
+    @property
+    def routes(self) -> dict[str, CallSession]:
+        """Channel id (caller or leg) -> the session its events go to (read only)."""
+        return self._by_channel
 
     def track_leg(self, leg_id: str, session: CallSession) -> None:
         self._by_channel[leg_id] = session
@@ -126,12 +140,38 @@ class CallService:
         for key in [k for k, v in self._by_channel.items() if v is session]:
             del self._by_channel[key]
 
-    def _register(self, session: CallSession) -> None:
+    def register(self, session: CallSession) -> None:
         self._by_id[session.call.id] = session
         self._by_channel[session.call.channel_id] = session
         transfer = session.transfer
         if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
             self._by_channel[transfer.leg_id] = session
+
+    async def arrive(self, event: CallArrived) -> None:
+        """A new caller. Whatever fails while taking it (a locked database, the directory),
+        the caller goes to the dialplan fallback: never left in Stasis/park with no session."""
+        try:
+            await self._new_call(event)
+        except Exception as exc:
+            log.exception("call.arrival_failed", channel=event.channel_id, error=str(exc))
+            session = self._by_channel.get(event.channel_id)
+            if session is not None and not session.started:
+                self.forget(session)  # registered but never started
+            elif session is not None:
+                return  # its task owns the caller now
+            await self.send_to_fallback(event.channel_id, event.called_number)
+
+    async def send_to_fallback(self, channel_id: str, number: str | None) -> None:
+        try:
+            await self.pbx.continue_in_dialplan(
+                channel_id, self.settings.calls.fallback_context, number or "s"
+            )
+            log.warning("call.sent_to_fallback", channel=channel_id)
+        except ChannelGone:
+            pass
+        except Exception as exc:
+            log.error("call.fallback_failed", channel=channel_id, error=str(exc))
+            await self.safe_hangup(channel_id)
 
     async def _new_call(self, event: CallArrived) -> None:
         number = await self.directory.find_number(event.called_number)
@@ -185,7 +225,7 @@ class CallService:
             caller=event.caller_number,
             assistant_id=assistant.id,
         )
-        self._register(session)
+        self.register(session)
         session.start("greet")
 
     async def _refuse(self, session: CallSession, why: str) -> None:
@@ -208,58 +248,7 @@ class CallService:
         await self.store.save(call)
         await session.record("call.ended", reason=reason)
 
-    async def _reconcile(self, restored: ConnectionRestored) -> None:
-        """After a (re)connect: end calls whose channel is gone, resume the others, adopt
-        callers we have no record of, hang up legs nobody owns."""
-        live_callers = {c.channel_id: c for c in restored.callers}
-        live_legs = frozenset(leg for leg, _ in restored.legs)
-        answered = frozenset(leg for leg, up in restored.legs if up)
-        resume = Resume(live_legs, answered)
-        known: set[str] = set()
-        for call in await self.store.unfinished(self.pbx_name):
-            known.add(call.channel_id)
-            session = self._by_id.get(call.id)
-            if call.channel_id not in live_callers:
-                if session is not None:
-                    session.post(_gone(call.channel_id))
-                else:
-                    await self._mark_lost(call)
-                continue
-            if session is None:
-                session = await self._rebuild(call)
-                self._register(session)
-                session.start(resume)
-            else:
-                session.post(resume)
-        for channel_id, arrival in live_callers.items():
-            if channel_id not in known and channel_id not in self._by_channel:
-                log.info("call.adopted", channel=channel_id)
-                await self._new_call(arrival)
-        owned = {s.transfer.leg_id for s in self._by_id.values() if s.transfer}
-        for leg in live_legs - owned:
-            log.warning("call.orphan_leg", leg=leg)
-            await self._safe_hangup(leg)
-
-    async def _rebuild(self, call: Call) -> CallSession:
-        assistant = None
-        if call.assistant_id:
-            try:
-                assistant = await self.directory.get_assistant(call.assistant_id)
-            except NotFound:
-                pass
-        session = CallSession(self, call, assistant)
-        transfers = await self.store.transfers(call.id)
-        session.transfer = transfers[-1] if transfers else None
-        return session
-
-    async def _mark_lost(self, call: Call) -> None:
-        call.status = CallStatus.ENDED
-        call.ended_at = utcnow()
-        call.end_reason = "channel gone while callbridge was disconnected"
-        await self.store.save(call)
-        log.warning("call.lost", call_id=call.id, channel=call.channel_id)
-
-    async def _safe_hangup(self, channel_id: str) -> None:
+    async def safe_hangup(self, channel_id: str) -> None:
         try:
             await self.pbx.hangup(channel_id)
         except Exception as exc:
@@ -289,13 +278,14 @@ class CallService:
         return [c.public_dict() for c in await self.store.list(status, limit)]
 
     async def get_call(self, call_id: str) -> dict[str, Any]:
-        session = self._by_id.get(call_id)
-        call = session.call if session else await self.store.get(call_id)
-        if call is None:
+        # One consistent read: the call, its events and transfers never disagree.
+        found = await self.store.snapshot(call_id)
+        if found is None:
             raise NotFound(f"no call {call_id}", field="id")
+        call, events, transfers = found
         data = call.public_dict()
-        data["events"] = [e.public_dict() for e in await self.store.events(call_id)]
-        data["transfers"] = [t.public_dict() for t in await self.store.transfers(call_id)]
+        data["events"] = [e.public_dict() for e in events]
+        data["transfers"] = [t.public_dict() for t in transfers]
         return data
 
     async def test_destination(
@@ -315,8 +305,14 @@ class CallService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         rang_at: float | None = None
+        progressed = False
         result: dict[str, Any] = {"destination": destination, "route": target.describe()}
+        policy = getattr(self, "policy", None)
+        claimed = False
         try:
+            if policy is not None:
+                policy.claim_leg(target)
+                claimed = True
             await self.pbx.originate(
                 leg,
                 target,
@@ -329,28 +325,37 @@ class CallService:
                     event = await events.get()
                     if isinstance(event, LegRinging) and rang_at is None:
                         rang_at = loop.time()
+                    elif isinstance(event, LegProgress):
+                        progressed = True
                     elif isinstance(event, LegAnswered):
-                        await self._safe_hangup(leg)
+                        await self.safe_hangup(leg)
                         result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
                         break
                     elif isinstance(event, LegFailed):
-                        outcome = event.outcome
-                        if outcome is LegOutcome.NO_ANSWER and rang_at is None:
-                            outcome = LegOutcome.UNREACHABLE
+                        outcome, reason = classify_leg_failure(
+                            event, rang=rang_at is not None, progressed=progressed
+                        )
                         result.update(
                             outcome=outcome.value,
                             sip_code=event.sip_code,
                             cause=event.cause,
                             cause_text=event.cause_text,
+                            reason=reason,
                         )
                         break
         except TimeoutError:
-            await self._safe_hangup(leg)
-            result.update(outcome=LegOutcome.NO_ANSWER.value, cause_text="no final answer")
-        except (ChannelGone, PbxCommandFailed) as exc:
-            result.update(outcome=LegOutcome.UNREACHABLE.value, cause_text=str(exc))
+            await self.safe_hangup(leg)
+            outcome, reason = timeout_outcome(rang=rang_at is not None, progressed=progressed)
+            result.update(outcome=outcome.value, cause_text="no final answer", reason=reason)
+        except (ChannelGone, BridgeError, ValueError) as exc:
+            # The PBX could not place it (unreachable, refused, bad route): our fault.
+            result.update(
+                outcome=LegOutcome.FAILED.value, cause_text=str(exc), reason=local_reason(str(exc))
+            )
         finally:
             self._probes.pop(leg, None)
+            if claimed and policy is not None:
+                policy.release_leg(target)
         result["ring_ms"] = round((rang_at - started) * 1000) if rang_at else None
         result["duration_ms"] = round((loop.time() - started) * 1000)
         log.info("destination.tested", **result)
@@ -378,7 +383,3 @@ def trunk_spec(trunk: Any) -> TrunkSpec:
         password=trunk.password.get_secret_value() if trunk.password else None,
         register=trunk.registration,
     )
-
-
-def _gone(channel_id: str) -> ChannelHungUp:
-    return ChannelHungUp(channel_id, None, "gone while callbridge was disconnected")

@@ -8,6 +8,7 @@ things: speech and timers report back through the queue.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from bridge.calls.items import CommandEnvelope, Resume, SpeechDone, TimerFired
@@ -20,6 +21,7 @@ from bridge.calls.model import (
     TransferCommand,
     utcnow,
 )
+from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
 from bridge.calls.transferring import TransferSteps
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
@@ -31,6 +33,7 @@ from bridge.pbx.ports import (
     LegAnswered,
     LegFailed,
     LegOutcome,
+    LegProgress,
     LegRinging,
     MediaAddress,
     PbxEvent,
@@ -42,6 +45,13 @@ if TYPE_CHECKING:
     from bridge.directory.models import Assistant
 
 log = get_logger(__name__)
+
+# After a reconnect, how long a transfer whose leg vanished waits for the adapter's late
+# report of how the leg ended before it fails back to the assistant.
+LEG_LOST_GRACE_S = 2.0
+# How long a caller whose media could not be attached (PBX unreachable) waits for the PBX to
+# come back before being sent to the fallback.
+MEDIA_WAIT_S = 10.0
 
 
 class CallSession(TransferSteps):
@@ -58,6 +68,10 @@ class CallSession(TransferSteps):
         self._ringback: str | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._speech_tasks: set[asyncio.Task[None]] = set()
+        self._shut = False
+        self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
+        self.greeted = False  # the conversation started once (a resume must not greet again)
+        self._redial = False  # an originate failed with the PBX unreachable: retry on resume
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -73,28 +87,44 @@ class CallSession(TransferSteps):
         self, command: Any, *, source: str = "api", label: str | None = None
     ) -> dict[str, Any]:
         """Run a control command in the call's task; `source` is "api" or "assistant"."""
+        if self._shut or self.ended:
+            raise Conflict("the call has ended", field="id")  # no task left to answer
         reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.post(CommandEnvelope(command, reply, source, label))
         return await reply
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
 
     @property
     def ended(self) -> bool:
         return self.call.status is CallStatus.ENDED
 
     async def _run(self) -> None:
-        while not self.ended:
-            item = await self._queue.get()
+        try:
+            while not self.ended:
+                item = await self._queue.get()
+                try:
+                    await self._handle(item)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one bad event must not orphan the call
+                    self.log.exception("call.handler_failed", item=repr(item)[:200])
+                    if isinstance(item, CommandEnvelope) and not item.reply.done():
+                        item.reply.set_exception(exc)
+                    await self._recover(exc)
+        finally:
+            # Whatever happened above (even `_end` or the store failing), the call's resources
+            # are freed and nobody waits forever for a reply.
             try:
-                await self._handle(item)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # one bad event must not orphan the call
-                self.log.exception("call.handler_failed", item=repr(item)[:200])
-                if isinstance(item, CommandEnvelope) and not item.reply.done():
-                    item.reply.set_exception(exc)
-                await self._recover(exc)
-        self._shutdown()
-        # Fail any command that raced with the end of the call.
+                self._shutdown()
+            except Exception:
+                self.log.exception("call.shutdown_failed")
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Fail the commands still queued: the call has ended (or this process stops)."""
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, CommandEnvelope) and not item.reply.done():
@@ -102,22 +132,31 @@ class CallSession(TransferSteps):
 
     async def _recover(self, exc: Exception) -> None:
         """After an unexpected error, leave the caller somewhere sensible: a transfer in
-        flight fails back to the assistant (its leg hung up)."""
+        flight fails back to the assistant (its leg hung up); a caller without media goes to
+        the fallback. If even that fails, the call ends (never half alive)."""
         transfer = self.transfer
         if self.ended:
             return
-        if transfer is None or transfer.final:
-            if self.call.status is CallStatus.ACTIVE and self.media is None:
-                await self._to_fallback(f"internal error: {exc}")
-            return
         try:
-            if transfer.leg_id:
-                await self.service.pbx.hangup(transfer.leg_id)
+            if transfer is None or transfer.final:
+                if self.call.status is CallStatus.ACTIVE and self.media is None:
+                    await self._to_fallback(f"internal error: {exc}")
+                return
             await self._transfer_failed(
-                TransferEvent.ERROR, LegOutcome.FAILED, cause_text=f"internal error: {exc}"
+                TransferEvent.ERROR,
+                LegOutcome.FAILED,
+                reason=local_reason(f"internal error: {exc}"),
+                hangup_leg=True,
             )
         except Exception:
+            # Even recovering failed (e.g. the store is locked): never leave the caller in
+            # the PBX with no session. Send them to the fallback; `_end` never raises.
             self.log.exception("call.recover_failed")
+            try:
+                await self._to_fallback(f"internal error: {exc}")
+            except Exception:
+                self.log.exception("call.fallback_failed")
+            await self._end(f"internal error: {exc}")
 
     async def _handle(self, item: Any) -> None:
         if isinstance(item, CommandEnvelope):
@@ -127,10 +166,12 @@ class CallSession(TransferSteps):
                 item.reply.set_exception(exc)
         elif isinstance(item, ChannelHungUp):
             await self._on_hangup(item)
-        elif isinstance(item, LegRinging | LegAnswered | LegFailed):
+        elif isinstance(item, LegRinging | LegProgress | LegAnswered | LegFailed):
             await self._on_leg_event(item)
         elif isinstance(item, SpeechDone):
             await self._on_speech_done(item)
+        elif isinstance(item, TimerFired) and item.name == "media_wait":
+            await self._on_media_wait()
         elif isinstance(item, TimerFired):
             await self._on_timer(item)
         elif isinstance(item, Resume):
@@ -149,6 +190,17 @@ class CallSession(TransferSteps):
     async def _save_transfer(self) -> None:
         if self.transfer is not None:
             await self.service.store.save_transfer(self.transfer)
+
+    async def _persist(
+        self, *, call: bool = False, transfer: bool = False, event: CallEvent | None = None
+    ) -> None:
+        """Save the call and/or its transfer and an event in one transaction."""
+        await self.service.store.save_state(
+            self.call if call else None,
+            self.transfer if transfer else None,
+            [event] if event is not None else None,
+            call_id=self.call.id,
+        )
 
     def _set_timer(self, name: str, delay: float, ref: str) -> None:
         self._cancel_timer(name)
@@ -170,8 +222,7 @@ class CallSession(TransferSteps):
             await self._end("caller hung up before answer")
             return
         self.call.answered_at = utcnow()
-        await self._save()
-        await self.record("call.answered")
+        await self._persist(call=True, event=CallEvent("call.answered", utcnow()))
         if not await self._attach_media():
             return
         await self._start_conversation(resumed=False)
@@ -181,6 +232,7 @@ class CallSession(TransferSteps):
         factory = self.service.conversation_factory
         if self.conversation is None and factory is not None:
             self.conversation = factory(self)
+        self.greeted = True
         if self.conversation is not None:
             await self.conversation.start(resumed=resumed)
         elif not resumed and self.assistant is not None and self.assistant.first_message:
@@ -201,6 +253,14 @@ class CallSession(TransferSteps):
             stream.close()
             await self._end("caller hung up")
             return False
+        except PbxUnavailable as exc:
+            # The PBX is unreachable (a short outage): the caller is still there. Re-attach on
+            # the `Resume` that follows the reconnect; the fallback if it does not come soon.
+            stream.close()
+            self.log.warning("call.media_waiting_for_pbx", error=str(exc))
+            await self.record("call.media_waiting", error=str(exc))
+            self._set_timer("media_wait", MEDIA_WAIT_S, self.call.id)
+            return False
         except (BridgeError, OSError) as exc:
             stream.close()
             self.log.error("call.media_failed", error=str(exc))
@@ -213,6 +273,10 @@ class CallSession(TransferSteps):
             "media.attached", local=f"{host}:{port}", remote=f"{remote.host}:{remote.port}"
         )
         return True
+
+    async def _on_media_wait(self) -> None:
+        if not self.ended and self.media is None and self.call.status is CallStatus.ACTIVE:
+            await self._to_fallback("media could not be attached (the PBX stayed unreachable)")
 
     def _on_audio(self, pcm: bytes) -> None:
         """Caller audio, 20 ms at a time, straight to the conversation."""
@@ -241,7 +305,9 @@ class CallSession(TransferSteps):
                     return
                 playout = media.play(pcm, interruptible=interruptible)
             await self.record("assistant.said", text=text)
-            played = await playout.done
+            # Shielded: cancelling this waiter (barge-in) must not destroy the playout's own
+            # state (played or flushed), which the media and others still report.
+            played = await asyncio.shield(playout.done)
             self.post(SpeechDone(token, played))
         except Exception as exc:
             self.log.error("call.tts_failed", error=str(exc))
@@ -284,33 +350,31 @@ class CallSession(TransferSteps):
         transfer = self.transfer
         leg = transfer.leg_id if transfer else None
         if event.channel_id == self.call.channel_id:
-            if transfer is not None and not transfer.final:
-                await self._settle(TransferEvent.CALLER_GONE, LegOutcome.CANCELLED)
-                if leg:
-                    await self.service.pbx.hangup(leg)
-            elif transfer is not None and transfer.state is TransferState.BRIDGED and leg:
-                await self.service.pbx.hangup(leg)
+            # `_end` settles an open transfer (cancelled) and hangs up its leg.
             await self._end("caller hung up", cause=event.cause, cause_text=event.cause_text)
-        elif leg and event.channel_id == leg:
-            if transfer is not None and transfer.state is TransferState.ANSWERED:
+        elif leg and event.channel_id == leg and transfer is not None:
+            if transfer.state is TransferState.ANSWERED:
                 await self._transfer_failed(
                     TransferEvent.LEG_FAILED,
                     LegOutcome.FAILED,
                     cause=event.cause,
-                    cause_text="destination hung up before the bridge",
+                    cause_text=event.cause_text,
+                    reason="the destination hung up before the bridge",
                 )
-            elif transfer is not None and transfer.state is TransferState.BRIDGED:
+            elif transfer.state in (TransferState.DIALING, TransferState.RINGING):
+                # An unanswered leg reported as a hangup: the same facts as a failure.
+                await self._on_leg_event(LegFailed(leg, event.cause, event.cause_text, None))
+            elif transfer.state is TransferState.BRIDGED:
                 await self.record("transfer.destination_hung_up", transfer_id=transfer.id)
                 await self._hangup("destination hung up")
 
     async def _hangup(self, reason: str) -> None:
         try:
             await self.service.pbx.hangup(self.call.channel_id)
-        except PbxUnavailable as exc:
+        except ChannelGone:
+            pass
+        except BridgeError as exc:
             self.log.error("call.hangup_failed", error=str(exc))
-        transfer = self.transfer
-        if transfer is not None and transfer.state is TransferState.BRIDGED and transfer.leg_id:
-            await self.service.pbx.hangup(transfer.leg_id)
         await self._end(reason)
 
     async def _to_fallback(self, reason: str) -> None:
@@ -320,10 +384,11 @@ class CallSession(TransferSteps):
                 self.service.settings.calls.fallback_context,
                 self.call.number or "s",
             )
-            await self._end(f"{reason}: sent to the dialplan fallback")
         except (ChannelGone, BridgeError) as exc:
             self.log.error("call.fallback_failed", error=str(exc))
             await self._hangup(f"{reason}: fallback failed")
+            return
+        await self._end(f"{reason}: sent to the dialplan fallback")
 
     async def _end(
         self,
@@ -332,18 +397,59 @@ class CallSession(TransferSteps):
         cause: int | None = None,
         cause_text: str | None = None,
     ) -> None:
+        """The one place a call ends. It settles an open transfer (cancelled), hangs up the
+        transfer's leg, stops the ringback and frees the PBX side. It never raises: each step
+        is logged and the next one still runs."""
         if self.ended:
             return
         self.call.status = CallStatus.ENDED
         self.call.ended_at = utcnow()
         self.call.end_reason = reason
-        await self._save()
-        await self.record("call.ended", reason=reason, cause=cause, cause_text=cause_text)
-        self.log.info("call.ended", reason=reason, cause=cause)
+        transfer = self.transfer
+        leg = transfer.leg_id if transfer is not None else None
+        open_transfer = transfer is not None and not transfer.final
+        if transfer is not None and open_transfer:
+            try:
+                transfer.settle(
+                    TransferEvent.CALLER_GONE,
+                    LegOutcome.CANCELLED,
+                    reason=f"the call ended during the transfer: {reason}",
+                )
+            except Exception:
+                self.log.exception("call.end_settle_failed", transfer_id=transfer.id)
+        self._cancel_timer("ring_guard")
+        self._cancel_timer("leg_lost")
+        bridged = transfer is not None and transfer.state is TransferState.BRIDGED
+        if leg and (open_transfer or bridged):
+            await self._quietly("hangup_leg", self.service.pbx.hangup(leg))
+            self.service.untrack_leg(leg, keep=False)
+        await self._quietly("stop_ringback", self._stop_ringback())
         try:
-            await self.service.pbx.release(self.call.channel_id)
-        except BridgeError as exc:
-            self.log.warning("call.release_failed", error=str(exc))
+            self._release_claim()
+        except Exception:
+            self.log.exception("call.release_claim_failed")
+        events = []
+        if transfer is not None and open_transfer:
+            events.append(self._settled_event(transfer))
+        ended = {"reason": reason, "cause": cause, "cause_text": cause_text}
+        events.append(CallEvent("call.ended", utcnow(), ended))
+        try:
+            await self.service.store.save_state(
+                self.call, transfer if open_transfer else None, events
+            )
+        except Exception:
+            self.log.exception("call.end_save_failed")
+        self.log.info("call.ended", reason=reason, cause=cause)
+        await self._quietly("release", self.service.pbx.release(self.call.channel_id))
+
+    async def _quietly(self, what: str, step: Awaitable[Any]) -> None:
+        """Run a clean-up step; log its failure and carry on."""
+        try:
+            await step
+        except ChannelGone:
+            pass
+        except Exception as exc:
+            self.log.warning(f"call.{what}_failed", error=str(exc) or type(exc).__name__)
 
     def _close_media(self) -> None:
         if self.media is not None:
@@ -360,8 +466,12 @@ class CallSession(TransferSteps):
             except asyncio.CancelledError:
                 pass
         self._shutdown()
+        self._fail_pending()
 
     def _shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
         for name in list(self._timers):
             self._cancel_timer(name)
         for task in self._speech_tasks:
@@ -387,23 +497,29 @@ class CallSession(TransferSteps):
             and not transfer.final
             and transfer.state is not TransferState.ANNOUNCING
         ):
+            # The ringback may be playing (ours, or our predecessor's): its id is derived.
+            self._ringback = transfer.ringback_id
+            if self._redial and transfer.state is TransferState.DIALING:
+                await self._dial(retry=True)  # the PBX is back: place the leg now
+                return
             if leg in resume.answered_legs:
-                transfer.state = TransferState.ANSWERED
+                if transfer.state is not TransferState.ANSWERED:
+                    transfer.apply(TransferEvent.LEG_ANSWERED)
                 await self._connect_leg()
                 return
             if leg in resume.live_legs:
                 self._set_timer("ring_guard", transfer.ring_timeout, transfer.id)
                 return
-            self._ringback = None
-            await self._transfer_failed(
-                TransferEvent.ERROR,
-                LegOutcome.FAILED,
-                cause_text="the new leg was lost while callbridge was disconnected",
-            )
+            # The leg vanished while we were away. The adapter may still tell how it ended (a
+            # late LegFailed with the real cause): wait a moment for it, then fail back.
+            self._set_timer("leg_lost", LEG_LOST_GRACE_S, transfer.id)
             return
-        if self.media is None:  # a daemon restart: the old process's media is gone
+        if self.media is None:  # a daemon restart (or media that waited for the PBX)
+            self._cancel_timer("media_wait")
             if not await self._attach_media():
                 return
-            await self._start_conversation(resumed=True)
+            await self._start_conversation(resumed=self.greeted)
             if transfer is not None and transfer.state is TransferState.ANNOUNCING:
                 self.post(SpeechDone(f"transfer:{transfer.id}", True))
+            elif transfer is not None and self._untold is transfer:
+                self._tell_result(transfer)  # a failed transfer waited for the media

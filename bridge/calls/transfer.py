@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from bridge.calls.model import _iso, utcnow
+from bridge.calls.outcomes import is_local
 from bridge.pbx.ports import DialTarget, LegOutcome
 
 
@@ -94,6 +95,9 @@ class Transfer:
     cause: int | None = None
     cause_text: str | None = None
     sip_code: int | None = None
+    reason: str | None = None  # why it ended, for people and the assistant
+    rang: bool = False  # the destination sent 180 Ringing
+    progressed: bool = False  # the destination sent 183 / early media
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     history: list[tuple[TransferState, datetime]] = field(default_factory=list)
@@ -124,12 +128,25 @@ class Transfer:
         cause: int | None = None,
         cause_text: str | None = None,
         sip_code: int | None = None,
+        reason: str | None = None,
     ) -> TransferState:
         """Apply a final event and record its typed outcome."""
         state = self.apply(event)
         self.outcome = outcome
         self.cause, self.cause_text, self.sip_code = cause, cause_text, sip_code
+        self.reason = reason or cause_text
         return state
+
+    @property
+    def local_fault(self) -> bool:
+        """Failed inside our own PBX or daemon: never counted against the destination."""
+        return self.outcome is LegOutcome.FAILED and is_local(self.reason)
+
+    @property
+    def ringback_id(self) -> str:
+        """The id of the caller's ringback playback: derived, so a restarted daemon can stop
+        the tone its predecessor started."""
+        return f"cbring-{self.id}"
 
     def public_dict(self) -> dict[str, Any]:
         return {
@@ -147,6 +164,10 @@ class Transfer:
             "sip_code": self.sip_code,
             "cause": self.cause,
             "cause_text": self.cause_text,
+            "reason": self.reason,
+            "local_fault": self.local_fault,
+            "rang": self.rang,
+            "early_media": self.progressed,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "history": [{"state": s.value, "at": _iso(at)} for s, at in self.history],
@@ -158,7 +179,7 @@ class Transfer:
             "transferred": self.state is TransferState.BRIDGED,
             "outcome": self.outcome.value if self.outcome else self.state.value,
             "sip_code": self.sip_code,
-            "cause": self.cause_text,
+            "cause": self.cause_text or self.reason,
         }
 
 
@@ -195,6 +216,9 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
         cause=doc.get("cause"),
         cause_text=doc.get("cause_text"),
         sip_code=doc.get("sip_code"),
+        reason=doc.get("reason"),
+        rang=bool(doc.get("rang", False)),
+        progressed=bool(doc.get("early_media", False)),
         created_at=datetime.fromisoformat(doc["created_at"]),
         updated_at=datetime.fromisoformat(doc["updated_at"]),
         history=[

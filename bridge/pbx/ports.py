@@ -19,9 +19,10 @@ class LegOutcome(StrEnum):
     ANSWERED = "answered"
     BUSY = "busy"
     NO_ANSWER = "no_answer"
-    REJECTED = "rejected"  # declined by the far end (403, 603, ...)
-    UNREACHABLE = "unreachable"  # no route, 404, 480, DNS or transport failure
-    FAILED = "failed"  # anything else (5xx, congestion, internal errors)
+    REJECTED = "rejected"  # refused by the far end or its network (403, 21 without 603)
+    DECLINED = "declined"  # the person declined the call (603 Decline)
+    UNREACHABLE = "unreachable"  # no route, 404, 484, DNS or transport failure
+    FAILED = "failed"  # anything else (5xx, congestion, local faults in our PBX or daemon)
     CANCELLED = "cancelled"  # we hung it up ourselves (caller left, timeout in our hands)
 
 
@@ -45,7 +46,13 @@ class CallArrived(PbxEvent):
 
 @dataclass(frozen=True, slots=True)
 class LegRinging(PbxEvent):
-    """An outbound leg we originated is ringing at the far end."""
+    """An outbound leg we originated is ringing at the far end (180 Ringing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LegProgress(PbxEvent):
+    """An outbound leg got 183 Session Progress / early media without a 180: the far end is
+    alive and working on the call (carriers often play their own ringback this way)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +62,18 @@ class LegAnswered(PbxEvent):
 
 @dataclass(frozen=True, slots=True)
 class LegFailed(PbxEvent):
-    """An outbound leg ended without being answered."""
+    """An outbound leg ended without being answered: raw facts only. What they mean (busy,
+    declined, no answer...) is decided in `bridge.calls.outcomes`, the same for every PBX.
 
-    outcome: LegOutcome
-    cause: int | None = None  # Q.850 cause code
+    `cause` is the Q.850 number, `cause_text` the PBX's own name or text for it, `sip_code` the
+    far end's final SIP status when known. `local` is True when the failure is inside our own
+    PBX or daemon (no such gateway/endpoint, the PBX refused the originate, PBX unreachable),
+    not the destination's doing."""
+
+    cause: int | None = None
     cause_text: str | None = None
     sip_code: int | None = None
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +164,8 @@ class TrunkSpec:
 
 class PbxAdapter(Protocol):
     """Verbs the call service uses. Every verb raises `ChannelGone` when the channel no longer
-    exists and `PbxUnavailable` when the PBX cannot be reached."""
+    exists, `PbxUnavailable` when the PBX cannot be reached and `PbxCommandFailed` when the PBX
+    refuses the command; never a raw protocol error (ARI HTTP status, ESL reply)."""
 
     async def start(self, sink: EventSink) -> None:
         """Connect, keep reconnecting, and deliver events to `sink` in order per channel."""
@@ -174,11 +188,14 @@ class PbxAdapter(Protocol):
 
     async def detach_media(self, channel_id: str) -> None: ...
 
-    async def play_tone(self, channel_id: str, tone: str) -> str:
-        """Start a PBX tone ("ring") to the caller; return a playback id."""
+    async def play_tone(self, channel_id: str, tone: str, playback_id: str) -> None:
+        """Start a PBX tone ("ring") to the caller under the id `playback_id` chosen by the
+        caller (derived from the transfer, so a restarted daemon can stop it)."""
         ...
 
-    async def stop_playback(self, playback_id: str) -> None: ...
+    async def stop_playback(self, playback_id: str) -> None:
+        """Stop a playback started by `play_tone`; a playback that is gone is not an error."""
+        ...
 
     async def originate(
         self,
@@ -189,8 +206,8 @@ class PbxAdapter(Protocol):
         ring_timeout: float,
         variables: dict[str, str] | None = None,
     ) -> None:
-        """Place an outbound leg with channel id `leg_id`; outcome arrives as events
-        (LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered)."""
+        """Place an outbound leg with channel id `leg_id`; what happens arrives as events
+        (LegProgress, LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered)."""
         ...
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
@@ -206,6 +223,11 @@ class PbxAdapter(Protocol):
     async def provision_trunk(self, trunk: TrunkSpec) -> None: ...
 
     async def remove_trunk(self, trunk_id: str) -> None: ...
+
+    async def provisioned_trunks(self) -> set[str]:
+        """Ids of the trunks the PBX currently has from us (`cb-trunk-<id>` objects, gateway
+        files), so that a reconciler can remove those no longer in the directory."""
+        ...
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
 

@@ -7,7 +7,9 @@ commits at once: a daemon crash loses nothing that was acknowledged.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +153,59 @@ class Database:
         return len(MIGRATIONS)
 
     async def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> int:
-        cur = await self.conn.execute(sql, params)
-        await self.conn.commit()
-        return cur.rowcount
+        """One statement, committed at once. Statement and commit run as ONE job on the
+        connection's thread: no other job (a `transaction`, a read) runs in between."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            try:
+                cur = conn.execute(sql, params)
+                conn.commit()
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+            return cur.rowcount
+
+        return int(await self._job(run))
+
+    async def _job(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `fn(sqlite3 connection)` as one job on aiosqlite's thread (its private
+        `_execute`, stable since 0.17): nothing else runs on the connection meanwhile."""
+        conn: Any = self.conn
+        return await conn._execute(fn, conn._conn)
+
+    async def transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run `statements` as one transaction (one commit): all are written or none.
+
+        The batch runs as one job on the connection's thread, so no other query on this
+        connection sees it half done (reads share the connection)."""
+        if not statements:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("BEGIN")
+                for sql, params in statements:
+                    conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        await self._job(run)
+
+    async def read_batch(
+        self, queries: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[sqlite3.Row]]:
+        """Run several SELECTs as one job on the connection's thread: they see one state of
+        the database (no transaction of ours can commit between them)."""
+
+        def run(conn: sqlite3.Connection) -> list[list[sqlite3.Row]]:
+            return [list(conn.execute(sql, params).fetchall()) for sql, params in queries]
+
+        rows: list[list[sqlite3.Row]] = await self._job(run)
+        return rows
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Row | None:
         async with self.conn.execute(sql, params) as cur:

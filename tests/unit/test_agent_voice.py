@@ -7,18 +7,19 @@ import json
 
 from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
 from bridge.llm.base import Finished, LlmServerError, LlmTimeout, TextDelta, ToolCall, ToolCallEvent
+from bridge.pbx.ports import LegFailed
 from bridge.speech.stt import SttError
 from tests.support.agent import (
     FakeSession,
     ScriptedLlm,
     ScriptedStt,
     Step,
-    failed_transfer,
     make_agent,
     make_assistant,
     settle,
     speak,
 )
+from tests.support.calls import until
 
 
 def tool(name: str, args: dict[str, str], call_id: str = "call_1") -> ToolCallEvent:
@@ -88,10 +89,14 @@ async def test_transfer_call_runs_the_session_command_and_gets_the_typed_result(
     assert command.destination == "+31612345678"
     assert command.message == "I'm transferring you to our sales team."
     assert (source, label) == ("assistant", "Sales team - for pricing and quotes")
-    # The transfer fails (busy): the caller is back with the assistant.
-    session.call.status = CallStatus.ACTIVE
-    agent.on_transfer_result(failed_transfer())
-    await settle(0.02)
+    # The transfer fails (busy): the real session puts the caller back with the assistant
+    # and hands it the typed result.
+    await until(lambda: bool(session.pbx.verbs("originate")), "the leg is placed")
+    assert session.leg is not None
+    session.post(LegFailed(session.leg, 17, "User busy", 486))
+    busy = session.service.settings.transfer.busy_message
+    await until(lambda: (busy, True) in session.said, "the caller is back with the assistant")
+    assert session.call.status is CallStatus.ACTIVE
     await speak(agent)
     await settle()
     second = llm.requests[1]

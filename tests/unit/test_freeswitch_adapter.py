@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bridge.calls.outcomes import classify_leg_failure
 from bridge.media.rtp import MediaClock, RtpStream
 from bridge.pbx.freeswitch import events as fse
 from bridge.pbx.freeswitch.adapter import FreeswitchAdapter, _vars
@@ -94,14 +95,17 @@ async def parts(
 def test_outcomes_from_captured_hangups() -> None:
     for name, outcome, sip in (
         ("busy", LegOutcome.BUSY, 486),
-        ("decline", LegOutcome.REJECTED, 603),
+        ("decline", LegOutcome.DECLINED, 603),
         ("noanswer", LegOutcome.NO_ANSWER, None),
     ):
         hangup = next(e for e in capture_events(f"originate_{name}") if e.name == "CHANNEL_HANGUP")
         assert fse.sip_code(hangup) == sip
-        assert fse.leg_outcome(hangup.get("Hangup-Cause"), fse.sip_code(hangup)) is outcome
-    assert fse.leg_outcome("INVALID_GATEWAY") is LegOutcome.UNREACHABLE
-    assert fse.leg_outcome("SOMETHING_ELSE") is LegOutcome.FAILED
+        failed = LegFailed("cbleg-1", fse.q850(hangup), hangup.get("Hangup-Cause"), sip)
+        assert classify_leg_failure(failed, rang=True, progressed=False)[0] is outcome
+    gateway = LegFailed("cbleg-1", None, "INVALID_GATEWAY", None)
+    assert classify_leg_failure(gateway, rang=False, progressed=False)[0] is LegOutcome.FAILED
+    other = LegFailed("cbleg-1", None, "SOMETHING_ELSE", None)
+    assert classify_leg_failure(other, rang=False, progressed=False)[0] is LegOutcome.FAILED
 
 
 def test_captured_park_is_an_arrival_and_legs_are_not() -> None:
@@ -215,7 +219,8 @@ async def test_ringback_is_quoted_gentones_and_stops(
 ) -> None:
     server, adapter, _ = parts
     uuid = await server.call_arrives(answered=True)
-    playback = await adapter.play_tone(uuid, "ring")
+    playback = "cbring-t1"
+    await adapter.play_tone(uuid, "ring", playback)
     line = next(c for c in server.commands if c.startswith("api uuid_broadcast"))
     assert line == f"api uuid_broadcast {uuid} 'gentones::%(2000,4000,440,480)|-1' aleg"
     await asyncio.sleep(0.05)
@@ -228,7 +233,7 @@ async def test_ringback_is_quoted_gentones_and_stops(
 @pytest.mark.parametrize(
     ("outcome", "expected", "sip"),
     [("busy", LegOutcome.BUSY, 486), ("noanswer", LegOutcome.NO_ANSWER, None),
-     ("decline", LegOutcome.REJECTED, 603)],
+     ("decline", LegOutcome.DECLINED, 603)],
 )  # fmt: skip
 async def test_originate_outcomes(
     parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
@@ -243,7 +248,8 @@ async def test_originate_outcomes(
     )
     failed = await sink.wait(LegFailed, "cbleg-1")
     assert isinstance(failed, LegFailed)
-    assert (failed.outcome, failed.sip_code) == (expected, sip)
+    outcome_seen = classify_leg_failure(failed, rang=True, progressed=False)[0]
+    assert (outcome_seen, failed.sip_code) == (expected, sip)
     assert len([e for e in sink.events if isinstance(e, LegFailed)]) == 1  # job not doubled
     line = next(c for c in server.commands if c.startswith("bgapi originate"))
     assert line.startswith("bgapi originate {origination_uuid=cbleg-1,originate_timeout=3,")
@@ -275,7 +281,9 @@ async def test_unknown_gateway_fails_from_the_job_result(
         "cbleg-3", DialTarget(number="+316", trunk_id="nope"), caller_number=None, ring_timeout=5
     )
     failed = await sink.wait(LegFailed, "cbleg-3")
-    assert isinstance(failed, LegFailed) and failed.outcome is LegOutcome.UNREACHABLE
+    assert isinstance(failed, LegFailed)
+    outcome_seen = classify_leg_failure(failed, rang=False, progressed=False)[0]
+    assert outcome_seen is LegOutcome.FAILED  # a local fault, not the destination's
     assert failed.cause_text == "INVALID_GATEWAY"
 
 

@@ -21,7 +21,6 @@ from bridge.pbx.asterisk.ari import (
     AriNotFound,
     AriUnavailable,
 )
-from bridge.pbx.asterisk.causes import leg_outcome
 from bridge.pbx.asterisk.dialing import (
     DIRECT_ENDPOINT,
     OUTBOUND_ONLY_CONTEXT,
@@ -195,8 +194,7 @@ class AsteriskAdapter:
             cause_text = event.get("cause_txt")
             sip_code = _sip_code(event)
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
-                outcome = leg_outcome(cause, sip_code)
-                await self._emit(LegFailed(cid, outcome, cause, cause_text, sip_code))
+                await self._emit(LegFailed(cid, cause, cause_text, sip_code))
             else:
                 self._answered_legs.discard(cid)
                 await self._emit(ChannelHungUp(cid, cause, cause_text))
@@ -288,9 +286,8 @@ class AsteriskAdapter:
         except ChannelGone:
             pass
 
-    async def play_tone(self, channel_id: str, tone: str) -> str:
-        playback = await self._call("POST", f"/channels/{channel_id}/play", media=f"tone:{tone}")
-        return str(playback["id"])
+    async def play_tone(self, channel_id: str, tone: str, playback_id: str) -> None:
+        await self._call("POST", f"/channels/{channel_id}/play/{playback_id}", media=f"tone:{tone}")
 
     async def stop_playback(self, playback_id: str) -> None:
         try:

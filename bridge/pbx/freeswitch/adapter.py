@@ -105,6 +105,7 @@ class FreeswitchAdapter:
         self._ports = itertools.cycle(range(unicast_ports[0], unicast_ports[1] + 1))
         self._port_count = unicast_ports[1] - unicast_ports[0] + 1
         self._media: dict[str, int] = {}  # caller uuid -> FreeSWITCH-side unicast port
+        self._tones: dict[str, str] = {}  # playback id -> caller uuid
         self.gateways = SofiaGateways(self._api, profile, gateway_dir) if gateway_dir else None
         self._trunk_source = trunks
         self._sink: EventSink | None = None
@@ -276,9 +277,7 @@ class FreeswitchAdapter:
             if answered:
                 await self._emit(ChannelHungUp(uuid, fse.q850(event), cause))
             else:
-                sip = fse.sip_code(event)
-                outcome = fse.leg_outcome(cause, sip)
-                await self._emit(LegFailed(uuid, outcome, fse.q850(event), cause, sip))
+                await self._emit(LegFailed(uuid, fse.q850(event), cause, fse.sip_code(event)))
 
     async def _on_job(self, event: EslEvent) -> None:
         """An originate that failed before any channel hung up (bad gateway, no route...)."""
@@ -288,7 +287,7 @@ class FreeswitchAdapter:
             return
         self._forget(leg)
         self._remember_end(leg)
-        await self._emit(LegFailed(leg, fse.leg_outcome(cause), fse.Q850.get(cause), cause, None))
+        await self._emit(LegFailed(leg, fse.Q850.get(cause), cause, None))
 
     def _remember_end(self, uuid: str) -> None:
         self._ended.add(uuid)
@@ -362,19 +361,22 @@ class FreeswitchAdapter:
                 return port
         raise PbxCommandFailed("no free unicast port left (raise unicast_ports)")
 
-    async def play_tone(self, channel_id: str, tone: str) -> str:
+    async def play_tone(self, channel_id: str, tone: str, playback_id: str) -> None:
         """`uuid_broadcast` of the `gentones` app (argument quoted: uuid_broadcast splits on
         spaces). Not `playback` of a tone_stream: a playback ends with a session reset that
         shuts `unicast` down for the rest of the park; and not `uuid_displace`: a media bug
         on a parked channel hears no written frames, so the caller would hear nothing
         (both seen on 1.10.12)."""
         uuid = _uuid(channel_id)
+        self._tones[playback_id] = uuid
         await self._api(f"uuid_broadcast {uuid} 'gentones::{_line(_tone(tone))}' aleg")
-        return uuid
 
     async def stop_playback(self, playback_id: str) -> None:
+        uuid = self._tones.pop(playback_id, None)
+        if uuid is None:
+            return
         with contextlib.suppress(ChannelGone):
-            await self._api(f"uuid_break {_uuid(playback_id)}")
+            await self._api(f"uuid_break {_uuid(uuid)}")
 
     async def originate(
         self,

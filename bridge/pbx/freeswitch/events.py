@@ -1,4 +1,5 @@
-"""What FreeSWITCH's channel events and hangup causes mean in the PBX port's terms.
+"""FreeSWITCH's channel events in the PBX port's terms (raw facts; what a failure means is
+decided in `bridge.calls.outcomes`).
 
 Pure functions over `EslEvent`, so the mapping is tested without a socket. Facts behind the
 tables (docs/freeswitch-esl-notes.md, measured on 1.10.12): a refused originated leg reports
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 
 from bridge.pbx.freeswitch.esl_protocol import EslEvent
-from bridge.pbx.ports import CallArrived, LegOutcome
+from bridge.pbx.ports import CallArrived
 
 LEG_PREFIX = "cbleg-"  # the call service names outbound legs so; we use it as their uuid
 DEFAULT_MARKER = "callbridge"  # channel variable the dialplan sets on callers for us
@@ -42,50 +43,9 @@ Q850: dict[str, int] = {
     "MANAGER_REQUEST": 503,
 }
 
-_BY_NAME: dict[str, LegOutcome] = {
-    "USER_BUSY": LegOutcome.BUSY,
-    "NO_USER_RESPONSE": LegOutcome.NO_ANSWER,
-    "NO_ANSWER": LegOutcome.NO_ANSWER,
-    "ALLOTTED_TIMEOUT": LegOutcome.NO_ANSWER,
-    "CALL_REJECTED": LegOutcome.REJECTED,
-    "UNALLOCATED_NUMBER": LegOutcome.UNREACHABLE,
-    "NO_ROUTE_DESTINATION": LegOutcome.UNREACHABLE,
-    "SUBSCRIBER_ABSENT": LegOutcome.UNREACHABLE,
-    "NUMBER_CHANGED": LegOutcome.UNREACHABLE,
-    "DESTINATION_OUT_OF_ORDER": LegOutcome.UNREACHABLE,
-    "INVALID_NUMBER_FORMAT": LegOutcome.UNREACHABLE,
-    "NETWORK_OUT_OF_ORDER": LegOutcome.UNREACHABLE,
-    "CHAN_NOT_IMPLEMENTED": LegOutcome.UNREACHABLE,
-    "INVALID_GATEWAY": LegOutcome.UNREACHABLE,
-    "GATEWAY_DOWN": LegOutcome.UNREACHABLE,
-    "RECOVERY_ON_TIMER_EXPIRE": LegOutcome.UNREACHABLE,  # no SIP answer at all (timer B)
-    "ORIGINATOR_CANCEL": LegOutcome.CANCELLED,
-    "MANAGER_REQUEST": LegOutcome.CANCELLED,  # uuid_kill by us
-}
-
-_BY_SIP: dict[int, LegOutcome] = {
-    486: LegOutcome.BUSY,
-    600: LegOutcome.BUSY,
-    408: LegOutcome.NO_ANSWER,
-    480: LegOutcome.NO_ANSWER,
-    487: LegOutcome.NO_ANSWER,
-    403: LegOutcome.REJECTED,
-    603: LegOutcome.REJECTED,
-    404: LegOutcome.UNREACHABLE,
-    410: LegOutcome.UNREACHABLE,
-    484: LegOutcome.UNREACHABLE,
-}
-
 
 def is_leg(uuid: str) -> bool:
     return uuid.startswith(LEG_PREFIX)
-
-
-def leg_outcome(cause: str | None, sip_code: int | None = None) -> LegOutcome:
-    """The most specific outcome: a SIP final status wins over the cause name."""
-    if sip_code is not None and sip_code in _BY_SIP:
-        return _BY_SIP[sip_code]
-    return _BY_NAME.get(cause or "", LegOutcome.FAILED)
 
 
 def q850(event: EslEvent) -> int | None:
