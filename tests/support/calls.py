@@ -149,6 +149,12 @@ class FakeDirectory:
             raise NotFound(f"no assistant {assistant_id}")
         return self.assistant
 
+    async def list_assistants(self) -> list[Any]:
+        return [self.assistant]
+
+    async def get_trunk(self, trunk_id: str) -> Any:
+        raise NotFound(f"no trunk {trunk_id}", field="transfer_trunk_id")
+
     async def list_trunks(self) -> list[Any]:
         return []
 

@@ -16,6 +16,7 @@ import pytest
 
 from bridge.calls.items import TimerFired
 from bridge.calls.model import CallStatus, EndCallCommand, SayCommand
+from bridge.calls.policy import TransferPolicy
 from bridge.calls.transfer import TransferState
 from bridge.errors import Conflict, PbxCommandFailed, PbxUnavailable
 from bridge.pbx.ports import (
@@ -545,23 +546,26 @@ def _transfer_command(**fields: Any) -> Any:
 # --- the per-trunk leg cap hook and the destination tester ----------------------------------
 
 
-class RecordingPolicy:
-    """The dial-safety policy's leg accounting, recorded."""
+class RecordingPolicy(TransferPolicy):
+    """The real dial-safety policy, its leg accounting recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: TransferPolicy) -> None:
+        super().__init__(policy.settings, policy.directory)
         self.claimed: list[Any] = []
         self.released: list[Any] = []
 
     def claim_leg(self, target: Any) -> None:
+        super().claim_leg(target)
         self.claimed.append(target)
 
     def release_leg(self, target: Any) -> None:
+        super().release_leg(target)
         self.released.append(target)
 
 
 async def test_each_leg_is_claimed_and_released_once(env: CallEnv) -> None:
-    policy = RecordingPolicy()
-    env.service.policy = policy  # type: ignore[attr-defined]
+    policy = RecordingPolicy(env.service.policy)
+    env.service.policy = policy
     session = await env.arrive()
     first = await env.transfer(session)
     assert first.leg_id is not None
