@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -158,9 +158,31 @@ class FreeswitchSettings(BaseModel):
     unicast_port_max: int = Field(24999, ge=1024, le=65535)
     # Directory the sofia profile includes gateways from; None: trunks are not provisioned.
     gateway_dir: Path | None = None
+    # Gateway files hold trunk passwords and must be readable by FreeSWITCH's user: mode
+    # (never world-accessible), and owner/group to give them (names or ids; None: the
+    # daemon's). Packaged FreeSWITCH runs as user/group `freeswitch`: gateway_group =
+    # "freeswitch" with the default 0o640.
+    gateway_mode: int = Field(0o640, ge=0, le=0o777)
+    gateway_owner: str | None = None
+    gateway_group: str | None = None
+    # Name this daemon claims callers under (mod_hash); several daemons on one FreeSWITCH
+    # need distinct names, a restarted daemon the same one. Default: the host name.
+    instance: str | None = None
+    # Heartbeat (global `callbridge_seen`) the dialplan hook checks before parking a caller.
+    heartbeat_interval: float = Field(1.0, gt=0, le=10)
     reconnect_initial_delay: float = 0.5
     reconnect_max_delay: float = 15.0
     command_timeout: float = 10.0
+
+    @field_validator("gateway_mode")
+    @classmethod
+    def _gateway_mode(cls, mode: int) -> int:
+        if mode & 0o007 or not mode & 0o400:
+            raise ValueError(
+                "gateway_mode must be owner-readable and give others nothing (the files hold "
+                "trunk passwords), e.g. 0o640 with gateway_group set to FreeSWITCH's group"
+            )
+        return mode
 
 
 class Settings(BaseSettings):

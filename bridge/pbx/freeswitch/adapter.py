@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bridge.errors import PbxCommandFailed, PbxUnavailable
 from bridge.log import get_logger
+from bridge.pbx import ports
 from bridge.pbx.freeswitch import events as fse
 from bridge.pbx.freeswitch.esl_client import (
     ConnectionState,
@@ -62,7 +64,14 @@ EVENTS = (
 )
 RING_TONE = "%(2000,4000,440,480)|-1"  # gentones: ringback, looped until uuid_break
 TONES = {"ring": RING_TONE}
+TONE_VAR = "callbridge_tone"  # on the caller: the playback id of its running tone
+GUARD_VAR = "callbridge_guard"  # set by the hook when it scheduled the fallback transfer
+CLAIM_REALM = "callbridge_owner"  # mod_hash realm: caller uuid -> the daemon that took it
 TrunkSource = Callable[[], Awaitable[list[TrunkSpec]]]
+# Before the contract-1 ports.py (LegProgress, LegFailed without `outcome`) is merged, the
+# adapter still speaks the old one: both are handled in `_leg_failed` / `_progress`.
+_LegProgress: Any = getattr(ports, "LegProgress", None)
+_LEGACY_LEG_FAILED = "outcome" in getattr(LegFailed, "__dataclass_fields__", {})
 
 
 class FreeswitchAdapter:
@@ -83,7 +92,11 @@ class FreeswitchAdapter:
         gateway_dir: Path | None = None,
         trunks: TrunkSource | None = None,
         heartbeat_var: str | None = "callbridge_seen",
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        instance: str | None = None,
+        gateway_mode: int = 0o640,
+        gateway_owner: str | None = None,
+        gateway_group: str | None = None,
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if blind_method not in ("transfer", "deflect"):
@@ -105,12 +118,29 @@ class FreeswitchAdapter:
         self._ports = itertools.cycle(range(unicast_ports[0], unicast_ports[1] + 1))
         self._port_count = unicast_ports[1] - unicast_ports[0] + 1
         self._media: dict[str, int] = {}  # caller uuid -> FreeSWITCH-side unicast port
-        self.gateways = SofiaGateways(self._api, profile, gateway_dir) if gateway_dir else None
+        self.gateways = (
+            SofiaGateways(
+                self._api,
+                profile,
+                gateway_dir,
+                mode=gateway_mode,
+                owner=gateway_owner,
+                group=gateway_group,
+            )
+            if gateway_dir
+            else None
+        )
+        # Who we are when claiming callers (mod_hash): a restarted daemon with the same name
+        # takes its own calls back, another daemon on the same FreeSWITCH leaves them alone.
+        self.instance = _word(instance or socket.gethostname())
+        self._no_hash = False  # mod_hash not loaded: calls are taken without a claim
+        self._tones: dict[str, str] = {}  # playback id -> caller uuid
         self._trunk_source = trunks
         self._sink: EventSink | None = None
         self._callers: set[str] = set()
         self._legs: set[str] = set()  # originated, not yet ended
         self._ringing: set[str] = set()
+        self._progressed: set[str] = set()  # early media seen (183), no ring yet
         self._answered: set[str] = set()
         self._ended: set[str] = set()  # legs whose CHANNEL_HANGUP was seen
         # Callers whose current park began with media up and has no unicast yet: the only
@@ -203,7 +233,10 @@ class FreeswitchAdapter:
                 self._legs.add(uuid)
                 legs.append((uuid, up))
             elif (row is None or row.get("direction") == "inbound") and await self._marked(uuid):
+                if not await self._claim(uuid, guarded=await self._guarded(uuid)):
+                    continue
                 self._callers.add(uuid)
+                await self._find_tone(uuid)
                 callers.append(fse.arrival_from_row(row or {"uuid": uuid}))
         return ConnectionRestored("", callers=tuple(callers), legs=tuple(legs))
 
@@ -216,16 +249,72 @@ class FreeswitchAdapter:
         except EslChannelGone:
             return False
 
+    async def _guarded(self, uuid: str) -> bool:
+        try:
+            return fse.truthy(await self.client.api(f"uuid_getvar {uuid} {GUARD_VAR}"))
+        except EslChannelGone:
+            return False
+
+    async def _find_tone(self, uuid: str) -> None:
+        """A tone a previous daemon started on this caller (its id is on the channel)."""
+        with contextlib.suppress(EslChannelGone):
+            pid = (await self.client.api(f"uuid_getvar {uuid} {TONE_VAR}")).strip()
+            if pid and pid != "_undef_":
+                self._tones[pid] = uuid
+
+    # --- claiming callers -------------------------------------------------------------------
+
+    async def _claim(self, uuid: str, *, guarded: bool) -> bool:
+        """Take the caller, atomically against other daemons on this FreeSWITCH:
+        `hash insert_ifempty` (mod_hash, under a write lock) succeeds for one claimer only; a
+        caller we claimed before (a restart, a resync) is ours again. Then, if the hook
+        scheduled its fallback transfer (`sched_transfer`, group = the caller's uuid), cancel
+        it: `sched_del` counts only tasks not yet run or deleted, so 0 means the fallback
+        took the caller already, and we let it go."""
+        fresh = True
+        try:
+            await self.client.api(f"hash insert_ifempty/{CLAIM_REALM}/{uuid}/{self.instance}")
+        except EslCommandError as exc:
+            if "already exists" in exc.reply:
+                owner = (await self.client.api(f"hash select/{CLAIM_REALM}/{uuid}")).strip()
+                if owner != self.instance:
+                    log.info("freeswitch.caller_claimed_elsewhere", channel=uuid, owner=owner)
+                    return False
+                fresh = False
+            elif "not found" in exc.reply.lower():  # no mod_hash: cannot share FreeSWITCH
+                if not self._no_hash:
+                    log.warning("freeswitch.no_claim", reason="mod_hash not loaded")
+                self._no_hash = True
+            else:
+                log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
+                return False
+        if guarded and fresh:
+            reply = await self.client.api(f"sched_del {uuid}")
+            if fse.deleted_count(reply) == 0:
+                log.info("freeswitch.caller_went_to_fallback", channel=uuid)
+                await self._unclaim(uuid)
+                return False
+        return True
+
+    async def _unclaim(self, uuid: str) -> None:
+        if self._no_hash:
+            return
+        with contextlib.suppress(EslError):
+            await self.client.api(f"hash delete_ifmatch/{CLAIM_REALM}/{uuid}/{self.instance}")
+
     def _forget(self, uuid: str) -> None:
         for group in (
             self._callers,
             self._legs,
             self._ringing,
+            self._progressed,
             self._answered,
             self._fresh_park,
         ):
             group.discard(uuid)
         self._media.pop(uuid, None)
+        for pid in [p for p, u in self._tones.items() if u == uuid]:
+            del self._tones[pid]
 
     # --- events -----------------------------------------------------------------------------
 
@@ -247,13 +336,21 @@ class FreeswitchAdapter:
                 return
             arrived = fse.arrival(event, self.marker)
             if arrived is not None:
+                try:
+                    mine = await self._claim(uuid, guarded=fse.truthy(event.variable(GUARD_VAR)))
+                except EslError as exc:  # connection gone: the resync claims it later
+                    log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
+                    return
+                if not mine:
+                    return
                 self._callers.add(uuid)
                 if event.get("Answer-State") in ("answered", "early"):
                     self._fresh_park.add(uuid)
                 await self._emit(arrived)
         elif name == "CHANNEL_HANGUP":
-            if uuid in self._callers or fse.truthy(event.variable(self.marker)):
+            if uuid in self._callers:
                 self._forget(uuid)
+                await self._unclaim(uuid)
                 await self._emit(ChannelHungUp(uuid, fse.q850(event), event.get("Hangup-Cause")))
         elif name == "DTMF" and uuid in self._callers:
             await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
@@ -261,10 +358,15 @@ class FreeswitchAdapter:
             await self._emit(PlaybackFinished(uuid, uuid))
 
     async def _on_leg_event(self, name: str, uuid: str, event: EslEvent) -> None:
-        if name in ("CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA"):
+        if name == "CHANNEL_PROGRESS":  # 180: a real ring
             if uuid not in self._ringing and uuid not in self._answered:
                 self._ringing.add(uuid)
                 await self._emit(LegRinging(uuid))
+        elif name == "CHANNEL_PROGRESS_MEDIA":  # 183 / early media, no ring (yet)
+            seen = self._ringing | self._progressed | self._answered
+            if uuid not in seen:
+                self._progressed.add(uuid)
+                await self._emit(self._progress(uuid))
         elif name == "CHANNEL_ANSWER":
             self._answered.add(uuid)
             await self._emit(LegAnswered(uuid))
@@ -277,8 +379,9 @@ class FreeswitchAdapter:
                 await self._emit(ChannelHungUp(uuid, fse.q850(event), cause))
             else:
                 sip = fse.sip_code(event)
-                outcome = fse.leg_outcome(cause, sip)
-                await self._emit(LegFailed(uuid, outcome, fse.q850(event), cause, sip))
+                await self._emit(
+                    _leg_failed(uuid, fse.q850(event), cause, sip, fse.is_local(cause))
+                )
 
     async def _on_job(self, event: EslEvent) -> None:
         """An originate that failed before any channel hung up (bad gateway, no route...)."""
@@ -288,7 +391,13 @@ class FreeswitchAdapter:
             return
         self._forget(leg)
         self._remember_end(leg)
-        await self._emit(LegFailed(leg, fse.leg_outcome(cause), fse.Q850.get(cause), cause, None))
+        local = fse.is_local(cause) or cause not in fse.CAUSE_NAMES  # not a call outcome: ours
+        await self._emit(_leg_failed(leg, fse.Q850.get(cause), cause, None, local))
+
+    def _progress(self, uuid: str) -> PbxEvent:
+        if _LegProgress is None:  # pre-contract ports.py: early media counts as ringing
+            return LegRinging(uuid)
+        return cast(PbxEvent, _LegProgress(uuid))
 
     def _remember_end(self, uuid: str) -> None:
         self._ended.add(uuid)
@@ -362,19 +471,51 @@ class FreeswitchAdapter:
                 return port
         raise PbxCommandFailed("no free unicast port left (raise unicast_ports)")
 
-    async def play_tone(self, channel_id: str, tone: str) -> str:
+    async def play_tone(self, channel_id: str, tone: str, playback_id: str | None = None) -> str:
         """`uuid_broadcast` of the `gentones` app (argument quoted: uuid_broadcast splits on
         spaces). Not `playback` of a tone_stream: a playback ends with a session reset that
         shuts `unicast` down for the rest of the park; and not `uuid_displace`: a media bug
         on a parked channel hears no written frames, so the caller would hear nothing
-        (both seen on 1.10.12)."""
+        (both seen on 1.10.12). The playback id is kept on the channel (`callbridge_tone`)
+        so that a restarted daemon can still stop the tone."""
         uuid = _uuid(channel_id)
+        pid = _word(playback_id or f"cbring-{uuid}")
+        await self._api(f"uuid_setvar {uuid} {TONE_VAR} {pid}")
+        self._tones[pid] = uuid
         await self._api(f"uuid_broadcast {uuid} 'gentones::{_line(_tone(tone))}' aleg")
-        return uuid
+        return pid
 
     async def stop_playback(self, playback_id: str) -> None:
+        """`uuid_break <uuid> all`: a plain `uuid_break` stops only a broadcast that already
+        runs; a `uuid_broadcast` still queued on the channel (a transfer that failed within
+        ~150 ms of its ringback) would start afterwards and ring forever (1.10.12). `all`
+        also flushes the queue (`switch_core_session_flush_private_events`)."""
+        uuid = self._tones.pop(playback_id, None) or await self._tone_owner(playback_id)
+        if uuid is None:
+            log.info("freeswitch.playback_unknown", playback=playback_id)
+            return
         with contextlib.suppress(ChannelGone):
-            await self._api(f"uuid_break {_uuid(playback_id)}")
+            await self._api(f"uuid_break {uuid} all")
+            await self._api(f"uuid_setvar {uuid} {TONE_VAR}")
+
+    async def _tone_owner(self, playback_id: str) -> str | None:
+        """The caller whose channel says it plays `playback_id` (not in our map: started by a
+        previous daemon before this one resynced)."""
+        for uuid in sorted(self._callers):
+            with contextlib.suppress(ChannelGone):
+                if (await self._api(f"uuid_getvar {uuid} {TONE_VAR}")).strip() == playback_id:
+                    return uuid
+        return None
+
+    async def release(self, channel_id: str) -> None:
+        """The call is over for us: forget its media port, tones, park state and our claim
+        (the caller itself is hung up or handed off by the call service, not here)."""
+        uuid = _uuid(channel_id)
+        waiter = self._reparks.pop(uuid, None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+        self._forget(uuid)
+        await self._unclaim(uuid)
 
     async def originate(
         self,
@@ -436,8 +577,8 @@ class FreeswitchAdapter:
     async def _hand_off(self, uuid: str) -> None:
         """The caller stops being ours: unmark it, so a resync does not adopt it again."""
         await self._api(f"uuid_setvar {uuid} {self.marker}")
-        self._callers.discard(uuid)
-        self._media.pop(uuid, None)
+        self._forget(uuid)
+        await self._unclaim(uuid)
 
     # --- trunks -----------------------------------------------------------------------------
 
@@ -448,15 +589,24 @@ class FreeswitchAdapter:
         await self.gateways.provision([trunk])
 
     async def remove_trunk(self, trunk_id: str) -> None:
+        """Delete the gateway file and `killgw` it (its password leaves the disk too)."""
         if self.gateways is not None:
             await self.gateways.remove(trunk_id)
 
+    async def provisioned_trunks(self) -> set[str]:
+        """Ids of the trunks we have gateway files for (`cb-trunk-<id>.xml` in gateway_dir)."""
+        return self.gateways.provisioned() if self.gateways is not None else set()
+
     async def _provision_all(self) -> None:
+        """On every (re)connect: the trunk source's trunks are there, and gateways of trunks
+        deleted meanwhile are gone (a stale file would keep registering with its password)."""
         if self._trunk_source is None or self.gateways is None:
             return
         specs = await self._trunk_source()
         try:
             await self.gateways.provision(specs)
+            for stale in sorted(self.gateways.provisioned() - {t.id for t in specs}):
+                await self.gateways.remove(stale)
         except (PbxCommandFailed, ValueError, OSError) as exc:
             log.error("freeswitch.trunks_not_provisioned", error=str(exc))
 
@@ -473,6 +623,19 @@ class FreeswitchAdapter:
             return (await self.client.raw_command(encode_bgapi(command))).reply_text
         except EslError as exc:
             raise _translate(exc) from exc
+
+
+def _leg_failed(
+    leg: str, cause: int | None, cause_text: str | None, sip: int | None, local: bool
+) -> PbxEvent:
+    """Contract 1: raw facts; classification is the call domain's (bridge/calls/outcomes.py)."""
+    if _LEGACY_LEG_FAILED:  # pre-contract ports.py still wants the adapter's outcome
+        outcome = fse.leg_outcome(cause_text, sip)
+        return cast(PbxEvent, cast(Any, LegFailed)(leg, outcome, cause, cause_text, sip))
+    return cast(
+        PbxEvent,
+        cast(Any, LegFailed)(leg, cause=cause, cause_text=cause_text, sip_code=sip, local=local),
+    )
 
 
 def _translate(exc: EslError) -> Exception:

@@ -33,6 +33,11 @@ def build_freeswitch_adapter(
         media_host=s.media_host,
         unicast_ports=(s.unicast_port_min, s.unicast_port_max),
         gateway_dir=s.gateway_dir,
+        gateway_mode=s.gateway_mode,
+        gateway_owner=s.gateway_owner,
+        gateway_group=s.gateway_group,
+        instance=s.instance,
+        heartbeat_interval=s.heartbeat_interval,
         trunks=trunks,
         client_options={
             "backoff_initial": s.reconnect_initial_delay,
