@@ -189,9 +189,13 @@ async def test_arrival_answer_media_and_hangup(
 
     tone = (np.sin(np.arange(1600) / 8000 * 2 * np.pi * 440) * 8000).astype("<i2").tobytes()
     await stream.play(tone).done  # paced 20 ms frames, raw L16 LE to FreeSWITCH's port
-    await asyncio.sleep(0.05)  # the last datagram is still on its way
     chan = server.channels[uuid]
-    assert b"".join(chan.media_in) == tone
+    silence = bytes(320)  # what the stream sends while nothing is queued
+
+    def spoken() -> bytes:
+        return b"".join(f for f in chan.media_in if f != silence)
+
+    await wait_for(lambda: spoken() == tone, "the tone at FreeSWITCH's unicast port", 2)
     assert {len(f) for f in chan.media_in} == {320}
     server.send_media(uuid, tone[:320])  # the caller speaks
     await asyncio.wait_for(spoke.wait(), 2)
@@ -385,8 +389,9 @@ async def test_raw_framing_sends_bare_payloads() -> None:
     stream.set_remote(*transport.get_extra_info("sockname")[:2], framing="raw", codec="slin_le")
     pcm = bytes(range(256)) * 5  # 1280 bytes: 4 frames
     assert await stream.play(pcm).done
-    await asyncio.sleep(0.05)
-    assert got == [pcm[i : i + 320] for i in range(0, 1280, 320)]
+    expected = [pcm[i : i + 320] for i in range(0, 1280, 320)]
+    await wait_for(lambda: bytes(320) in got[4:], "the 4 frames, then silence (no gap)", 2)
+    assert [f for f in got if f != bytes(320)] == expected
     with pytest.raises(ValueError):
         stream.set_remote("127.0.0.1", 1, framing="srtp")
     stream.close()
