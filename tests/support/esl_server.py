@@ -339,6 +339,7 @@ class FakeEslServer:
         self.heartbeat_at: float | None = None
         self.scheduled: dict[str, asyncio.TimerHandle] = {}  # sched group -> fallback task
         self.hash: dict[str, str] = {}  # mod_hash: "<realm>_<key>" -> value
+        self.hangups: dict[str, str] = {}  # uuid -> Hangup-Cause of every channel that ended
         self._outcomes: dict[str, str] = {}
         self.gateway_dir: Path | None = None  # where `rescan` finds gateway XML files
         self.gateways: set[str] = set()
@@ -540,6 +541,7 @@ class FakeEslServer:
             return
         chan.up = False
         chan.hangup_cause = cause
+        self.hangups[chan.uuid] = cause
         chan.gone.set()
         chan.queued.clear()
         guard = self.scheduled.pop(chan.uuid, None)
@@ -606,6 +608,8 @@ class FakeEslServer:
             await asyncio.sleep(self.step_seconds)
         if outcome != "answer":
             chan.up = False
+            chan.gone.set()
+            self.hangups.setdefault(leg, result.removeprefix("-ERR ").strip())
             self.channels.pop(leg, None)
         return result
 
