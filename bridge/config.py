@@ -170,6 +170,9 @@ class FreeswitchSettings(BaseModel):
     instance: str | None = None
     # Heartbeat (global `callbridge_seen`) the dialplan hook checks before parking a caller.
     heartbeat_interval: float = Field(1.0, gt=0, le=10)
+    # A caller this daemon holds in park goes to the fallback this long after the daemon
+    # stops renewing its lease (daemon dead, or cut off from FreeSWITCH); 0: no lease.
+    lease_seconds: float = Field(30.0, ge=0)
     reconnect_initial_delay: float = 0.5
     reconnect_max_delay: float = 15.0
     command_timeout: float = 10.0

@@ -336,8 +336,10 @@ class FakeEslServer:
         self.guard_seconds = 1.5
         # The hook parks only while the heartbeat global is at most this old (None: no check).
         self.heartbeat_max: float | None = None
+        self.sched_scale = 1.0  # tests shrink FreeSWITCH's whole-second schedule by this
         self.heartbeat_at: float | None = None
-        self.scheduled: dict[str, asyncio.TimerHandle] = {}  # sched group -> fallback task
+        # sched group (a caller's uuid) -> its pending transfers to the fallback
+        self.scheduled: dict[str, list[asyncio.TimerHandle]] = {}
         self.hash: dict[str, str] = {}  # mod_hash: "<realm>_<key>" -> value
         self.hangups: dict[str, str] = {}  # uuid -> Hangup-Cause of every channel that ended
         self._outcomes: dict[str, str] = {}
@@ -492,7 +494,7 @@ class FakeEslServer:
             self.emit_channel_event(chan, "CHANNEL_CREATE")
             self._to_fallback(chan)
             return uuid
-        self.scheduled[uuid] = loop.call_later(self.guard_seconds, self._guard_fires, uuid)
+        self._schedule(uuid, self.guard_seconds)
         return await self.call_arrives(
             destination,
             caller,
@@ -501,8 +503,17 @@ class FakeEslServer:
             channel_uuid=uuid,
         )
 
+    def _schedule(self, uuid: str, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(seconds, self._guard_fires, uuid)
+        self.scheduled.setdefault(uuid, []).append(handle)
+
     def _guard_fires(self, uuid: str) -> None:
-        self.scheduled.pop(uuid, None)
+        """A scheduled transfer to the fallback runs (the switch_scheduler task)."""
+        left = [h for h in self.scheduled.pop(uuid, []) if not h.cancelled()]
+        left = [h for h in left if h.when() > asyncio.get_running_loop().time()]
+        if left:
+            self.scheduled[uuid] = left
         chan = self.channels.get(uuid)
         if chan is not None and chan.up and not chan.bridged_with:
             self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", {"Application": "park"})
@@ -544,8 +555,7 @@ class FakeEslServer:
         self.hangups[chan.uuid] = cause
         chan.gone.set()
         chan.queued.clear()
-        guard = self.scheduled.pop(chan.uuid, None)
-        if guard is not None:
+        for guard in self.scheduled.pop(chan.uuid, []):
             guard.cancel()
         if chan.playback is not None:
             chan.playback.cancel()
@@ -667,10 +677,17 @@ class FakeEslServer:
             self.heartbeat_at = asyncio.get_running_loop().time()
             return "+OK\n"
         if cmd == "sched_del":
-            guard = self.scheduled.pop(arg.strip(), None)
-            if guard is not None:
-                guard.cancel()
-            return f"+OK Deleted: {1 if guard is not None else 0}\n"
+            tasks = self.scheduled.pop(arg.strip(), [])
+            for task in tasks:
+                task.cancel()
+            return f"+OK Deleted: {len(tasks)}\n"
+        if cmd == "sched_transfer":  # [+]<time> <uuid> <extension> [<dialplan>] [<context>]
+            if len(words) < 3 or not words[0].startswith("+"):
+                return "-USAGE: [+]<time> <uuid> <extension> [<dialplan>] [<context>]\n"
+            if words[1] not in self.channels:
+                return "-ERR No such channel!\n"
+            self._schedule(words[1], float(words[0][1:]) * self.sched_scale)
+            return "+OK\n"
         if cmd == "hash":
             return self._hash(arg.strip())
         if cmd == "reloadxml":
@@ -722,6 +739,8 @@ class FakeEslServer:
             if peer is None:
                 return "-ERR Invalid uuid\n"
             chan.bridged_with, peer.bridged_with = peer.uuid, chan.uuid
+            chan.variables["bridge_to"], peer.variables["bridge_to"] = peer.uuid, chan.uuid
+            chan.variables["signal_bond"], peer.variables["signal_bond"] = peer.uuid, chan.uuid
             for c in (chan, peer):
                 if c.playback is not None:
                     c.playback.cancel()

@@ -682,8 +682,10 @@ async def test_live_daemon_claims_the_caller_and_cancels_the_hook_guard(
     server, adapter, sink = parts
     uuid = await server.hook_call("+31201234567")
     await sink.wait(CallArrived, uuid)
-    assert uuid not in server.scheduled  # sched_del ran: the fallback will not fire
-    assert f"api sched_del {uuid}" in server.commands
+    assert f"api sched_del {uuid}" in server.commands  # the hook's 1-2.5 s guard is gone ...
+    [lease] = server.scheduled[uuid]  # ... and the daemon's 30 s lease replaced it
+    assert lease.when() - asyncio.get_running_loop().time() > 20
+    assert f"api sched_transfer +30 {uuid} +31201234567 XML callbridge-fallback" in server.commands
     assert server.hash[f"callbridge_owner_{uuid}"] == adapter.instance
     assert not server.channels[uuid].fallback
 
@@ -765,3 +767,43 @@ async def test_two_daemons_on_one_freeswitch_take_each_caller_once(
     finally:
         for adapter in adapters:
             await adapter.stop()
+
+
+async def test_lease_sends_the_callers_of_a_daemon_that_died_to_the_fallback(
+    server: FakeEslServer,
+) -> None:
+    """A caller the daemon had taken must not wait in park forever either: the heartbeat
+    keeps pushing its scheduled fallback transfer back; when the daemon dies, it runs."""
+    sink = Sink()
+    adapter = await _adapter(server.port, sink, lease_seconds=1, heartbeat_interval=0.1)
+    uuid = await server.hook_call("+31201234567")
+    await sink.wait(CallArrived, uuid)
+    lease = f"api sched_transfer +1 {uuid} "
+    renewed = len([c for c in server.commands if c.startswith(lease)])
+    await wait_for(
+        lambda: len([c for c in server.commands if c.startswith(lease)]) >= renewed + 3,
+        "three renewals",
+        5,
+    )
+    assert not server.channels[uuid].fallback  # renewed: a live daemon keeps its caller
+    await adapter.stop()  # the daemon dies
+    await wait_for(lambda: server.channels[uuid].fallback, "the lease to run out", 3)
+
+
+async def test_bridged_caller_has_no_lease(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    uuid = await server.hook_call("+31201234567")
+    await sink.wait(CallArrived, uuid)
+    assert server.scheduled[uuid]
+    await adapter.originate(
+        "cbleg-b", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-b")
+    await adapter.connect(uuid, "cbleg-b")
+    assert uuid not in server.scheduled  # a lease would pull the caller out of the bridge
+    await adapter._renew_leases()
+    assert uuid not in server.scheduled
+    restored = await adapter._resync()  # a restarted daemon does not lease it again
+    assert uuid in {c.channel_id for c in restored.callers} and uuid not in server.scheduled

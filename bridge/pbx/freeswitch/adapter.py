@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -94,6 +96,8 @@ class FreeswitchAdapter:
         heartbeat_var: str | None = "callbridge_seen",
         heartbeat_interval: float = 1.0,
         instance: str | None = None,
+        lease_seconds: float = 30.0,
+        fallback_context: str = "callbridge-fallback",
         gateway_mode: int = 0o640,
         gateway_owner: str | None = None,
         gateway_group: str | None = None,
@@ -135,6 +139,14 @@ class FreeswitchAdapter:
         self.instance = _word(instance or socket.gethostname())
         self._no_hash = False  # mod_hash not loaded: calls are taken without a claim
         self._tones: dict[str, str] = {}  # playback id -> caller uuid
+        # Lease: each caller we hold in park has a scheduled transfer to the fallback that
+        # the heartbeat keeps pushing back; if this daemon dies, the caller reaches the
+        # fallback within lease_seconds instead of waiting in park for nobody.
+        self.lease_seconds = lease_seconds
+        self.fallback_context = _word(fallback_context)
+        self._leases: dict[str, str] = {}  # parked caller uuid -> fallback extension
+        self._lease_lock = asyncio.Lock()
+        self._leases_renewed = 0.0
         self._trunk_source = trunks
         self._sink: EventSink | None = None
         self._callers: set[str] = set()
@@ -187,9 +199,51 @@ class FreeswitchAdapter:
                 await self.client.api(f"expand global_setvar {self.heartbeat_var}=${{strepoch()}}")
 
     async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             await self._heartbeat()
+            if self.lease_seconds and loop.time() - self._leases_renewed >= self.lease_seconds / 3:
+                self._leases_renewed = loop.time()
+                await self._renew_leases()
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def _lease(self, uuid: str, extension: str) -> None:
+        """(Re)arm the caller's lease: `sched_del <uuid>` (its task group) then
+        `sched_transfer +<lease> <uuid> <ext> XML <fallback>`. Under one lock with
+        `_drop_lease`, so a renewal never re-arms the lease of a caller just bridged."""
+        if not self.lease_seconds:
+            return
+        ext = extension if _EXTENSION.match(extension or "") else "s"
+        async with self._lease_lock:
+            self._leases[uuid] = ext
+            await self._arm(uuid, ext)
+
+    async def _arm(self, uuid: str, ext: str) -> None:
+        await self.client.api(f"sched_del {uuid}")
+        when = math.ceil(self.lease_seconds)
+        await self.client.api(f"sched_transfer +{when} {uuid} {ext} XML {self.fallback_context}")
+
+    async def _drop_lease(self, uuid: str) -> None:
+        """The caller leaves park for good (bridged, handed off, gone): no lease any more."""
+        async with self._lease_lock:
+            if self._leases.pop(uuid, None) is not None:
+                with contextlib.suppress(EslError):
+                    await self.client.api(f"sched_del {uuid}")
+
+    async def _renew_leases(self) -> None:
+        for uuid in list(self._leases):
+            async with self._lease_lock:
+                ext = self._leases.get(uuid)
+                if ext is None or not self.client.connected:
+                    continue
+                try:
+                    await self._arm(uuid, ext)
+                except EslChannelGone:
+                    self._leases.pop(uuid, None)
+                except EslError as exc:
+                    log.warning("freeswitch.lease_renewal_failed", channel=uuid, error=str(exc))
 
     @property
     def connected(self) -> bool:
@@ -237,7 +291,10 @@ class FreeswitchAdapter:
                     continue
                 self._callers.add(uuid)
                 await self._find_tone(uuid)
-                callers.append(fse.arrival_from_row(row or {"uuid": uuid}))
+                arrived = fse.arrival_from_row(row or {"uuid": uuid})
+                if await self._parked(uuid):
+                    await self._lease(uuid, arrived.called_number)
+                callers.append(arrived)
         return ConnectionRestored("", callers=tuple(callers), legs=tuple(legs))
 
     async def _exists(self, uuid: str) -> bool:
@@ -248,6 +305,20 @@ class FreeswitchAdapter:
             return fse.truthy(await self.client.api(f"uuid_getvar {uuid} {self.marker}"))
         except EslChannelGone:
             return False
+
+    async def _parked(self, uuid: str) -> bool:
+        """Not bridged (a caller we bridged to a human needs no lease): neither `bridge_to`
+        (set while bridged) nor `signal_bond` (the partner of a uuid_bridge) is set."""
+        try:
+            for var in ("bridge_to", "signal_bond"):
+                if (await self.client.api(f"uuid_getvar {uuid} {var}")).strip() not in (
+                    "",
+                    "_undef_",
+                ):
+                    return False
+        except EslChannelGone:
+            return False
+        return True
 
     async def _guarded(self, uuid: str) -> bool:
         try:
@@ -346,8 +417,13 @@ class FreeswitchAdapter:
                 self._callers.add(uuid)
                 if event.get("Answer-State") in ("answered", "early"):
                     self._fresh_park.add(uuid)
+                try:
+                    await self._lease(uuid, arrived.called_number)
+                except EslError as exc:
+                    log.warning("freeswitch.lease_failed", channel=uuid, error=str(exc))
                 await self._emit(arrived)
         elif name == "CHANNEL_HANGUP":
+            self._leases.pop(uuid, None)  # FreeSWITCH drops nothing: the task finds no channel
             if uuid in self._callers:
                 self._forget(uuid)
                 await self._unclaim(uuid)
@@ -515,6 +591,7 @@ class FreeswitchAdapter:
         if waiter is not None and not waiter.done():
             waiter.cancel()
         self._forget(uuid)
+        await self._drop_lease(uuid)
         await self._unclaim(uuid)
 
     async def originate(
@@ -552,8 +629,10 @@ class FreeswitchAdapter:
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         """`uuid_bridge`: the caller leaves park, which also ends its unicast media."""
-        await self._api(f"uuid_bridge {_uuid(channel_id)} {_uuid(leg_id)}")
-        self._media.pop(channel_id, None)
+        uuid = _uuid(channel_id)
+        await self._api(f"uuid_bridge {uuid} {_uuid(leg_id)}")
+        self._media.pop(uuid, None)
+        await self._drop_lease(uuid)  # bridged: the lease must not pull it out of the bridge
 
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
@@ -577,6 +656,7 @@ class FreeswitchAdapter:
     async def _hand_off(self, uuid: str) -> None:
         """The caller stops being ours: unmark it, so a resync does not adopt it again."""
         await self._api(f"uuid_setvar {uuid} {self.marker}")
+        await self._drop_lease(uuid)
         self._forget(uuid)
         await self._unclaim(uuid)
 
@@ -623,6 +703,9 @@ class FreeswitchAdapter:
             return (await self.client.raw_command(encode_bgapi(command))).reply_text
         except EslError as exc:
             raise _translate(exc) from exc
+
+
+_EXTENSION = re.compile(r"^[A-Za-z0-9+*#._-]{1,64}$")
 
 
 def _leg_failed(

@@ -37,6 +37,7 @@ def build_freeswitch_adapter(
         gateway_owner=s.gateway_owner,
         gateway_group=s.gateway_group,
         instance=s.instance,
+        lease_seconds=s.lease_seconds,
         heartbeat_interval=s.heartbeat_interval,
         trunks=trunks,
         client_options={
