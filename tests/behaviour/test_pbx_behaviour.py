@@ -192,6 +192,19 @@ async def _ended(api: Api, call_id: str) -> dict[str, Any] | None:
     return data if data["status"] == "ended" else None
 
 
+async def test_end_call_without_a_message_hangs_up(backend: Backend, api: Api) -> None:
+    """The adapter frees what it made for the call (`release`) and answers: it once had no
+    release() on FreeSWITCH, and this request answered 500."""
+    await setup_directory(api, None)
+    caller = await backend.caller(DID)
+    call = await active_call(api)
+    status, body = await api.request("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+    assert status == 202, body
+    final = await wait_for(lambda: _ended(api, call["id"]), "the call to end", 15)
+    assert final["end_reason"] == "ended by command", final
+    assert await caller.wait_bye()
+
+
 async def test_caller_hangup_ends_the_call(backend: Backend, api: Api) -> None:
     await setup_directory(api, None)
     caller = await backend.caller(DID, hold_ms=3000)
