@@ -205,7 +205,10 @@ class FreeswitchAdapter:
             await self._heartbeat()
             if self.lease_seconds and loop.time() - self._leases_renewed >= self.lease_seconds / 3:
                 self._leases_renewed = loop.time()
-                await self._renew_leases()
+                try:
+                    await self._renew_leases()
+                except Exception:  # the heartbeat must go on, or every caller is sent away
+                    log.exception("freeswitch.lease_renewal_crashed")
 
     # --- leases -----------------------------------------------------------------------------
 
