@@ -366,10 +366,12 @@ async def test_heartbeat_for_the_dialplan_hook(server: FakeEslServer) -> None:
     sink = Sink()
     adapter = await _adapter(server.port, sink, heartbeat_interval=0.05)
     try:
-        await asyncio.sleep(0.2)
-        beats = [c for c in server.commands if "global_setvar callbridge_seen" in c]
-        assert len(beats) >= 2
-        assert beats[0] == "api expand global_setvar callbridge_seen=${strepoch()}"
+
+        def beats() -> list[str]:
+            return [c for c in server.commands if "global_setvar callbridge_seen" in c]
+
+        await wait_for(lambda: len(beats()) >= 3, "three heartbeats", 2)
+        assert beats()[0] == "api expand global_setvar callbridge_seen=${strepoch()}"
     finally:
         await adapter.stop()
 

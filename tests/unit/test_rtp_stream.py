@@ -62,7 +62,7 @@ async def test_flush_drops_interruptible_but_keeps_uninterruptible() -> None:
     stream.set_remote("127.0.0.1", port)
     chatter = stream.play(bytes(PCM_FRAME_BYTES * 50))
     message = stream.play(bytes(PCM_FRAME_BYTES * 5), interruptible=False)
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: stream.packets_out >= 2, "the chatter to start", 2)
     assert stream.flush() == 1
     assert await chatter.done is False
     assert await message.done is True
