@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 
+from bridge.lab.rtp import tone_pcm
 from bridge.pbx.ports import LegOutcome
 from bridge.speech.tts import FliteTts
-from tests.behaviour.backends import Backend, steady_run
+from tests.behaviour.backends import Backend, ringback_heard, steady_run
 from tests.support.daemon import Api, wait_for
 from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
 
@@ -264,3 +266,14 @@ async def test_assistant_transfers_on_the_callers_words(backend: Backend, api: A
     assert dest.invited()
     roles = [e["role"] for e in done["events"] if e["type"] == "transcript"]
     assert roles[:3] == ["assistant", "caller", "tool_call"], roles
+
+
+def test_ringback_detector() -> None:
+    """The detector the no-ringback checks rely on: ringback yes, speech and silence no."""
+    ring = (tone_pcm(440, 1.0, 0.2), tone_pcm(480, 1.0, 0.2))
+    mixed = (np.frombuffer(ring[0], "<i2").astype(np.int32) + np.frombuffer(ring[1], "<i2")).astype(
+        "<i2"
+    )
+    assert ringback_heard(mixed.tobytes())
+    assert not ringback_heard(bytes(16000))
+    assert not ringback_heard(tone_pcm(1000, 1.0))
