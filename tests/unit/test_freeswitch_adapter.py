@@ -42,7 +42,7 @@ from bridge.pbx.ports import (
     TrunkSpec,
 )
 from tests.support.daemon import wait_for
-from tests.support.esl_server import FakeEslServer, capture_events
+from tests.support.esl_server import DATA_DIR, FakeEslServer, capture_events, capture_messages
 from tests.support.tcp_proxy import TcpProxy
 
 TRUNK = TrunkSpec("t1", "127.0.0.1", 5090, "udp", "user", "p&ss<word>", False)
@@ -809,3 +809,35 @@ async def test_bridged_caller_has_no_lease(
     assert uuid not in server.scheduled
     restored = await adapter._resync()  # a restarted daemon does not lease it again
     assert uuid in {c.channel_id for c in restored.callers} and uuid not in server.scheduled
+
+
+# --- the fake against the capture of issue 7's commands ------------------------------------
+
+
+async def test_fake_answers_claims_schedules_and_breaks_as_captured(
+    server: FakeEslServer,
+) -> None:
+    """tests/data/esl/claims_break_sched.txt (real 1.10.12): every `api` reply of the capture
+    is what the fake answers to the same command, and the capture shows the race the fake
+    models: after `uuid_broadcast` + plain `uuid_break` the tone still starts; after
+    `uuid_broadcast` + `uuid_break all` it never does."""
+    sent = [
+        line[4:].strip()
+        for line in (DATA_DIR / "claims_break_sched.txt").read_text("latin-1").splitlines()
+        if line.startswith("# > ")
+    ]
+    messages = capture_messages("claims_break_sched")
+    replies = [m.text() for m in messages if m.content_type == "api/response"]
+    commands = [c[4:] for c in sent if c.startswith("api ")]
+    assert len(replies) == len(commands)
+    park = next(m.event() for m in messages if m.is_event and m.event().name == "CHANNEL_PARK")
+    captured_uuid = park.unique_id or ""
+    uuid = await server.call_arrives("1001", answered=True)
+    for command, reply in zip(commands, replies, strict=True):
+        got = await server.api(command.replace(captured_uuid, uuid))
+        assert got == reply, command
+    events = [m.event() for m in messages if m.is_event]
+    started = [
+        e for e in events if e.name == "CHANNEL_EXECUTE" and e.get("Application") == "gentones"
+    ]
+    assert len(started) == 1  # two broadcasts: only the one behind a plain uuid_break played
