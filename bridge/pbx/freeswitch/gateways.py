@@ -224,4 +224,7 @@ class SofiaGateways:
             if await self._loaded(name):
                 return
             await asyncio.sleep(0.3)
-        raise PbxCommandFailed(f"sofia did not load gateway {name}")
+        raise PbxCommandFailed(
+            f"sofia did not load gateway {name}: can FreeSWITCH's user read "
+            f"{self.directory / (name + '.xml')}? (freeswitch.gateway_group, gateway_mode)"
+        )
