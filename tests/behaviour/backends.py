@@ -51,7 +51,7 @@ FAKE_OUTCOMES = {
     "busy": "busy",
     "declined": "decline",
     "unreachable": "unreachable",
-    "early_media": "early_noanswer",
+    "early_media": "early_media",  # originate succeeds on 183; our ring timeout ends it
     "no_answer": "ring",  # rings until originate_timeout (as FreeSWITCH) or uuid_kill
 }
 CHUNK = 800  # 100 ms of 8 kHz samples

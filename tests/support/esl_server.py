@@ -30,9 +30,10 @@ Scriptable channel model, enough for adapter tests:
 - mod_hash's `hash insert|insert_ifempty|select|delete|delete_ifmatch/realm/key[/value]`
   with its replies (`-ERR key already exists`, `-ERR Not found`, `-ERR Doesn't match`).
 - derived outcomes (no capture of their own; the captured sequences with the fields sofia
-  sets for them): `unreachable` (404 -> UNALLOCATED_NUMBER), `early_noanswer` (183 early
-  media, never 180, then NO_ANSWER), `ring` (180, rings until `originate_timeout` or
-  uuid_kill).
+  sets for them): `unreachable` (404 -> UNALLOCATED_NUMBER), `ring` (180, rings until
+  `originate_timeout` or uuid_kill), `early_media` (183 with SDP, never 180: as seen on
+  1.10.12, `originate ... &park()` then *succeeds* on the early media, the job answers
+  `+OK <uuid>` and the unanswered leg stays parked until someone hangs it up).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ _SEQ = itertools.count(100000)
 def _originate_script(outcome: str) -> tuple[list[EslEvent], str, str]:
     """Captured events of the originated leg (up to the park, for answer), the captured
     BACKGROUND_JOB result, and the leg's captured uuid."""
-    if outcome in _DERIVED:
+    if outcome in _DERIVED or outcome == "early_media":
         return _derived_script(outcome)
     events = capture_events(f"originate_{outcome}")
     job = next(e for e in events if e.name == "BACKGROUND_JOB")
@@ -205,7 +206,28 @@ def _originate_script(outcome: str) -> tuple[list[EslEvent], str, str]:
     return script, job.body or "", leg or ""
 
 
+def _early_media_script() -> tuple[list[EslEvent], str, str]:
+    """The captured answered originate without its ANSWER: PROGRESS_MEDIA, the job's `+OK`,
+    then the leg parks in early media (Answer-State early)."""
+    script, result, leg = _originate_script("answer")
+    out = []
+    for e in script:
+        if e.name == "CHANNEL_ANSWER":
+            continue
+        over = {"Answer-State": "early"}
+        if e.name == "CHANNEL_PROGRESS":
+            over["Event-Name"] = "CHANNEL_PROGRESS_MEDIA"
+        items = _override(list(e.items), over) if e.name != "BACKGROUND_JOB" else list(e.items)
+        first: dict[str, str] = {}
+        for k, v in items:
+            first.setdefault(k, v)
+        out.append(EslEvent(first, e.body, items=tuple(items)))
+    return out, result, leg
+
+
 def _derived_script(outcome: str) -> tuple[list[EslEvent], str, str]:
+    if outcome == "early_media":
+        return _early_media_script()
     base, cause, sip, q850, early = _DERIVED[outcome]
     script, _, leg = _originate_script(base)
     over = {
@@ -230,11 +252,10 @@ def _derived_script(outcome: str) -> tuple[list[EslEvent], str, str]:
     return out, f"-ERR {cause}\n", leg
 
 
-OUTCOMES = ("answer", "busy", "noanswer", "decline", "unreachable", "early_noanswer", "ring")
+OUTCOMES = ("answer", "busy", "noanswer", "decline", "unreachable", "early_media", "ring")
 # Derived outcomes: (captured base, Hangup-Cause, sip_term_status, q850, 180 -> 183?)
 _DERIVED: dict[str, tuple[str, str, str | None, str, bool]] = {
     "unreachable": ("busy", "UNALLOCATED_NUMBER", "404", "1", False),
-    "early_noanswer": ("noanswer", "NO_ANSWER", None, "19", True),
     "ring": ("noanswer", "NO_ANSWER", None, "19", False),
 }
 _ResultHook = Callable[[str], None]
@@ -590,7 +611,7 @@ class FakeEslServer:
         caller = variables.get("origination_caller_id_number", "0000000000")
         chan = FakeChannel(leg, "outbound", number, caller, variables=variables)
         self.channels[leg] = chan
-        if outcome == "answer":
+        if outcome in ("answer", "early_media"):
             result = result.replace(old_uuid, leg)
         reported = False
         for e in script:
@@ -599,7 +620,7 @@ class FakeEslServer:
                     on_result(result)
                 reported = True
                 continue
-            if e.name == "CHANNEL_HANGUP" and outcome in ("noanswer", "early_noanswer", "ring"):
+            if e.name == "CHANNEL_HANGUP" and outcome in ("noanswer", "ring"):
                 ring = float(variables.get("originate_timeout", "60"))
                 if outcome != "ring" and self.noanswer_seconds is not None:
                     ring = self.noanswer_seconds
@@ -616,7 +637,7 @@ class FakeEslServer:
                 chan.answered = True
             self.emit(_override(_rekey(e.items, {old_uuid: leg}), over))
             await asyncio.sleep(self.step_seconds)
-        if outcome != "answer":
+        if outcome not in ("answer", "early_media"):
             chan.up = False
             chan.gone.set()
             self.hangups.setdefault(leg, result.removeprefix("-ERR ").strip())

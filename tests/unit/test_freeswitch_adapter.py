@@ -540,8 +540,7 @@ async def test_a_restarted_daemon_stops_the_tone_by_its_id(server: FakeEslServer
 @pytest.mark.parametrize(
     ("outcome", "cause", "cause_text", "sip"),
     [("busy", 17, "USER_BUSY", 486), ("decline", 21, "CALL_REJECTED", 603),
-     ("noanswer", 19, "NO_ANSWER", None), ("unreachable", 1, "UNALLOCATED_NUMBER", 404),
-     ("early_noanswer", 19, "NO_ANSWER", None)],
+     ("noanswer", 19, "NO_ANSWER", None), ("unreachable", 1, "UNALLOCATED_NUMBER", 404)],
 )  # fmt: skip
 async def test_failed_legs_report_raw_facts(
     parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
@@ -566,13 +565,13 @@ async def test_early_media_without_ring_is_progress_not_ringing(
     parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
 ) -> None:
     server, adapter, sink = parts
-    server.set_originate_outcome("5555", "early_noanswer")
+    server.set_originate_outcome("5555", "early_media")
     await adapter.originate(
         "cbleg-e", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
     )
-    await sink.wait(LegFailed, "cbleg-e")
+    await sink.wait(_LegProgress, "cbleg-e")
     kinds = [type(e).__name__ for e in sink.events if e.channel_id == "cbleg-e"]
-    assert kinds == ["LegProgress", "LegFailed"]
+    assert kinds == ["LegProgress"]
 
 
 async def test_a_real_ring_is_ringing(parts: tuple[FakeEslServer, FreeswitchAdapter, Sink]) -> None:
@@ -841,3 +840,24 @@ async def test_fake_answers_claims_schedules_and_breaks_as_captured(
         e for e in events if e.name == "CHANNEL_EXECUTE" and e.get("Application") == "gentones"
     ]
     assert len(started) == 1  # two broadcasts: only the one behind a plain uuid_break played
+
+
+async def test_early_media_leg_stays_up_until_we_hang_it_up(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """Seen on 1.10.12: `originate … &park()` to a far end that sends 183 with SDP and never
+    180 succeeds on the early media (job `+OK <uuid>`), so `originate_timeout` no longer
+    applies: the leg waits in park, unanswered, and only the call domain's ring timeout ends
+    it. No LegAnswered, no LegFailed of its own."""
+    server, adapter, sink = parts
+    server.set_originate_outcome("5555", "early_media")
+    await adapter.originate(
+        "cbleg-em", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=1
+    )
+    await wait_for(lambda: bool(sink.events), "the progress event", 2)
+    leg = server.channels["cbleg-em"]
+    assert leg.up and not leg.answered
+    assert not any(isinstance(e, LegAnswered | LegFailed) for e in sink.events)
+    await adapter.hangup("cbleg-em")
+    failed = await sink.wait(LegFailed, "cbleg-em")
+    assert isinstance(failed, LegFailed) and failed.cause_text == "NORMAL_CLEARING"
