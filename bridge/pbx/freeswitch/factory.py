@@ -15,6 +15,7 @@ def build_freeswitch_adapter(
     *,
     trunks: TrunkSource | None = None,
     blind_context: str = "callbridge-blind-transfer",
+    fallback_context: str = "callbridge-fallback",
 ) -> FreeswitchAdapter:
     """A ready-to-start adapter; `trunks` lists every trunk to provision on each connect."""
     s = (
@@ -38,6 +39,7 @@ def build_freeswitch_adapter(
         gateway_group=s.gateway_group,
         instance=s.instance,
         lease_seconds=s.lease_seconds,
+        fallback_context=fallback_context,
         heartbeat_interval=s.heartbeat_interval,
         trunks=trunks,
         client_options={
