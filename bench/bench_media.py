@@ -83,10 +83,10 @@ def cpu_seconds() -> float:
 def run_peers(ports: list[int], seconds: float, listen_port: int) -> None:
     """Send 20 ms µ-law hiss to every port, paced; count what comes back."""
     hiss = ulaw_encode(noise(20, level=0.003))
-    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     inp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     inp.bind(("127.0.0.1", listen_port))
     inp.setblocking(False)
+    out = inp  # symmetric RTP: the daemon accepts RTP only from where it sends (contract 5)
     received = 0
     seq, ts = 0, 0
     start = time.monotonic()

@@ -111,7 +111,10 @@ class Daemon:
         s = self.settings
         if s.pbx == "freeswitch":
             return build_freeswitch_adapter(
-                s.freeswitch, trunks=self._trunk_specs, blind_context=s.transfer.blind_context
+                s.freeswitch,
+                trunks=self._trunk_specs,
+                blind_context=s.transfer.blind_context,
+                fallback_context=s.calls.fallback_context,
             )
         client = AriClient(
             s.ari.url,

@@ -330,9 +330,34 @@ class FreeswitchSettings(_Section):
     unicast_port_max: int = Field(24999, ge=1024, le=65535)
     # Directory the sofia profile includes gateways from; None: trunks are not provisioned.
     gateway_dir: Path | None = None
+    # Gateway files hold trunk passwords and must be readable by FreeSWITCH's user: mode
+    # (never world-accessible), and owner/group to give them (names or ids; None: the
+    # daemon's). Packaged FreeSWITCH runs as user/group `freeswitch`: gateway_group =
+    # "freeswitch" with the default 0o640.
+    gateway_mode: int = Field(0o640, ge=0, le=0o777)
+    gateway_owner: str | None = None
+    gateway_group: str | None = None
+    # Name this daemon claims callers under (mod_hash); several daemons on one FreeSWITCH
+    # need distinct names, a restarted daemon the same one. Default: the host name.
+    instance: str | None = None
+    # Heartbeat (global `callbridge_seen`) the dialplan hook checks before parking a caller.
+    heartbeat_interval: float = Field(1.0, gt=0, le=10)
+    # A caller this daemon holds in park goes to the fallback this long after the daemon
+    # stops renewing its lease (daemon dead, or cut off from FreeSWITCH); 0: no lease.
+    lease_seconds: float = Field(30.0, ge=0)
     reconnect_initial_delay: float = 0.5
     reconnect_max_delay: float = 15.0
     command_timeout: float = 10.0
+
+    @field_validator("gateway_mode")
+    @classmethod
+    def _gateway_mode(cls, mode: int) -> int:
+        if mode & 0o007 or not mode & 0o400:
+            raise ValueError(
+                "gateway_mode must be owner-readable and give others nothing (the files hold "
+                "trunk passwords), e.g. 0o640 with gateway_group set to FreeSWITCH's group"
+            )
+        return mode
 
 
 class Settings(BaseSettings):

@@ -4,6 +4,12 @@ A single clock task for all calls (instead of one timer per call) keeps the wake
 second constant as calls grow. Outbound audio is queued as playouts; `flush()` drops the
 interruptible ones at once (barge-in) while an uninterruptible playout (a transfer message)
 always plays to the end.
+
+No gaps: once the PBX's address is known the clock sends a frame every 20 ms, silence when
+nothing is queued (µ-law 0xFF, A-law 0xD5, L16 zeros), so a carrier's RTP inactivity timer
+never hangs up a caller who listens while the assistant is silent. Inbound packets are
+accepted only from the PBX's media address (the one `set_remote` names; before it, only from
+`peer_host` if given): RTP from anyone else is counted and dropped.
 """
 
 from __future__ import annotations
@@ -83,8 +89,15 @@ class RtpStream(asyncio.DatagramProtocol):
     playouts, barge-in) is the same, so one session code drives both PBXs.
     """
 
-    def __init__(self, codec: str, on_audio: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        codec: str,
+        on_audio: Callable[[bytes], None] | None = None,
+        *,
+        peer_host: str | None = None,
+    ) -> None:
         self.codec = CODECS[codec]
+        self.peer_host = peer_host  # the PBX's media host, before set_remote says more
         self.on_audio = on_audio
         self.transport: asyncio.DatagramTransport | None = None
         self.remote: tuple[str, int] | None = None
@@ -99,6 +112,10 @@ class RtpStream(asyncio.DatagramProtocol):
         self._frame_bytes = PCM_FRAME_BYTES
         self.packets_in = 0
         self.packets_out = 0
+        self.packets_foreign = 0  # dropped: not from the PBX's media address
+        self.silence_out = 0  # silence frames sent while nothing was queued
+        self._silence = self.codec.encode(bytes(PCM_FRAME_BYTES))
+        self._closed = False
         self._clock: MediaClock | None = None
 
     async def open(self, host: str, clock: MediaClock) -> tuple[str, int]:
@@ -112,7 +129,17 @@ class RtpStream(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def _from_pbx(self, addr: tuple[str, int]) -> bool:
+        host, port = _norm_host(addr[0]), addr[1]
+        if self.remote is not None:
+            rhost, rport = self.remote
+            return port == rport and (host == rhost or rhost in _ANY)
+        return self.peer_host is not None and host == _norm_host(self.peer_host)
+
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self._from_pbx(addr):
+            self.packets_foreign += 1
+            return
         if self.framing == "raw":
             self.packets_in += 1
             if self.on_audio is not None and data:
@@ -149,8 +176,11 @@ class RtpStream(asyncio.DatagramProtocol):
             raise ValueError(f"unknown framing {framing!r}")
         if codec is not None:
             self.codec = CODECS[codec]
+        self._silence = self.codec.encode(bytes(PCM_FRAME_BYTES))
         self.framing = framing
-        self.remote = (host, port)
+        self.remote = (_norm_host(host), port)
+        if self._clock is not None and not self._closed:
+            self._clock.add(self)  # from now on a frame every 20 ms, speech or silence
 
     # --- outbound ---------------------------------------------------------------------------
 
@@ -183,10 +213,16 @@ class RtpStream(asyncio.DatagramProtocol):
         return bool(self._queue)
 
     def tick(self) -> bool:
-        """Send one 20 ms frame if anything is queued; return False when idle."""
-        if not self._queue:
-            self._talking = False
+        """Send one 20 ms frame: queued audio, or silence when nothing is queued (no RTP gap
+        for the carrier's inactivity timer). False once the stream has nowhere to send."""
+        if self._closed or self.transport is None:
             return False
+        if not self._queue:
+            if self.remote is None:
+                return False
+            self._send(self._silence)
+            self.silence_out += 1
+            return True
         frame = bytearray()
         while len(frame) < PCM_FRAME_BYTES and self._queue:
             head = self._queue[0]
@@ -219,6 +255,7 @@ class RtpStream(asyncio.DatagramProtocol):
             self.packets_out += 1
 
     def close(self) -> None:
+        self._closed = True
         for playout in self._queue:
             playout.finish(False)
         self._queue.clear()
@@ -228,10 +265,19 @@ class RtpStream(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-class MediaClock:
-    """Ticks every 20 ms on an absolute schedule and sends a frame for each playing stream.
+_ANY = ("0.0.0.0", "::")
 
-    Runs only while some stream has audio queued. A late wake-up sends the missed frames at
+
+def _norm_host(host: str) -> str:
+    """`::ffff:10.0.0.1` (a v4 peer on a dual-stack socket) compares equal to `10.0.0.1`."""
+    return host.removeprefix("::ffff:")
+
+
+class MediaClock:
+    """Ticks every 20 ms on an absolute schedule and sends a frame for each stream that has
+    somewhere to send (speech, or silence when idle).
+
+    Runs only while some stream is registered. A late wake-up sends the missed frames at
     once (up to 60 ms) so the caller's jitter buffer sees steady timestamps.
     """
 

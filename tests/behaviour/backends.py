@@ -14,11 +14,14 @@ so "the connection dropped" is the same act on all of them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bridge.api.keys import create_api_key
 from bridge.app import Daemon
@@ -33,13 +36,72 @@ from tests.support.esl_server import FakeChannel, FakeEslServer
 from tests.support.flows import DESTINATION
 from tests.support.tcp_proxy import TcpProxy
 
-SCENARIOS = {"answer": "uas_answer.xml", "busy": "uas_busy.xml", "no_answer": "uas_noanswer.xml"}
-FAKE_OUTCOMES = {"answer": "answer", "busy": "busy", "no_answer": "noanswer"}
+HERE = Path(__file__).resolve().parent
+# Destination behaviours: the SIPp UAS scenario (real PBXs), the fake's originate outcome.
+SCENARIOS = {
+    "answer": "uas_answer.xml",
+    "busy": "uas_busy.xml",  # 486 at once
+    "declined": "uas_decline.xml",  # 603 at once
+    "unreachable": str(HERE / "sipp" / "uas_unreachable.xml"),  # 404 at once
+    "early_media": str(HERE / "sipp" / "uas_early_media.xml"),  # 183 + SDP, never 180
+    "no_answer": "uas_noanswer.xml",  # 180, rings until CANCEL
+}
+FAKE_OUTCOMES = {
+    "answer": "answer",
+    "busy": "busy",
+    "declined": "decline",
+    "unreachable": "unreachable",
+    "early_media": "early_media",  # originate succeeds on 183; our ring timeout ends it
+    "no_answer": "ring",  # rings until originate_timeout (as FreeSWITCH) or uuid_kill
+}
+CHUNK = 800  # 100 ms of 8 kHz samples
+RINGBACK_HZ = (440, 480)  # the ringback both PBXs play (2 s on, 4 s off)
 
 
 def _loud(pcm: bytes) -> bool:
     """At least 0.5 s of clearly non-silent 8 kHz audio."""
     return len(pcm) >= 8000 and rms(pcm) > 300
+
+
+def _chunks(pcm: bytes) -> list[np.ndarray]:
+    x = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float64)
+    return [x[i : i + CHUNK] for i in range(0, len(x) - CHUNK + 1, CHUNK)]
+
+
+def is_ringback(chunk: np.ndarray) -> bool:
+    """A loud 100 ms chunk whose energy is almost all at 440/480 Hz: ringback, not speech."""
+    if float(np.sqrt(np.mean(chunk * chunk))) < 300:
+        return False
+    spectrum = np.abs(np.fft.rfft((chunk - chunk.mean()) * np.hanning(len(chunk)))) ** 2
+    hz = np.fft.rfftfreq(len(chunk), 1 / 8000)
+    band = sum(spectrum[(hz > f - 25) & (hz < f + 25)].sum() for f in RINGBACK_HZ)
+    return bool(band > 0.8 * spectrum.sum())
+
+
+def ringback_heard(pcm: bytes, min_run: int = 5) -> bool:
+    """Half a second of steady 440+480 Hz (ringback sounds 2 s at a time); a single
+    tone-like 100 ms chunk inside speech (a vowel's harmonic) is not ringback."""
+    run = 0
+    for chunk in _chunks(pcm):
+        run = run + 1 if is_ringback(chunk) else 0
+        if run >= min_run:
+            return True
+    return False
+
+
+def spoken_chunks(pcm: bytes) -> int:
+    """Loud 100 ms chunks that are not ringback (an assistant speaking)."""
+    return sum(float(np.sqrt(np.mean(c * c))) > 300 and not is_ringback(c) for c in _chunks(pcm))
+
+
+def steady_run(times: list[float], frames: int, max_gap: float = 0.06) -> bool:
+    """`frames` consecutive packets with no gap over `max_gap` (20 ms pacing, some jitter)."""
+    run = 1
+    for a, b in itertools.pairwise(times):
+        run = run + 1 if b - a <= max_gap else 1
+        if run >= frames:
+            return True
+    return False
 
 
 # --- SIP callers and destinations (real PBXs) ------------------------------------------------
@@ -74,6 +136,37 @@ class SipCaller:
     async def speak(self, pcm: bytes) -> None:
         """The caller talks: 8 kHz PCM as paced µ-law RTP."""
         await self.rtp.send_pcm(pcm)
+
+    async def heard_words(self, since: float, seconds: float = 15) -> None:
+        """The assistant spoke (0.5 s of loud audio that is not ringback) since `since`."""
+        await wait_for(
+            lambda: spoken_chunks(self.rtp.received_pcm(since=since)) >= 5,
+            "the assistant's words (not ringback) at the caller",
+            timeout=seconds,
+        )
+
+    async def no_ringback_after(self, since: float) -> None:
+        """From 0.3 s after `since`, for a whole ringback cadence (6 s), no ringback chunk."""
+        start = since + 0.3
+        await wait_for(
+            lambda: len(self.rtp.received_pcm(since=start)) >= 6 * 16000,
+            "6 s of audio at the caller",
+            timeout=20,
+        )
+        heard = self.rtp.received_pcm(since=start)[: 6 * 16000]
+        assert not ringback_heard(heard), "the caller still hears ringback"
+
+    async def quiet(self, since: float) -> None:
+        """The assistant spoke since `since` and has finished: the last 0.6 s are silent."""
+
+        def done() -> bool:
+            pcm = self.rtp.received_pcm(since=since)
+            return _loud(pcm) and len(pcm) > 9600 and rms(pcm[-9600:]) < 100
+
+        await wait_for(done, "the assistant to finish speaking", timeout=20)
+
+    def packet_times(self, since: float) -> list[float]:
+        return [p.arrival for p in self.rtp.packets if p.arrival >= since]
 
     async def hang_up(self) -> None:
         """Only the scenario's hold time hangs up with a BYE: wait for it."""
@@ -123,6 +216,11 @@ class SipDestination:
         invite = self.uas.invite
         return invite is not None and DESTINATION in (invite.request_uri or "")
 
+    def cancelled(self) -> bool:
+        """The PBX cancelled the ringing INVITE (the leg was hung up before an answer)."""
+        assert self.uas is not None
+        return bool(self.uas.received_requests("CANCEL"))
+
     async def assert_bridged(self, caller: Any) -> None:
         """Audio both ways through the PBX: 440 Hz from the caller, 1000 Hz back."""
         assert isinstance(caller, SipCaller) and caller.sipp is not None
@@ -160,19 +258,46 @@ class FakeCaller:
         self.chan: FakeChannel | None = None
 
     async def start(self) -> FakeCaller:
-        uuid = await self.server.call_arrives(self.number, "sipp-caller")
+        uuid = await self.server.hook_call(self.number, "sipp-caller")  # freeswitch_conf's hook
         self.chan = self.server.channels[uuid]
         return self
 
     def mark(self) -> float:
         return float(len(self.chan.media_in)) if self.chan else 0.0
 
-    async def heard_speech(self, since: float, seconds: float = 10) -> None:
-        def loud() -> bool:
-            assert self.chan is not None
-            return _loud(b"".join(self.chan.media_in[int(since) :]))
+    def _pcm(self, since: float) -> bytes:
+        assert self.chan is not None
+        return b"".join(self.chan.media_in[int(since) :])
 
-        await wait_for(lambda: loud(), "non-silent audio at the caller", timeout=seconds)
+    async def heard_speech(self, since: float, seconds: float = 10) -> None:
+        await wait_for(lambda: _loud(self._pcm(since)), "non-silent audio at the caller", seconds)
+
+    async def heard_words(self, since: float, seconds: float = 15) -> None:
+        """The daemon's unicast frames carry speech (ringback never goes through unicast:
+        FreeSWITCH plays it on the channel, which the fake models as `hearing_tone`)."""
+        await wait_for(
+            lambda: spoken_chunks(self._pcm(since)) >= 5,
+            "the assistant's words at the caller",
+            timeout=seconds,
+        )
+
+    async def no_ringback_after(self, since: float) -> None:
+        """No tone plays or waits in the channel's queue: none can start any more (the fake
+        starts tones only from that queue)."""
+        assert self.chan is not None
+        assert not self.chan.hearing_tone, "the caller still hears (or will hear) ringback"
+        assert not self.chan.queued
+
+    async def quiet(self, since: float) -> None:
+        def done() -> bool:
+            pcm = self._pcm(since)
+            return _loud(pcm) and len(pcm) > 9600 and rms(pcm[-9600:]) < 100
+
+        await wait_for(done, "the assistant to finish speaking", timeout=20)
+
+    def packet_times(self, since: float) -> list[float]:
+        assert self.chan is not None
+        return self.chan.media_at[int(since) :]
 
     async def speak(self, pcm: bytes) -> None:
         """The caller talks: raw L16 frames, 20 ms apart, as FreeSWITCH's unicast sends them."""
@@ -182,8 +307,8 @@ class FakeCaller:
             await asyncio.sleep(0.02)
 
     async def hang_up(self) -> None:
+        """The caller hangs up now (SIPp's hold time is the real callers' clock)."""
         assert self.chan is not None
-        await asyncio.sleep(self.hold_ms / 1000)
         await self.server.hangup(self.chan.uuid)
 
     def connected(self) -> bool:
@@ -209,9 +334,22 @@ class FakeDestination:
         return self
 
     def invited(self) -> bool:
-        return any(
-            c.startswith("bgapi originate") and "sofia/gateway/cb-trunk-" in c and DESTINATION in c
+        return bool(self._legs())
+
+    def _legs(self) -> list[str]:
+        return [
+            m.group(1)
             for c in self.server.commands
+            if c.startswith("bgapi originate") and "sofia/gateway/cb-trunk-" in c
+            and DESTINATION in c and (m := re.search(r"origination_uuid=([^,}]+)", c))
+        ]  # fmt: skip
+
+    def cancelled(self) -> bool:
+        """The daemon hung the ringing leg up (uuid_kill) and FreeSWITCH ended it."""
+        legs = self._legs()
+        return bool(legs) and all(
+            f"api uuid_kill {leg}" in self.server.commands and leg in self.server.hangups
+            for leg in legs
         )
 
     async def assert_bridged(self, caller: Any) -> None:
@@ -307,6 +445,8 @@ class FreeswitchBackend(Backend):
             self.server = FakeEslServer("callbridge-test")
             await self.server.start()
             self.server.gateway_dir = self.tmp / "gateways"
+            self.server.noanswer_seconds = None  # ring until originate_timeout, as FreeSWITCH
+            self.server.heartbeat_max = 3.0  # freeswitch_conf's cb_heartbeat_max
             self._closers.append(_Stopper(self.server))
             return "127.0.0.1", self.server.port, "callbridge-test", self.tmp / "gateways"
         host, port, password = self.real.split(":", 2)

@@ -2,20 +2,25 @@
 
 Each test drives the real daemon through its REST API, as an operator would: a caller
 arrives and is greeted, a control transfer bridges the caller with the destination behind
-the trunk, busy and no answer leave the caller with the assistant, a caller hanging up ends
-the call, a dropped control connection loses no call.
+the trunk; busy, declined, unreachable, early media only and no answer leave the caller with
+the assistant (who says so, with no ringback left behind: the fast-failure race); a caller
+hanging up ends the call, during ringing too (the leg is cancelled); RTP keeps flowing to a
+caller while the assistant is silent; a dropped control connection loses no call.
+Tests wait on conditions, never on time.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 
+from bridge.lab.rtp import tone_pcm
+from bridge.pbx.ports import LegOutcome
 from bridge.speech.tts import FliteTts
-from tests.behaviour.backends import Backend
+from tests.behaviour.backends import Backend, ringback_heard, steady_run
 from tests.support.daemon import Api, wait_for
 from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
 
@@ -96,11 +101,24 @@ async def test_control_transfer_bridges_caller_and_destination(backend: Backend,
     await dest.assert_bridged(caller)
 
 
-@pytest.mark.parametrize(("outcome", "sip_code"), [("busy", 486), ("no_answer", None)])
+# 603 is `declined` once bridge/calls/outcomes.py (contract 1) is merged; `rejected` before.
+DECLINED = LegOutcome.DECLINED.value
+FAILURES = [
+    # (destination behaviour, transfer outcome, SIP code); the first three fail at once,
+    # before or just as the ringback starts: the fast-failure race of issue 7
+    pytest.param("busy", "busy", 486, id="busy-486"),
+    pytest.param("declined", DECLINED, 603, id="declined-603"),
+    pytest.param("unreachable", "unreachable", 404, id="unreachable-404"),
+    pytest.param("early_media", "no_answer", None, id="early-media-183-only"),
+    pytest.param("no_answer", "no_answer", None, id="no-answer"),
+]
+
+
+@pytest.mark.parametrize(("behaviour", "outcome", "sip_code"), FAILURES)
 async def test_failed_transfer_keeps_the_caller_with_the_assistant(
-    backend: Backend, api: Api, outcome: str, sip_code: int | None
+    backend: Backend, api: Api, behaviour: str, outcome: str, sip_code: int | None
 ) -> None:
-    dest = await backend.destination(outcome)
+    dest = await backend.destination(behaviour)
     await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
     caller = await backend.caller(DID)
     call = await active_call(api)
@@ -111,19 +129,81 @@ async def test_failed_transfer_keeps_the_caller_with_the_assistant(
         {"type": "transfer", "destination": DESTINATION, "ring_timeout": 3},
     )
     done = await transfer_settled(api, call["id"])
+    failed_at = caller.mark()
     transfer = done["transfers"][-1]
     assert transfer["state"] == "failed", transfer
-    assert transfer["outcome"] == outcome
-    if sip_code is not None:
-        assert transfer["sip_code"] in (sip_code, None)  # Asterisk may not report it
-    # The caller is back with the assistant (the call's status follows the transfer's).
+    assert (transfer["outcome"], transfer["sip_code"]) == (outcome, sip_code), transfer
+    assert dest.invited()
+    # The caller is back with the assistant (the call's status follows the transfer's) ...
     await wait_for(lambda: _is_status(api, call["id"], "active"), "the call to be active")
-    mark = caller.mark()
-    await caller.heard_speech(since=mark)  # the assistant explains
+    # ... and hears it say why, and no ringback any more (not merely "some audio": ringback
+    # is audio too, and it is what a lost uuid_break leaves the caller with).
+    await caller.heard_words(since=failed_at)
+    await caller.no_ringback_after(failed_at)
     assert caller.connected()
     await api.ok(
         "POST", f"/calls/{call['id']}/control", {"type": "end_call", "message": "Goodbye."}
     )
+    assert await caller.wait_bye()
+
+
+async def test_caller_hangup_while_the_destination_rings_cancels_the_leg(
+    backend: Backend, api: Api
+) -> None:
+    dest = await backend.destination("no_answer")
+    await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
+    caller = await backend.caller(DID, hold_ms=8000)
+    call = await active_call(api)
+    await api.ok(
+        "POST",
+        f"/calls/{call['id']}/control",
+        {"type": "transfer", "destination": DESTINATION, "ring_timeout": 30},
+    )
+
+    async def ringing() -> bool:
+        data = await api.ok("GET", f"/calls/{call['id']}")
+        return bool(data["transfers"]) and data["transfers"][-1]["state"] == "ringing"
+
+    await wait_for(ringing, "the destination to ring", 7)
+    await caller.hang_up()
+    final = await wait_for(lambda: _ended(api, call["id"]), "the call to end", 15)
+    assert final["end_reason"] == "caller hung up", final
+    transfer = final["transfers"][-1]
+    assert (transfer["state"], transfer["outcome"]) == ("cancelled", "cancelled"), transfer
+    await wait_for(lambda: _is(dest.cancelled()), "the ringing leg to be cancelled", 10)
+
+
+async def test_rtp_keeps_flowing_while_the_assistant_is_silent(backend: Backend, api: Api) -> None:
+    """Carriers hang up calls whose RTP stops (inactivity timers): once the greeting is over
+    and nobody speaks, the caller still gets a packet every 20 ms."""
+    await setup_directory(api, None)
+    caller = await backend.caller(DID)
+    await active_call(api)
+    await caller.quiet(since=0)  # the greeting was spoken and has ended
+    silent_from = caller.mark()
+    frames = 100  # 2 s of silence, without one gap over 60 ms
+    await wait_for(
+        lambda: _is(steady_run(caller.packet_times(silent_from), frames)),
+        f"{frames} consecutive packets (20 ms apart) while the assistant is silent",
+        15,
+    )
+
+
+async def _ended(api: Api, call_id: str) -> dict[str, Any] | None:
+    data = await api.ok("GET", f"/calls/{call_id}")
+    return data if data["status"] == "ended" else None
+
+
+async def test_end_call_without_a_message_hangs_up(backend: Backend, api: Api) -> None:
+    """The adapter frees what it made for the call (`release`) and answers: it once had no
+    release() on FreeSWITCH, and this request answered 500."""
+    await setup_directory(api, None)
+    caller = await backend.caller(DID)
+    call = await active_call(api)
+    status, body = await api.request("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+    assert status == 202, body
+    final = await wait_for(lambda: _ended(api, call["id"]), "the call to end", 15)
+    assert final["end_reason"] == "ended by command", final
     assert await caller.wait_bye()
 
 
@@ -133,11 +213,7 @@ async def test_caller_hangup_ends_the_call(backend: Backend, api: Api) -> None:
     call = await active_call(api)
     await caller.hang_up()
 
-    async def ended() -> dict[str, Any] | None:
-        data = await api.ok("GET", f"/calls/{call['id']}")
-        return data if data["status"] == "ended" else None
-
-    final = await wait_for(ended, "the call to end")
+    final = await wait_for(lambda: _ended(api, call["id"]), "the call to end")
     assert final["end_reason"] == "caller hung up"
 
 
@@ -150,7 +226,10 @@ async def test_dropped_connection_keeps_the_call(backend: Backend, api: Api) -> 
 
     backend.cut()
     await wait_for(lambda: _is(not daemon.calls.connected), "the daemon to see the drop", 5)
-    await asyncio.sleep(1.0)  # an outage: the caller stays up meanwhile
+    assert backend.proxy is not None
+    refused = backend.proxy.refused
+    # An outage: the daemon's reconnects are turned away twice while the caller stays up.
+    await wait_for(lambda: _is(backend.proxy.refused >= refused + 2), "reconnects refused", 15)
     backend.restore()
     await wait_for(lambda: _is(daemon.calls.connected), "the reconnect", 15)
 
@@ -177,8 +256,7 @@ async def test_assistant_transfers_on_the_callers_words(backend: Backend, api: A
     await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
     caller = await backend.caller(DID)
     call = await active_call(api)
-    await caller.heard_speech(since=caller.mark())
-    await asyncio.sleep(3.5)  # let the greeting finish
+    await caller.quiet(since=0)  # the greeting is over: the assistant listens
     words = await FliteTts().synthesize("I'd like to talk to a human about my problem please.")
     await caller.speak(words + bytes(16000))
     done = await transfer_settled(api, call["id"], timeout=40)
@@ -188,3 +266,14 @@ async def test_assistant_transfers_on_the_callers_words(backend: Backend, api: A
     assert dest.invited()
     roles = [e["role"] for e in done["events"] if e["type"] == "transcript"]
     assert roles[:3] == ["assistant", "caller", "tool_call"], roles
+
+
+def test_ringback_detector() -> None:
+    """The detector the no-ringback checks rely on: ringback yes, speech and silence no."""
+    ring = (tone_pcm(440, 1.0, 0.2), tone_pcm(480, 1.0, 0.2))
+    mixed = (np.frombuffer(ring[0], "<i2").astype(np.int32) + np.frombuffer(ring[1], "<i2")).astype(
+        "<i2"
+    )
+    assert ringback_heard(mixed.tobytes())
+    assert not ringback_heard(bytes(16000))
+    assert not ringback_heard(tone_pcm(1000, 1.0))

@@ -20,6 +20,20 @@ Scriptable channel model, enough for adapter tests:
 - sofia gateways read from `gateway_dir` on `sofia profile <p> rescan` (`reloadxml`,
   `killgw`, `sofia status gateway <name>`); originate to an unknown gateway fails like the
   real one (`-ERR INVALID_GATEWAY`, no channel).
+- `uuid_broadcast` is queued on the channel and starts `broadcast_start_seconds` later (the
+  park loop picks it up); `uuid_break <uuid>` stops only a running one, `uuid_break <uuid>
+  all` also flushes the queue (mod_commands `break_function`): the fast-failure ringback race.
+- the dialplan hook (`hook_call()`): heartbeat check (`expand global_setvar`), `set
+  callbridge=1`, `callbridge_guard=true`, `sched_transfer +2 ... callbridge-fallback`, park.
+  `sched_del <group>` answers `+OK Deleted: <n>` counting tasks not yet run or deleted, as
+  switch_scheduler does; an unclaimed caller is transferred to the fallback when it fires.
+- mod_hash's `hash insert|insert_ifempty|select|delete|delete_ifmatch/realm/key[/value]`
+  with its replies (`-ERR key already exists`, `-ERR Not found`, `-ERR Doesn't match`).
+- derived outcomes (no capture of their own; the captured sequences with the fields sofia
+  sets for them): `unreachable` (404 -> UNALLOCATED_NUMBER), `ring` (180, rings until
+  `originate_timeout` or uuid_kill), `early_media` (183 with SDP, never 180: as seen on
+  1.10.12, `originate ... &park()` then *succeeds* on the early media, the job answers
+  `+OK <uuid>` and the unanswered leg stays parked until someone hangs it up).
 """
 
 from __future__ import annotations
@@ -179,6 +193,8 @@ _SEQ = itertools.count(100000)
 def _originate_script(outcome: str) -> tuple[list[EslEvent], str, str]:
     """Captured events of the originated leg (up to the park, for answer), the captured
     BACKGROUND_JOB result, and the leg's captured uuid."""
+    if outcome in _DERIVED or outcome == "early_media":
+        return _derived_script(outcome)
     events = capture_events(f"originate_{outcome}")
     job = next(e for e in events if e.name == "BACKGROUND_JOB")
     leg = next(e.unique_id for e in events if e.unique_id)
@@ -190,7 +206,58 @@ def _originate_script(outcome: str) -> tuple[list[EslEvent], str, str]:
     return script, job.body or "", leg or ""
 
 
-OUTCOMES = ("answer", "busy", "noanswer", "decline")
+def _early_media_script() -> tuple[list[EslEvent], str, str]:
+    """The captured answered originate without its ANSWER: PROGRESS_MEDIA, the job's `+OK`,
+    then the leg parks in early media (Answer-State early)."""
+    script, result, leg = _originate_script("answer")
+    out = []
+    for e in script:
+        if e.name == "CHANNEL_ANSWER":
+            continue
+        over = {"Answer-State": "early"}
+        if e.name == "CHANNEL_PROGRESS":
+            over["Event-Name"] = "CHANNEL_PROGRESS_MEDIA"
+        items = _override(list(e.items), over) if e.name != "BACKGROUND_JOB" else list(e.items)
+        first: dict[str, str] = {}
+        for k, v in items:
+            first.setdefault(k, v)
+        out.append(EslEvent(first, e.body, items=tuple(items)))
+    return out, result, leg
+
+
+def _derived_script(outcome: str) -> tuple[list[EslEvent], str, str]:
+    if outcome == "early_media":
+        return _early_media_script()
+    base, cause, sip, q850, early = _DERIVED[outcome]
+    script, _, leg = _originate_script(base)
+    over = {
+        "Hangup-Cause": cause,
+        "variable_hangup_cause": cause,
+        "variable_hangup_cause_q850": q850,
+        "variable_sip_term_cause": q850,
+    }
+    if sip is not None:
+        over["variable_sip_term_status"] = sip
+    out = []
+    for e in script:
+        items = list(e.items)
+        if e.name in ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY"):
+            items = _override(items, over)
+        if early and e.name == "CHANNEL_PROGRESS":
+            items = _override(items, {"Event-Name": "CHANNEL_PROGRESS_MEDIA"})
+        first: dict[str, str] = {}
+        for k, v in items:
+            first.setdefault(k, v)
+        out.append(EslEvent(first, e.body, items=tuple(items)))
+    return out, f"-ERR {cause}\n", leg
+
+
+OUTCOMES = ("answer", "busy", "noanswer", "decline", "unreachable", "early_media", "ring")
+# Derived outcomes: (captured base, Hangup-Cause, sip_term_status, q850, 180 -> 183?)
+_DERIVED: dict[str, tuple[str, str, str | None, str, bool]] = {
+    "unreachable": ("busy", "UNALLOCATED_NUMBER", "404", "1", False),
+    "ring": ("noanswer", "NO_ANSWER", None, "19", False),
+}
 _ResultHook = Callable[[str], None]
 
 
@@ -212,6 +279,19 @@ class FakeChannel:
     media: _Unicast | None = None
     park_has_media: bool = False  # did the current park start with media up?
     media_in: list[bytes] = field(default_factory=list)  # frames the daemon sent the caller
+    media_at: list[float] = field(default_factory=list)  # when each of them arrived
+    queued: list[str] = field(default_factory=list)  # uuid_broadcasts not started yet
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set on hangup
+    hangup_cause: str | None = None
+    fallback: bool = False  # the dialplan sent it to callbridge-fallback
+
+    @property
+    def hearing_tone(self) -> bool:
+        """A `gentones` plays to the caller, or is queued to start."""
+        playing = self.playback is not None and not self.playback.done()
+        return (playing and self.variables.get("_tone") == "1") or any(
+            q.startswith("gentones::") for q in self.queued
+        )
 
 
 class _Unicast(asyncio.DatagramProtocol):
@@ -227,6 +307,7 @@ class _Unicast(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.chan.media_in.append(data)
+        self.chan.media_at.append(asyncio.get_running_loop().time())
 
     def send(self, frame: bytes) -> None:
         if self.transport is not None:
@@ -266,9 +347,22 @@ class FakeEslServer:
         self.commands: list[str] = []  # first lines received, in order
         self.channels: dict[str, FakeChannel] = {}
         self.playback_seconds = 0.05
-        self.noanswer_seconds = 0.05
+        self.noanswer_seconds: float | None = 0.05  # None: the originate_timeout
         self.step_seconds = 0.0
         self.bgapi_delay = 0.0  # delay of every BACKGROUND_JOB (interleaving tests)
+        # A queued uuid_broadcast starts this much later (the park loop's next pass).
+        self.broadcast_start_seconds = 0.15
+        # The hook's `sched_transfer +2`: runs 1-2.5 s later (whole-second runtime, 0.5 s
+        # scheduler poll); the fake fires it after this many seconds.
+        self.guard_seconds = 1.5
+        # The hook parks only while the heartbeat global is at most this old (None: no check).
+        self.heartbeat_max: float | None = None
+        self.sched_scale = 1.0  # tests shrink FreeSWITCH's whole-second schedule by this
+        self.heartbeat_at: float | None = None
+        # sched group (a caller's uuid) -> its pending transfers to the fallback
+        self.scheduled: dict[str, list[asyncio.TimerHandle]] = {}
+        self.hash: dict[str, str] = {}  # mod_hash: "<realm>_<key>" -> value
+        self.hangups: dict[str, str] = {}  # uuid -> Hangup-Cause of every channel that ended
         self._outcomes: dict[str, str] = {}
         self.gateway_dir: Path | None = None  # where `rescan` finds gateway XML files
         self.gateways: set[str] = set()
@@ -404,6 +498,58 @@ class FakeEslServer:
             self._answer(chan)
         return chan.uuid
 
+    async def hook_call(
+        self, destination: str = "1000", caller: str = "sipp", *, caller_name: str = ""
+    ) -> str:
+        """A caller through freeswitch_conf's hook: if the daemon's heartbeat is stale, to the
+        fallback at once; else marked, guarded (`sched_transfer +2 ... callbridge-fallback`,
+        group = its uuid) and parked."""
+        loop = asyncio.get_running_loop()
+        stale = self.heartbeat_max is not None and (
+            self.heartbeat_at is None or loop.time() - self.heartbeat_at > self.heartbeat_max
+        )
+        uuid = str(uuid_mod.uuid4())
+        if stale:
+            chan = FakeChannel(uuid, "inbound", destination, caller, caller_name)
+            self.channels[uuid] = chan
+            self.emit_channel_event(chan, "CHANNEL_CREATE")
+            self._to_fallback(chan)
+            return uuid
+        self._schedule(uuid, self.guard_seconds)
+        return await self.call_arrives(
+            destination,
+            caller,
+            caller_name=caller_name,
+            variables={"callbridge_guard": "true"},
+            channel_uuid=uuid,
+        )
+
+    def _schedule(self, uuid: str, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(seconds, self._guard_fires, uuid)
+        self.scheduled.setdefault(uuid, []).append(handle)
+
+    def _guard_fires(self, uuid: str) -> None:
+        """A scheduled transfer to the fallback runs (the switch_scheduler task)."""
+        left = [h for h in self.scheduled.pop(uuid, []) if not h.cancelled()]
+        left = [h for h in left if h.when() > asyncio.get_running_loop().time()]
+        if left:
+            self.scheduled[uuid] = left
+        chan = self.channels.get(uuid)
+        if chan is not None and chan.up and not chan.bridged_with:
+            self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", {"Application": "park"})
+            self._to_fallback(chan)
+
+    def _to_fallback(self, chan: FakeChannel) -> None:
+        """`transfer <dest> XML callbridge-fallback`; the fallback unsets the marker."""
+        self._stop_media(chan)
+        if chan.playback is not None:
+            chan.playback.cancel()
+        chan.queued.clear()
+        chan.variables.pop("callbridge", None)
+        chan.variables["transfer_destination"] = f"{chan.destination} XML callbridge-fallback"
+        chan.fallback = True
+
     async def hangup(self, channel_uuid: str, cause: str = "NORMAL_CLEARING") -> None:
         """The far end hangs up (a BYE): hangup events, and the bridged peer goes too."""
         self._hangup(self.channels[channel_uuid], cause)
@@ -426,6 +572,12 @@ class FakeEslServer:
         if not chan.up:
             return
         chan.up = False
+        chan.hangup_cause = cause
+        self.hangups[chan.uuid] = cause
+        chan.gone.set()
+        chan.queued.clear()
+        for guard in self.scheduled.pop(chan.uuid, []):
+            guard.cancel()
         if chan.playback is not None:
             chan.playback.cancel()
         self._stop_media(chan)
@@ -459,23 +611,36 @@ class FakeEslServer:
         caller = variables.get("origination_caller_id_number", "0000000000")
         chan = FakeChannel(leg, "outbound", number, caller, variables=variables)
         self.channels[leg] = chan
-        if outcome == "answer":
+        if outcome in ("answer", "early_media"):
             result = result.replace(old_uuid, leg)
+        reported = False
         for e in script:
             if e.name == "BACKGROUND_JOB":  # where FreeSWITCH reported the job: report it
                 if on_result is not None:
                     on_result(result)
+                reported = True
                 continue
-            if outcome == "noanswer" and e.name == "CHANNEL_HANGUP":
-                await asyncio.sleep(self.noanswer_seconds)
+            if e.name == "CHANNEL_HANGUP" and outcome in ("noanswer", "ring"):
+                ring = float(variables.get("originate_timeout", "60"))
+                if outcome != "ring" and self.noanswer_seconds is not None:
+                    ring = self.noanswer_seconds
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(chan.gone.wait(), ring)
+            if not chan.up:  # uuid_kill meanwhile: its own hangup events were sent
+                result = f"-ERR {chan.hangup_cause or 'NORMAL_CLEARING'}\n"
+                if not reported and on_result is not None:
+                    on_result(result)
+                return result
             over = {"Caller-Destination-Number": number, "Event-Sequence": str(next(_SEQ))}
             over.update({f"variable_{k}": v for k, v in chan.variables.items()})
             if e.name == "CHANNEL_ANSWER":
                 chan.answered = True
             self.emit(_override(_rekey(e.items, {old_uuid: leg}), over))
             await asyncio.sleep(self.step_seconds)
-        if outcome != "answer":
+        if outcome not in ("answer", "early_media"):
             chan.up = False
+            chan.gone.set()
+            self.hangups.setdefault(leg, result.removeprefix("-ERR ").strip())
             self.channels.pop(leg, None)
         return result
 
@@ -490,6 +655,7 @@ class FakeEslServer:
         key = app if app in ("speak", "playback") else "speak"  # captured templates
         self.emit_channel_event(chan, f"CHANNEL_EXECUTE:{key}", over)
         play = {"Playback-File-Path": data}
+        chan.variables["_tone"] = "1" if app == "gentones" else "0"
         try:
             if app == "playback":
                 self.emit_channel_event(chan, "PLAYBACK_START", play)
@@ -503,6 +669,12 @@ class FakeEslServer:
                     self._stop_media(chan)  # switch_ivr_play_file ends with a session reset
                 self.emit_channel_event(chan, f"CHANNEL_EXECUTE_COMPLETE:{key}", over)
             chan.playback = None
+            chan.variables.pop("_tone", None)
+
+    async def _run_queued(self, chan: FakeChannel) -> None:
+        await asyncio.sleep(self.broadcast_start_seconds)
+        if chan.up and chan.queued:
+            self._start_playback(chan, chan.queued.pop(0))
 
     def _start_playback(self, chan: FakeChannel, path: str) -> None:
         if chan.playback is not None:
@@ -523,7 +695,22 @@ class FakeEslServer:
         if cmd == "originate":
             return await self._originate(arg, on_result)
         if cmd == "expand" and arg.startswith("global_setvar "):
+            self.heartbeat_at = asyncio.get_running_loop().time()
             return "+OK\n"
+        if cmd == "sched_del":
+            tasks = self.scheduled.pop(arg.strip(), [])
+            for task in tasks:
+                task.cancel()
+            return f"+OK Deleted: {len(tasks)}\n"
+        if cmd == "sched_transfer":  # [+]<time> <uuid> <extension> [<dialplan>] [<context>]
+            if len(words) < 3 or not words[0].startswith("+"):
+                return "-USAGE: [+]<time> <uuid> <extension> [<dialplan>] [<context>]\n"
+            if words[1] not in self.channels:
+                return "-ERR No such channel!\n"
+            self._schedule(words[1], float(words[0][1:]) * self.sched_scale)
+            return "+OK\n"
+        if cmd == "hash":
+            return self._hash(arg.strip())
         if cmd == "reloadxml":
             return "+OK [Success]\n\n"
         if cmd == "sofia":
@@ -573,6 +760,8 @@ class FakeEslServer:
             if peer is None:
                 return "-ERR Invalid uuid\n"
             chan.bridged_with, peer.bridged_with = peer.uuid, chan.uuid
+            chan.variables["bridge_to"], peer.variables["bridge_to"] = peer.uuid, chan.uuid
+            chan.variables["signal_bond"], peer.variables["signal_bond"] = peer.uuid, chan.uuid
             for c in (chan, peer):
                 if c.playback is not None:
                     c.playback.cancel()
@@ -581,8 +770,9 @@ class FakeEslServer:
             return "+OK\n"
         if cmd == "uuid_broadcast":
             path = arg[len(words[0]) :].strip()
-            path = re.sub(r"\s+(aleg|bleg|both)$", "", path)
-            self._start_playback(chan, path)
+            path = re.sub(r"\s+(aleg|bleg|both)$", "", path).strip("'\"")
+            chan.queued.append(path)  # a private event: the park loop runs it a bit later
+            self._spawn(self._run_queued(chan))
             return "+OK Message sent\n"
         if cmd == "uuid_displace" and len(words) >= 3:  # a media bug: no channel events
             if words[1] == "start":
@@ -592,6 +782,8 @@ class FakeEslServer:
                 return "-ERR Cannot stop displace session!\n"
             return "+OK Success\n"
         if cmd == "uuid_break":
+            if "all" in " ".join(words[1:]):  # switch_core_session_flush_private_events
+                chan.queued.clear()
             if chan.playback is not None:
                 chan.playback.cancel()
             return "+OK\n"
@@ -618,6 +810,36 @@ class FakeEslServer:
         if cmd == "uuid_getvar" and len(words) >= 2:
             return chan.variables.get(words[1], "_undef_")
         return f"-ERR {cmd} Command not found!\n"
+
+    def _hash(self, arg: str) -> str:
+        """mod_hash's `hash` API (hash_api_function), replies as in its source."""
+        parts = arg.split("/", 3)
+        ops = "insert|insert_ifempty|select|delete|delete_ifmatch"
+        usage = f"-ERR Usage: hash {ops}/realm/key[/value]\n"
+        if len(parts) < 3:
+            return usage
+        op, key = parts[0].lower(), f"{parts[1]}_{parts[2]}"
+        value = parts[3] if len(parts) > 3 else None
+        if op == "insert" and value is not None:
+            self.hash[key] = value
+            return "+OK\n"
+        if op == "insert_ifempty" and value is not None:
+            if key in self.hash:
+                return "-ERR key already exists\n"
+            self.hash[key] = value
+            return "+OK\n"
+        if op == "delete":
+            return "+OK\n" if self.hash.pop(key, None) is not None else "-ERR Not found\n"
+        if op == "delete_ifmatch" and value is not None:
+            if key not in self.hash:
+                return "-ERR Not found\n"
+            if self.hash[key] != value:
+                return "-ERR Doesn't match\n"
+            del self.hash[key]
+            return "+OK\n"
+        if op == "select":
+            return self.hash.get(key, "")
+        return usage
 
     def _sofia(self, words: list[str]) -> str:
         """The few `sofia` commands gateway provisioning uses, with FreeSWITCH's replies."""

@@ -15,6 +15,7 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.blocked = False
         self.connections = 0
+        self.refused = 0  # connection attempts turned away while cut
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -27,6 +28,7 @@ class TcpProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.blocked:
+            self.refused += 1
             writer.close()
             return
         self.connections += 1

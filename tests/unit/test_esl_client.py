@@ -19,6 +19,7 @@ from bridge.pbx.freeswitch.esl_client import (
     EslOutboundSession,
 )
 from bridge.pbx.freeswitch.esl_protocol import EslEvent
+from tests.support.daemon import wait_for
 from tests.support.esl_server import FakeEslServer, capture_messages
 
 PASSWORD = "ClueCon-test"
@@ -248,7 +249,7 @@ async def test_reconnect_backs_off_until_freeswitch_is_back(
     await rec.wait_for(lambda: ConnectionState.LOST in rec.states)
     with pytest.raises(EslConnectionError):
         await client.api("status")
-    await asyncio.sleep(0.3)  # several refused attempts, backing off
+    await wait_for(lambda: client.failed_reconnects >= 2, "two refused reconnects", 3)
     assert ConnectionState.RESTORED not in rec.states
     await server.resume()
     await rec.wait_for(lambda: ConnectionState.RESTORED in rec.states)
@@ -261,7 +262,9 @@ async def test_password_changed_while_away_gives_up(
     server.password = "rotated"
     await server.drop_connections()
     await rec.wait_for(lambda: ConnectionState.AUTH_FAILED in rec.states)
-    await asyncio.sleep(0.2)
+    supervisor = client._supervisor
+    assert supervisor is not None
+    await wait_for(supervisor.done, "the client to give up", 3)  # nothing left to retry
     assert server.commands.count(f"auth {PASSWORD}") == 2  # one retry, then no storm
 
 
@@ -270,7 +273,7 @@ async def test_pending_command_fails_when_the_connection_drops(
 ) -> None:
     server.bgapi_delay = 5.0
     job = asyncio.create_task(client.bgapi("status"))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: "bgapi status" in server.commands, "the bgapi to be sent", 2)
     await server.drop_connections()
     with pytest.raises(EslConnectionError):
         await job

@@ -4,6 +4,9 @@ command lines it sends (quoting, originate variables), resync, trunks, raw media
 from __future__ import annotations
 
 import asyncio
+import grp
+import inspect
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +14,8 @@ import numpy as np
 import pytest
 
 from bridge.calls.outcomes import classify_leg_failure
+from bridge.config import FreeswitchSettings
+from bridge.errors import PbxCommandFailed
 from bridge.media.rtp import MediaClock, RtpStream
 from bridge.pbx.freeswitch import events as fse
 from bridge.pbx.freeswitch.adapter import FreeswitchAdapter, _vars
@@ -26,12 +31,15 @@ from bridge.pbx.ports import (
     LegAnswered,
     LegFailed,
     LegOutcome,
+    LegProgress,
     LegRinging,
     MediaAddress,
+    PbxAdapter,
     PbxEvent,
     TrunkSpec,
 )
-from tests.support.esl_server import FakeEslServer, capture_events
+from tests.support.daemon import wait_for
+from tests.support.esl_server import DATA_DIR, FakeEslServer, capture_events, capture_messages
 from tests.support.tcp_proxy import TcpProxy
 
 TRUNK = TrunkSpec("t1", "127.0.0.1", 5090, "udp", "user", "p&ss<word>", False)
@@ -181,9 +189,13 @@ async def test_arrival_answer_media_and_hangup(
 
     tone = (np.sin(np.arange(1600) / 8000 * 2 * np.pi * 440) * 8000).astype("<i2").tobytes()
     await stream.play(tone).done  # paced 20 ms frames, raw L16 LE to FreeSWITCH's port
-    await asyncio.sleep(0.05)  # the last datagram is still on its way
     chan = server.channels[uuid]
-    assert b"".join(chan.media_in) == tone
+    silence = bytes(320)  # what the stream sends while nothing is queued
+
+    def spoken() -> bytes:
+        return b"".join(f for f in chan.media_in if f != silence)
+
+    await wait_for(lambda: spoken() == tone, "the tone at FreeSWITCH's unicast port", 2)
     assert {len(f) for f in chan.media_in} == {320}
     server.send_media(uuid, tone[:320])  # the caller speaks
     await asyncio.wait_for(spoke.wait(), 2)
@@ -221,13 +233,16 @@ async def test_ringback_is_quoted_gentones_and_stops(
     uuid = await server.call_arrives(answered=True)
     playback = "cbring-t1"
     await adapter.play_tone(uuid, "ring", playback)
+    assert server.channels[uuid].variables["callbridge_tone"] == "cbring-t1"
     line = next(c for c in server.commands if c.startswith("api uuid_broadcast"))
     assert line == f"api uuid_broadcast {uuid} 'gentones::%(2000,4000,440,480)|-1' aleg"
-    await asyncio.sleep(0.05)
-    assert server.channels[uuid].playback is not None
+    chan = server.channels[uuid]
+    await wait_for(lambda: chan.playback is not None, "the tone to start", 2)
+    assert chan.hearing_tone
     await adapter.stop_playback(playback)
-    await asyncio.sleep(0.05)
-    assert server.channels[uuid].playback is None
+    assert f"api uuid_break {uuid} all" in server.commands
+    await wait_for(lambda: chan.playback is None, "the tone to stop", 2)
+    assert not chan.hearing_tone and "callbridge_tone" not in chan.variables
 
 
 @pytest.mark.parametrize(
@@ -294,7 +309,7 @@ async def test_trunk_provisioning_writes_a_gateway_and_rescans(
     await adapter.provision_trunk(TRUNK)
     path = tmp_path / "gw" / "cb-trunk-t1.xml"
     assert path.read_text() == gateway_xml(TRUNK)
-    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_mode & 0o777 == 0o640  # FreeSWITCH's group can read it
     assert "cb-trunk-t1" in server.gateways
     assert server.commands.count("api reloadxml") == 1
     await adapter.provision_trunk(TRUNK)  # unchanged and loaded: left alone (no re-REGISTER)
@@ -354,10 +369,12 @@ async def test_heartbeat_for_the_dialplan_hook(server: FakeEslServer) -> None:
     sink = Sink()
     adapter = await _adapter(server.port, sink, heartbeat_interval=0.05)
     try:
-        await asyncio.sleep(0.2)
-        beats = [c for c in server.commands if "global_setvar callbridge_seen" in c]
-        assert len(beats) >= 2
-        assert beats[0] == "api expand global_setvar callbridge_seen=${strepoch()}"
+
+        def beats() -> list[str]:
+            return [c for c in server.commands if "global_setvar callbridge_seen" in c]
+
+        await wait_for(lambda: len(beats()) >= 3, "three heartbeats", 2)
+        assert beats()[0] == "api expand global_setvar callbridge_seen=${strepoch()}"
     finally:
         await adapter.stop()
 
@@ -377,10 +394,471 @@ async def test_raw_framing_sends_bare_payloads() -> None:
     stream.set_remote(*transport.get_extra_info("sockname")[:2], framing="raw", codec="slin_le")
     pcm = bytes(range(256)) * 5  # 1280 bytes: 4 frames
     assert await stream.play(pcm).done
-    await asyncio.sleep(0.05)
-    assert got == [pcm[i : i + 320] for i in range(0, 1280, 320)]
+    expected = [pcm[i : i + 320] for i in range(0, 1280, 320)]
+    await wait_for(lambda: bytes(320) in got[4:], "the 4 frames, then silence (no gap)", 2)
+    assert [f for f in got if f != bytes(320)] == expected
     with pytest.raises(ValueError):
         stream.set_remote("127.0.0.1", 1, framing="srtp")
     stream.close()
     transport.close()
     await clock.close()
+
+
+# --- the whole port ----------------------------------------------------------------------------
+
+
+def _port_verbs() -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(fn)
+        for name, fn in inspect.getmembers(PbxAdapter, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def test_adapter_implements_every_verb_of_the_pbx_port() -> None:
+    """Statically: each verb of PbxAdapter exists, is a coroutine and takes the same
+    parameters (names, kinds; extra ones only with defaults). `release` was missing once."""
+    verbs = _port_verbs()
+    assert {"release", "play_tone", "stop_playback", "originate"} <= set(verbs)
+    for name, proto in verbs.items():
+        impl = getattr(FreeswitchAdapter, name, None)
+        assert impl is not None, f"FreeswitchAdapter has no {name}()"
+        assert inspect.iscoroutinefunction(impl), name
+        have = inspect.signature(impl).parameters
+        for pname, param in proto.parameters.items():
+            assert pname in have, f"{name}() lacks parameter {pname}"
+            assert have[pname].kind == param.kind, f"{name}({pname}) kind differs"
+        for pname in set(have) - set(proto.parameters):
+            assert have[pname].default is not inspect.Parameter.empty, f"{name}({pname})"
+
+
+async def test_every_verb_runs_against_the_fake(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """Dynamically: every verb of the port, once, on the capture-built fake event socket."""
+    server, adapter, sink = parts
+    port: PbxAdapter = adapter  # the type checker's view of the same claim
+
+    uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
+    await port.answer(uuid)
+    await port.set_variable(uuid, "x", "y")
+    await port.attach_media(uuid, MediaAddress("127.0.0.1", 40011), "ulaw")
+    pid = await port.play_tone(uuid, "ring", "cbring-v")
+    await port.stop_playback(pid)
+    await port.originate(
+        "cbleg-v", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-v")
+    await port.connect(uuid, "cbleg-v")
+    await port.detach_media(uuid)
+    await port.hangup("cbleg-v")
+    await port.release(uuid)
+    other = await server.call_arrives(answered=True)
+    await port.blind_transfer(other, DialTarget(sip_uri="sip:bob@h"), 20)
+    third = await server.call_arrives(answered=True)
+    await port.continue_in_dialplan(third, "callbridge-fallback", "1")
+    await port.provision_trunk(TRUNK)
+    assert await port.provisioned_trunks() == {"t1"}
+    await port.remove_trunk("t1")
+    assert await port.provisioned_trunks() == set()
+    called = {
+        "answer", "set_variable", "attach_media", "play_tone", "stop_playback", "originate",
+        "connect", "detach_media", "hangup", "release", "blind_transfer",
+        "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
+        "start", "stop",  # by the fixture
+    }  # fmt: skip
+    assert set(_port_verbs()) <= called
+
+
+async def test_release_frees_what_the_adapter_made_for_the_call(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
+    assert server.hash[f"callbridge_owner_{uuid}"] == adapter.instance
+    await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40021), "ulaw")
+    await adapter.play_tone(uuid, "ring", "cbring-r")
+    await adapter.release(uuid)
+    assert adapter._media == {} and adapter._tones == {} and uuid not in adapter._callers
+    assert f"callbridge_owner_{uuid}" not in server.hash  # our claim is given back
+    await adapter.release(uuid)  # twice, or for a caller already gone: no error
+
+
+# --- ringback: the fast-failure race ------------------------------------------------------------
+
+
+async def test_fake_reproduces_the_queued_broadcast_race(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """What 1.10.12 does: a plain `uuid_break` right after `uuid_broadcast` stops nothing
+    (the broadcast is still queued) and the tone then rings on."""
+    server, adapter, _ = parts
+    uuid = await server.call_arrives(answered=True)
+    chan = server.channels[uuid]
+    await adapter.client.api(f"uuid_broadcast {uuid} 'gentones::%(2000,4000,440,480)|-1' aleg")
+    await adapter.client.api(f"uuid_break {uuid}")
+    await wait_for(lambda: chan.playback is not None, "the queued tone to start anyway", 2)
+    assert chan.hearing_tone
+
+
+async def test_tone_stopped_before_it_started_never_plays(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """A transfer that fails within ~150 ms: stop_playback reaches FreeSWITCH while the
+    ringback is still queued; `uuid_break ... all` flushes it, so it never starts."""
+    server, adapter, _ = parts
+    uuid = await server.call_arrives(answered=True)
+    chan = server.channels[uuid]
+    pid = await adapter.play_tone(uuid, "ring", "cbring-fast")
+    assert chan.queued and chan.playback is None  # queued, not started
+    await adapter.stop_playback(pid)
+    assert chan.queued == [] and chan.playback is None and not chan.hearing_tone
+
+
+async def test_a_restarted_daemon_stops_the_tone_by_its_id(server: FakeEslServer) -> None:
+    first_sink, second_sink = Sink(), Sink()
+    first = await _adapter(server.port, first_sink, instance="cb1")
+    uuid = await server.call_arrives(answered=True)
+    await first_sink.wait(CallArrived, uuid)
+    await first.play_tone(uuid, "ring", "cbring-t9")
+    chan = server.channels[uuid]
+    await wait_for(lambda: chan.playback is not None, "the tone to start", 2)
+    await first.stop()  # the daemon dies; the caller stays parked, ringing
+    second = await _adapter(server.port, second_sink, instance="cb1")
+    try:
+        restored = second_sink.events[0]
+        assert isinstance(restored, ConnectionRestored)
+        assert [c.channel_id for c in restored.callers] == [uuid]
+        await second.stop_playback("cbring-t9")
+        await wait_for(lambda: chan.playback is None, "the tone to stop", 2)
+    finally:
+        await second.stop()
+
+
+# --- contract 1: leg facts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "cause", "cause_text", "sip"),
+    [("busy", 17, "USER_BUSY", 486), ("decline", 21, "CALL_REJECTED", 603),
+     ("noanswer", 19, "NO_ANSWER", None), ("unreachable", 1, "UNALLOCATED_NUMBER", 404)],
+)  # fmt: skip
+async def test_failed_legs_report_raw_facts(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+    outcome: str,
+    cause: int,
+    cause_text: str,
+    sip: int | None,
+) -> None:
+    server, adapter, sink = parts
+    server.set_originate_outcome("5555", outcome)
+    await adapter.originate(
+        "cbleg-f", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
+    )
+    failed = await sink.wait(LegFailed, "cbleg-f")
+    assert isinstance(failed, LegFailed)
+    assert (failed.cause, failed.cause_text, failed.sip_code) == (cause, cause_text, sip)
+    assert [e for e in sink.events if isinstance(e, LegFailed)] == [failed]  # once
+
+
+async def test_early_media_without_ring_is_progress_not_ringing(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    server.set_originate_outcome("5555", "early_media")
+    await adapter.originate(
+        "cbleg-e", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
+    )
+    await sink.wait(LegProgress, "cbleg-e")
+    kinds = [type(e).__name__ for e in sink.events if e.channel_id == "cbleg-e"]
+    assert kinds == ["LegProgress"]
+
+
+async def test_a_real_ring_is_ringing(parts: tuple[FakeEslServer, FreeswitchAdapter, Sink]) -> None:
+    server, adapter, sink = parts
+    server.set_originate_outcome("5555", "noanswer")
+    await adapter.originate(
+        "cbleg-g", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
+    )
+    await sink.wait(LegFailed, "cbleg-g")
+    kinds = [type(e).__name__ for e in sink.events if e.channel_id == "cbleg-g"]
+    assert kinds == ["LegRinging", "LegFailed"]
+
+
+async def test_local_failures_are_marked_local(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    await adapter.originate(
+        "cbleg-l", DialTarget(number="+316", trunk_id="missing"), caller_number=None, ring_timeout=5
+    )
+    failed = await sink.wait(LegFailed, "cbleg-l")
+    assert isinstance(failed, LegFailed)
+    assert (failed.cause, failed.cause_text, failed.sip_code) == (None, "INVALID_GATEWAY", None)
+    assert failed.local is True  # type: ignore[attr-defined]
+    server.set_originate_outcome("5555", "busy")
+    await adapter.originate(
+        "cbleg-m", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
+    )
+    busy = await sink.wait(LegFailed, "cbleg-m")
+    assert busy.local is False  # type: ignore[attr-defined]
+
+
+def test_q850_numbers_only_for_q850_causes() -> None:
+    assert fse.Q850["USER_BUSY"] == 17 and fse.Q850["INTERWORKING"] == 127
+    assert "ORIGINATOR_CANCEL" not in fse.Q850 and "INVALID_GATEWAY" not in fse.Q850
+    hangup = EslEvent({"Hangup-Cause": "INVALID_GATEWAY", "variable_hangup_cause_q850": "808"})
+    assert fse.q850(hangup) is None
+    assert fse.is_local("GATEWAY_DOWN") and not fse.is_local("USER_BUSY")
+    assert fse.deleted_count("+OK Deleted: 1\n") == 1
+    assert fse.deleted_count("+OK Deleted: 0\n") == 0
+
+
+# --- trunks: permissions, and what the PBX has ------------------------------------------------
+
+
+async def test_gateway_file_owner_group_and_mode_are_configurable(
+    server: FakeEslServer, tmp_path: Path
+) -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    sink = Sink()
+    adapter = await _adapter(
+        server.port, sink, tmp_path / "gw", gateway_mode=0o660, gateway_group=group
+    )
+    try:
+        await adapter.provision_trunk(TRUNK)
+        st = (tmp_path / "gw" / "cb-trunk-t1.xml").stat()
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, os.getgid())
+        assert "cb-trunk-t1" in server.gateways
+    finally:
+        await adapter.stop()
+    with pytest.raises(ValueError, match="trunk passwords"):
+        FreeswitchSettings(gateway_mode=0o644)
+    assert FreeswitchSettings().gateway_mode == 0o640
+    with pytest.raises(ValueError):
+        FreeswitchAdapter("h", 1, "p", gateway_dir=tmp_path, gateway_mode=0o604)
+
+
+async def test_unknown_gateway_group_is_a_typed_error(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink], tmp_path: Path
+) -> None:
+    _, adapter, _ = parts
+    assert adapter.gateways is not None
+    adapter.gateways.group = "no-such-group-cb"
+    with pytest.raises(PbxCommandFailed, match="no-such-group-cb"):
+        await adapter.provision_trunk(TRUNK)
+
+
+async def test_trunks_deleted_while_disconnected_are_removed_on_connect(
+    server: FakeEslServer, tmp_path: Path
+) -> None:
+    gw = tmp_path / "gw"
+    wanted = [TRUNK]
+
+    async def trunks() -> list[TrunkSpec]:
+        return list(wanted)
+
+    sink = Sink()
+    adapter = await _adapter(server.port, sink, gw, trunks=trunks)
+    await adapter.provision_trunk(TrunkSpec("old", "10.0.0.1", 5060, "udp", "u", "pw", True))
+    await adapter.stop()
+    assert (gw / "cb-trunk-old.xml").exists()
+    second = await _adapter(server.port, Sink(), gw, trunks=trunks)  # "old" was deleted
+    try:
+        assert await second.provisioned_trunks() == {"t1"}
+        assert not (gw / "cb-trunk-old.xml").exists()
+        assert "cb-trunk-old" not in server.gateways
+        assert "api sofia profile callbridge killgw cb-trunk-old" in server.commands
+    finally:
+        await second.stop()
+
+
+# --- no caller waits for a dead daemon; one daemon per caller ----------------------------------
+
+
+async def test_live_daemon_claims_the_caller_and_cancels_the_hook_guard(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    uuid = await server.hook_call("+31201234567")
+    await sink.wait(CallArrived, uuid)
+    assert f"api sched_del {uuid}" in server.commands  # the hook's 1-2.5 s guard is gone ...
+    [lease] = server.scheduled[uuid]  # ... and the daemon's 30 s lease replaced it
+    assert lease.when() - asyncio.get_running_loop().time() > 20
+    assert f"api sched_transfer +30 {uuid} +31201234567 XML callbridge-fallback" in server.commands
+    assert server.hash[f"callbridge_owner_{uuid}"] == adapter.instance
+    assert not server.channels[uuid].fallback
+
+
+async def test_caller_of_a_dead_daemon_reaches_the_fallback_within_2s(
+    server: FakeEslServer,
+) -> None:
+    server.heartbeat_max = 3.0
+    sink = Sink()
+    adapter = await _adapter(server.port, sink)
+    await adapter.stop()  # the daemon dies (its heartbeat is still fresh)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    uuid = await server.hook_call("+31201234567")
+    chan = server.channels[uuid]
+    await wait_for(lambda: chan.fallback, "the caller to reach the fallback", 2.5)
+    assert loop.time() - t0 <= 2.0
+    assert "callbridge" not in chan.variables  # no later resync adopts it
+    server.heartbeat_at = loop.time() - 10  # long dead: the hook does not even park
+    late = await server.hook_call("+31201234567")
+    assert server.channels[late].fallback
+
+
+async def test_caller_sent_to_the_fallback_is_not_taken_by_a_late_daemon(
+    server: FakeEslServer,
+) -> None:
+    server.guard_seconds = 0.05
+    uuid = await server.hook_call("+31201234567")
+    await wait_for(lambda: server.channels[uuid].fallback, "the guard to fire", 2)
+    server.channels[uuid].variables["callbridge"] = "1"  # even if still marked
+    sink = Sink()
+    adapter = await _adapter(server.port, sink)
+    try:
+        restored = sink.events[0]
+        assert isinstance(restored, ConnectionRestored) and restored.callers == ()
+        assert f"callbridge_owner_{uuid}" not in server.hash
+    finally:
+        await adapter.stop()
+
+
+async def test_two_daemons_on_one_freeswitch_take_each_caller_once(
+    server: FakeEslServer,
+) -> None:
+    sinks = [Sink(), Sink()]
+    adapters = [
+        await _adapter(server.port, sinks[0], instance="daemon-a"),
+        await _adapter(server.port, sinks[1], instance="daemon-b"),
+    ]
+    try:
+        uuids = [await server.hook_call("+31201234567") for _ in range(6)]
+        for uuid in uuids:
+            claims = f"/callbridge_owner/{uuid}/"
+
+            def both_tried(c: str = claims) -> bool:
+                return sum(c in line for line in server.commands) >= 2
+
+            await wait_for(both_tried, "both daemons to try the claim", 5)
+            await wait_for(
+                lambda u=uuid: any(  # type: ignore[misc]
+                    isinstance(e, CallArrived) and e.channel_id == u
+                    for s in sinks
+                    for e in s.events
+                ),
+                "one daemon to take the caller",
+                5,
+            )
+        for uuid in uuids:
+            takers = [
+                i for i, s in enumerate(sinks)
+                for e in s.events if isinstance(e, CallArrived) and e.channel_id == uuid
+            ]  # fmt: skip
+            assert len(takers) == 1, (uuid, takers)
+            owner = server.hash[f"callbridge_owner_{uuid}"]
+            assert owner == adapters[takers[0]].instance
+        # A resync (reconnect) of the loser does not adopt the winner's callers.
+        restored = await adapters[1]._resync()
+        mine = {e.channel_id for e in sinks[1].events if isinstance(e, CallArrived)}
+        assert {c.channel_id for c in restored.callers} == mine
+    finally:
+        for adapter in adapters:
+            await adapter.stop()
+
+
+async def test_lease_sends_the_callers_of_a_daemon_that_died_to_the_fallback(
+    server: FakeEslServer,
+) -> None:
+    """A caller the daemon had taken must not wait in park forever either: the heartbeat
+    keeps pushing its scheduled fallback transfer back; when the daemon dies, it runs."""
+    sink = Sink()
+    adapter = await _adapter(server.port, sink, lease_seconds=1, heartbeat_interval=0.1)
+    uuid = await server.hook_call("+31201234567")
+    await sink.wait(CallArrived, uuid)
+    lease = f"api sched_transfer +1 {uuid} "
+    renewed = len([c for c in server.commands if c.startswith(lease)])
+    await wait_for(
+        lambda: len([c for c in server.commands if c.startswith(lease)]) >= renewed + 3,
+        "three renewals",
+        5,
+    )
+    assert not server.channels[uuid].fallback  # renewed: a live daemon keeps its caller
+    await adapter.stop()  # the daemon dies
+    await wait_for(lambda: server.channels[uuid].fallback, "the lease to run out", 3)
+
+
+async def test_bridged_caller_has_no_lease(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    uuid = await server.hook_call("+31201234567")
+    await sink.wait(CallArrived, uuid)
+    assert server.scheduled[uuid]
+    await adapter.originate(
+        "cbleg-b", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-b")
+    await adapter.connect(uuid, "cbleg-b")
+    assert uuid not in server.scheduled  # a lease would pull the caller out of the bridge
+    await adapter._renew_leases()
+    assert uuid not in server.scheduled
+    restored = await adapter._resync()  # a restarted daemon does not lease it again
+    assert uuid in {c.channel_id for c in restored.callers} and uuid not in server.scheduled
+
+
+# --- the fake against the capture of issue 7's commands ------------------------------------
+
+
+async def test_fake_answers_claims_schedules_and_breaks_as_captured(
+    server: FakeEslServer,
+) -> None:
+    """tests/data/esl/claims_break_sched.txt (real 1.10.12): every `api` reply of the capture
+    is what the fake answers to the same command, and the capture shows the race the fake
+    models: after `uuid_broadcast` + plain `uuid_break` the tone still starts; after
+    `uuid_broadcast` + `uuid_break all` it never does."""
+    sent = [
+        line[4:].strip()
+        for line in (DATA_DIR / "claims_break_sched.txt").read_text("latin-1").splitlines()
+        if line.startswith("# > ")
+    ]
+    messages = capture_messages("claims_break_sched")
+    replies = [m.text() for m in messages if m.content_type == "api/response"]
+    commands = [c[4:] for c in sent if c.startswith("api ")]
+    assert len(replies) == len(commands)
+    park = next(m.event() for m in messages if m.is_event and m.event().name == "CHANNEL_PARK")
+    captured_uuid = park.unique_id or ""
+    uuid = await server.call_arrives("1001", answered=True)
+    for command, reply in zip(commands, replies, strict=True):
+        got = await server.api(command.replace(captured_uuid, uuid))
+        assert got == reply, command
+    events = [m.event() for m in messages if m.is_event]
+    started = [
+        e for e in events if e.name == "CHANNEL_EXECUTE" and e.get("Application") == "gentones"
+    ]
+    assert len(started) == 1  # two broadcasts: only the one behind a plain uuid_break played
+
+
+async def test_early_media_leg_stays_up_until_we_hang_it_up(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """Seen on 1.10.12: `originate … &park()` to a far end that sends 183 with SDP and never
+    180 succeeds on the early media (job `+OK <uuid>`), so `originate_timeout` no longer
+    applies: the leg waits in park, unanswered, and only the call domain's ring timeout ends
+    it. No LegAnswered, no LegFailed of its own."""
+    server, adapter, sink = parts
+    server.set_originate_outcome("5555", "early_media")
+    await adapter.originate(
+        "cbleg-em", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=1
+    )
+    await wait_for(lambda: bool(sink.events), "the progress event", 2)
+    leg = server.channels["cbleg-em"]
+    assert leg.up and not leg.answered
+    assert not any(isinstance(e, LegAnswered | LegFailed) for e in sink.events)
+    await adapter.hangup("cbleg-em")
+    failed = await sink.wait(LegFailed, "cbleg-em")
+    assert isinstance(failed, LegFailed) and failed.cause_text == "NORMAL_CLEARING"

@@ -10,6 +10,7 @@ import numpy as np
 
 from bridge.media.g711 import ulaw_decode, ulaw_encode
 from bridge.media.rtp import PCM_FRAME_BYTES, MediaClock, RtpStream
+from tests.support.daemon import wait_for
 
 
 class Sink(asyncio.DatagramProtocol):
@@ -32,12 +33,13 @@ async def test_playout_is_paced_in_20ms_frames_with_continuous_headers() -> None
     await stream.open("127.0.0.1", clock)
     transport, sink, port = await open_sink()
     stream.set_remote("127.0.0.1", port)
-    pcm = bytes(PCM_FRAME_BYTES * 25)  # 0.5 s
+    tone = (np.sin(np.arange(160 * 25) / 3) * 8000).astype("<i2").tobytes()  # 0.5 s
     t0 = asyncio.get_running_loop().time()
-    assert await stream.play(pcm).done is True
+    assert await stream.play(tone).done is True
     elapsed = asyncio.get_running_loop().time() - t0
-    await asyncio.sleep(0.05)
-    assert len(sink.packets) == 25
+    await wait_for(lambda: len(sink.packets) >= 30, "silence after the playout", 2)
+    speech = [p for _, p in sink.packets if p[12:] != b"\xff" * 160]
+    assert [p[12:] for p in speech] == [ulaw_encode(tone[i : i + 320]) for i in range(0, 8000, 320)]
     headers = [struct.unpack("!BBHII", p[:12]) for _, p in sink.packets]
     seqs = [h[2] for h in headers]
     stamps = [h[3] for h in headers]
@@ -45,6 +47,7 @@ async def test_playout_is_paced_in_20ms_frames_with_continuous_headers() -> None
     assert all(b - a == 160 for a, b in itertools.pairwise(stamps))
     assert headers[0][1] & 0x80 and not headers[1][1] & 0x80  # marker on the first only
     assert all(len(p) == 12 + 160 for _, p in sink.packets)
+    assert sink.packets[-1][1][12:] == b"\xff" * 160  # silence after the speech
     assert 0.4 < elapsed < 0.7  # real-time pacing, not a burst
     stream.close()
     transport.close()
@@ -59,7 +62,7 @@ async def test_flush_drops_interruptible_but_keeps_uninterruptible() -> None:
     stream.set_remote("127.0.0.1", port)
     chatter = stream.play(bytes(PCM_FRAME_BYTES * 50))
     message = stream.play(bytes(PCM_FRAME_BYTES * 5), interruptible=False)
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: stream.packets_out >= 2, "the chatter to start", 2)
     assert stream.flush() == 1
     assert await chatter.done is False
     assert await message.done is True
@@ -77,11 +80,13 @@ async def test_inbound_rtp_is_decoded_and_foreign_payloads_ignored() -> None:
     transport, _ = await loop.create_datagram_endpoint(
         asyncio.DatagramProtocol, remote_addr=(host, port)
     )
+    stream.set_remote(*transport.get_extra_info("sockname")[:2])  # the PBX's media address
     tone = (np.sin(np.arange(160) / 3) * 8000).astype("<i2").tobytes()
     transport.sendto(struct.pack("!BBHII", 0x80, 0, 1, 160, 7) + ulaw_encode(tone))
     transport.sendto(struct.pack("!BBHII", 0x80, 101, 2, 320, 7) + b"\x01\x00\x00\xa0")  # DTMF
     transport.sendto(b"junk")
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: stream.packets_in + stream.packets_foreign >= 1, "the packets", 2)
+    await wait_for(lambda: len(heard) >= 1, "the audio", 2)
     assert len(heard) == 1 and len(heard[0]) == 320
     assert stream.packets_in == 1
     transport.close()
@@ -98,12 +103,108 @@ async def test_inbound_packets_are_reordered_and_loss_becomes_silence() -> None:
     transport, _ = await loop.create_datagram_endpoint(
         asyncio.DatagramProtocol, remote_addr=(host, port)
     )
+    stream.set_remote(*transport.get_extra_info("sockname")[:2])
     frames = {seq: bytes([0x80 + seq]) * 160 for seq in range(1, 9)}  # distinct µ-law levels
     for seq in (1, 3, 2, 5, 6, 7, 8):  # 2 arrives late, 4 never
         transport.sendto(struct.pack("!BBHII", 0x80, 0, seq, 160 * seq, 9) + frames[seq])
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: len(heard) >= 8, "all eight frames", 2)
     expected = [ulaw_decode(frames[s]) if s != 4 else bytes(320) for s in range(1, 9)]
     assert heard == expected
     transport.close()
     stream.close()
+    await clock.close()
+
+
+async def _stream_to_sink(
+    codec_name: str, **remote: str
+) -> tuple[RtpStream, MediaClock, Sink, object]:
+    clock = MediaClock()
+    stream = RtpStream(codec_name)
+    await stream.open("127.0.0.1", clock)
+    transport, sink, port = await open_sink()
+    stream.set_remote("127.0.0.1", port, **remote)
+    return stream, clock, sink, transport
+
+
+def _max_gap(times: list[float]) -> float:
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+async def test_silence_is_sent_while_nothing_is_queued() -> None:
+    """Contract 5: no RTP gap while the assistant is silent (carriers' inactivity timers)."""
+    stream, clock, sink, transport = await _stream_to_sink("ulaw")
+    await wait_for(lambda: len(sink.packets) >= 50, "a second of silence frames", 3)
+    payloads = [p[12:] for _, p in sink.packets]
+    assert set(payloads) == {b"\xff" * 160}
+    headers = [struct.unpack("!BBHII", p[:12]) for _, p in sink.packets]
+    assert all((b[2] - a[2]) % 65536 == 1 for a, b in itertools.pairwise(headers))
+    assert all(b[3] - a[3] == 160 for a, b in itertools.pairwise(headers))
+    assert _max_gap([t for t, _ in sink.packets]) < 0.06
+    assert stream.silence_out >= 50
+    stream.close()
+    transport.close()  # type: ignore[attr-defined]
+    await clock.close()
+
+
+async def test_speech_between_silences_keeps_one_timeline_and_barge_in() -> None:
+    stream, clock, sink, transport = await _stream_to_sink("alaw")
+    await wait_for(lambda: len(sink.packets) >= 5, "silence first", 2)
+    tone = (np.sin(np.arange(160 * 50) / 3) * 8000).astype("<i2").tobytes()
+    chatter = stream.play(tone)
+    await wait_for(lambda: any(p[12:] != b"\xd5" * 160 for _, p in sink.packets), "speech", 2)
+    assert stream.flush() == 1  # barge-in still drops the interruptible playout
+    assert await chatter.done is False
+    count = len(sink.packets)
+    await wait_for(lambda: len(sink.packets) >= count + 10, "silence again", 2)
+    assert sink.packets[-1][1][12:] == b"\xd5" * 160  # A-law silence
+    headers = [struct.unpack("!BBHII", p[:12]) for _, p in sink.packets]
+    assert all((b[2] - a[2]) % 65536 == 1 for a, b in itertools.pairwise(headers))
+    assert all(b[3] - a[3] == 160 for a, b in itertools.pairwise(headers))
+    assert sum(1 for h in headers if h[1] & 0x80) == 1  # one marker: the stream never paused
+    assert _max_gap([t for t, _ in sink.packets]) < 0.06
+    stream.close()
+    transport.close()  # type: ignore[attr-defined]
+    await clock.close()
+
+
+async def test_raw_framing_silence_is_l16_zeros() -> None:
+    stream, clock, sink, transport = await _stream_to_sink("ulaw", framing="raw", codec="slin_le")
+    await wait_for(lambda: len(sink.packets) >= 5, "silence frames", 2)
+    assert {p for _, p in sink.packets} == {bytes(320)}
+    stream.close()
+    await wait_for(lambda: clock._streams == set(), "the closed stream to leave the clock", 1)
+    transport.close()  # type: ignore[attr-defined]
+    await clock.close()
+
+
+async def test_rtp_is_accepted_only_from_the_pbx_media_address() -> None:
+    clock = MediaClock()
+    heard: list[bytes] = []
+    stream = RtpStream("ulaw", on_audio=heard.append, peer_host="127.0.0.1")
+    host, port = await stream.open("127.0.0.1", clock)
+    loop = asyncio.get_running_loop()
+    pbx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=(host, port))
+    intruder, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=(host, port)
+    )
+    frame = struct.pack("!BBHII", 0x80, 0, 1, 160, 7) + b"\x10" * 160
+    pbx.sendto(frame)  # before set_remote: the PBX host is enough
+    await wait_for(lambda: len(heard) == 1, "the PBX's early packet", 2)
+    stream.set_remote(*pbx.get_extra_info("sockname")[:2])
+    intruder.sendto(struct.pack("!BBHII", 0x80, 0, 2, 320, 8) + b"\x20" * 160)
+    pbx.sendto(struct.pack("!BBHII", 0x80, 0, 2, 320, 7) + b"\x30" * 160)
+    await wait_for(lambda: len(heard) == 2 and stream.packets_foreign == 1, "both packets", 2)
+    assert heard[1] == ulaw_decode(b"\x30" * 160)  # only the PBX's audio reached us
+    no_peer = RtpStream("ulaw", on_audio=heard.append)  # no peer_host, no remote: nothing
+    nhost, nport = await no_peer.open("127.0.0.1", clock)
+    stray, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=(nhost, nport)
+    )
+    stray.sendto(frame)
+    await wait_for(lambda: no_peer.packets_foreign == 1, "the stray packet", 2)
+    assert no_peer.packets_in == 0
+    for t in (pbx, intruder, stray):
+        t.close()
+    stream.close()
+    no_peer.close()
     await clock.close()

@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
+import re
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from bridge.pbx.ports import (
     EventSink,
     LegAnswered,
     LegFailed,
+    LegProgress,
     LegRinging,
     MediaAddress,
     PbxEvent,
@@ -62,6 +66,9 @@ EVENTS = (
 )
 RING_TONE = "%(2000,4000,440,480)|-1"  # gentones: ringback, looped until uuid_break
 TONES = {"ring": RING_TONE}
+TONE_VAR = "callbridge_tone"  # on the caller: the playback id of its running tone
+GUARD_VAR = "callbridge_guard"  # set by the hook when it scheduled the fallback transfer
+CLAIM_REALM = "callbridge_owner"  # mod_hash realm: caller uuid -> the daemon that took it
 TrunkSource = Callable[[], Awaitable[list[TrunkSpec]]]
 
 
@@ -83,7 +90,13 @@ class FreeswitchAdapter:
         gateway_dir: Path | None = None,
         trunks: TrunkSource | None = None,
         heartbeat_var: str | None = "callbridge_seen",
-        heartbeat_interval: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        instance: str | None = None,
+        lease_seconds: float = 30.0,
+        fallback_context: str = "callbridge-fallback",
+        gateway_mode: int = 0o640,
+        gateway_owner: str | None = None,
+        gateway_group: str | None = None,
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if blind_method not in ("transfer", "deflect"):
@@ -105,13 +118,37 @@ class FreeswitchAdapter:
         self._ports = itertools.cycle(range(unicast_ports[0], unicast_ports[1] + 1))
         self._port_count = unicast_ports[1] - unicast_ports[0] + 1
         self._media: dict[str, int] = {}  # caller uuid -> FreeSWITCH-side unicast port
+        self.gateways = (
+            SofiaGateways(
+                self._api,
+                profile,
+                gateway_dir,
+                mode=gateway_mode,
+                owner=gateway_owner,
+                group=gateway_group,
+            )
+            if gateway_dir
+            else None
+        )
+        # Who we are when claiming callers (mod_hash): a restarted daemon with the same name
+        # takes its own calls back, another daemon on the same FreeSWITCH leaves them alone.
+        self.instance = _word(instance or socket.gethostname())
+        self._no_hash = False  # mod_hash not loaded: calls are taken without a claim
         self._tones: dict[str, str] = {}  # playback id -> caller uuid
-        self.gateways = SofiaGateways(self._api, profile, gateway_dir) if gateway_dir else None
+        # Lease: each caller we hold in park has a scheduled transfer to the fallback that
+        # the heartbeat keeps pushing back; if this daemon dies, the caller reaches the
+        # fallback within lease_seconds instead of waiting in park for nobody.
+        self.lease_seconds = lease_seconds
+        self.fallback_context = _word(fallback_context)
+        self._leases: dict[str, str] = {}  # parked caller uuid -> fallback extension
+        self._lease_lock = asyncio.Lock()
+        self._leases_renewed = 0.0
         self._trunk_source = trunks
         self._sink: EventSink | None = None
         self._callers: set[str] = set()
         self._legs: set[str] = set()  # originated, not yet ended
         self._ringing: set[str] = set()
+        self._progressed: set[str] = set()  # early media seen (183), no ring yet
         self._answered: set[str] = set()
         self._ended: set[str] = set()  # legs whose CHANNEL_HANGUP was seen
         # Callers whose current park began with media up and has no unicast yet: the only
@@ -158,9 +195,54 @@ class FreeswitchAdapter:
                 await self.client.api(f"expand global_setvar {self.heartbeat_var}=${{strepoch()}}")
 
     async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             await self._heartbeat()
+            if self.lease_seconds and loop.time() - self._leases_renewed >= self.lease_seconds / 3:
+                self._leases_renewed = loop.time()
+                try:
+                    await self._renew_leases()
+                except Exception:  # the heartbeat must go on, or every caller is sent away
+                    log.exception("freeswitch.lease_renewal_crashed")
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def _lease(self, uuid: str, extension: str) -> None:
+        """(Re)arm the caller's lease: `sched_del <uuid>` (its task group) then
+        `sched_transfer +<lease> <uuid> <ext> XML <fallback>`. Under one lock with
+        `_drop_lease`, so a renewal never re-arms the lease of a caller just bridged."""
+        if not self.lease_seconds:
+            return
+        ext = extension if _EXTENSION.match(extension or "") else "s"
+        async with self._lease_lock:
+            self._leases[uuid] = ext
+            await self._arm(uuid, ext)
+
+    async def _arm(self, uuid: str, ext: str) -> None:
+        await self.client.api(f"sched_del {uuid}")
+        when = math.ceil(self.lease_seconds)
+        await self.client.api(f"sched_transfer +{when} {uuid} {ext} XML {self.fallback_context}")
+
+    async def _drop_lease(self, uuid: str) -> None:
+        """The caller leaves park for good (bridged, handed off, gone): no lease any more."""
+        async with self._lease_lock:
+            if self._leases.pop(uuid, None) is not None:
+                with contextlib.suppress(EslError):
+                    await self.client.api(f"sched_del {uuid}")
+
+    async def _renew_leases(self) -> None:
+        for uuid in list(self._leases):
+            async with self._lease_lock:
+                ext = self._leases.get(uuid)
+                if ext is None or not self.client.connected:
+                    continue
+                try:
+                    await self._arm(uuid, ext)
+                except EslChannelGone:
+                    self._leases.pop(uuid, None)
+                except EslError as exc:
+                    log.warning("freeswitch.lease_renewal_failed", channel=uuid, error=str(exc))
 
     @property
     def connected(self) -> bool:
@@ -204,8 +286,14 @@ class FreeswitchAdapter:
                 self._legs.add(uuid)
                 legs.append((uuid, up))
             elif (row is None or row.get("direction") == "inbound") and await self._marked(uuid):
+                if not await self._claim(uuid, guarded=await self._guarded(uuid)):
+                    continue
                 self._callers.add(uuid)
-                callers.append(fse.arrival_from_row(row or {"uuid": uuid}))
+                await self._find_tone(uuid)
+                arrived = fse.arrival_from_row(row or {"uuid": uuid})
+                if await self._parked(uuid):
+                    await self._lease(uuid, arrived.called_number)
+                callers.append(arrived)
         return ConnectionRestored("", callers=tuple(callers), legs=tuple(legs))
 
     async def _exists(self, uuid: str) -> bool:
@@ -217,16 +305,86 @@ class FreeswitchAdapter:
         except EslChannelGone:
             return False
 
+    async def _parked(self, uuid: str) -> bool:
+        """Not bridged (a caller we bridged to a human needs no lease): neither `bridge_to`
+        (set while bridged) nor `signal_bond` (the partner of a uuid_bridge) is set."""
+        try:
+            for var in ("bridge_to", "signal_bond"):
+                if (await self.client.api(f"uuid_getvar {uuid} {var}")).strip() not in (
+                    "",
+                    "_undef_",
+                ):
+                    return False
+        except EslChannelGone:
+            return False
+        return True
+
+    async def _guarded(self, uuid: str) -> bool:
+        try:
+            return fse.truthy(await self.client.api(f"uuid_getvar {uuid} {GUARD_VAR}"))
+        except EslChannelGone:
+            return False
+
+    async def _find_tone(self, uuid: str) -> None:
+        """A tone a previous daemon started on this caller (its id is on the channel)."""
+        with contextlib.suppress(EslChannelGone):
+            pid = (await self.client.api(f"uuid_getvar {uuid} {TONE_VAR}")).strip()
+            if pid and pid != "_undef_":
+                self._tones[pid] = uuid
+
+    # --- claiming callers -------------------------------------------------------------------
+
+    async def _claim(self, uuid: str, *, guarded: bool) -> bool:
+        """Take the caller, atomically against other daemons on this FreeSWITCH:
+        `hash insert_ifempty` (mod_hash, under a write lock) succeeds for one claimer only; a
+        caller we claimed before (a restart, a resync) is ours again. Then, if the hook
+        scheduled its fallback transfer (`sched_transfer`, group = the caller's uuid), cancel
+        it: `sched_del` counts only tasks not yet run or deleted, so 0 means the fallback
+        took the caller already, and we let it go."""
+        fresh = True
+        try:
+            await self.client.api(f"hash insert_ifempty/{CLAIM_REALM}/{uuid}/{self.instance}")
+        except EslCommandError as exc:
+            if "already exists" in exc.reply:
+                owner = (await self.client.api(f"hash select/{CLAIM_REALM}/{uuid}")).strip()
+                if owner != self.instance:
+                    log.info("freeswitch.caller_claimed_elsewhere", channel=uuid, owner=owner)
+                    return False
+                fresh = False
+            elif "not found" in exc.reply.lower():  # no mod_hash: cannot share FreeSWITCH
+                if not self._no_hash:
+                    log.warning("freeswitch.no_claim", reason="mod_hash not loaded")
+                self._no_hash = True
+            else:
+                log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
+                return False
+        if guarded and fresh:
+            reply = await self.client.api(f"sched_del {uuid}")
+            if fse.deleted_count(reply) == 0:
+                log.info("freeswitch.caller_went_to_fallback", channel=uuid)
+                await self._unclaim(uuid)
+                return False
+        return True
+
+    async def _unclaim(self, uuid: str) -> None:
+        if self._no_hash:
+            return
+        with contextlib.suppress(EslError):
+            await self.client.api(f"hash delete_ifmatch/{CLAIM_REALM}/{uuid}/{self.instance}")
+
     def _forget(self, uuid: str) -> None:
         for group in (
             self._callers,
             self._legs,
             self._ringing,
+            self._progressed,
             self._answered,
             self._fresh_park,
         ):
             group.discard(uuid)
         self._media.pop(uuid, None)
+        for pid in [p for p, u in self._tones.items() if u == uuid]:
+            del self._tones[pid]
 
     # --- events -----------------------------------------------------------------------------
 
@@ -248,13 +406,26 @@ class FreeswitchAdapter:
                 return
             arrived = fse.arrival(event, self.marker)
             if arrived is not None:
+                try:
+                    mine = await self._claim(uuid, guarded=fse.truthy(event.variable(GUARD_VAR)))
+                except EslError as exc:  # connection gone: the resync claims it later
+                    log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
+                    return
+                if not mine:
+                    return
                 self._callers.add(uuid)
                 if event.get("Answer-State") in ("answered", "early"):
                     self._fresh_park.add(uuid)
+                try:
+                    await self._lease(uuid, arrived.called_number)
+                except EslError as exc:
+                    log.warning("freeswitch.lease_failed", channel=uuid, error=str(exc))
                 await self._emit(arrived)
         elif name == "CHANNEL_HANGUP":
-            if uuid in self._callers or fse.truthy(event.variable(self.marker)):
+            self._leases.pop(uuid, None)  # FreeSWITCH drops nothing: the task finds no channel
+            if uuid in self._callers:
                 self._forget(uuid)
+                await self._unclaim(uuid)
                 await self._emit(ChannelHungUp(uuid, fse.q850(event), event.get("Hangup-Cause")))
         elif name == "DTMF" and uuid in self._callers:
             await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
@@ -262,10 +433,15 @@ class FreeswitchAdapter:
             await self._emit(PlaybackFinished(uuid, uuid))
 
     async def _on_leg_event(self, name: str, uuid: str, event: EslEvent) -> None:
-        if name in ("CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA"):
+        if name == "CHANNEL_PROGRESS":  # 180: a real ring
             if uuid not in self._ringing and uuid not in self._answered:
                 self._ringing.add(uuid)
                 await self._emit(LegRinging(uuid))
+        elif name == "CHANNEL_PROGRESS_MEDIA":  # 183 / early media, no ring (yet)
+            seen = self._ringing | self._progressed | self._answered
+            if uuid not in seen:
+                self._progressed.add(uuid)
+                await self._emit(LegProgress(uuid))
         elif name == "CHANNEL_ANSWER":
             self._answered.add(uuid)
             await self._emit(LegAnswered(uuid))
@@ -277,7 +453,8 @@ class FreeswitchAdapter:
             if answered:
                 await self._emit(ChannelHungUp(uuid, fse.q850(event), cause))
             else:
-                await self._emit(LegFailed(uuid, fse.q850(event), cause, fse.sip_code(event)))
+                sip = fse.sip_code(event)
+                await self._emit(LegFailed(uuid, fse.q850(event), cause, sip, fse.is_local(cause)))
 
     async def _on_job(self, event: EslEvent) -> None:
         """An originate that failed before any channel hung up (bad gateway, no route...)."""
@@ -287,7 +464,8 @@ class FreeswitchAdapter:
             return
         self._forget(leg)
         self._remember_end(leg)
-        await self._emit(LegFailed(leg, fse.Q850.get(cause), cause, None))
+        local = fse.is_local(cause) or cause not in fse.CAUSE_NAMES  # not a call outcome: ours
+        await self._emit(LegFailed(leg, fse.Q850.get(cause), cause, None, local))
 
     def _remember_end(self, uuid: str) -> None:
         self._ended.add(uuid)
@@ -366,17 +544,46 @@ class FreeswitchAdapter:
         spaces). Not `playback` of a tone_stream: a playback ends with a session reset that
         shuts `unicast` down for the rest of the park; and not `uuid_displace`: a media bug
         on a parked channel hears no written frames, so the caller would hear nothing
-        (both seen on 1.10.12)."""
+        (both seen on 1.10.12). The playback id is kept on the channel (`callbridge_tone`)
+        so that a restarted daemon can still stop the tone."""
         uuid = _uuid(channel_id)
-        self._tones[playback_id] = uuid
+        pid = _word(playback_id)
+        await self._api(f"uuid_setvar {uuid} {TONE_VAR} {pid}")
+        self._tones[pid] = uuid
         await self._api(f"uuid_broadcast {uuid} 'gentones::{_line(_tone(tone))}' aleg")
 
     async def stop_playback(self, playback_id: str) -> None:
-        uuid = self._tones.pop(playback_id, None)
+        """`uuid_break <uuid> all`: a plain `uuid_break` stops only a broadcast that already
+        runs; a `uuid_broadcast` still queued on the channel (a transfer that failed within
+        ~150 ms of its ringback) would start afterwards and ring forever (1.10.12). `all`
+        also flushes the queue (`switch_core_session_flush_private_events`)."""
+        uuid = self._tones.pop(playback_id, None) or await self._tone_owner(playback_id)
         if uuid is None:
+            log.info("freeswitch.playback_unknown", playback=playback_id)
             return
         with contextlib.suppress(ChannelGone):
-            await self._api(f"uuid_break {_uuid(uuid)}")
+            await self._api(f"uuid_break {uuid} all")
+            await self._api(f"uuid_setvar {uuid} {TONE_VAR}")
+
+    async def _tone_owner(self, playback_id: str) -> str | None:
+        """The caller whose channel says it plays `playback_id` (not in our map: started by a
+        previous daemon before this one resynced)."""
+        for uuid in sorted(self._callers):
+            with contextlib.suppress(ChannelGone):
+                if (await self._api(f"uuid_getvar {uuid} {TONE_VAR}")).strip() == playback_id:
+                    return uuid
+        return None
+
+    async def release(self, channel_id: str) -> None:
+        """The call is over for us: forget its media port, tones, park state and our claim
+        (the caller itself is hung up or handed off by the call service, not here)."""
+        uuid = _uuid(channel_id)
+        waiter = self._reparks.pop(uuid, None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+        self._forget(uuid)
+        await self._drop_lease(uuid)
+        await self._unclaim(uuid)
 
     async def originate(
         self,
@@ -413,8 +620,10 @@ class FreeswitchAdapter:
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         """`uuid_bridge`: the caller leaves park, which also ends its unicast media."""
-        await self._api(f"uuid_bridge {_uuid(channel_id)} {_uuid(leg_id)}")
-        self._media.pop(channel_id, None)
+        uuid = _uuid(channel_id)
+        await self._api(f"uuid_bridge {uuid} {_uuid(leg_id)}")
+        self._media.pop(uuid, None)
+        await self._drop_lease(uuid)  # bridged: the lease must not pull it out of the bridge
 
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
@@ -439,8 +648,9 @@ class FreeswitchAdapter:
     async def _hand_off(self, uuid: str) -> None:
         """The caller stops being ours: unmark it, so a resync does not adopt it again."""
         await self._api(f"uuid_setvar {uuid} {self.marker}")
-        self._callers.discard(uuid)
-        self._media.pop(uuid, None)
+        await self._drop_lease(uuid)
+        self._forget(uuid)
+        await self._unclaim(uuid)
 
     # --- trunks -----------------------------------------------------------------------------
 
@@ -451,15 +661,24 @@ class FreeswitchAdapter:
         await self.gateways.provision([trunk])
 
     async def remove_trunk(self, trunk_id: str) -> None:
+        """Delete the gateway file and `killgw` it (its password leaves the disk too)."""
         if self.gateways is not None:
             await self.gateways.remove(trunk_id)
 
+    async def provisioned_trunks(self) -> set[str]:
+        """Ids of the trunks we have gateway files for (`cb-trunk-<id>.xml` in gateway_dir)."""
+        return self.gateways.provisioned() if self.gateways is not None else set()
+
     async def _provision_all(self) -> None:
+        """On every (re)connect: the trunk source's trunks are there, and gateways of trunks
+        deleted meanwhile are gone (a stale file would keep registering with its password)."""
         if self._trunk_source is None or self.gateways is None:
             return
         specs = await self._trunk_source()
         try:
             await self.gateways.provision(specs)
+            for stale in sorted(self.gateways.provisioned() - {t.id for t in specs}):
+                await self.gateways.remove(stale)
         except (PbxCommandFailed, ValueError, OSError) as exc:
             log.error("freeswitch.trunks_not_provisioned", error=str(exc))
 
@@ -476,6 +695,9 @@ class FreeswitchAdapter:
             return (await self.client.raw_command(encode_bgapi(command))).reply_text
         except EslError as exc:
             raise _translate(exc) from exc
+
+
+_EXTENSION = re.compile(r"^[A-Za-z0-9+*#._-]{1,64}$")
 
 
 def _translate(exc: EslError) -> Exception:

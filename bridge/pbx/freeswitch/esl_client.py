@@ -334,6 +334,7 @@ class EslClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self.reconnects = 0
+        self.failed_reconnects = 0  # attempts refused or timed out since the start
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -461,6 +462,7 @@ class EslClient:
                     self._queue.put_nowait(ConnectionState.AUTH_FAILED)
                     return
                 except EslConnectionError as exc:
+                    self.failed_reconnects += 1
                     log.info("esl_reconnect_failed", error=str(exc), retry_in=delay)
                     delay = min(delay * 2, self._backoff_max)
                     continue

@@ -15,6 +15,7 @@ def build_freeswitch_adapter(
     *,
     trunks: TrunkSource | None = None,
     blind_context: str = "callbridge-blind-transfer",
+    fallback_context: str = "callbridge-fallback",
 ) -> FreeswitchAdapter:
     """A ready-to-start adapter; `trunks` lists every trunk to provision on each connect."""
     s = (
@@ -33,6 +34,13 @@ def build_freeswitch_adapter(
         media_host=s.media_host,
         unicast_ports=(s.unicast_port_min, s.unicast_port_max),
         gateway_dir=s.gateway_dir,
+        gateway_mode=s.gateway_mode,
+        gateway_owner=s.gateway_owner,
+        gateway_group=s.gateway_group,
+        instance=s.instance,
+        lease_seconds=s.lease_seconds,
+        fallback_context=fallback_context,
+        heartbeat_interval=s.heartbeat_interval,
         trunks=trunks,
         client_options={
             "backoff_initial": s.reconnect_initial_delay,

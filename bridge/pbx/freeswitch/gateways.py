@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
+import pwd
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -65,21 +67,71 @@ def gateway_xml(trunk: TrunkSpec) -> str:
     )
 
 
-def write_gateway(directory: Path, trunk: TrunkSpec) -> bool:
-    """Write the gateway file atomically, readable by its owner only (it holds a password);
-    False when it already said exactly this."""
+DEFAULT_MODE = 0o640  # owner writes, FreeSWITCH's group reads; nobody else (passwords)
+
+
+def check_mode(mode: int) -> int:
+    """A gateway file holds a trunk password: never world-accessible, always owner-readable."""
+    if not 0 <= mode <= 0o777 or mode & 0o007 or not mode & 0o400:
+        raise ValueError(
+            f"gateway file mode {mode:#o} must be readable by its owner and give others "
+            "nothing (it holds trunk passwords); e.g. 0o640 with gateway_group = FreeSWITCH's"
+        )
+    return mode
+
+
+def _ids(owner: str | None, group: str | None) -> tuple[int, int]:
+    """uid/gid for fchown (-1: leave as is); names or numbers."""
+    uid = gid = -1
+    if owner:
+        uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    return uid, gid
+
+
+def write_gateway(
+    directory: Path,
+    trunk: TrunkSpec,
+    *,
+    mode: int = DEFAULT_MODE,
+    owner: str | None = None,
+    group: str | None = None,
+) -> bool:
+    """Write the gateway file atomically with `mode` (umask does not apply) and, if given,
+    `owner`/`group` (FreeSWITCH runs as its own user in packaged installs and must read it);
+    False when it already said exactly this with these permissions."""
+    check_mode(mode)
+    uid, gid = _ids(owner, group)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{gateway_name(trunk.id)}.xml"
     text = gateway_xml(trunk)
     with contextlib.suppress(OSError):
-        if path.read_text(encoding="utf-8") == text:
+        st = path.stat()
+        same_ids = uid in (-1, st.st_uid) and gid in (-1, st.st_gid)
+        if st.st_mode & 0o777 == mode and same_ids and path.read_text(encoding="utf-8") == text:
             return False
     tmp = path.with_suffix(".xml.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    except OSError:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     tmp.replace(path)
     return True
+
+
+def provisioned_ids(directory: Path) -> set[str]:
+    """Trunk ids of the gateway files in `directory`."""
+    if not directory.is_dir():
+        return set()
+    return {p.stem.removeprefix("cb-trunk-") for p in directory.glob("cb-trunk-*.xml")}
 
 
 def remove_gateway(directory: Path, trunk_id: str) -> bool:
@@ -151,17 +203,40 @@ def _profile(profile: str) -> str:
 class SofiaGateways:
     """Trunks as gateways of one sofia profile, through the event socket's API commands."""
 
-    def __init__(self, api: Api, profile: str, directory: Path) -> None:
+    def __init__(
+        self,
+        api: Api,
+        profile: str,
+        directory: Path,
+        *,
+        mode: int = DEFAULT_MODE,
+        owner: str | None = None,
+        group: str | None = None,
+    ) -> None:
         self._api = api
         self.profile = profile
         self.directory = directory
+        self.mode = check_mode(mode)
+        self.owner = owner
+        self.group = group
+
+    def provisioned(self) -> set[str]:
+        return provisioned_ids(self.directory)
 
     async def provision(self, trunks: list[TrunkSpec]) -> None:
         """Write every file, then one `reloadxml`; a changed or missing gateway is killed and
         rescanned, an unchanged one that sofia already runs is left alone (no re-REGISTER)."""
         stale: list[str] = []
         for trunk in trunks:
-            changed = write_gateway(self.directory, trunk)
+            try:
+                changed = write_gateway(
+                    self.directory, trunk, mode=self.mode, owner=self.owner, group=self.group
+                )
+            except (OSError, KeyError) as exc:  # KeyError: no such user/group
+                raise PbxCommandFailed(
+                    f"cannot write gateway file for trunk {trunk.id} "
+                    f"(owner={self.owner}, group={self.group}, mode={self.mode:#o}): {exc}"
+                ) from exc
             name = gateway_name(trunk.id)
             if changed or not await self._loaded(name):
                 stale.append(name)
@@ -194,4 +269,7 @@ class SofiaGateways:
             if await self._loaded(name):
                 return
             await asyncio.sleep(0.3)
-        raise PbxCommandFailed(f"sofia did not load gateway {name}")
+        raise PbxCommandFailed(
+            f"sofia did not load gateway {name}: can FreeSWITCH's user read "
+            f"{self.directory / (name + '.xml')}? (freeswitch.gateway_group, gateway_mode)"
+        )
