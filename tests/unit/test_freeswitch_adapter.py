@@ -444,8 +444,8 @@ async def test_every_verb_runs_against_the_fake(
     await port.answer(uuid)
     await port.set_variable(uuid, "x", "y")
     await port.attach_media(uuid, MediaAddress("127.0.0.1", 40011), "ulaw")
-    pid = await port.play_tone(uuid, "ring", "cbring-v")
-    await port.stop_playback(pid)
+    await port.play_tone(uuid, "ring", "cbring-v")
+    await port.stop_playback("cbring-v")
     await port.originate(
         "cbleg-v", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
     )
@@ -511,7 +511,8 @@ async def test_tone_stopped_before_it_started_never_plays(
     server, adapter, _ = parts
     uuid = await server.call_arrives(answered=True)
     chan = server.channels[uuid]
-    pid = await adapter.play_tone(uuid, "ring", "cbring-fast")
+    pid = "cbring-fast"
+    await adapter.play_tone(uuid, "ring", pid)
     assert chan.queued and chan.playback is None  # queued, not started
     await adapter.stop_playback(pid)
     assert chan.queued == [] and chan.playback is None and not chan.hearing_tone
