@@ -27,6 +27,7 @@ from bridge.errors import (
 )
 from bridge.log import get_logger
 from bridge.media.rtp import MediaClock
+from bridge.pbx.asterisk.causes import leg_outcome  # interim: bridge.calls.outcomes (core)
 from bridge.pbx.ports import (
     CallArrived,
     ChannelGone,
@@ -37,6 +38,7 @@ from bridge.pbx.ports import (
     LegAnswered,
     LegFailed,
     LegOutcome,
+    LegProgress,
     LegRinging,
     PbxAdapter,
     PbxEvent,
@@ -358,16 +360,14 @@ class CallService:
             async with asyncio.timeout(ring_timeout + 10):
                 while True:
                     event = await events.get()
-                    if isinstance(event, LegRinging) and rang_at is None:
+                    if isinstance(event, LegRinging | LegProgress) and rang_at is None:
                         rang_at = loop.time()
                     elif isinstance(event, LegAnswered):
                         await self._safe_hangup(leg)
                         result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
                         break
                     elif isinstance(event, LegFailed):
-                        outcome = event.outcome
-                        if outcome is LegOutcome.NO_ANSWER and rang_at is None:
-                            outcome = LegOutcome.UNREACHABLE
+                        outcome = leg_outcome(event, rang=rang_at is not None)
                         result.update(
                             outcome=outcome.value,
                             sip_code=event.sip_code,

@@ -31,6 +31,7 @@ from bridge.pbx.ports import (
     LegAnswered,
     LegFailed,
     LegOutcome,
+    LegProgress,
     LegRinging,
     MediaAddress,
     PbxEvent,
@@ -127,7 +128,7 @@ class CallSession(TransferSteps):
                 item.reply.set_exception(exc)
         elif isinstance(item, ChannelHungUp):
             await self._on_hangup(item)
-        elif isinstance(item, LegRinging | LegAnswered | LegFailed):
+        elif isinstance(item, LegRinging | LegProgress | LegAnswered | LegFailed):
             await self._on_leg_event(item)
         elif isinstance(item, SpeechDone):
             await self._on_speech_done(item)

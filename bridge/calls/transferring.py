@@ -12,7 +12,15 @@ from bridge.calls.items import SpeechDone, TimerFired
 from bridge.calls.model import CallStatus, TransferCommand
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
 from bridge.errors import BridgeError, Conflict
-from bridge.pbx.ports import ChannelGone, LegAnswered, LegFailed, LegOutcome, LegRinging
+from bridge.pbx.asterisk.causes import leg_outcome  # interim: bridge.calls.outcomes (core)
+from bridge.pbx.ports import (
+    ChannelGone,
+    LegAnswered,
+    LegFailed,
+    LegOutcome,
+    LegProgress,
+    LegRinging,
+)
 
 if TYPE_CHECKING:
     from bridge.calls.session import CallSession
@@ -99,7 +107,9 @@ class TransferSteps(_Base):
         await self._save_transfer()
         await self.record("transfer.dialing", transfer_id=transfer.id, leg=transfer.leg_id)
         try:
-            self._ringback = await pbx.play_tone(self.call.channel_id, "ring")
+            playback = f"cbring-{transfer.id}"  # derivable again after a daemon restart
+            await pbx.play_tone(self.call.channel_id, "ring", playback)
+            self._ringback = playback
         except ChannelGone:
             await self._settle(TransferEvent.CALLER_GONE, LegOutcome.CANCELLED)
             await self._end("caller hung up")
@@ -125,23 +135,25 @@ class TransferSteps(_Base):
         # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
         self._set_timer("ring_guard", transfer.ring_timeout + 10, transfer.id)
 
-    async def _on_leg_event(self, event: LegRinging | LegAnswered | LegFailed) -> None:
+    async def _on_leg_event(
+        self, event: LegRinging | LegProgress | LegAnswered | LegFailed
+    ) -> None:
         transfer = self.transfer
         if transfer is None or event.channel_id != transfer.leg_id or transfer.final:
             if isinstance(event, LegAnswered):  # a leg nobody waits for: do not leave it up
                 await self.service.pbx.hangup(event.channel_id)
             return
-        if isinstance(event, LegRinging):
+        if isinstance(event, LegRinging | LegProgress):
             if transfer.state is not TransferState.RINGING:
                 transfer.apply(TransferEvent.LEG_RINGING)
                 await self._save_transfer()
                 await self.record("transfer.ringing", transfer_id=transfer.id)
             return
         if isinstance(event, LegFailed):
-            outcome, cause_text = event.outcome, event.cause_text
-            if outcome is LegOutcome.NO_ANSWER and transfer.state is TransferState.DIALING:
-                # A timeout with no ringing at all: nothing answered the INVITE.
-                outcome, cause_text = LegOutcome.UNREACHABLE, "no response (it never rang)"
+            rang = transfer.state is not TransferState.DIALING
+            outcome, cause_text = leg_outcome(event, rang=rang), event.cause_text
+            if outcome is LegOutcome.UNREACHABLE and event.cause in (18, 19) and not rang:
+                cause_text = "no response (it never rang)"
             await self._transfer_failed(
                 TransferEvent.LEG_FAILED,
                 outcome,

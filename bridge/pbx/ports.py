@@ -19,7 +19,8 @@ class LegOutcome(StrEnum):
     ANSWERED = "answered"
     BUSY = "busy"
     NO_ANSWER = "no_answer"
-    REJECTED = "rejected"  # declined by the far end (403, 603, ...)
+    REJECTED = "rejected"  # refused by the far end (403, ...)
+    DECLINED = "declined"  # the person declined (603)
     UNREACHABLE = "unreachable"  # no route, 404, 480, DNS or transport failure
     FAILED = "failed"  # anything else (5xx, congestion, internal errors)
     CANCELLED = "cancelled"  # we hung it up ourselves (caller left, timeout in our hands)
@@ -49,18 +50,27 @@ class LegRinging(PbxEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class LegProgress(PbxEvent):
+    """183 Session Progress / early media without a 180: the far end is reached (a carrier
+    plays its own ringback or an announcement) but says nothing of ringing."""
+
+
+@dataclass(frozen=True, slots=True)
 class LegAnswered(PbxEvent):
     """An outbound leg we originated was answered."""
 
 
 @dataclass(frozen=True, slots=True)
 class LegFailed(PbxEvent):
-    """An outbound leg ended without being answered."""
+    """An outbound leg ended without being answered: raw facts, classified in `bridge.calls`.
 
-    outcome: LegOutcome
+    `local` is True when the failure is inside our own PBX or daemon (no such endpoint, the
+    PBX refused the originate, PBX unreachable), not the destination's doing."""
+
     cause: int | None = None  # Q.850 cause code
     cause_text: str | None = None
     sip_code: int | None = None
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +184,9 @@ class PbxAdapter(Protocol):
 
     async def detach_media(self, channel_id: str) -> None: ...
 
-    async def play_tone(self, channel_id: str, tone: str) -> str:
-        """Start a PBX tone ("ring") to the caller; return a playback id."""
+    async def play_tone(self, channel_id: str, tone: str, playback_id: str) -> None:
+        """Start a PBX tone ("ring") to the caller as playback `playback_id` (an id the caller
+        can derive again, so that a restarted daemon can stop it)."""
         ...
 
     async def stop_playback(self, playback_id: str) -> None: ...
@@ -206,6 +217,10 @@ class PbxAdapter(Protocol):
     async def provision_trunk(self, trunk: TrunkSpec) -> None: ...
 
     async def remove_trunk(self, trunk_id: str) -> None: ...
+
+    async def provisioned_trunks(self) -> set[str]:
+        """Ids of the trunks the PBX has from us now (for the trunk reconciler)."""
+        ...
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
 

@@ -21,7 +21,7 @@ from bridge.pbx.asterisk.ari import (
     AriNotFound,
     AriUnavailable,
 )
-from bridge.pbx.asterisk.causes import leg_outcome
+from bridge.pbx.asterisk.causes import LOCAL_CAUSES
 from bridge.pbx.ports import (
     CallArrived,
     ChannelGone,
@@ -33,6 +33,7 @@ from bridge.pbx.ports import (
     EventSink,
     LegAnswered,
     LegFailed,
+    LegProgress,
     LegRinging,
     MediaAddress,
     PlaybackFinished,
@@ -82,7 +83,7 @@ class AsteriskAdapter:
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
         self._media_ready: dict[str, asyncio.Future[None]] = {}
-        self._hangup_causes: dict[str, int | None] = {}
+        self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
         self._media: dict[str, str] = {}  # caller channel -> its media channel
         self._task: Any = None
 
@@ -131,12 +132,12 @@ class AsteriskAdapter:
                 dialplan.get("app_data", "")
             ).startswith(self.ari.app):
                 callers.append(_arrival(ch))
-        for bridge in await self.ari.get("/bridges"):
+        for bridge in await self._call("GET", "/bridges"):
             bid = str(bridge.get("id", ""))
             if bid.startswith("cb-") and bid[3:] not in live:  # its caller left meanwhile
                 try:
-                    await self.ari.delete(f"/bridges/{bid}")
-                except AriNotFound:
+                    await self._call("DELETE", f"/bridges/{bid}")
+                except ChannelGone:
                     pass
         await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
 
@@ -162,7 +163,7 @@ class AsteriskAdapter:
                 return
             await self._emit(_arrival(channel))
         elif kind == "ChannelHangupRequest":
-            self._hangup_causes[cid] = event.get("cause")
+            self._hangup_causes[cid] = (event.get("cause"), _sip_code(event))
         elif kind == "StasisEnd":
             # Without subscribeAll the app is unsubscribed when a channel leaves Stasis, so a
             # caller's ChannelDestroyed may never come: a StasisEnd after a hangup request is
@@ -170,18 +171,23 @@ class AsteriskAdapter:
             # call has already moved on, so the event is ignored there.)
             if cid.startswith(MEDIA_PREFIX) or cid not in self._hangup_causes:
                 return
-            cause = self._hangup_causes.pop(cid)
+            cause, _ = self._hangup_causes.pop(cid)
             self._answered_legs.discard(cid)
             await self._emit(ChannelHungUp(cid, cause, None))
         elif kind == "ChannelStateChange" and cid.startswith(LEG_PREFIX):
             if channel.get("state") == "Ringing":
                 await self._emit(LegRinging(cid))
         elif kind == "Dial":
+            # Measured on 22.10.1: a 180 gives dialstatus RINGING (and a ChannelStateChange to
+            # Ringing), a 183 with SDP only dialstatus PROGRESS (the channel stays Down).
             peer = (event.get("peer") or {}).get("id", "")
-            if peer.startswith(LEG_PREFIX) and event.get("dialstatus") == "RINGING":
+            status = event.get("dialstatus")
+            if peer.startswith(LEG_PREFIX) and status == "RINGING":
                 await self._emit(LegRinging(peer))
+            elif peer.startswith(LEG_PREFIX) and status == "PROGRESS":
+                await self._emit(LegProgress(peer))
         elif kind == "ChannelDestroyed":
-            self._hangup_causes.pop(cid, None)
+            requested = self._hangup_causes.pop(cid, None)
             if cid.startswith(MEDIA_PREFIX):
                 if self._media.get(media_owner(cid)) == cid:
                     del self._media[media_owner(cid)]
@@ -189,9 +195,11 @@ class AsteriskAdapter:
             cause = event.get("cause")
             cause_text = event.get("cause_txt")
             sip_code = _sip_code(event)
+            if sip_code is None and requested is not None:
+                sip_code = requested[1]
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
-                outcome = leg_outcome(cause, sip_code)
-                await self._emit(LegFailed(cid, outcome, cause, cause_text, sip_code))
+                local = sip_code is None and cause in LOCAL_CAUSES
+                await self._emit(LegFailed(cid, cause, cause_text, sip_code, local=local))
             else:
                 self._answered_legs.discard(cid)
                 await self._emit(ChannelHungUp(cid, cause, cause_text))
@@ -217,11 +225,9 @@ class AsteriskAdapter:
     async def release(self, channel_id: str) -> None:
         await self.detach_media(channel_id)
         try:
-            await self.ari.delete(f"/bridges/{bridge_id(channel_id)}")
-        except AriNotFound:
+            await self._call("DELETE", f"/bridges/{bridge_id(channel_id)}")
+        except ChannelGone:
             pass
-        except AriUnavailable as exc:
-            raise PbxUnavailable(str(exc)) from exc
 
     async def continue_in_dialplan(self, channel_id: str, context: str, extension: str) -> None:
         await self._call(
@@ -283,17 +289,23 @@ class AsteriskAdapter:
         except ChannelGone:
             pass
 
-    async def play_tone(self, channel_id: str, tone: str) -> str:
-        playback = await self._call("POST", f"/channels/{channel_id}/play", media=f"tone:{tone}")
-        return str(playback["id"])
+    async def play_tone(self, channel_id: str, tone: str, playback_id: str) -> None:
+        """The id is the caller's (derived from the transfer), so that a restarted daemon can
+        stop a tone an earlier process started: while a `tone:ring` playback runs, Asterisk
+        times out `answer` and `addChannel` on that channel."""
+        try:
+            await self._raw(
+                "POST", f"/channels/{channel_id}/play/{playback_id}", media=f"tone:{tone}"
+            )
+        except AriConflict as exc:
+            if "already exists" not in exc.message.lower():
+                raise PbxCommandFailed(str(exc)) from exc
 
     async def stop_playback(self, playback_id: str) -> None:
         try:
-            await self.ari.delete(f"/playbacks/{playback_id}")
-        except AriNotFound:
+            await self._call("DELETE", f"/playbacks/{playback_id}")
+        except ChannelGone:
             pass
-        except AriUnavailable as exc:
-            raise PbxUnavailable(str(exc)) from exc
 
     async def originate(
         self,
@@ -393,13 +405,9 @@ class AsteriskAdapter:
             ("res_pjsip", "auth", f"{name}-auth"),
         ):
             try:
-                await self.ari.delete(f"/asterisk/config/dynamic/{module}/{kind}/{obj}")
-            except AriNotFound:
-                pass
-            except AriUnavailable as exc:
-                raise PbxUnavailable(str(exc)) from exc
-            except Exception as exc:
-                log.warning("asterisk.trunk_remove_failed", object=obj, error=str(exc))
+                await self._call("DELETE", f"/asterisk/config/dynamic/{module}/{kind}/{obj}")
+            except ChannelGone:
+                pass  # never provisioned (no auth, no registration)
         log.info("asterisk.trunk_removed", trunk=trunk_id)
 
     async def _provision_all(self) -> None:
@@ -426,17 +434,14 @@ class AsteriskAdapter:
         self, kind: str, obj: str, fields: dict[str, str], module: str = "res_pjsip"
     ) -> None:
         body = {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]}
-        try:
-            await self.ari.put(f"/asterisk/config/dynamic/{module}/{kind}/{obj}", body)
-        except AriUnavailable as exc:
-            raise PbxUnavailable(str(exc)) from exc
+        await self._call("PUT", f"/asterisk/config/dynamic/{module}/{kind}/{obj}", body)
 
     # --- helpers ----------------------------------------------------------------------------
 
     async def _drop_channel(self, channel_id: str) -> None:
         try:
-            await self.ari.delete(f"/channels/{channel_id}")
-        except AriNotFound:
+            await self._call("DELETE", f"/channels/{channel_id}")
+        except ChannelGone:
             pass
         log.info("asterisk.orphan_channel_dropped", channel=channel_id)
 
@@ -444,20 +449,28 @@ class AsteriskAdapter:
         """The caller's mixing bridge, created on first use (and found again after a restart)."""
         bid = bridge_id(channel_id)
         try:
-            await self._call("POST", f"/bridges/{bid}", type="mixing", name=bid)
+            await self._raw("POST", f"/bridges/{bid}", type="mixing", name=bid)
         except AriConflict as exc:
             if "already exists" not in exc.message:
-                raise
+                raise PbxCommandFailed(str(exc)) from exc
         return bid
 
     async def _add_to_bridge(self, bid: str, channel_id: str) -> None:
+        """Add a channel to our bridge. 422 "not in Stasis" means the channel left our
+        application (hung up, or sent to the dialplan): it is gone for us."""
         try:
-            await self._call("POST", f"/bridges/{bid}/addChannel", channel=channel_id)
+            await self._raw("POST", f"/bridges/{bid}/addChannel", channel=channel_id)
         except AriConflict as exc:
-            if "already" not in exc.message.lower():
-                raise
+            text = exc.message.lower()
+            if "already" in text:
+                return
+            if "not in stasis" in text:
+                raise ChannelGone(exc.message) from exc
+            raise PbxCommandFailed(str(exc)) from exc
 
-    async def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+    async def _raw(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        """An ARI request with every error typed for the port, except conflicts (409/422),
+        which only the callers that expect one see (as `AriConflict`)."""
         try:
             return await self.ari.request(method, path, params=params, body=body)
         except AriNotFound as exc:
@@ -465,8 +478,16 @@ class AsteriskAdapter:
         except AriUnavailable as exc:
             raise PbxUnavailable(str(exc)) from exc
         except AriConflict:
-            raise  # callers that expect a conflict handle it; others see PbxCommandFailed
+            raise
         except AriError as exc:
+            raise PbxCommandFailed(str(exc)) from exc
+
+    async def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        """An ARI request whose errors are only the port's: ChannelGone (404),
+        PbxUnavailable (unreachable, timed out), PbxCommandFailed (anything else)."""
+        try:
+            return await self._raw(method, path, body, **params)
+        except AriConflict as exc:
             raise PbxCommandFailed(str(exc)) from exc
 
 
