@@ -11,6 +11,7 @@ import pytest
 
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippCall, SippUas
+from bridge.pbx.asterisk.ari import AriError, AriUnavailable
 from tests.support.daemon import Api, start_daemon, wait_for
 from tests.support.flows import (
     DESTINATION,
@@ -219,3 +220,100 @@ async def test_caller_leaving_while_the_daemon_is_down_leaves_nothing_behind(
     finally:
         await api.close()
         await daemon.stop()
+
+
+def inject_failures(daemon: Any, failures: dict[tuple[str, str], Exception]) -> list[str]:
+    """Make the daemon's ARI client fail the first request matching each (method, path
+    prefix) with the given exception; returns the list of failures injected so far."""
+    client = daemon.calls.pbx.ari
+    real = client.request
+    injected: list[str] = []
+
+    async def request(method: str, path: str, **kwargs: Any) -> Any:
+        for (m, prefix), exc in list(failures.items()):
+            if m == method and path.startswith(prefix):
+                del failures[(m, prefix)]
+                injected.append(f"{method} {path}")
+                raise exc
+        return await real(method, path, **kwargs)
+
+    client.request = request
+    return injected
+
+
+async def pjsip_endpoints(lab: Any) -> set[str]:
+    status, endpoints = lab.ari("GET", "/endpoints/PJSIP")
+    assert status == 200
+    return {e["resource"] for e in endpoints}
+
+
+async def test_one_failed_request_on_reconnect_does_not_leave_the_daemon_half_connected(
+    asterisk_lab: Any, proxied: Any
+) -> None:
+    """An HTTP 500 on the first PUT after a reconnect and a timed-out `GET /channels`: the
+    daemon still reconnects fully (health, call reconcile) and provisions its trunk again."""
+    proxy, daemon, api = proxied
+    async with RtpPeer() as caller_rtp:
+        await setup_directory(api, None)
+        trunk = await api.ok("POST", "/sip-trunks", {"name": "t", "host": "127.0.0.1"})
+        endpoint = f"cb-trunk-{trunk['id']}"
+        assert endpoint in await pjsip_endpoints(asterisk_lab)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=3000)
+        await caller.start()
+        call = await active_call(api)
+        proxy.cut()
+        await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
+        injected = inject_failures(
+            daemon,
+            {
+                ("PUT", "/asterisk/config/dynamic/"): AriError(500, "injected", "PUT", "/x"),
+                ("GET", "/channels"): AriUnavailable("ARI GET /channels: TimeoutError()"),
+            },
+        )
+        # Stands for an Asterisk restart: its memory objects are gone.
+        status, _ = asterisk_lab.ari(
+            "DELETE", f"/asterisk/config/dynamic/res_pjsip/endpoint/{endpoint}"
+        )
+        assert status == 204
+        await asyncio.wait_for(caller.wait(), 15)  # hangs up while we are disconnected
+        proxy.restore()
+
+        async def healthy() -> bool:
+            status, health = await api.request("GET", "/health")
+            return status == 200 and health["pbx_connected"] is True
+
+        await wait_for(healthy, "/health to say connected", 15)
+        assert len(injected) == 2, injected
+
+        async def ended() -> bool:
+            return await call_status(api, call["id"]) == "ended"
+
+        await wait_for(ended, "the call that ended meanwhile to be reconciled", 15)
+
+        async def provisioned() -> bool:
+            return endpoint in await pjsip_endpoints(asterisk_lab)
+
+        await wait_for(provisioned, "the trunk to be provisioned again", 15)
+
+
+async def test_trunks_deleted_while_disconnected_are_removed_on_reconnect(
+    asterisk_lab: Any, proxied: Any
+) -> None:
+    proxy, daemon, api = proxied
+    kept = await api.ok("POST", "/sip-trunks", {"name": "kept", "host": "127.0.0.1"})
+    gone = await api.ok("POST", "/sip-trunks", {"name": "gone", "host": "127.0.0.2"})
+    kept_ep, gone_ep = f"cb-trunk-{kept['id']}", f"cb-trunk-{gone['id']}"
+    assert {kept_ep, gone_ep} <= await pjsip_endpoints(asterisk_lab)
+    proxy.cut()
+    await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
+    status, _ = await api.request("DELETE", f"/sip-trunks/{gone['id']}")
+    assert status == 204
+    assert gone_ep in await pjsip_endpoints(asterisk_lab)  # Asterisk could not be told
+    proxy.restore()
+
+    async def removed() -> bool:
+        return gone_ep not in await pjsip_endpoints(asterisk_lab)
+
+    await wait_for(removed, "the deleted trunk to be removed from Asterisk", 15)
+    assert kept_ep in await pjsip_endpoints(asterisk_lab)
+    assert "Unable to find object" in asterisk_lab.cli(f"pjsip show aor {gone_ep}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.errors import PbxCommandFailed, PbxUnavailable
@@ -73,13 +74,17 @@ class AsteriskAdapter:
         *,
         inbound_context: str = "callbridge-inbound",
         blind_context: str = "callbridge-blind-transfer",
-        trunks: Any = None,
+        on_connected: Callable[[], None] | None = None,
+        provision_retry: float = 0.5,
     ) -> None:
         self.ari = client
         self.inbound_context = inbound_context
         self.blind_context = blind_context
-        # An async callable returning every TrunkSpec to (re)provision after a connect.
-        self._trunk_source = trunks
+        # Called (synchronously, it must not block) after each (re)connect once the calls are
+        # reconciled: the trunk reconciler hooks here.
+        self._on_connected = on_connected
+        self._provision_retry = provision_retry
+        self._provisioning: asyncio.Task[None] | None = None
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
         self._media_ready: dict[str, asyncio.Future[None]] = {}
@@ -97,8 +102,9 @@ class AsteriskAdapter:
 
     async def stop(self) -> None:
         await self.ari.close()
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._provisioning):
+            if task is not None:
+                task.cancel()
 
     @property
     def connected(self) -> bool:
@@ -109,8 +115,31 @@ class AsteriskAdapter:
             await self._sink(event)
 
     async def _on_connect(self) -> None:
-        await self._provision_all()
-        channels = await self.ari.get("/channels")
+        """Resync after a (re)connect. Any failed request raises (AriClient then drops the
+        connection and connects again, so the daemon is never left half-connected); what the
+        PBX needs from us but calls do not (endpoints) is provisioned in the background."""
+        if self._provisioning is None or self._provisioning.done():
+            self._provisioning = asyncio.get_running_loop().create_task(
+                self._retry("cb-direct", self._provision_direct)
+            )
+        await self._reconcile_calls()
+        if self._on_connected is not None:
+            self._on_connected()
+
+    async def _retry(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` until it succeeds, backing off, for as long as the adapter runs."""
+        delay = self._provision_retry
+        while True:
+            try:
+                await step()
+                return
+            except (PbxUnavailable, PbxCommandFailed, ChannelGone) as exc:
+                log.warning("asterisk.provision_failed", what=what, error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _reconcile_calls(self) -> None:
+        channels = await self._call("GET", "/channels")
         live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
@@ -410,7 +439,17 @@ class AsteriskAdapter:
                 pass  # never provisioned (no auth, no registration)
         log.info("asterisk.trunk_removed", trunk=trunk_id)
 
-    async def _provision_all(self) -> None:
+    async def provisioned_trunks(self) -> set[str]:
+        """Trunk ids of the `cb-trunk-*` endpoints Asterisk has now (memory objects included)."""
+        prefix = trunk_endpoint("")
+        endpoints = await self._call("GET", "/endpoints/PJSIP")
+        return {
+            str(e["resource"])[len(prefix) :]
+            for e in endpoints
+            if str(e.get("resource", "")).startswith(prefix)
+        }
+
+    async def _provision_direct(self) -> None:
         await self._dynamic(
             "endpoint",
             DIRECT_ENDPOINT,
@@ -422,13 +461,6 @@ class AsteriskAdapter:
                 "rtp_symmetric": "yes",
             },
         )
-        if self._trunk_source is None:
-            return
-        for spec in await self._trunk_source():
-            try:
-                await self.provision_trunk(spec)
-            except Exception as exc:
-                log.error("asterisk.trunk_provision_failed", trunk=spec.id, error=str(exc))
 
     async def _dynamic(
         self, kind: str, obj: str, fields: dict[str, str], module: str = "res_pjsip"
