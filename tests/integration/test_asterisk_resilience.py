@@ -118,9 +118,12 @@ async def test_caller_leaving_during_an_outage_is_recorded_after_reconnect(
     proxy, _, api = proxied
     async with RtpPeer() as caller_rtp:
         await setup_directory(api, None)
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=3000)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=4000)
         await caller.start()
         call = await active_call(api)
+        # Cut once the call is fully set up (media attached, greeting playing); a cut during
+        # the attach is another case (the attach fails), which made this test flaky.
+        await heard_speech(caller_rtp, since=0)
         proxy.cut()
         await asyncio.wait_for(caller.wait(), 15)  # hangs up while we are disconnected
         proxy.restore()

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippUas
-from tests.support.daemon import start_daemon
+from tests.support.daemon import start_daemon, wait_for
 
 pytestmark = pytest.mark.asterisk
 
@@ -76,7 +76,11 @@ async def test_trunks_are_provisioned_again_on_connect(asterisk_lab: Any, tmp_pa
     assert "Unable to find object" in asterisk_lab.cli(f"pjsip show endpoint {endpoint}")
     daemon, api = await start_daemon(asterisk_lab, tmp_path)
     try:
-        assert endpoint in asterisk_lab.cli(f"pjsip show endpoint {endpoint}")
+        # The trunk reconciler provisions in the background after the connect.
+        await wait_for(
+            lambda: endpoint in asterisk_lab.cli(f"pjsip show endpoint {endpoint}"),
+            "the trunk to be provisioned again",
+        )
     finally:
         await api.close()
         await daemon.stop()
