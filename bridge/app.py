@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
@@ -122,7 +123,8 @@ class Daemon:
         if self.calls.connected:
             secret = await self.directory.get_trunk_secret(trunk.id)
             try:
-                await self.calls.pbx.provision_trunk(trunk_spec(secret))
+                async with self._trunk_lock():
+                    await self.calls.pbx.provision_trunk(trunk_spec(secret))
             except Exception:
                 if self.trunks is None:
                     raise
@@ -134,13 +136,17 @@ class Daemon:
         assert self.calls is not None
         if self.calls.connected:
             try:
-                await self.calls.pbx.remove_trunk(trunk_id)
+                async with self._trunk_lock():
+                    await self.calls.pbx.remove_trunk(trunk_id)
             except Exception:
                 if self.trunks is None:
                     raise
                 self.trunks.kick()
                 raise
         # Not connected: the reconciler removes it (it is no longer in the directory).
+
+    def _trunk_lock(self) -> Any:
+        return self.trunks.lock if self.trunks is not None else contextlib.nullcontext()
 
     def _health(self) -> dict[str, Any]:
         connected = bool(self.calls and self.calls.connected)

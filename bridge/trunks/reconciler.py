@@ -45,6 +45,9 @@ class TrunkReconciler:
         self._task: asyncio.Task[None] | None = None
         self.runs = 0  # completed runs (for tests and the log)
         self.settled = asyncio.Event()  # set when the last run succeeded and none is pending
+        # Held by a run and by whoever provisions or removes one trunk meanwhile (the
+        # directory's save/delete hooks), so the two never interleave.
+        self.lock = asyncio.Lock()
 
     def kick(self) -> None:
         """Ask for a run now (e.g. the PBX (re)connected). Runs in the background; a kick
@@ -82,8 +85,14 @@ class TrunkReconciler:
     async def run_once(self) -> None:
         """One pass; raises if anything could not be brought to the desired state (after
         trying every trunk, so that one bad trunk does not hold the others back)."""
-        desired = {spec.id: spec for spec in await self._desired()}
+        async with self.lock:
+            await self._run_once()
+
+    async def _run_once(self) -> None:
+        # What the PBX has first, the directory second: a trunk saved in between is then in
+        # both lists, never taken for a stale one.
         present = await self.pbx.provisioned_trunks()
+        desired = {spec.id: spec for spec in await self._desired()}
         failures: list[str] = []
         for spec in desired.values():
             try:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bridge.lab.rtp import RtpPeer
+from bridge.lab.rtp import RtpPeer, dominant_frequency
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.pbx.asterisk.ari import AriError, AriUnavailable
 from tests.support.daemon import Api, start_daemon, wait_for
@@ -320,3 +320,113 @@ async def test_trunks_deleted_while_disconnected_are_removed_on_reconnect(
     await wait_for(removed, "the deleted trunk to be removed from Asterisk", 15)
     assert kept_ep in await pjsip_endpoints(asterisk_lab)
     assert "Unable to find object" in asterisk_lab.cli(f"pjsip show aor {gone_ep}")
+
+
+def uas_sent(uas: SippUas, status: int) -> bool:
+    return any(
+        m.direction == "sent" and m.status_code == status and m.cseq_method == "INVITE"
+        for m in uas.messages()
+    )
+
+
+async def test_a_destination_answering_during_an_ari_outage_is_bridged_after_it(
+    asterisk_lab: Any, proxied: Any
+) -> None:
+    """The leg is created in our application before it rings, so its answer during the
+    outage does not hang it up (an originate with `app=` entered Stasis only at the answer:
+    Asterisk hung the destination up 2 ms after its 200 OK)."""
+    proxy, _, api = proxied
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port, ring_ms=2000)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION, "ring_timeout": 20},
+            )
+
+            async def ringing() -> bool:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return bool(data["transfers"]) and data["transfers"][-1]["state"] == "ringing"
+
+            await wait_for(ringing, "the destination to ring")
+            proxy.cut()
+            await wait_for(lambda: uas_sent(uas, 200), "the destination to answer", 10)
+            await wait_for(lambda: uas.received_requests("ACK"), "the ACK of its 200 OK", 10)
+            assert not uas.received_requests("BYE"), "the destination was hung up"
+            proxy.restore()
+            done = await transfer_settled(api, call["id"])
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("bridged", "answered"), transfer
+            assert done["status"] == "transferred"
+            # Caller and destination talk to each other through Asterisk.
+            await caller_rtp.send_tone(440, 0.3)
+            assert await dest_rtp.wait_for_packet(timeout=5), "no audio reached the destination"
+            t0 = asyncio.get_running_loop().time()
+            await asyncio.gather(caller_rtp.send_tone(440, 1.5), dest_rtp.send_tone(1000, 1.5))
+            assert abs(dominant_frequency(dest_rtp.received_pcm(since=t0)) - 440) < 20
+            assert abs(dominant_frequency(caller_rtp.received_pcm(since=t0)) - 1000) < 20
+            assert not uas.received_requests("BYE")
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+            await asyncio.wait_for(uas.wait(), 10)
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_a_busy_during_an_ari_outage_is_reported_with_its_sip_code_after_it(
+    asterisk_lab: Any, proxied: Any
+) -> None:
+    """The leg's hangup handler records how it ended; the adapter reads it after the
+    reconnect and reports the real 486 (it used to be `failed`, no code)."""
+    proxy, _, api = proxied
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_ring_then_busy.xml", ring_ms=2000)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION, "ring_timeout": 20},
+            )
+
+            async def ringing() -> bool:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return bool(data["transfers"]) and data["transfers"][-1]["state"] == "ringing"
+
+            await wait_for(ringing, "the destination to ring")
+            proxy.cut()
+            await wait_for(lambda: uas.received_requests("ACK"), "the busy to be acknowledged", 10)
+            proxy.restore()
+            done = await transfer_settled(api, call["id"])
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"], transfer["sip_code"]) == (
+                "failed",
+                "busy",
+                486,
+            ), transfer
+            assert done["status"] == "active"
+            # Nothing of the leg is left in Asterisk (its record is read and cleared).
+            (dialing,) = [e for e in done["events"] if e["type"] == "transfer.dialing"]
+            leg = f"CALLBRIDGE_LEG_{dialing['leg']}"
+            assert asterisk_lab.ari("GET", "/asterisk/variable", {"variable": leg}) == (
+                200,
+                {"value": ""},
+            )
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+        finally:
+            await caller.terminate()
+            await uas.stop()

@@ -86,6 +86,8 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
             # verifies the digest) answered only after valid trunk credentials.
             invites = uas.received_requests("INVITE")
             assert DESTINATION in (invites[0].request_uri or "")
+            # The trunk's username is the From user; the caller ID is not withheld.
+            assert "anonymous" not in (invites[0].header("From") or "").lower(), invites[0]
             authorized = [m.header("Authorization") for m in invites[1:]]
             assert any(a and 'username="hms-sovereign"' in a for a in authorized), invites
             assert any(
@@ -210,6 +212,8 @@ async def test_transfer_to_a_sip_uri_dials_it_directly(asterisk_lab: Any, daemon
             assert (uas.invite.request_uri or "").startswith(
                 f"sip:alice@127.0.0.1:{uas.local_port}"
             )
+            # transfer.caller_id defaults to the caller's number ("sipp-caller" here).
+            assert "<sip:sipp-caller@" in (uas.invite.header("From") or ""), uas.invite
             status, error = await api.request(
                 "POST",
                 f"/calls/{call['id']}/control",

@@ -46,6 +46,8 @@ log = get_logger(__name__)
 LEG_PREFIX = "cbleg-"
 MEDIA_PREFIX = "cbmedia-"
 DIRECT_ENDPOINT = "cb-direct"
+LEG_END_CONTEXT = "callbridge-leg-end"  # the legs' hangup handler (extensions_callbridge.conf)
+LEG_RECORD_PREFIX = "CALLBRIDGE_LEG_"  # global variable it sets: cause,sip,state,epoch
 
 
 def bridge_id(channel_id: str) -> str:
@@ -85,9 +87,12 @@ class AsteriskAdapter:
         self._on_connected = on_connected
         self._provision_retry = provision_retry
         self._provisioning: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
+        self._pending_legs: set[str] = set()  # created and not yet destroyed
         self._media_ready: dict[str, asyncio.Future[None]] = {}
+        self._stasis_ready: dict[str, asyncio.Future[None]] = {}  # legs being created
         self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
         self._media: dict[str, str] = {}  # caller channel -> its media channel
         self._task: Any = None
@@ -156,6 +161,7 @@ class AsteriskAdapter:
                 up = ch.get("state") == "Up"
                 if up:
                     self._answered_legs.add(cid)
+                self._pending_legs.add(cid)
                 legs.append((cid, up))
             elif dialplan.get("app_name") == "Stasis" and str(
                 dialplan.get("app_data", "")
@@ -168,7 +174,44 @@ class AsteriskAdapter:
                     await self._call("DELETE", f"/bridges/{bid}")
                 except ChannelGone:
                     pass
+        # Legs that ended while we were away: their hangup handler left the facts. Reported
+        # before ConnectionRestored, so the calls see the real outcome before they resume.
+        for leg in sorted(self._pending_legs - live):
+            await self._report_leg_record(leg)
         await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
+
+    async def _report_leg_record(self, leg: str) -> None:
+        var = f"{LEG_RECORD_PREFIX}{leg}"
+        value = str(
+            (await self._call("GET", "/asterisk/variable", variable=var) or {}).get("value") or ""
+        )
+        self._pending_legs.discard(leg)
+        if not value:
+            log.warning("asterisk.leg_lost", leg=leg)  # e.g. Asterisk restarted meanwhile
+            return
+        await self._call("POST", "/asterisk/variable", variable=var)  # no value: unset
+        cause, sip_code, state = _leg_record(value)
+        log.info("asterisk.leg_ended_while_away", leg=leg, cause=cause, sip_code=sip_code)
+        if state == "Up" or leg in self._answered_legs:
+            self._answered_legs.discard(leg)
+            await self._emit(ChannelHungUp(leg, cause, "hung up while callbridge was disconnected"))
+        else:
+            local = sip_code is None and cause in LOCAL_CAUSES
+            await self._emit(LegFailed(leg, cause, None, sip_code, local=local))
+
+    def _forget_leg_record(self, leg: str) -> None:
+        """The leg's end was seen live: unset what its hangup handler recorded (in the
+        background; a failure leaves one global variable behind, nothing else)."""
+
+        async def unset() -> None:
+            try:
+                await self._call("POST", "/asterisk/variable", variable=f"{LEG_RECORD_PREFIX}{leg}")
+            except (PbxUnavailable, PbxCommandFailed, ChannelGone):
+                pass
+
+        task = asyncio.get_running_loop().create_task(unset())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_disconnect(self) -> None:
         await self._emit(ConnectionLost(""))
@@ -187,8 +230,10 @@ class AsteriskAdapter:
                     ready.set_result(None)
                 return
             if cid.startswith(LEG_PREFIX):
-                self._answered_legs.add(cid)
-                await self._emit(LegAnswered(cid))
+                # A leg is in Stasis from its creation (channels/create), not its answer.
+                leg_ready = self._stasis_ready.get(cid)
+                if leg_ready is not None and not leg_ready.done():
+                    leg_ready.set_result(None)
                 return
             await self._emit(_arrival(channel))
         elif kind == "ChannelHangupRequest":
@@ -198,14 +243,19 @@ class AsteriskAdapter:
             # caller's ChannelDestroyed may never come: a StasisEnd after a hangup request is
             # the hangup. (A channel we sent to the dialplan also ends its Stasis here; its
             # call has already moved on, so the event is ignored there.)
-            if cid.startswith(MEDIA_PREFIX) or cid not in self._hangup_causes:
+            # A leg stays in Stasis until it is destroyed: its ChannelDestroyed tells the end.
+            if cid.startswith((MEDIA_PREFIX, LEG_PREFIX)) or cid not in self._hangup_causes:
                 return
             cause, _ = self._hangup_causes.pop(cid)
             self._answered_legs.discard(cid)
             await self._emit(ChannelHungUp(cid, cause, None))
         elif kind == "ChannelStateChange" and cid.startswith(LEG_PREFIX):
-            if channel.get("state") == "Ringing":
+            state = channel.get("state")
+            if state == "Ringing":
                 await self._emit(LegRinging(cid))
+            elif state == "Up" and cid not in self._answered_legs:
+                self._answered_legs.add(cid)
+                await self._emit(LegAnswered(cid))
         elif kind == "Dial":
             # Measured on 22.10.1: a 180 gives dialstatus RINGING (and a ChannelStateChange to
             # Ringing), a 183 with SDP only dialstatus PROGRESS (the channel stays Down).
@@ -226,6 +276,9 @@ class AsteriskAdapter:
             sip_code = _sip_code(event)
             if sip_code is None and requested is not None:
                 sip_code = requested[1]
+            if cid.startswith(LEG_PREFIX):
+                self._pending_legs.discard(cid)
+                self._forget_leg_record(cid)
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
                 local = sip_code is None and cause in LOCAL_CAUSES
                 await self._emit(LegFailed(cid, cause, cause_text, sip_code, local=local))
@@ -345,18 +398,51 @@ class AsteriskAdapter:
         ring_timeout: float,
         variables: dict[str, str] | None = None,
     ) -> None:
+        """Create the leg in our application, then dial it. A leg created this way is in
+        Stasis before it rings, so an answer while the ARI connection is down keeps it up (an
+        originate with `app=` enters Stasis at the answer and, with the app unregistered,
+        Asterisk hangs the destination up 2 ms after its 200 OK). Its hangup handler records
+        how it ended, for a leg that ends while we are away."""
         assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
-        await self._call(
-            "POST",
-            "/channels",
-            body={"variables": variables or {}},
-            endpoint=self.dial_string(target),
-            app=self.ari.app,
-            appArgs="leg",
-            channelId=leg_id,
-            timeout=max(1, round(ring_timeout)),
-            callerId=caller_number,
-        )
+        channel_vars = dict(variables or {})
+        channel_vars["CHANNEL(hangup_handler_push)"] = f"{LEG_END_CONTEXT},s,1"
+        if caller_number:
+            # PJSIP builds an outbound From from the connected line (measured: CALLERID alone
+            # gives "Anonymous" <sip:...@anonymous.invalid>); originate's callerId set both.
+            channel_vars["CALLERID(num)"] = caller_number
+            channel_vars["CONNECTEDLINE(num)"] = caller_number
+            channel_vars["CONNECTEDLINE(pres)"] = "allowed"
+        # The create returns before the channel is in Stasis (a dial right after it answers
+        # 409 "Channel not in Stasis application" now and then): wait for its StasisStart.
+        ready = self._stasis_ready[leg_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._call(
+                "POST",
+                "/channels/create",
+                body={"variables": channel_vars},
+                endpoint=self.dial_string(target),
+                app=self.ari.app,
+                appArgs="leg",
+                channelId=leg_id,
+            )
+            self._pending_legs.add(leg_id)
+            async with asyncio.timeout(5):
+                await ready
+        except TimeoutError as exc:
+            self._pending_legs.discard(leg_id)
+            await self.hangup(leg_id)
+            raise PbxCommandFailed("the new leg never entered Stasis") from exc
+        finally:
+            self._stasis_ready.pop(leg_id, None)
+        try:
+            await self._call(
+                "POST", f"/channels/{leg_id}/dial", timeout=max(1, round(ring_timeout))
+            )
+        except (PbxCommandFailed, PbxUnavailable, ChannelGone) as exc:
+            log.warning("asterisk.dial_failed", leg=leg_id, error=str(exc))
+            self._pending_legs.discard(leg_id)
+            await self.hangup(leg_id)
+            raise
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
@@ -542,3 +628,18 @@ def _sip_code(event: dict[str, Any]) -> int | None:
         return int(value) if value else None
     except (TypeError, ValueError):
         return None
+
+
+def _leg_record(value: str) -> tuple[int | None, int | None, str]:
+    """`cause,sip status,state,epoch` as the leg's hangup handler writes it. The SIP status is
+    that of the last response: a provisional one (a 180 before our timeout) is no failure code."""
+    parts = [*value.split(","), "", "", "", ""][:4]
+
+    def number(text: str) -> int | None:
+        try:
+            return int(text)
+        except ValueError:
+            return None
+
+    sip = number(parts[1])
+    return number(parts[0]), sip if sip is not None and sip >= 300 else None, parts[2]
