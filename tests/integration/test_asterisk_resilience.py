@@ -4,6 +4,7 @@ Asterisk with real SIPp calls and real audio."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -430,3 +431,50 @@ async def test_a_busy_during_an_ari_outage_is_reported_with_its_sip_code_after_i
         finally:
             await caller.terminate()
             await uas.stop()
+
+
+async def test_a_caller_the_hung_daemon_does_not_take_reaches_the_fallback_within_the_guard(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The daemon stays connected but handles no event (as when stopped or starved): the
+    dialplan's take guard sends the caller to [callbridge-fallback] after 1 s instead of
+    leaving it in Stasis, and the daemon, once it runs again, leaves that caller alone."""
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    client = daemon.calls.pbx.ari
+    gate = asyncio.Event()
+    real_dispatch = client._dispatch
+    handled: list[str] = []
+
+    async def hung_dispatch(raw: str, on_event: Any) -> None:
+        await gate.wait()
+        await real_dispatch(raw, on_event)
+        handled.append(json.loads(raw)["type"])
+
+    client._dispatch = hung_dispatch
+    try:
+        async with RtpPeer() as caller_rtp:
+            await setup_directory(api, None)
+            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
+            t0 = asyncio.get_running_loop().time()
+            await caller.start()
+            # The fallback answers and announces (ss-noservice), within the 1 s guard plus
+            # the fallback's own Answer() pause and call set-up.
+            await heard_speech(caller_rtp, since=t0)
+            first = next(
+                p.arrival for p in caller_rtp.packets if p.arrival >= t0 and p.payload_type == 0
+            )
+            assert first - t0 < 2.5, f"the caller waited {first - t0:.1f} s"
+            _, channels = asterisk_lab.ari("GET", "/channels")
+            (channel,) = [c for c in channels if c["id"].startswith("lab-")]
+            assert channel["dialplan"]["context"] == "callbridge-fallback", channel
+            gate.set()  # the daemon runs again and sees the StasisStart/StasisEnd it missed
+
+            await wait_for(lambda: "StasisEnd" in handled, "the daemon to catch up")
+            # It did not take the caller back: no call record, the fallback ends the call.
+            assert (await api.ok("GET", "/calls"))["data"] == []
+            await asyncio.wait_for(caller.wait(), 20)
+            assert caller.got_bye()
+    finally:
+        gate.set()
+        await api.close()
+        await daemon.stop()

@@ -235,6 +235,8 @@ class AsteriskAdapter:
                 if leg_ready is not None and not leg_ready.done():
                     leg_ready.set_result(None)
                 return
+            if not await self._take(cid):
+                return
             await self._emit(_arrival(channel))
         elif kind == "ChannelHangupRequest":
             self._hangup_causes[cid] = (event.get("cause"), _sip_code(event))
@@ -292,6 +294,30 @@ class AsteriskAdapter:
                 await self._emit(PlaybackFinished(target[8:], playback.get("id", "")))
         elif kind == "ChannelDtmfReceived":
             await self._emit(DtmfReceived(cid, str(event.get("digit", ""))))
+
+    async def _take(self, channel_id: str) -> bool:
+        """Disarm the dialplan's take guard (TIMEOUT(absolute) set before Stasis, see
+        extensions_callbridge.conf) and check the caller is still ours: a caller that waited
+        longer than the guard while we were stopped or overloaded is in the fallback by now,
+        and must be left there. Setting a variable through ARI needs the channel in Stasis
+        (409 otherwise), so one request does both, without a race."""
+        try:
+            await self._raw(
+                "POST",
+                f"/channels/{channel_id}/variable",
+                variable="TIMEOUT(absolute)",
+                value="0",
+            )
+        except AriConflict:
+            log.warning("asterisk.caller_not_taken_in_time", channel=channel_id)
+            return False
+        except ChannelGone:
+            log.info("asterisk.caller_left_before_taken", channel=channel_id)
+            return False
+        except (PbxUnavailable, PbxCommandFailed) as exc:
+            # Take it anyway: if the guard fires meanwhile, the call's next verb fails.
+            log.warning("asterisk.take_guard_not_cleared", channel=channel_id, error=str(exc))
+        return True
 
     # --- verbs ------------------------------------------------------------------------------
 
