@@ -9,6 +9,7 @@ ways. Busy and no-answer leave the caller with the assistant, outcome recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,156 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
         finally:
             await caller.terminate()
             await uas.stop()
+
+
+async def transfer_state(api: Any, call_id: str, state: str) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        data = await api.ok("GET", f"/calls/{call_id}")
+        ok = bool(data["transfers"]) and data["transfers"][-1]["state"] == state
+        return data if ok else None
+
+    return await wait_for(reached, f"the transfer to be {state}")
+
+
+async def start_transfer(api: Any, call_id: str, ring_timeout: float = 20) -> None:
+    await api.ok(
+        "POST",
+        f"/calls/{call_id}/control",
+        {"type": "transfer", "destination": DESTINATION, "ring_timeout": ring_timeout},
+    )
+
+
+async def test_caller_hanging_up_while_the_destination_rings_cancels_its_invite(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_noanswer.xml")
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        # The caller hangs up (BYE) 6 s after the answer: the destination rings by then.
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=6000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"])
+            await transfer_state(api, call["id"], "ringing")
+            assert await asyncio.wait_for(caller.wait(), 15) == 0
+            assert not caller.got_bye(), "the caller, not callbridge, ends this call"
+            await wait_for(lambda: uas.received_requests("CANCEL"), "the CANCEL at the UAS", 5)
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            final = await wait_for(ended, "the call to end")
+            assert final["end_reason"] == "caller hung up"
+            transfer = final["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("cancelled", "cancelled")
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_destination_hanging_up_after_the_bridge_hangs_up_the_caller(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await start_transfer(api, call["id"])
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged"
+            (dialing,) = [e for e in done["events"] if e["type"] == "transfer.dialing"]
+            # The destination's side ends the call (its channel is hung up in Asterisk).
+            status, _ = asterisk_lab.ari("DELETE", f"/channels/{dialing['leg']}")
+            assert status == 204
+            await asyncio.wait_for(caller.wait(), 10)
+            assert caller.got_bye(), "the caller was left on a dead bridge"
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            final = await wait_for(ended, "the call to end")
+            assert final["end_reason"] == "destination hung up"
+            assert "transfer.destination_hung_up" in [e["type"] for e in final["events"]]
+            _, bridges = asterisk_lab.ari("GET", "/bridges")
+            assert f"cb-{final['channel_id']}" not in {b["id"] for b in bridges}
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_ring_guard_fails_a_transfer_the_pbx_never_reports(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    """The PBX's report of the leg's end is lost (here: dropped before the adapter sees it);
+    the session's ring guard (ring timeout + 10 s) still brings the caller back."""
+    daemon, api = daemon_api
+    client = daemon.calls.pbx.ari
+    real_dispatch = client._dispatch
+
+    async def lossy_dispatch(raw: str, on_event: Any) -> None:
+        event = json.loads(raw)
+        leg_event = str((event.get("channel") or {}).get("id", "")).startswith("cbleg-")
+        if leg_event and event["type"] != "StasisStart":  # the leg's creation still counts
+            return
+        if str((event.get("peer") or {}).get("id", "")).startswith("cbleg-"):
+            return
+        await real_dispatch(raw, on_event)
+
+    client._dispatch = lossy_dispatch
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_noanswer.xml")
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=1)
+            done = await transfer_settled(api, call["id"], timeout=25)
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("failed", "no_answer"), transfer
+            assert transfer["cause_text"] == "ring timeout"
+            assert done["status"] == "active"
+            settled = asyncio.get_running_loop().time()
+            await heard_speech(caller_rtp, since=settled)  # the assistant explains
+            assert not caller.got_bye()
+        finally:
+            client._dispatch = real_dispatch
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_unreachable_trunk_host_is_unreachable_not_no_answer(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    """Nothing listens where the trunk points: the INVITE gets no answer at all."""
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp:
+        dead = SippUas("uas_busy.xml")  # only to reserve a free port, never started
+        await setup_directory(api, dead, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=3)
+            done = await transfer_settled(api, call["id"])
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("failed", "unreachable"), transfer
+            assert done["status"] == "active"
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            await asyncio.wait_for(caller.wait(), 15)
+        finally:
+            await caller.terminate()
