@@ -459,3 +459,81 @@ async def test_unreachable_trunk_host_is_unreachable_not_no_answer(
             await asyncio.wait_for(caller.wait(), 15)
         finally:
             await caller.terminate()
+
+
+async def test_end_call_during_a_transfer_cancels_the_destination_at_once(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_noanswer.xml")
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=30)
+            await transfer_state(api, call["id"], "ringing")
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            # Cancelled now, not after the 30 s ring timeout.
+            await wait_for(lambda: uas.received_requests("CANCEL"), "the CANCEL at the UAS", 5)
+            await asyncio.wait_for(caller.wait(), 10)
+            assert caller.got_bye()
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            final = await wait_for(ended, "the call to end")
+            transfer = final["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("cancelled", "cancelled")
+            stats = await api.ok("GET", "/transfers/stats")
+            assert "ringing" not in stats["by_outcome"], stats
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+@pytest.mark.parametrize("moment", ["dialing", "ringing"])
+async def test_daemon_restart_during_a_transfer_never_leaves_endless_ringback(
+    asterisk_lab: Any, tmp_path: Path, moment: str
+) -> None:
+    """The daemon stops while the destination is dialled or rings. The new process stops the
+    old ringback (its playback id is derived from the transfer) and the call ends up
+    somewhere sensible: the destination answers and is bridged, with no ringback left."""
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port, ring_ms=4000)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=20)
+            data = await transfer_state(api, call["id"], moment)
+            transfer_id = data["transfers"][-1]["id"]
+            await api.close()
+            await daemon.stop()
+            daemon, api = await start_daemon(asterisk_lab, tmp_path)
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged", done["transfers"][-1]
+            status, _ = asterisk_lab.ari("GET", f"/playbacks/cbring-{transfer_id}")
+            assert status == 404, "the old process's ringback still plays"
+            await caller_rtp.send_tone(440, 0.3)
+            assert await dest_rtp.wait_for_packet(timeout=5), "no audio reached the destination"
+            t0 = asyncio.get_running_loop().time()
+            await dest_rtp.send_tone(1000, 1.5)
+            heard = caller_rtp.received_pcm(since=t0)
+            assert abs(dominant_frequency(heard) - 1000) < 20
+            assert ringback_windows(heard) == 0
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+        finally:
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()
