@@ -86,7 +86,9 @@ async def test_ari_connection_drop_keeps_the_call_and_control(
 
             proxy.cut()
             await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
-            await asyncio.sleep(1.0)  # an outage: the caller stays up meanwhile
+            # The outage lasts a second (a scenario length, not a wait for something): the
+            # daemon keeps failing to reconnect meanwhile, the caller stays up.
+            await asyncio.sleep(1.0)
             proxy.restore()
             await wait_for(lambda: daemon.calls.connected, "reconnect", 10)
 
@@ -159,7 +161,6 @@ async def test_daemon_restart_resumes_active_and_bridged_calls(
             # The daemon stops (crash, upgrade): the caller stays in Asterisk meanwhile.
             await api.close()
             await daemon.stop()
-            await asyncio.sleep(0.5)
             daemon, api = await start_daemon(asterisk_lab, tmp_path)
 
             # The same call is picked up: media re-attached, commands work.
