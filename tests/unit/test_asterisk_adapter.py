@@ -213,6 +213,7 @@ async def test_a_leg_that_ended_while_away_is_reported_before_the_calls_resume()
         ChannelHungUp("cbleg-up", 16, "hung up while callbridge was disconnected"),
         ConnectionRestored(""),
     ]
+    await asyncio.gather(*adapter._background)  # records are unset once reported
     cleared = [
         q["variable"]
         for m, p, q in adapter.ari.requests  # type: ignore[attr-defined]

@@ -3,7 +3,18 @@
 Ids are derived, so that a restarted daemon finds its objects again: the caller's bridge is
 `cb-<caller channel>`, its media channels `cbmedia-<caller channel>-<n>` (a fresh one for each
 attach: Asterisk refuses an id whose previous channel is still being torn down), outbound
-legs start with `cbleg-`, trunks are `cb-trunk-<trunk id>`.
+legs start with `cbleg-`, ringback playbacks carry the id the caller gives (`cbring-<transfer>`),
+trunks are `cb-trunk-<trunk id>`.
+
+What the adapter reports are facts (LegProgress for a 183 without 180, LegFailed with the Q.850
+cause, the SIP code and whether the failure is our own); classifying them is `bridge.calls`'
+job. Every ARI error leaves as ChannelGone, PbxUnavailable or PbxCommandFailed.
+
+Measured on 22.10.1 and relied on here (see dialplan/README.md): legs are created in Stasis
+before they are dialled, so they survive an answer during an ARI outage; their hangup handler
+records how they ended, read back after a reconnect; a new caller's take guard
+(TIMEOUT(absolute) before Stasis) is cleared on StasisStart, and a 409 there means the caller
+already went to the fallback.
 """
 
 from __future__ import annotations
@@ -107,7 +118,7 @@ class AsteriskAdapter:
 
     async def stop(self) -> None:
         await self.ari.close()
-        for task in (self._task, self._provisioning):
+        for task in (self._task, self._provisioning, *self._background):
             if task is not None:
                 task.cancel()
 
@@ -189,7 +200,6 @@ class AsteriskAdapter:
         if not value:
             log.warning("asterisk.leg_lost", leg=leg)  # e.g. Asterisk restarted meanwhile
             return
-        await self._call("POST", "/asterisk/variable", variable=var)  # no value: unset
         cause, sip_code, state = _leg_record(value)
         log.info("asterisk.leg_ended_while_away", leg=leg, cause=cause, sip_code=sip_code)
         if state == "Up" or leg in self._answered_legs:
@@ -198,6 +208,7 @@ class AsteriskAdapter:
         else:
             local = sip_code is None and cause in LOCAL_CAUSES
             await self._emit(LegFailed(leg, cause, None, sip_code, local=local))
+        self._forget_leg_record(leg)  # reported: unset it (a failure leaves it behind, no more)
 
     def _forget_leg_record(self, leg: str) -> None:
         """The leg's end was seen live: unset what its hangup handler recorded (in the
