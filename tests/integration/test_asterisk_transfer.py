@@ -17,6 +17,7 @@ import pytest
 
 from bridge.lab.rtp import RtpPeer, dominant_frequency, ringback_windows
 from bridge.lab.sipp import SippCall, SippUas
+from bridge.pbx.asterisk.ari import AriClient
 from tests.support.daemon import start_daemon, wait_for
 from tests.support.flows import (
     DESTINATION,
@@ -308,6 +309,41 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
             await uas.stop()
 
 
+async def clean_up_call(lab: Any, channel_id: str | None) -> None:
+    """After a failed test, once its daemon stopped: hang up what SIPp's kill left in Asterisk
+    (the caller, its legs and media channels, its bridge), so that later tests start from an
+    empty lab. It connects as the ARI app meanwhile: a bridge deleted while no app is connected
+    stays listed in the app (Asterisk 22.10.1), which then never goes away."""
+    if channel_id is None:
+        return
+    client = AriClient(lab.ari_url, lab.ari_username, lab.ari_password, lab.app_name)
+
+    async def ignore(*_: Any) -> None:
+        pass
+
+    events = asyncio.create_task(client.run_events(ignore, ignore, ignore))
+    try:
+        await asyncio.wait_for(client.connected.wait(), 10)
+
+        def leftovers() -> list[str]:
+            _, channels = lab.ari("GET", "/channels")
+            mine = ("cbleg-", f"cbmedia-{channel_id}")
+            return [
+                c["id"] for c in channels or [] if c["id"] == channel_id or c["id"].startswith(mine)
+            ]
+
+        async def clean() -> bool:
+            for cid in leftovers():
+                lab.ari("DELETE", f"/channels/{cid}")
+            lab.ari("DELETE", f"/bridges/cb-{channel_id}")
+            return not leftovers()
+
+        await wait_for(clean, "the failed test's channels to be gone", 10)
+    finally:
+        await client.close()
+        await asyncio.wait_for(events, 5)
+
+
 async def transfer_state(api: Any, call_id: str, state: str) -> dict[str, Any]:
     async def reached() -> dict[str, Any] | None:
         data = await api.ok("GET", f"/calls/{call_id}")
@@ -462,9 +498,9 @@ async def test_unreachable_trunk_host_is_unreachable_not_no_answer(
 
 
 async def test_end_call_during_a_transfer_cancels_the_destination_at_once(
-    asterisk_lab: Any, daemon_api: Any
+    asterisk_lab: Any, tmp_path: Path
 ) -> None:
-    _, api = daemon_api
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
     async with RtpPeer() as caller_rtp:
         uas = SippUas("uas_noanswer.xml")
         await uas.start()
@@ -494,6 +530,9 @@ async def test_end_call_during_a_transfer_cancels_the_destination_at_once(
         finally:
             await caller.terminate()
             await uas.stop()
+            await api.close()
+            await daemon.stop()
+            await clean_up_call(asterisk_lab, call["channel_id"] if "call" in locals() else None)
 
 
 @pytest.mark.parametrize("moment", ["dialing", "ringing"])
@@ -535,5 +574,8 @@ async def test_daemon_restart_during_a_transfer_never_leaves_endless_ringback(
         finally:
             await caller.terminate()
             await uas.stop()
+            # While the daemon is still connected: a bridge deleted with no app connected
+            # stays listed in the app (Asterisk 22.10.1), which then never goes away.
             await api.close()
             await daemon.stop()
+            await clean_up_call(asterisk_lab, call["channel_id"] if "call" in locals() else None)
