@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import aiohttp
 import pytest
 
+from bridge.lab.asterisk import free_port
 from bridge.lab.rtp import RtpPeer, dominant_frequency
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.pbx.asterisk.ari import AriError, AriUnavailable
@@ -479,3 +485,81 @@ async def test_a_caller_the_hung_daemon_does_not_take_reaches_the_fallback_withi
         gate.set()
         await api.close()
         await daemon.stop()
+
+
+def log_sink(path: Path) -> IO[bytes]:
+    return open(path, "wb")  # the daemon's stderr, read back by the test
+
+
+async def test_a_sigstopped_callbridge_process_leaves_new_callers_to_the_fallback(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """`callbridge run` is stopped (SIGSTOP) with its ARI websocket open: a new caller reaches
+    [callbridge-fallback] within the 1 s take guard instead of waiting in Stasis; once the
+    process runs again (SIGCONT) it leaves that caller where it is."""
+    port = free_port(kind=socket.SOCK_STREAM)
+    env = {
+        **os.environ,
+        "CALLBRIDGE_DATABASE": str(tmp_path / "cb.sqlite3"),
+        "CALLBRIDGE_API__PORT": str(port),
+        "CALLBRIDGE_ARI__URL": asterisk_lab.ari_url,
+        "CALLBRIDGE_ARI__USERNAME": asterisk_lab.ari_username,
+        "CALLBRIDGE_ARI__PASSWORD": asterisk_lab.ari_password,
+        "CALLBRIDGE_LOG_FORMAT": "json",
+        "CALLBRIDGE_AGENT__ENABLED": "false",  # greet only: no models to load
+    }
+    create = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "api-key", "create", "--name", "t",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    key = (await create.communicate())[0].decode().strip()
+    log_path = tmp_path / "daemon.log"
+    with log_sink(log_path) as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "run", env=env, stderr=log_file,
+            stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    api = Api(f"http://127.0.0.1:{port}", key)
+    try:
+
+        async def healthy() -> bool:
+            try:
+                status, health = await api.request("GET", "/health")
+            except aiohttp.ClientError:
+                return False
+            return status == 200 and health["pbx_connected"] is True
+
+        await wait_for(healthy, "the daemon to serve and connect", 20)
+        await setup_directory(api, None)
+        proc.send_signal(signal.SIGSTOP)
+        async with RtpPeer() as caller_rtp:
+            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
+            t0 = asyncio.get_running_loop().time()
+            await caller.start()
+            await heard_speech(caller_rtp, since=t0)  # the fallback's ss-noservice
+            first = next(
+                p.arrival for p in caller_rtp.packets if p.arrival >= t0 and p.payload_type == 0
+            )
+            assert first - t0 < 2.5, f"the caller waited {first - t0:.1f} s"
+            _, channels = asterisk_lab.ari("GET", "/channels")
+            (channel,) = [c for c in channels if c["id"].startswith("lab-")]
+            assert channel["dialplan"]["context"] == "callbridge-fallback", channel
+            proc.send_signal(signal.SIGCONT)
+
+            def let_go() -> bool:
+                return b"asterisk.caller_not_taken_in_time" in log_path.read_bytes()
+
+            await wait_for(let_go, "the woken daemon to leave the caller alone", 15)
+            assert (await api.ok("GET", "/calls"))["data"] == []
+            await asyncio.wait_for(caller.wait(), 20)
+            assert caller.got_bye()  # the fallback's announcement ended the call
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        await api.close()
