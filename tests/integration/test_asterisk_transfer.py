@@ -137,15 +137,20 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
         ("uas_busy.xml", "busy", 486, False),  # an immediate 486: the ringback race
         ("uas_decline.xml", "declined", 603, False),
         ("uas_notfound.xml", "unreachable", 404, False),
-        # Asterisk reports its own ring timeout as cause 19 with tech_cause 480 (measured on
-        # 22.10.1; the UAS itself answered our CANCEL with 487).
-        ("uas_noanswer.xml", "no_answer", 480, True),
+        # Our ring timeout: cause 19 and no SIP code from the destination (Asterisk shows a
+        # derived tech_cause 480; the UAS answered our CANCEL with 487).
+        ("uas_noanswer.xml", "no_answer", None, True),
         # 183 with early media, never a 180 (as carriers do): it rang, it was not unreachable.
-        ("uas_early_media.xml", "no_answer", 480, True),
+        ("uas_early_media.xml", "no_answer", None, True),
     ],
 )
 async def test_failed_transfer_keeps_caller_with_assistant(
-    asterisk_lab: Any, daemon_api: Any, scenario: str, outcome: str, sip_code: int, rings: bool
+    asterisk_lab: Any,
+    daemon_api: Any,
+    scenario: str,
+    outcome: str,
+    sip_code: int | None,
+    rings: bool,
 ) -> None:
     _, api = daemon_api
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:

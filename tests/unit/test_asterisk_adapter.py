@@ -156,6 +156,30 @@ async def test_leg_events_become_raw_facts() -> None:
             "cause_txt": "Channel not implemented",
         },
         {"type": "ChannelDestroyed", "channel": {"id": "cbleg-1"}, "cause": 16},
+        # Our ring timeout: a soft hangup request without tech_cause, then a tech_cause
+        # Asterisk derived from cause 19.
+        {"type": "ChannelHangupRequest", "channel": {"id": "cbleg-4"}, "cause": 32, "soft": True},
+        {
+            "type": "ChannelDestroyed",
+            "channel": {"id": "cbleg-4"},
+            "cause": 19,
+            "cause_txt": "User alerting, no answer",
+            "tech_cause": 480,
+        },
+        # A real 480 from the far end comes with a hangup request carrying it.
+        {
+            "type": "ChannelHangupRequest",
+            "channel": {"id": "cbleg-5"},
+            "cause": 19,
+            "tech_cause": 480,
+        },
+        {
+            "type": "ChannelDestroyed",
+            "channel": {"id": "cbleg-5"},
+            "cause": 19,
+            "cause_txt": "User alerting, no answer",
+            "tech_cause": 480,
+        },
     ]:
         await adapter._on_event(raw)
     assert events == [
@@ -165,6 +189,8 @@ async def test_leg_events_become_raw_facts() -> None:
         LegFailed("cbleg-2", 17, "User busy", 486, local=False),
         LegFailed("cbleg-3", 66, "Channel not implemented", None, local=True),
         ChannelHungUp("cbleg-1", 16, None),
+        LegFailed("cbleg-4", 19, "User alerting, no answer", None, local=False),
+        LegFailed("cbleg-5", 19, "User alerting, no answer", 480, local=False),
     ]
 
 

@@ -287,7 +287,12 @@ class AsteriskAdapter:
             cause = event.get("cause")
             cause_text = event.get("cause_txt")
             sip_code = _sip_code(event)
-            if sip_code is None and requested is not None:
+            if requested is not None and cid.startswith(LEG_PREFIX):
+                # Measured on 22.10.1: a final response from the far end (486, 603, 404, 480)
+                # comes first as a ChannelHangupRequest carrying its tech_cause; our own hangup
+                # (the dial timeout: cause 32, soft; a DELETE) carries none, and ChannelDestroyed
+                # then shows a tech_cause Asterisk derives from the cause (480 for 19) that no
+                # SIP peer sent (the destination answered our CANCEL with 487).
                 sip_code = requested[1]
             if cid.startswith(LEG_PREFIX):
                 self._pending_legs.discard(cid)
