@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
@@ -25,6 +26,7 @@ from bridge.pbx.ports import PbxAdapter
 from bridge.sip import configure_uri_params
 from bridge.speech.tts import TtsProvider, make_tts
 from bridge.store.db import Database
+from bridge.trunks.reconciler import TrunkReconciler
 
 log = get_logger(__name__)
 
@@ -41,6 +43,7 @@ class Daemon:
         self.loop_lag: LoopLagMonitor | None = None
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
+        self.trunks: TrunkReconciler | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -125,9 +128,16 @@ class Daemon:
             reconnect_initial_delay=s.ari.reconnect_initial_delay,
             reconnect_max_delay=s.ari.reconnect_max_delay,
         )
-        return AsteriskAdapter(
-            client, blind_context=s.transfer.blind_context, trunks=self._trunk_specs
+        adapter = AsteriskAdapter(
+            client, blind_context=s.transfer.blind_context, on_connected=self._pbx_connected
         )
+        # The directory's trunks, brought to the PBX on every connect (and retried there).
+        self.trunks = TrunkReconciler(adapter, self._trunk_specs)
+        return adapter
+
+    def _pbx_connected(self) -> None:
+        if self.trunks is not None:
+            self.trunks.kick()
 
     def _build_tts(self) -> TtsProvider:
         t = self.settings.tts
@@ -148,12 +158,31 @@ class Daemon:
         assert self.calls is not None and self.directory is not None
         if self.calls.connected:
             secret = await self.directory.get_trunk_secret(trunk.id)
-            await self.calls.pbx.provision_trunk(trunk_spec(secret))
+            try:
+                async with self._trunk_lock():
+                    await self.calls.pbx.provision_trunk(trunk_spec(secret))
+            except Exception:
+                if self.trunks is None:
+                    raise
+                self.trunks.kick()  # retried in the background until the PBX takes it
+                raise
+        # Not connected: the reconciler provisions it on the next connect.
 
     async def _trunk_deleted(self, trunk_id: str) -> None:
         assert self.calls is not None
         if self.calls.connected:
-            await self.calls.pbx.remove_trunk(trunk_id)
+            try:
+                async with self._trunk_lock():
+                    await self.calls.pbx.remove_trunk(trunk_id)
+            except Exception:
+                if self.trunks is None:
+                    raise
+                self.trunks.kick()
+                raise
+        # Not connected: the reconciler removes it (it is no longer in the directory).
+
+    def _trunk_lock(self) -> Any:
+        return self.trunks.lock if self.trunks is not None else contextlib.nullcontext()
 
     def _health(self) -> dict[str, Any]:
         connected = bool(self.calls and self.calls.connected)
@@ -173,6 +202,8 @@ class Daemon:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.trunks is not None:
+            await self.trunks.close()
         if self.calls is not None:
             await self.calls.stop()
         if self.loop_lag is not None:

@@ -152,6 +152,7 @@ class AsteriskLab:
         extra_values: Mapping[str, str] | None = None,
         start_timeout: float = 30.0,
         keep: bool | None = None,
+        modules_conf: str | None = None,
     ) -> None:
         self.root = Path(root or os.environ.get("CALLBRIDGE_ASTERISK_ROOT") or DEFAULT_ROOT)
         self.dialplan_dir = Path(
@@ -167,6 +168,9 @@ class AsteriskLab:
         self.fallback_dial = fallback_dial
         self.extra_values = dict(extra_values or {})
         self.start_timeout = start_timeout
+        # Another file of the dialplan directory to use as modules.conf (e.g.
+        # "modules-minimal.conf": the `autoload = no` list the README documents).
+        self.modules_conf = modules_conf
         self.keep = bool(os.environ.get("CALLBRIDGE_LAB_KEEP")) if keep is None else keep
         self.app_name = APP_NAME
         self.sip_port = 0
@@ -281,6 +285,9 @@ class AsteriskLab:
             (self.instance_dir / "etc" / tpl.name).write_text(
                 render_template(tpl.read_text(), values)
             )
+        if self.modules_conf:
+            etc = self.instance_dir / "etc"
+            (etc / "modules.conf").write_text((etc / self.modules_conf).read_text())
         for path in [self.instance_dir, *self.instance_dir.rglob("*")]:
             os.chown(path, uid, gid)
 

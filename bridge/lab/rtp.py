@@ -240,3 +240,37 @@ def speech_like(
         return False
     levels = np.sqrt(np.mean(x[: frames * n].reshape(frames, n) ** 2, axis=1))
     return float(np.mean(levels > threshold)) >= min_active
+
+
+def band_share(
+    pcm: bytes, freqs: tuple[float, ...], width: float = 20.0, rate: int = RATE
+) -> float:
+    """Share (0..1) of the signal's spectral energy within `width` Hz of `freqs`."""
+    x = _samples(pcm)
+    if len(x) < 16:
+        return 0.0
+    x = (x - x.mean()) * np.hanning(len(x))
+    power = np.abs(np.fft.rfft(x)) ** 2
+    bins = np.fft.rfftfreq(len(x), 1 / rate)
+    total = float(power[1:].sum())
+    if total <= 0:
+        return 0.0
+    near = np.zeros(len(bins), dtype=bool)
+    for f in freqs:
+        near |= np.abs(bins - f) <= width
+    return float(power[near].sum()) / total
+
+
+RINGBACK_HZ = (440.0, 480.0)  # tone:ring of the lab's indications.conf (us: 440+480)
+
+
+def ringback_windows(pcm: bytes, rate: int = RATE, window: float = 0.5) -> int:
+    """How many `window`-second stretches of `pcm` are ringback (loud, nearly all of their
+    energy at 440+480 Hz); speech and silence count 0."""
+    n = int(rate * window) * 2
+    count = 0
+    for i in range(0, len(pcm) - n + 1, n):
+        chunk = pcm[i : i + n]
+        if rms(chunk) > 300 and band_share(chunk, RINGBACK_HZ) > 0.6:
+            count += 1
+    return count

@@ -9,13 +9,15 @@ ways. Busy and no-answer leave the caller with the assistant, outcome recorded.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bridge.lab.rtp import RtpPeer, dominant_frequency
+from bridge.lab.rtp import RtpPeer, dominant_frequency, ringback_windows
 from bridge.lab.sipp import SippCall, SippUas
+from bridge.pbx.asterisk.ari import AriClient
 from tests.support.daemon import start_daemon, wait_for
 from tests.support.flows import (
     DESTINATION,
@@ -88,6 +90,8 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
             # verifies the digest) answered only after valid trunk credentials.
             invites = uas.received_requests("INVITE")
             assert DESTINATION in (invites[0].request_uri or "")
+            # The trunk's username is the From user; the caller ID is not withheld.
+            assert "anonymous" not in (invites[0].header("From") or "").lower(), invites[0]
             authorized = [m.header("Authorization") for m in invites[1:]]
             assert any(a and 'username="hms-sovereign"' in a for a in authorized), invites
             assert any(
@@ -130,11 +134,25 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
 
 
 @pytest.mark.parametrize(
-    ("scenario", "outcome", "sip_code"),
-    [("uas_busy.xml", "busy", 486), ("uas_noanswer.xml", "no_answer", None)],
+    ("scenario", "outcome", "sip_code", "rings"),
+    [
+        ("uas_busy.xml", "busy", 486, False),  # an immediate 486: the ringback race
+        ("uas_decline.xml", "declined", 603, False),
+        ("uas_notfound.xml", "unreachable", 404, False),
+        # Our ring timeout: cause 19 and no SIP code from the destination (Asterisk shows a
+        # derived tech_cause 480; the UAS answered our CANCEL with 487).
+        ("uas_noanswer.xml", "no_answer", None, True),
+        # 183 with early media, never a 180 (as carriers do): it rang, it was not unreachable.
+        ("uas_early_media.xml", "no_answer", None, True),
+    ],
 )
 async def test_failed_transfer_keeps_caller_with_assistant(
-    asterisk_lab: Any, daemon_api: Any, scenario: str, outcome: str, sip_code: int | None
+    asterisk_lab: Any,
+    daemon_api: Any,
+    scenario: str,
+    outcome: str,
+    sip_code: int | None,
+    rings: bool,
 ) -> None:
     _, api = daemon_api
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
@@ -146,25 +164,31 @@ async def test_failed_transfer_keeps_caller_with_assistant(
         try:
             call = await active_call(api)
             await heard_speech(caller_rtp, since=0)
+            loop = asyncio.get_running_loop()
+            asked = loop.time()
             await api.ok(
                 "POST",
                 f"/calls/{call['id']}/control",
                 {"type": "transfer", "destination": DESTINATION, "ring_timeout": 3},
             )
             done = await transfer_settled(api, call["id"])
+            settled = loop.time()
             transfer = done["transfers"][-1]
             assert transfer["state"] == "failed", transfer
-            assert transfer["outcome"] == outcome
-            if sip_code is not None and transfer["sip_code"] is not None:
-                assert transfer["sip_code"] == sip_code
+            assert (transfer["outcome"], transfer["sip_code"]) == (outcome, sip_code), transfer
             assert done["status"] == "active"
             stats = await api.ok("GET", "/transfers/stats")
             assert (stats["calls"], stats["transfers"], stats["transfer_rate"]) == (1, 1, 0.0)
             assert stats["by_outcome"] == {outcome: 1}
             assert stats["by_destination"][0]["destination"] == DESTINATION
-            # The caller is still connected and hears the assistant explain.
-            t0 = asyncio.get_running_loop().time()
-            await heard_speech(caller_rtp, since=t0)
+            if rings:  # the caller heard ringback while the destination rang (the detector works)
+                assert ringback_windows(caller_rtp.received_pcm(since=asked)) > 0
+            # The ringback stops (its playback, named after the transfer, is gone from
+            # Asterisk) and the caller hears the assistant explain, not ringback.
+            await heard_speech(caller_rtp, since=settled)
+            status, _ = asterisk_lab.ari("GET", f"/playbacks/cbring-{transfer['id']}")
+            assert status == 404, "the ringback playback is still running"
+            assert ringback_windows(caller_rtp.received_pcm(since=settled)) == 0
             assert caller.proc is not None and caller.proc.returncode is None
             assert not caller.got_bye()
             # And the call can still be controlled: end it with a goodbye.
@@ -197,6 +221,8 @@ async def test_transfer_to_a_sip_uri_dials_it_directly(asterisk_lab: Any, daemon
             assert (uas.invite.request_uri or "").startswith(
                 f"sip:alice@127.0.0.1:{uas.local_port}"
             )
+            # transfer.caller_id defaults to the caller's number ("sipp-caller" here).
+            assert "<sip:sipp-caller@" in (uas.invite.header("From") or ""), uas.invite
             status, error = await api.request(
                 "POST",
                 f"/calls/{call['id']}/control",
@@ -288,3 +314,275 @@ async def test_blind_transfer_hands_the_caller_to_the_dialplan(
         finally:
             await caller.terminate()
             await uas.stop()
+
+
+async def clean_up_call(lab: Any, channel_id: str | None) -> None:
+    """After a failed test, once its daemon stopped: hang up what SIPp's kill left in Asterisk
+    (the caller, its legs and media channels, its bridge), so that later tests start from an
+    empty lab. It connects as the ARI app meanwhile: a bridge deleted while no app is connected
+    stays listed in the app (Asterisk 22.10.1), which then never goes away."""
+    if channel_id is None:
+        return
+    client = AriClient(lab.ari_url, lab.ari_username, lab.ari_password, lab.app_name)
+
+    async def ignore(*_: Any) -> None:
+        pass
+
+    events = asyncio.create_task(client.run_events(ignore, ignore, ignore))
+    try:
+        await asyncio.wait_for(client.connected.wait(), 10)
+
+        def leftovers() -> list[str]:
+            _, channels = lab.ari("GET", "/channels")
+            mine = ("cbleg-", f"cbmedia-{channel_id}")
+            return [
+                c["id"] for c in channels or [] if c["id"] == channel_id or c["id"].startswith(mine)
+            ]
+
+        async def clean() -> bool:
+            for cid in leftovers():
+                lab.ari("DELETE", f"/channels/{cid}")
+            lab.ari("DELETE", f"/bridges/cb-{channel_id}")
+            return not leftovers()
+
+        await wait_for(clean, "the failed test's channels to be gone", 10)
+    finally:
+        await client.close()
+        await asyncio.wait_for(events, 5)
+
+
+async def transfer_state(api: Any, call_id: str, state: str) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        data = await api.ok("GET", f"/calls/{call_id}")
+        ok = bool(data["transfers"]) and data["transfers"][-1]["state"] == state
+        return data if ok else None
+
+    return await wait_for(reached, f"the transfer to be {state}")
+
+
+async def start_transfer(api: Any, call_id: str, ring_timeout: float = 20) -> None:
+    await api.ok(
+        "POST",
+        f"/calls/{call_id}/control",
+        {"type": "transfer", "destination": DESTINATION, "ring_timeout": ring_timeout},
+    )
+
+
+async def test_caller_hanging_up_while_the_destination_rings_cancels_its_invite(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_noanswer.xml")
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        # The caller hangs up (BYE) 6 s after the answer: the destination rings by then.
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=6000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"])
+            await transfer_state(api, call["id"], "ringing")
+            assert await asyncio.wait_for(caller.wait(), 15) == 0
+            assert not caller.got_bye(), "the caller, not callbridge, ends this call"
+            await wait_for(lambda: uas.received_requests("CANCEL"), "the CANCEL at the UAS", 5)
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            final = await wait_for(ended, "the call to end")
+            assert final["end_reason"] == "caller hung up"
+            transfer = final["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("cancelled", "cancelled")
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_destination_hanging_up_after_the_bridge_hangs_up_the_caller(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await start_transfer(api, call["id"])
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged"
+            (dialing,) = [e for e in done["events"] if e["type"] == "transfer.dialing"]
+            # The destination's side ends the call (its channel is hung up in Asterisk).
+            status, _ = asterisk_lab.ari("DELETE", f"/channels/{dialing['leg']}")
+            assert status == 204
+            await asyncio.wait_for(caller.wait(), 10)
+            assert caller.got_bye(), "the caller was left on a dead bridge"
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            final = await wait_for(ended, "the call to end")
+            assert final["end_reason"] == "destination hung up"
+            assert "transfer.destination_hung_up" in [e["type"] for e in final["events"]]
+            _, bridges = asterisk_lab.ari("GET", "/bridges")
+            assert f"cb-{final['channel_id']}" not in {b["id"] for b in bridges}
+        finally:
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_ring_guard_fails_a_transfer_the_pbx_never_reports(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    """The PBX's report of the leg's end is lost (here: dropped before the adapter sees it);
+    the session's ring guard (ring timeout + 10 s) still brings the caller back."""
+    daemon, api = daemon_api
+    client = daemon.calls.pbx.ari
+    real_dispatch = client._dispatch
+
+    async def lossy_dispatch(raw: str, on_event: Any) -> None:
+        event = json.loads(raw)
+        leg_event = str((event.get("channel") or {}).get("id", "")).startswith("cbleg-")
+        if leg_event and event["type"] != "StasisStart":  # the leg's creation still counts
+            return
+        if str((event.get("peer") or {}).get("id", "")).startswith("cbleg-"):
+            return
+        await real_dispatch(raw, on_event)
+
+    client._dispatch = lossy_dispatch
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_noanswer.xml")
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=1)
+            done = await transfer_settled(api, call["id"], timeout=25)
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("failed", "no_answer"), transfer
+            assert transfer["cause_text"] == "ring timeout"
+            assert done["status"] == "active"
+            settled = asyncio.get_running_loop().time()
+            await heard_speech(caller_rtp, since=settled)  # the assistant explains
+            assert not caller.got_bye()
+        finally:
+            client._dispatch = real_dispatch
+            await caller.terminate()
+            await uas.stop()
+
+
+async def test_unreachable_trunk_host_is_unreachable_not_no_answer(
+    asterisk_lab: Any, daemon_api: Any
+) -> None:
+    """Nothing listens where the trunk points: the INVITE gets no answer at all."""
+    _, api = daemon_api
+    async with RtpPeer() as caller_rtp:
+        dead = SippUas("uas_busy.xml")  # only to reserve a free port, never started
+        await setup_directory(api, dead, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=3)
+            done = await transfer_settled(api, call["id"])
+            transfer = done["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("failed", "unreachable"), transfer
+            assert done["status"] == "active"
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            await asyncio.wait_for(caller.wait(), 15)
+        finally:
+            await caller.terminate()
+
+
+async def test_end_call_during_a_transfer_cancels_the_destination_at_once(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp:
+        uas = SippUas("uas_noanswer.xml")
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=30)
+            await transfer_state(api, call["id"], "ringing")
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            # Cancelled now, not after the 30 s ring timeout.
+            await wait_for(lambda: uas.received_requests("CANCEL"), "the CANCEL at the UAS", 5)
+            await asyncio.wait_for(caller.wait(), 10)
+            assert caller.got_bye()
+
+            async def ended() -> dict[str, Any] | None:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return data if data["status"] == "ended" else None
+
+            final = await wait_for(ended, "the call to end")
+            transfer = final["transfers"][-1]
+            assert (transfer["state"], transfer["outcome"]) == ("cancelled", "cancelled")
+            stats = await api.ok("GET", "/transfers/stats")
+            assert "ringing" not in stats["by_outcome"], stats
+        finally:
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()
+            await clean_up_call(asterisk_lab, call["channel_id"] if "call" in locals() else None)
+
+
+@pytest.mark.parametrize("moment", ["dialing", "ringing"])
+async def test_daemon_restart_during_a_transfer_never_leaves_endless_ringback(
+    asterisk_lab: Any, tmp_path: Path, moment: str
+) -> None:
+    """The daemon stops while the destination is dialled or rings. The new process stops the
+    old ringback (its playback id is derived from the transfer) and the call ends up
+    somewhere sensible: the destination answers and is bridged, with no ringback left."""
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port, ring_ms=4000)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            await start_transfer(api, call["id"], ring_timeout=20)
+            data = await transfer_state(api, call["id"], moment)
+            transfer_id = data["transfers"][-1]["id"]
+            await api.close()
+            await daemon.stop()
+            daemon, api = await start_daemon(asterisk_lab, tmp_path)
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["state"] == "bridged", done["transfers"][-1]
+            status, _ = asterisk_lab.ari("GET", f"/playbacks/cbring-{transfer_id}")
+            assert status == 404, "the old process's ringback still plays"
+            await caller_rtp.send_tone(440, 0.3)
+            assert await dest_rtp.wait_for_packet(timeout=5), "no audio reached the destination"
+            t0 = asyncio.get_running_loop().time()
+            await dest_rtp.send_tone(1000, 1.5)
+            heard = caller_rtp.received_pcm(since=t0)
+            assert abs(dominant_frequency(heard) - 1000) < 20
+            assert ringback_windows(heard) == 0
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+        finally:
+            await caller.terminate()
+            await uas.stop()
+            # While the daemon is still connected: a bridge deleted with no app connected
+            # stays listed in the app (Asterisk 22.10.1), which then never goes away.
+            await api.close()
+            await daemon.stop()
+            await clean_up_call(asterisk_lab, call["channel_id"] if "call" in locals() else None)

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from bridge.lab.asterisk import AsteriskLab
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippUas
-from tests.support.daemon import start_daemon
+from tests.support.daemon import start_daemon, wait_for
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.asterisk
 
@@ -76,7 +78,11 @@ async def test_trunks_are_provisioned_again_on_connect(asterisk_lab: Any, tmp_pa
     assert "Unable to find object" in asterisk_lab.cli(f"pjsip show endpoint {endpoint}")
     daemon, api = await start_daemon(asterisk_lab, tmp_path)
     try:
-        assert endpoint in asterisk_lab.cli(f"pjsip show endpoint {endpoint}")
+        # The trunk reconciler provisions in the background after the connect.
+        await wait_for(
+            lambda: endpoint in asterisk_lab.cli(f"pjsip show endpoint {endpoint}"),
+            "the trunk to be provisioned again",
+        )
     finally:
         await api.close()
         await daemon.stop()
@@ -121,3 +127,38 @@ async def test_destination_test_call_reports_the_outcome(
         await uas.stop()
         await api.close()
         await daemon.stop()
+
+
+async def test_a_restarted_asterisk_gets_every_trunk_again(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """A real Asterisk restart (its memory objects are gone): the daemon reconnects and the
+    trunk reconciler provisions every trunk again. A lab of its own, behind a proxy the test
+    points at the restarted instance (a restart picks new ports)."""
+    lab = AsteriskLab().start()
+    proxy = await TcpProxy("127.0.0.1", lab.http_port).start()
+    daemon, api = await start_daemon(lab, tmp_path, ari_url=proxy.url)
+    try:
+        ids = [
+            (await api.ok("POST", "/sip-trunks", {"name": n, "host": "127.0.0.1"}))["id"]
+            for n in ("one", "two")
+        ]
+        endpoints = {f"cb-trunk-{i}" for i in ids}
+
+        def provisioned() -> bool:
+            status, found = lab.ari("GET", "/endpoints/PJSIP")
+            return status == 200 and endpoints <= {e["resource"] for e in found}
+
+        assert provisioned()
+        lab.stop()
+        await wait_for(lambda: not daemon.calls.connected, "the daemon to see Asterisk go", 10)
+        lab.start()
+        assert not provisioned()  # a fresh Asterisk: nothing of ours
+        proxy.target = ("127.0.0.1", lab.http_port)
+        await wait_for(lambda: daemon.calls.connected, "the daemon to reconnect", 15)
+        await wait_for(provisioned, "every trunk to be provisioned again", 15)
+    finally:
+        await api.close()
+        await daemon.stop()
+        await proxy.close()
+        lab.stop()

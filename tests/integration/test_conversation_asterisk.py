@@ -336,7 +336,11 @@ async def test_barge_in_stops_the_assistant(asterisk_lab: Any, lab_daemon: Any) 
             return rms(peer.received_pcm()) > 200
 
         await wait_for(talking, "the greeting")
-        await asyncio.sleep(1.0)
+
+        async def a_second_of_greeting() -> bool:  # barge in well inside the greeting
+            return len(peer.received_pcm()) >= 2 * 8000
+
+        await wait_for(a_second_of_greeting, "a second of the greeting")
         speech = utterance("Hello? Hello?")
         onset = next(i for i in range(0, len(speech), 160) if rms(speech[i : i + 160]) > 500)
         started = time.monotonic()

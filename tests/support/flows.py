@@ -10,6 +10,7 @@ from tests.support.daemon import Api, wait_for
 
 DID = "+31201234567"
 DESTINATION = "+31612345678"
+FINAL_TRANSFER_STATES = ("bridged", "failed", "cancelled", "handed_off")
 
 
 async def setup_directory(api: Api, uas: SippUas | None, *, auth: bool = True) -> dict[str, Any]:
@@ -63,9 +64,10 @@ async def transfer_settled(api: Api, call_id: str, timeout: float = 30) -> dict[
     async def settled() -> dict[str, Any] | None:
         call = await api.ok("GET", f"/calls/{call_id}")
         transfers = call["transfers"]
-        if transfers and transfers[-1]["state"] in ("bridged", "failed", "cancelled", "handed_off"):
-            return call
-        return None
+        if not transfers or transfers[-1]["state"] not in FINAL_TRANSFER_STATES:
+            return None
+        # The call and its transfer are saved one after the other: wait for both.
+        return call if call["status"] != "transferring" else None
 
     return await wait_for(settled, "the transfer to settle", timeout=timeout)
 

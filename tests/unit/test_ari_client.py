@@ -120,3 +120,37 @@ async def test_unreachable_asterisk_is_unavailable_not_a_crash() -> None:
     with pytest.raises(AriUnavailable):
         await client.get("/asterisk/info")
     await client.close()
+
+
+async def test_a_failed_resync_drops_the_connection_and_resyncs_on_the_next(
+    fake_ari: Any,
+) -> None:
+    """One failed request in the reconnect handler (an HTTP 500, a timeout) must not leave a
+    half-connected client reading events that nobody resynced: it connects again."""
+    fake, url = fake_ari
+    client = AriClient(url, "u", "p", "callbridge", reconnect_initial_delay=0.01)
+    seen: list[str] = []
+    connects = 0
+    disconnects = 0
+    resynced = asyncio.Event()
+
+    async def on_event(event: dict[str, Any]) -> None:
+        seen.append(event["type"])
+
+    async def on_connect() -> None:
+        nonlocal connects
+        connects += 1
+        if connects == 1:
+            raise AriError(500, "injected", "PUT", "/asterisk/config/dynamic/x")
+        resynced.set()
+
+    async def on_disconnect() -> None:
+        nonlocal disconnects
+        disconnects += 1
+
+    task = asyncio.create_task(client.run_events(on_event, on_connect, on_disconnect))
+    await asyncio.wait_for(resynced.wait(), 5)
+    assert (connects, disconnects, fake.connections) == (2, 1, 2)
+    assert seen == ["StasisEnd"]  # only what came after a successful resync
+    await client.close()
+    await asyncio.wait_for(task, 2)

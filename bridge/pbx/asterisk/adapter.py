@@ -3,13 +3,25 @@
 Ids are derived, so that a restarted daemon finds its objects again: the caller's bridge is
 `cb-<caller channel>`, its media channels `cbmedia-<caller channel>-<n>` (a fresh one for each
 attach: Asterisk refuses an id whose previous channel is still being torn down), outbound
-legs start with `cbleg-`, trunks are `cb-trunk-<trunk id>`.
+legs start with `cbleg-`, ringback playbacks carry the id the caller gives (`cbring-<transfer>`),
+trunks are `cb-trunk-<trunk id>`.
+
+What the adapter reports are facts (LegProgress for a 183 without 180, LegFailed with the Q.850
+cause, the SIP code and whether the failure is our own); classifying them is `bridge.calls`'
+job. Every ARI error leaves as ChannelGone, PbxUnavailable or PbxCommandFailed.
+
+Measured on 22.10.1 and relied on here (see dialplan/README.md): legs are created in Stasis
+before they are dialled, so they survive an answer during an ARI outage; their hangup handler
+records how they ended, read back after a reconnect; a new caller's take guard
+(TIMEOUT(absolute) before Stasis) is cleared on StasisStart, and a 409 there means the caller
+already went to the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.errors import PbxCommandFailed, PbxUnavailable
@@ -38,6 +50,7 @@ from bridge.pbx.ports import (
     EventSink,
     LegAnswered,
     LegFailed,
+    LegProgress,
     LegRinging,
     MediaAddress,
     PlaybackFinished,
@@ -48,6 +61,11 @@ log = get_logger(__name__)
 
 LEG_PREFIX = "cbleg-"
 MEDIA_PREFIX = "cbmedia-"
+LEG_END_CONTEXT = "callbridge-leg-end"  # the legs' hangup handler (extensions_callbridge.conf)
+LEG_RECORD_PREFIX = "CALLBRIDGE_LEG_"  # global variable it sets: cause,sip,state,epoch
+# Q.850 causes that say the failure is in our own PBX (no circuit/resource, no such endpoint,
+# channel unavailable) when no SIP response came back: not the destination's doing.
+LOCAL_CAUSES = frozenset({47, 58, 66, 81})
 
 
 def bridge_id(channel_id: str) -> str:
@@ -76,17 +94,24 @@ class AsteriskAdapter:
         *,
         inbound_context: str = "callbridge-inbound",
         blind_context: str = "callbridge-blind-transfer",
-        trunks: Any = None,
+        on_connected: Callable[[], None] | None = None,
+        provision_retry: float = 0.5,
     ) -> None:
         self.ari = client
         self.inbound_context = inbound_context
         self.blind_context = blind_context
-        # An async callable returning every TrunkSpec to (re)provision after a connect.
-        self._trunk_source = trunks
+        # Called (synchronously, it must not block) after each (re)connect once the calls are
+        # reconciled: the trunk reconciler hooks here.
+        self._on_connected = on_connected
+        self._provision_retry = provision_retry
+        self._provisioning: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
+        self._pending_legs: set[str] = set()  # created and not yet destroyed
         self._media_ready: dict[str, asyncio.Future[None]] = {}
-        self._hangup_causes: dict[str, int | None] = {}
+        self._stasis_ready: dict[str, asyncio.Future[None]] = {}  # legs being created
+        self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
         self._media: dict[str, str] = {}  # caller channel -> its media channel
         self._task: Any = None
 
@@ -100,8 +125,9 @@ class AsteriskAdapter:
 
     async def stop(self) -> None:
         await self.ari.close()
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._provisioning, *self._background):
+            if task is not None:
+                task.cancel()
 
     @property
     def connected(self) -> bool:
@@ -112,8 +138,31 @@ class AsteriskAdapter:
             await self._sink(event)
 
     async def _on_connect(self) -> None:
-        await self._provision_all()
-        channels = await self.ari.get("/channels")
+        """Resync after a (re)connect. Any failed request raises (AriClient then drops the
+        connection and connects again, so the daemon is never left half-connected); what the
+        PBX needs from us but calls do not (endpoints) is provisioned in the background."""
+        if self._provisioning is None or self._provisioning.done():
+            self._provisioning = asyncio.get_running_loop().create_task(
+                self._retry("cb-direct", self._provision_direct)
+            )
+        await self._reconcile_calls()
+        if self._on_connected is not None:
+            self._on_connected()
+
+    async def _retry(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` until it succeeds, backing off, for as long as the adapter runs."""
+        delay = self._provision_retry
+        while True:
+            try:
+                await step()
+                return
+            except (PbxUnavailable, PbxCommandFailed, ChannelGone) as exc:
+                log.warning("asterisk.provision_failed", what=what, error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _reconcile_calls(self) -> None:
+        channels = await self._call("GET", "/channels")
         live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
@@ -130,19 +179,57 @@ class AsteriskAdapter:
                 up = ch.get("state") == "Up"
                 if up:
                     self._answered_legs.add(cid)
+                self._pending_legs.add(cid)
                 legs.append((cid, up))
             elif dialplan.get("app_name") == "Stasis" and str(
                 dialplan.get("app_data", "")
             ).startswith(self.ari.app):
                 callers.append(_arrival(ch))
-        for bridge in await self.ari.get("/bridges"):
+        for bridge in await self._call("GET", "/bridges"):
             bid = str(bridge.get("id", ""))
             if bid.startswith("cb-") and bid[3:] not in live:  # its caller left meanwhile
                 try:
-                    await self.ari.delete(f"/bridges/{bid}")
-                except AriNotFound:
+                    await self._call("DELETE", f"/bridges/{bid}")
+                except ChannelGone:
                     pass
+        # Legs that ended while we were away: their hangup handler left the facts. Reported
+        # before ConnectionRestored, so the calls see the real outcome before they resume.
+        for leg in sorted(self._pending_legs - live):
+            await self._report_leg_record(leg)
         await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
+
+    async def _report_leg_record(self, leg: str) -> None:
+        var = f"{LEG_RECORD_PREFIX}{leg}"
+        value = str(
+            (await self._call("GET", "/asterisk/variable", variable=var) or {}).get("value") or ""
+        )
+        self._pending_legs.discard(leg)
+        if not value:
+            log.warning("asterisk.leg_lost", leg=leg)  # e.g. Asterisk restarted meanwhile
+            return
+        cause, sip_code, state = _leg_record(value)
+        log.info("asterisk.leg_ended_while_away", leg=leg, cause=cause, sip_code=sip_code)
+        if state == "Up" or leg in self._answered_legs:
+            self._answered_legs.discard(leg)
+            await self._emit(ChannelHungUp(leg, cause, "hung up while callbridge was disconnected"))
+        else:
+            local = sip_code is None and cause in LOCAL_CAUSES
+            await self._emit(LegFailed(leg, cause, None, sip_code, local=local))
+        self._forget_leg_record(leg)  # reported: unset it (a failure leaves it behind, no more)
+
+    def _forget_leg_record(self, leg: str) -> None:
+        """The leg's end was seen live: unset what its hangup handler recorded (in the
+        background; a failure leaves one global variable behind, nothing else)."""
+
+        async def unset() -> None:
+            try:
+                await self._call("POST", "/asterisk/variable", variable=f"{LEG_RECORD_PREFIX}{leg}")
+            except (PbxUnavailable, PbxCommandFailed, ChannelGone):
+                pass
+
+        task = asyncio.get_running_loop().create_task(unset())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_disconnect(self) -> None:
         await self._emit(ConnectionLost(""))
@@ -161,31 +248,45 @@ class AsteriskAdapter:
                     ready.set_result(None)
                 return
             if cid.startswith(LEG_PREFIX):
-                self._answered_legs.add(cid)
-                await self._emit(LegAnswered(cid))
+                # A leg is in Stasis from its creation (channels/create), not its answer.
+                leg_ready = self._stasis_ready.get(cid)
+                if leg_ready is not None and not leg_ready.done():
+                    leg_ready.set_result(None)
+                return
+            if not await self._take(cid):
                 return
             await self._emit(_arrival(channel))
         elif kind == "ChannelHangupRequest":
-            self._hangup_causes[cid] = event.get("cause")
+            self._hangup_causes[cid] = (event.get("cause"), _sip_code(event))
         elif kind == "StasisEnd":
             # Without subscribeAll the app is unsubscribed when a channel leaves Stasis, so a
             # caller's ChannelDestroyed may never come: a StasisEnd after a hangup request is
             # the hangup. (A channel we sent to the dialplan also ends its Stasis here; its
             # call has already moved on, so the event is ignored there.)
-            if cid.startswith(MEDIA_PREFIX) or cid not in self._hangup_causes:
+            # A leg stays in Stasis until it is destroyed: its ChannelDestroyed tells the end.
+            if cid.startswith((MEDIA_PREFIX, LEG_PREFIX)) or cid not in self._hangup_causes:
                 return
-            cause = self._hangup_causes.pop(cid)
+            cause, _ = self._hangup_causes.pop(cid)
             self._answered_legs.discard(cid)
             await self._emit(ChannelHungUp(cid, cause, None))
         elif kind == "ChannelStateChange" and cid.startswith(LEG_PREFIX):
-            if channel.get("state") == "Ringing":
+            state = channel.get("state")
+            if state == "Ringing":
                 await self._emit(LegRinging(cid))
+            elif state == "Up" and cid not in self._answered_legs:
+                self._answered_legs.add(cid)
+                await self._emit(LegAnswered(cid))
         elif kind == "Dial":
+            # Measured on 22.10.1: a 180 gives dialstatus RINGING (and a ChannelStateChange to
+            # Ringing), a 183 with SDP only dialstatus PROGRESS (the channel stays Down).
             peer = (event.get("peer") or {}).get("id", "")
-            if peer.startswith(LEG_PREFIX) and event.get("dialstatus") == "RINGING":
+            status = event.get("dialstatus")
+            if peer.startswith(LEG_PREFIX) and status == "RINGING":
                 await self._emit(LegRinging(peer))
+            elif peer.startswith(LEG_PREFIX) and status == "PROGRESS":
+                await self._emit(LegProgress(peer))
         elif kind == "ChannelDestroyed":
-            self._hangup_causes.pop(cid, None)
+            requested = self._hangup_causes.pop(cid, None)
             if cid.startswith(MEDIA_PREFIX):
                 if self._media.get(media_owner(cid)) == cid:
                     del self._media[media_owner(cid)]
@@ -193,8 +294,19 @@ class AsteriskAdapter:
             cause = event.get("cause")
             cause_text = event.get("cause_txt")
             sip_code = _sip_code(event)
+            if requested is not None and cid.startswith(LEG_PREFIX):
+                # Measured on 22.10.1: a final response from the far end (486, 603, 404, 480)
+                # comes first as a ChannelHangupRequest carrying its tech_cause; our own hangup
+                # (the dial timeout: cause 32, soft; a DELETE) carries none, and ChannelDestroyed
+                # then shows a tech_cause Asterisk derives from the cause (480 for 19) that no
+                # SIP peer sent (the destination answered our CANCEL with 487).
+                sip_code = requested[1]
+            if cid.startswith(LEG_PREFIX):
+                self._pending_legs.discard(cid)
+                self._forget_leg_record(cid)
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
-                await self._emit(LegFailed(cid, cause, cause_text, sip_code))
+                local = sip_code is None and cause in LOCAL_CAUSES
+                await self._emit(LegFailed(cid, cause, cause_text, sip_code, local=local))
             else:
                 self._answered_legs.discard(cid)
                 await self._emit(ChannelHungUp(cid, cause, cause_text))
@@ -205,6 +317,30 @@ class AsteriskAdapter:
                 await self._emit(PlaybackFinished(target[8:], playback.get("id", "")))
         elif kind == "ChannelDtmfReceived":
             await self._emit(DtmfReceived(cid, str(event.get("digit", ""))))
+
+    async def _take(self, channel_id: str) -> bool:
+        """Disarm the dialplan's take guard (TIMEOUT(absolute) set before Stasis, see
+        extensions_callbridge.conf) and check the caller is still ours: a caller that waited
+        longer than the guard while we were stopped or overloaded is in the fallback by now,
+        and must be left there. Setting a variable through ARI needs the channel in Stasis
+        (409 otherwise), so one request does both, without a race."""
+        try:
+            await self._raw(
+                "POST",
+                f"/channels/{channel_id}/variable",
+                variable="TIMEOUT(absolute)",
+                value="0",
+            )
+        except AriConflict:
+            log.warning("asterisk.caller_not_taken_in_time", channel=channel_id)
+            return False
+        except ChannelGone:
+            log.info("asterisk.caller_left_before_taken", channel=channel_id)
+            return False
+        except (PbxUnavailable, PbxCommandFailed) as exc:
+            # Take it anyway: if the guard fires meanwhile, the call's next verb fails.
+            log.warning("asterisk.take_guard_not_cleared", channel=channel_id, error=str(exc))
+        return True
 
     # --- verbs ------------------------------------------------------------------------------
 
@@ -220,11 +356,9 @@ class AsteriskAdapter:
     async def release(self, channel_id: str) -> None:
         await self.detach_media(channel_id)
         try:
-            await self.ari.delete(f"/bridges/{bridge_id(channel_id)}")
-        except AriNotFound:
+            await self._call("DELETE", f"/bridges/{bridge_id(channel_id)}")
+        except ChannelGone:
             pass
-        except AriUnavailable as exc:
-            raise PbxUnavailable(str(exc)) from exc
 
     async def continue_in_dialplan(self, channel_id: str, context: str, extension: str) -> None:
         await self._call(
@@ -287,15 +421,22 @@ class AsteriskAdapter:
             pass
 
     async def play_tone(self, channel_id: str, tone: str, playback_id: str) -> None:
-        await self._call("POST", f"/channels/{channel_id}/play/{playback_id}", media=f"tone:{tone}")
+        """The id is the caller's (derived from the transfer), so that a restarted daemon can
+        stop a tone an earlier process started: while a `tone:ring` playback runs, Asterisk
+        times out `answer` and `addChannel` on that channel."""
+        try:
+            await self._raw(
+                "POST", f"/channels/{channel_id}/play/{playback_id}", media=f"tone:{tone}"
+            )
+        except AriConflict as exc:
+            if "already exists" not in exc.message.lower():
+                raise PbxCommandFailed(str(exc)) from exc
 
     async def stop_playback(self, playback_id: str) -> None:
         try:
-            await self.ari.delete(f"/playbacks/{playback_id}")
-        except AriNotFound:
+            await self._call("DELETE", f"/playbacks/{playback_id}")
+        except ChannelGone:
             pass
-        except AriUnavailable as exc:
-            raise PbxUnavailable(str(exc)) from exc
 
     async def originate(
         self,
@@ -306,18 +447,51 @@ class AsteriskAdapter:
         ring_timeout: float,
         variables: dict[str, str] | None = None,
     ) -> None:
+        """Create the leg in our application, then dial it. A leg created this way is in
+        Stasis before it rings, so an answer while the ARI connection is down keeps it up (an
+        originate with `app=` enters Stasis at the answer and, with the app unregistered,
+        Asterisk hangs the destination up 2 ms after its 200 OK). Its hangup handler records
+        how it ended, for a leg that ends while we are away."""
         assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
-        await self._call(
-            "POST",
-            "/channels",
-            body={"variables": variables or {}},
-            endpoint=self.dial_string(target),
-            app=self.ari.app,
-            appArgs="leg",
-            channelId=leg_id,
-            timeout=max(1, round(ring_timeout)),
-            callerId=caller_number,
-        )
+        channel_vars = dict(variables or {})
+        channel_vars["CHANNEL(hangup_handler_push)"] = f"{LEG_END_CONTEXT},s,1"
+        if caller_number:
+            # PJSIP builds an outbound From from the connected line (measured: CALLERID alone
+            # gives "Anonymous" <sip:...@anonymous.invalid>); originate's callerId set both.
+            channel_vars["CALLERID(num)"] = caller_number
+            channel_vars["CONNECTEDLINE(num)"] = caller_number
+            channel_vars["CONNECTEDLINE(pres)"] = "allowed"
+        # The create returns before the channel is in Stasis (a dial right after it answers
+        # 409 "Channel not in Stasis application" now and then): wait for its StasisStart.
+        ready = self._stasis_ready[leg_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._call(
+                "POST",
+                "/channels/create",
+                body={"variables": channel_vars},
+                endpoint=self.dial_string(target),
+                app=self.ari.app,
+                appArgs="leg",
+                channelId=leg_id,
+            )
+            self._pending_legs.add(leg_id)
+            async with asyncio.timeout(5):
+                await ready
+        except TimeoutError as exc:
+            self._pending_legs.discard(leg_id)
+            await self.hangup(leg_id)
+            raise PbxCommandFailed("the new leg never entered Stasis") from exc
+        finally:
+            self._stasis_ready.pop(leg_id, None)
+        try:
+            await self._call(
+                "POST", f"/channels/{leg_id}/dial", timeout=max(1, round(ring_timeout))
+            )
+        except (PbxCommandFailed, PbxUnavailable, ChannelGone) as exc:
+            log.warning("asterisk.dial_failed", leg=leg_id, error=str(exc))
+            self._pending_legs.discard(leg_id)
+            await self.hangup(leg_id)
+            raise
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
@@ -396,19 +570,22 @@ class AsteriskAdapter:
             ("res_pjsip", "auth", f"{name}-auth"),
         ):
             try:
-                await self.ari.delete(f"/asterisk/config/dynamic/{module}/{kind}/{obj}")
-            except AriNotFound:
-                pass
-            except AriUnavailable as exc:
-                raise PbxUnavailable(str(exc)) from exc
-            except Exception as exc:
-                log.warning("asterisk.trunk_remove_failed", object=obj, error=str(exc))
+                await self._call("DELETE", f"/asterisk/config/dynamic/{module}/{kind}/{obj}")
+            except ChannelGone:
+                pass  # never provisioned (no auth, no registration)
         log.info("asterisk.trunk_removed", trunk=trunk_id)
 
-    async def _provision_all(self) -> None:
-        # cb-direct only dials SIP URIs for us. It has no auth, so an INVITE that names it
-        # (From user cb-direct) must not reach the inbound context: its context only hangs
-        # up, and it is identified by IP only, with no identify object to match.
+    async def provisioned_trunks(self) -> set[str]:
+        """Trunk ids of the `cb-trunk-*` endpoints Asterisk has now (memory objects included)."""
+        prefix = trunk_endpoint("")
+        endpoints = await self._call("GET", "/endpoints/PJSIP")
+        return {
+            str(e["resource"])[len(prefix) :]
+            for e in endpoints
+            if str(e.get("resource", "")).startswith(prefix)
+        }
+
+    async def _provision_direct(self) -> None:
         await self._dynamic(
             "endpoint",
             DIRECT_ENDPOINT,
@@ -421,29 +598,19 @@ class AsteriskAdapter:
                 "rtp_symmetric": "yes",
             },
         )
-        if self._trunk_source is None:
-            return
-        for spec in await self._trunk_source():
-            try:
-                await self.provision_trunk(spec)
-            except Exception as exc:
-                log.error("asterisk.trunk_provision_failed", trunk=spec.id, error=str(exc))
 
     async def _dynamic(
         self, kind: str, obj: str, fields: dict[str, str], module: str = "res_pjsip"
     ) -> None:
         body = {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]}
-        try:
-            await self.ari.put(f"/asterisk/config/dynamic/{module}/{kind}/{obj}", body)
-        except AriUnavailable as exc:
-            raise PbxUnavailable(str(exc)) from exc
+        await self._call("PUT", f"/asterisk/config/dynamic/{module}/{kind}/{obj}", body)
 
     # --- helpers ----------------------------------------------------------------------------
 
     async def _drop_channel(self, channel_id: str) -> None:
         try:
-            await self.ari.delete(f"/channels/{channel_id}")
-        except AriNotFound:
+            await self._call("DELETE", f"/channels/{channel_id}")
+        except ChannelGone:
             pass
         log.info("asterisk.orphan_channel_dropped", channel=channel_id)
 
@@ -451,20 +618,28 @@ class AsteriskAdapter:
         """The caller's mixing bridge, created on first use (and found again after a restart)."""
         bid = bridge_id(channel_id)
         try:
-            await self._call("POST", f"/bridges/{bid}", type="mixing", name=bid)
+            await self._raw("POST", f"/bridges/{bid}", type="mixing", name=bid)
         except AriConflict as exc:
             if "already exists" not in exc.message:
-                raise
+                raise PbxCommandFailed(str(exc)) from exc
         return bid
 
     async def _add_to_bridge(self, bid: str, channel_id: str) -> None:
+        """Add a channel to our bridge. 422 "not in Stasis" means the channel left our
+        application (hung up, or sent to the dialplan): it is gone for us."""
         try:
-            await self._call("POST", f"/bridges/{bid}/addChannel", channel=channel_id)
+            await self._raw("POST", f"/bridges/{bid}/addChannel", channel=channel_id)
         except AriConflict as exc:
-            if "already" not in exc.message.lower():
-                raise
+            text = exc.message.lower()
+            if "already" in text:
+                return
+            if "not in stasis" in text:
+                raise ChannelGone(exc.message) from exc
+            raise PbxCommandFailed(str(exc)) from exc
 
-    async def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+    async def _raw(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        """An ARI request with every error typed for the port, except conflicts (409/422),
+        which only the callers that expect one see (as `AriConflict`)."""
         try:
             return await self.ari.request(method, path, params=params, body=body)
         except AriNotFound as exc:
@@ -472,8 +647,16 @@ class AsteriskAdapter:
         except AriUnavailable as exc:
             raise PbxUnavailable(str(exc)) from exc
         except AriConflict:
-            raise  # callers that expect a conflict handle it; others see PbxCommandFailed
+            raise
         except AriError as exc:
+            raise PbxCommandFailed(str(exc)) from exc
+
+    async def _call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        """An ARI request whose errors are only the port's: ChannelGone (404),
+        PbxUnavailable (unreachable, timed out), PbxCommandFailed (anything else)."""
+        try:
+            return await self._raw(method, path, body, **params)
+        except AriConflict as exc:
             raise PbxCommandFailed(str(exc)) from exc
 
 
@@ -496,3 +679,18 @@ def _sip_code(event: dict[str, Any]) -> int | None:
         return int(value) if value else None
     except (TypeError, ValueError):
         return None
+
+
+def _leg_record(value: str) -> tuple[int | None, int | None, str]:
+    """`cause,sip status,state,epoch` as the leg's hangup handler writes it. The SIP status is
+    that of the last response: a provisional one (a 180 before our timeout) is no failure code."""
+    parts = [*value.split(","), "", "", "", ""][:4]
+
+    def number(text: str) -> int | None:
+        try:
+            return int(text)
+        except ValueError:
+            return None
+
+    sip = number(parts[1])
+    return number(parts[0]), sip if sip is not None and sip >= 300 else None, parts[2]

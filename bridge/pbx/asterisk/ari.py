@@ -135,16 +135,24 @@ class AriClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_delay)
                 continue
-            delay = self._initial_delay
             self.connected.set()
             log.info("ari.connected", url=ws_url, app=self.app)
             try:
-                await _guard(on_connect(), "on_connect")
-                async for msg in self._ws:
-                    if msg.type is aiohttp.WSMsgType.TEXT:
-                        await self._dispatch(msg.data, on_event)
-                    elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
-                        break
+                try:
+                    await on_connect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Half a resync is worse than none: drop this connection and start over
+                    # (with backoff), so that the next one resyncs from scratch.
+                    log.exception("ari.resync_failed", retry_in=delay)
+                else:
+                    delay = self._initial_delay
+                    async for msg in self._ws:
+                        if msg.type is aiohttp.WSMsgType.TEXT:
+                            await self._dispatch(msg.data, on_event)
+                        elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
+                            break
             except (aiohttp.ClientError, OSError) as exc:
                 log.warning("ari.websocket_error", error=repr(exc))
             finally:
@@ -155,6 +163,7 @@ class AriClient:
                 log.warning("ari.disconnected", retry_in=delay)
                 await _guard(on_disconnect(), "on_disconnect")
                 await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_delay)
 
     async def _dispatch(self, raw: str, on_event: EventHandler) -> None:
         try:
