@@ -125,7 +125,7 @@ async def test_blind_transfer_never_sets_a_dial_string_and_refuses_before_any_re
 async def test_cb_direct_is_provisioned_outbound_only() -> None:
     ari = _Recorder()
     adapter = AsteriskAdapter(ari)  # type: ignore[arg-type]
-    await adapter._provision_all()
+    await adapter._provision_direct()
     (method, path, body), *_ = ari.requests
     assert (method, path) == ("PUT", "/asterisk/config/dynamic/res_pjsip/endpoint/cb-direct")
     fields = {f["attribute"]: f["value"] for f in body["fields"]}
