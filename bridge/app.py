@@ -111,11 +111,17 @@ class Daemon:
         log.info("admission.policy", **admission.describe())
 
     def _build_pbx(self) -> PbxAdapter:
+        adapter = self._build_adapter()
+        # The directory's trunks, brought to the PBX on every connect (and retried there).
+        self.trunks = TrunkReconciler(adapter, self._trunk_specs)
+        return adapter
+
+    def _build_adapter(self) -> PbxAdapter:
         s = self.settings
         if s.pbx == "freeswitch":
             return build_freeswitch_adapter(
                 s.freeswitch,
-                trunks=self._trunk_specs,
+                on_connected=self._pbx_connected,
                 blind_context=s.transfer.blind_context,
                 fallback_context=s.calls.fallback_context,
             )
@@ -128,12 +134,9 @@ class Daemon:
             reconnect_initial_delay=s.ari.reconnect_initial_delay,
             reconnect_max_delay=s.ari.reconnect_max_delay,
         )
-        adapter = AsteriskAdapter(
+        return AsteriskAdapter(
             client, blind_context=s.transfer.blind_context, on_connected=self._pbx_connected
         )
-        # The directory's trunks, brought to the PBX on every connect (and retried there).
-        self.trunks = TrunkReconciler(adapter, self._trunk_specs)
-        return adapter
 
     def _pbx_connected(self) -> None:
         if self.trunks is not None:

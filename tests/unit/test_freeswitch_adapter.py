@@ -38,6 +38,7 @@ from bridge.pbx.ports import (
     PbxEvent,
     TrunkSpec,
 )
+from bridge.trunks.reconciler import TrunkReconciler
 from tests.support.daemon import wait_for
 from tests.support.esl_server import DATA_DIR, FakeEslServer, capture_events, capture_messages
 from tests.support.tcp_proxy import TcpProxy
@@ -655,24 +656,42 @@ async def test_unknown_gateway_group_is_a_typed_error(
 async def test_trunks_deleted_while_disconnected_are_removed_on_connect(
     server: FakeEslServer, tmp_path: Path
 ) -> None:
+    """The PBX-neutral trunk reconciler (bridge.trunks) on the FreeSWITCH adapter: a gateway
+    whose trunk was deleted while the daemon was away is removed on the next connect."""
     gw = tmp_path / "gw"
-    wanted = [TRUNK]
 
     async def trunks() -> list[TrunkSpec]:
-        return list(wanted)
+        return [TRUNK]  # "old" is no longer in the directory
 
-    sink = Sink()
-    adapter = await _adapter(server.port, sink, gw, trunks=trunks)
+    adapter = await _adapter(server.port, Sink(), gw)
     await adapter.provision_trunk(TrunkSpec("old", "10.0.0.1", 5060, "udp", "u", "pw", True))
     await adapter.stop()
     assert (gw / "cb-trunk-old.xml").exists()
-    second = await _adapter(server.port, Sink(), gw, trunks=trunks)  # "old" was deleted
+    reconciler: TrunkReconciler | None = None
+
+    def connected() -> None:
+        assert reconciler is not None
+        reconciler.kick()
+
+    second = FreeswitchAdapter(
+        "127.0.0.1",
+        server.port,
+        "pw",
+        gateway_dir=gw,
+        unicast_ports=(25400, 25409),
+        client_options={"backoff_initial": 0.05, "backoff_max": 0.2},
+        on_connected=connected,
+    )
+    reconciler = TrunkReconciler(second, trunks)
+    await second.start(Sink())
     try:
+        await asyncio.wait_for(reconciler.settled.wait(), 10)
         assert await second.provisioned_trunks() == {"t1"}
         assert not (gw / "cb-trunk-old.xml").exists()
         assert "cb-trunk-old" not in server.gateways
         assert "api sofia profile callbridge killgw cb-trunk-old" in server.commands
     finally:
+        await reconciler.close()
         await second.stop()
 
 

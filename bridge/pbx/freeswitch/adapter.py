@@ -17,7 +17,7 @@ import json
 import math
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ TONES = {"ring": RING_TONE}
 TONE_VAR = "callbridge_tone"  # on the caller: the playback id of its running tone
 GUARD_VAR = "callbridge_guard"  # set by the hook when it scheduled the fallback transfer
 CLAIM_REALM = "callbridge_owner"  # mod_hash realm: caller uuid -> the daemon that took it
-TrunkSource = Callable[[], Awaitable[list[TrunkSpec]]]
 
 
 class FreeswitchAdapter:
@@ -88,7 +87,7 @@ class FreeswitchAdapter:
         media_host: str | None = None,
         unicast_ports: tuple[int, int] = (24000, 24999),
         gateway_dir: Path | None = None,
-        trunks: TrunkSource | None = None,
+        on_connected: Callable[[], None] | None = None,
         heartbeat_var: str | None = "callbridge_seen",
         heartbeat_interval: float = 1.0,
         instance: str | None = None,
@@ -143,7 +142,8 @@ class FreeswitchAdapter:
         self._leases: dict[str, str] = {}  # parked caller uuid -> fallback extension
         self._lease_lock = asyncio.Lock()
         self._leases_renewed = 0.0
-        self._trunk_source = trunks
+        # Called on every (re)connect: the trunk reconciler (bridge.trunks) runs then.
+        self._on_connected = on_connected
         self._sink: EventSink | None = None
         self._callers: set[str] = set()
         self._legs: set[str] = set()  # originated, not yet ended
@@ -256,7 +256,8 @@ class FreeswitchAdapter:
         if state in (ConnectionState.CONNECTED, ConnectionState.RESTORED):
             try:
                 await self._heartbeat()
-                await self._provision_all()
+                if self._on_connected is not None:
+                    self._on_connected()
                 restored = await self._resync()
             except EslError as exc:  # dropped again meanwhile: LOST follows, then a retry
                 log.warning("freeswitch.resync_failed", error=str(exc))
@@ -668,19 +669,6 @@ class FreeswitchAdapter:
     async def provisioned_trunks(self) -> set[str]:
         """Ids of the trunks we have gateway files for (`cb-trunk-<id>.xml` in gateway_dir)."""
         return self.gateways.provisioned() if self.gateways is not None else set()
-
-    async def _provision_all(self) -> None:
-        """On every (re)connect: the trunk source's trunks are there, and gateways of trunks
-        deleted meanwhile are gone (a stale file would keep registering with its password)."""
-        if self._trunk_source is None or self.gateways is None:
-            return
-        specs = await self._trunk_source()
-        try:
-            await self.gateways.provision(specs)
-            for stale in sorted(self.gateways.provisioned() - {t.id for t in specs}):
-                await self.gateways.remove(stale)
-        except (PbxCommandFailed, ValueError, OSError) as exc:
-            log.error("freeswitch.trunks_not_provisioned", error=str(exc))
 
     # --- helpers ----------------------------------------------------------------------------
 

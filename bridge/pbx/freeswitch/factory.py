@@ -3,21 +3,22 @@ needs one call."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.config import FreeswitchSettings
-from bridge.pbx.freeswitch.adapter import FreeswitchAdapter, TrunkSource
+from bridge.pbx.freeswitch.adapter import FreeswitchAdapter
 
 
 def build_freeswitch_adapter(
     settings: FreeswitchSettings | Mapping[str, Any],
     *,
-    trunks: TrunkSource | None = None,
+    on_connected: Callable[[], None] | None = None,
     blind_context: str = "callbridge-blind-transfer",
     fallback_context: str = "callbridge-fallback",
 ) -> FreeswitchAdapter:
-    """A ready-to-start adapter; `trunks` lists every trunk to provision on each connect."""
+    """A ready-to-start adapter; `on_connected` runs on each (re)connect (the trunk
+    reconciler)."""
     s = (
         settings
         if isinstance(settings, FreeswitchSettings)
@@ -41,7 +42,7 @@ def build_freeswitch_adapter(
         lease_seconds=s.lease_seconds,
         fallback_context=fallback_context,
         heartbeat_interval=s.heartbeat_interval,
-        trunks=trunks,
+        on_connected=on_connected,
         client_options={
             "backoff_initial": s.reconnect_initial_delay,
             "backoff_max": s.reconnect_max_delay,
