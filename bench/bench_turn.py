@@ -91,8 +91,7 @@ def speech_end(pcm: bytes, threshold: int = 300) -> float:
 async def wait_quiet(peer: RtpPeer, quiet: float = 0.4, limit: float = 15.0) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        last = peer.packets[-1].arrival if peer.packets else 0.0
-        if time.monotonic() - last > quiet:
+        if peer.went_quiet(quiet):
             return
         await asyncio.sleep(0.05)
 

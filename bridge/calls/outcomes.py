@@ -106,10 +106,13 @@ def is_local(reason: str | None) -> bool:
 
 
 def timeout_outcome(*, rang: bool, progressed: bool) -> tuple[LegOutcome, str]:
-    """Our ring timeout ran out before the PBX reported anything final."""
+    """Our guard ran out (ring timeout plus a margin) before the PBX reported anything final.
+    The PBX enforces the ring timeout itself and reports the leg's end (a leg that never rang
+    ends with the PBX's own failure long before): if it reported nothing, its report was lost,
+    which is our fault, not the destination's, unless we saw it ring."""
     if rang or progressed:
         return LegOutcome.NO_ANSWER, "ring timeout"
-    return LegOutcome.UNREACHABLE, NEVER_RANG
+    return LegOutcome.FAILED, local_reason("the PBX reported nothing about the leg in time")
 
 
 def _name(text: str | None) -> str:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +158,8 @@ async def _call_flow(lab: AsteriskLab, api: Api) -> int:
 
 
 async def _quiet(peer: RtpPeer, gap: float = 0.4) -> None:
-    """Wait until the greeting is over: no audio packet for `gap` seconds."""
-
-    async def quiet() -> bool:
-        return bool(peer.packets) and time.monotonic() - peer.packets[-1].arrival > gap
-
-    await wait_for(quiet, "the greeting to end", timeout=15, every=0.05)
+    """Wait until the greeting is over: `gap` seconds of silence after speech."""
+    await wait_for(lambda: peer.went_quiet(gap), "the greeting to end", timeout=15, every=0.05)
 
 
 async def _loud(peer: RtpPeer) -> bool:

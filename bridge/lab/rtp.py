@@ -143,6 +143,32 @@ class RtpPeer:
                 out.append(alaw_decode(p.payload))
         return b"".join(out)
 
+    def went_quiet(self, gap: float, since: float | None = None, level: float = 100.0) -> bool:
+        """True once the peer has heard speech (since `since`) and the last `gap` seconds it
+        received are silent. Silence, not a pause in packets: callbridge keeps RTP flowing
+        with silence frames while the assistant says nothing."""
+        pcm = self.received_pcm(since=since)
+        tail = int(gap * 16000) // 2 * 2
+        if len(pcm) <= tail or rms(pcm[:-tail]) <= level:
+            return False
+        return rms(pcm[-tail:]) < level
+
+    def silence_began(self, after: float, gap: float, level: float = 100.0) -> float | None:
+        """Arrival time of the first packet after `after` that starts `gap` seconds of silent
+        audio (the assistant stopped talking), or None if there is no such run yet."""
+        start: float | None = None
+        for p in self.packets:
+            if p.arrival < after or p.payload_type not in (PT_PCMU, PT_PCMA):
+                continue
+            decode = ulaw_decode if p.payload_type == PT_PCMU else alaw_decode
+            if rms(decode(p.payload)) >= level:
+                start = None
+            elif start is None:
+                start = p.arrival
+            elif p.arrival - start >= gap:
+                return start
+        return None
+
     # ------------------------------------------------------------------ send
     def _packet(self, payload: bytes) -> bytes:
         b1 = (0x80 if self._marker else 0) | self.payload_type

@@ -11,7 +11,6 @@ trunk to a SIPp UAS.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -105,11 +104,9 @@ async def greeting_done(peer: RtpPeer, quiet: float = 0.4, timeout: float = 15) 
 
     await wait_for(heard, "the greeting", timeout=timeout)
 
-    async def quiet_now() -> bool:
-        last = peer.packets[-1].arrival if peer.packets else 0.0
-        return time.monotonic() - last > quiet
-
-    await wait_for(quiet_now, "the greeting to end", timeout=timeout, every=0.05)
+    await wait_for(
+        lambda: peer.went_quiet(quiet), "the greeting to end", timeout=timeout, every=0.05
+    )
 
 
 async def say(peer: RtpPeer, text: str, trailing_ms: int = 900) -> None:
@@ -346,11 +343,12 @@ async def test_barge_in_stops_the_assistant(asterisk_lab: Any, lab_daemon: Any) 
         started = time.monotonic()
         spoke_at = started + onset / 16000  # 2 bytes per sample, 8000 samples per second
         await peer.send_pcm(speech + silence(300))
-        # The assistant's audio stops: callbridge sends nothing once flushed, so the last
-        # packet before a gap is the end of the greeting (the reply to "hello" comes later).
-        after = [p.arrival for p in peer.packets if p.arrival >= spoke_at]
-        gaps = [(a, b) for a, b in itertools.pairwise(after) if b - a > 0.35]
-        stopped_at = gaps[0][0] if gaps else (after[-1] if after else spoke_at)
+        # The assistant's audio stops: once flushed, callbridge sends silence frames, so the
+        # first packet of a silent stretch is the end of the greeting (the reply to "hello"
+        # comes later).
+        stopped_at = await wait_for(
+            lambda: peer.silence_began(spoke_at, 0.35), "the greeting to stop", timeout=10
+        )
         latency = stopped_at - spoke_at
         print(f"barge-in: assistant audio stopped {latency * 1000:.0f} ms after speech onset")
         # Onset → SpeechStarted is min_speech_ms (200) by design; a functional bound only

@@ -90,9 +90,11 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        self.bodies: list[Any] = []
 
     async def request(self, method: str, path: str, params: Any = None, body: Any = None) -> Any:
         self.requests.append((method, path, dict(params or {})))
+        self.bodies.append(body)
         return {}
 
     async def delete(self, path: str) -> None:
@@ -126,8 +128,9 @@ async def test_cb_direct_is_provisioned_outbound_only() -> None:
     ari = _Recorder()
     adapter = AsteriskAdapter(ari)  # type: ignore[arg-type]
     await adapter._provision_direct()
-    (method, path, body), *_ = ari.requests
+    (method, path, _), *_ = ari.requests
     assert (method, path) == ("PUT", "/asterisk/config/dynamic/res_pjsip/endpoint/cb-direct")
+    body = ari.bodies[0]
     fields = {f["attribute"]: f["value"] for f in body["fields"]}
     assert fields["context"] == "callbridge-outbound-only"
     assert fields["identify_by"] == "ip"

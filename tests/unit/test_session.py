@@ -213,12 +213,18 @@ async def test_ring_guard_fails_back_to_the_assistant_with_no_answer(env: CallEn
     await until(lambda: env.settings.transfer.no_answer_message in env.tts.texts, "said")
 
 
-async def test_ring_guard_without_any_ring_is_unreachable(env: CallEnv) -> None:
+async def test_ring_guard_without_any_report_is_a_local_fault(env: CallEnv) -> None:
+    """The PBX reported neither ringing nor an end: its report was lost, not the
+    destination's doing."""
     session = await env.arrive()
     transfer = await env.transfer(session)
     session.post(TimerFired("ring_guard", transfer.id))
     t = (await settled(env, session.call.id))["transfers"][-1]
-    assert (t["outcome"], t["reason"]) == ("unreachable", "no response (it never rang)")
+    assert (t["outcome"], t["local_fault"]) == ("failed", True)
+    assert (
+        t["reason"]
+        == "local failure (not the destination's): the PBX reported nothing about the leg in time"
+    )
 
 
 async def test_603_is_declined(env: CallEnv) -> None:
