@@ -137,6 +137,7 @@ class _SippProcess:
             raise SippError("sipp not found: run scripts/install-asterisk.sh (package sip-tester)")
         self.scenario = path
         self.host = host
+        self._own_port = local_port is None  # ours to pick again if SIPp cannot bind it
         self.local_port = local_port or free_port()
         self.keys = {k: str(v) for k, v in (keys or {}).items()}
         self.extra_args = list(extra_args)
@@ -176,6 +177,19 @@ class _SippProcess:
         return args + self.extra_args
 
     async def start(self) -> None:
+        """Start SIPp and wait until it holds its port. A port we picked ourselves can be
+        taken between the pick and SIPp's bind (SIPp also binds media ports next to `-mp`):
+        then pick again, a few times."""
+        for attempt in range(3):
+            try:
+                await self._start_once()
+                return
+            except SippError:
+                if not self._own_port or attempt == 2 or "Unable to bind" not in self.output():
+                    raise
+                self.local_port = free_port()
+
+    async def _start_once(self) -> None:
         with open(self.workdir / "stdout.log", "wb") as out:  # noqa: ASYNC230 (tmpfs, tiny)
             self.proc = await asyncio.create_subprocess_exec(
                 *self._args(),
