@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge.calls.admission import turn_away
 from bridge.calls.conversation import ConversationFactory
-from bridge.calls.model import Call, CallStatus, utcnow
+from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.policy import TransferPolicy
 from bridge.calls.reconcile import Reconciler
@@ -31,6 +31,7 @@ from bridge.log import get_logger
 from bridge.media.rtp import MediaClock
 from bridge.pbx.ports import (
     CallArrived,
+    CallMissed,
     ChannelGone,
     ConnectionLost,
     ConnectionRestored,
@@ -95,6 +96,9 @@ class CallService:
     # --- routing ----------------------------------------------------------------------------
 
     async def on_pbx_event(self, event: PbxEvent) -> None:
+        if isinstance(event, CallMissed):
+            await self._record_missed(event)
+            return
         if isinstance(event, CallArrived):
             if event.channel_id not in self._by_channel:
                 await self.arrive(event)
@@ -160,6 +164,31 @@ class CallService:
             elif session is not None:
                 return  # its task owns the caller now
             await self.send_to_fallback(event.channel_id, event.called_number)
+
+    async def _record_missed(self, event: CallMissed) -> None:
+        """A caller the PBX's take guard sent to the fallback before we took it: nothing to
+        do for it, but it is recorded (an ended call with the reason), never unseen."""
+        reason = "not taken within the PBX's take guard: sent to the dialplan fallback"
+        log.warning("call.missed", channel=event.channel_id, called_number=event.called_number)
+        now = utcnow()
+        call = Call(
+            id=str(uuid.uuid4()),
+            pbx=self.pbx_name,
+            channel_id=event.channel_id,
+            status=CallStatus.ENDED,
+            started_at=now,
+            number=event.called_number,
+            caller_number=event.caller_number,
+            caller_name=event.caller_name,
+            ended_at=now,
+            end_reason=reason,
+        )
+        try:
+            await self.store.save_state(
+                call, events=[CallEvent("call.ended", now, {"reason": reason})]
+            )
+        except Exception as exc:
+            log.error("call.missed_not_recorded", channel=event.channel_id, error=str(exc))
 
     async def send_to_fallback(self, channel_id: str, number: str | None) -> None:
         try:

@@ -45,6 +45,23 @@ class CallArrived(PbxEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class CallMissed(CallArrived):
+    """A caller arrived for us, but the PBX's take guard had already sent it to the dialplan
+    fallback (the daemon was stopped or overloaded for longer than the guard). Nothing is
+    left to do for it but record it."""
+
+    @classmethod
+    def of(cls, arrival: CallArrived) -> CallMissed:
+        return cls(
+            arrival.channel_id,
+            arrival.called_number,
+            arrival.caller_number,
+            arrival.caller_name,
+            arrival.variables,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class LegRinging(PbxEvent):
     """An outbound leg we originated is ringing at the far end (180 Ringing)."""
 

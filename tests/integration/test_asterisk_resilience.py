@@ -477,14 +477,24 @@ async def test_a_caller_the_hung_daemon_does_not_take_reaches_the_fallback_withi
             gate.set()  # the daemon runs again and sees the StasisStart/StasisEnd it missed
 
             await wait_for(lambda: "StasisEnd" in handled, "the daemon to catch up")
-            # It did not take the caller back: no call record, the fallback ends the call.
-            assert (await api.ok("GET", "/calls"))["data"] == []
+            # It did not take the caller back, and it recorded why (no caller goes unseen);
+            # the fallback ends the call.
+            await assert_recorded_as_missed(api)
             await asyncio.wait_for(caller.wait(), 20)
             assert caller.got_bye()
     finally:
         gate.set()
         await api.close()
         await daemon.stop()
+
+
+async def assert_recorded_as_missed(api: Any) -> None:
+    """The only call record is the caller the take guard sent to the fallback, ended."""
+    (call,) = (await api.ok("GET", "/calls"))["data"]
+    assert call["status"] == "ended", call
+    assert call["end_reason"] == (
+        "not taken within the PBX's take guard: sent to the dialplan fallback"
+    ), call
 
 
 def log_sink(path: Path) -> IO[bytes]:
@@ -550,7 +560,7 @@ async def test_a_sigstopped_callbridge_process_leaves_new_callers_to_the_fallbac
                 return b"asterisk.caller_not_taken_in_time" in log_path.read_bytes()
 
             await wait_for(let_go, "the woken daemon to leave the caller alone", 15)
-            assert (await api.ok("GET", "/calls"))["data"] == []
+            await assert_recorded_as_missed(api)
             await asyncio.wait_for(caller.wait(), 20)
             assert caller.got_bye()  # the fallback's announcement ended the call
     finally:

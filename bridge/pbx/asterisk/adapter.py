@@ -41,6 +41,7 @@ from bridge.pbx.asterisk.dialing import (
 )
 from bridge.pbx.ports import (
     CallArrived,
+    CallMissed,
     ChannelGone,
     ChannelHungUp,
     ConnectionLost,
@@ -253,9 +254,10 @@ class AsteriskAdapter:
                 if leg_ready is not None and not leg_ready.done():
                     leg_ready.set_result(None)
                 return
-            if not await self._take(cid):
-                return
-            await self._emit(_arrival(channel))
+            taken = await self._take(cid)
+            if taken is None:
+                return  # the caller left
+            await self._emit(_arrival(channel) if taken else CallMissed.of(_arrival(channel)))
         elif kind == "ChannelHangupRequest":
             self._hangup_causes[cid] = (event.get("cause"), _sip_code(event))
         elif kind == "StasisEnd":
@@ -318,12 +320,13 @@ class AsteriskAdapter:
         elif kind == "ChannelDtmfReceived":
             await self._emit(DtmfReceived(cid, str(event.get("digit", ""))))
 
-    async def _take(self, channel_id: str) -> bool:
+    async def _take(self, channel_id: str) -> bool | None:
         """Disarm the dialplan's take guard (TIMEOUT(absolute) set before Stasis, see
         extensions_callbridge.conf) and check the caller is still ours: a caller that waited
         longer than the guard while we were stopped or overloaded is in the fallback by now,
         and must be left there. Setting a variable through ARI needs the channel in Stasis
-        (409 otherwise), so one request does both, without a race."""
+        (409 otherwise), so one request does both, without a race. True: ours; False: the
+        guard sent it to the fallback; None: the caller left."""
         try:
             await self._raw(
                 "POST",
@@ -336,7 +339,7 @@ class AsteriskAdapter:
             return False
         except ChannelGone:
             log.info("asterisk.caller_left_before_taken", channel=channel_id)
-            return False
+            return None
         except (PbxUnavailable, PbxCommandFailed) as exc:
             # Take it anyway: if the guard fires meanwhile, the call's next verb fails.
             log.warning("asterisk.take_guard_not_cleared", channel=channel_id, error=str(exc))

@@ -35,6 +35,7 @@ from bridge.pbx.freeswitch.esl_client import (
 from bridge.pbx.freeswitch.esl_protocol import EslEvent, encode_bgapi
 from bridge.pbx.freeswitch.gateways import SofiaGateways, dial_string, refer_uri
 from bridge.pbx.ports import (
+    CallMissed,
     ChannelGone,
     ChannelHungUp,
     ConnectionLost,
@@ -287,7 +288,10 @@ class FreeswitchAdapter:
                 self._legs.add(uuid)
                 legs.append((uuid, up))
             elif (row is None or row.get("direction") == "inbound") and await self._marked(uuid):
-                if not await self._claim(uuid, guarded=await self._guarded(uuid)):
+                claim = await self._claim(uuid, guarded=await self._guarded(uuid))
+                if claim is not True:
+                    if claim is None:
+                        await self._emit(CallMissed.of(fse.arrival_from_row(row or {"uuid": uuid})))
                     continue
                 self._callers.add(uuid)
                 await self._find_tone(uuid)
@@ -335,13 +339,14 @@ class FreeswitchAdapter:
 
     # --- claiming callers -------------------------------------------------------------------
 
-    async def _claim(self, uuid: str, *, guarded: bool) -> bool:
+    async def _claim(self, uuid: str, *, guarded: bool) -> bool | None:
         """Take the caller, atomically against other daemons on this FreeSWITCH:
         `hash insert_ifempty` (mod_hash, under a write lock) succeeds for one claimer only; a
         caller we claimed before (a restart, a resync) is ours again. Then, if the hook
         scheduled its fallback transfer (`sched_transfer`, group = the caller's uuid), cancel
         it: `sched_del` counts only tasks not yet run or deleted, so 0 means the fallback
-        took the caller already, and we let it go."""
+        took the caller already, and we let it go. True: ours; False: another daemon's;
+        None: the fallback has it."""
         fresh = True
         try:
             await self.client.api(f"hash insert_ifempty/{CLAIM_REALM}/{uuid}/{self.instance}")
@@ -364,7 +369,7 @@ class FreeswitchAdapter:
             if fse.deleted_count(reply) == 0:
                 log.info("freeswitch.caller_went_to_fallback", channel=uuid)
                 await self._unclaim(uuid)
-                return False
+                return None
         return True
 
     async def _unclaim(self, uuid: str) -> None:
@@ -412,6 +417,8 @@ class FreeswitchAdapter:
                 except EslError as exc:  # connection gone: the resync claims it later
                     log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
                     return
+                if mine is None:  # the hook's guard sent it to the fallback first
+                    await self._emit(CallMissed.of(arrived))
                 if not mine:
                     return
                 self._callers.add(uuid)
