@@ -102,12 +102,12 @@ class Daemon:
         backlog = getattr(stt, "backlog", None)
         admission = Admission(
             s,
-            active=lambda: len(calls._by_id),
+            active=lambda: calls.active_calls,
             lag=self.loop_lag,
             stt_backlog=(lambda: int(getattr(stt, "backlog", 0))) if backlog is not None else None,
             stt_workers=int(getattr(stt, "workers", 1)),
         )
-        calls.admission = admission  # type: ignore[attr-defined]
+        calls.admission = admission
         log.info("admission.policy", **admission.describe())
 
     def _build_pbx(self) -> PbxAdapter:
@@ -194,7 +194,7 @@ class Daemon:
             # The event-loop lag metric (worst of the admission window) and what admission
             # control refused so far, by rule.
             health["loop_lag_ms"] = round(self.loop_lag.lag_ms(), 1)
-            admission = getattr(self.calls, "admission", None)
+            admission = self.calls.admission if self.calls is not None else None
             if admission is not None:
                 health["calls_refused"] = dict(admission.refused)
         backlog = getattr(self.providers.stt if self.providers else None, "backlog", None)
@@ -211,7 +211,7 @@ class Daemon:
             await self.calls.stop()
         if self.loop_lag is not None:
             await self.loop_lag.stop()
-            admission = getattr(self.calls, "admission", None)
+            admission = self.calls.admission if self.calls is not None else None
             refused = dict(admission.refused) if admission is not None else {}
             log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
         if self.providers is not None:

@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from bridge.calls.admission import turn_away
+from bridge.calls.admission import Admission, turn_away
 from bridge.calls.conversation import ConversationFactory
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
@@ -77,6 +77,8 @@ class CallService:
         # Where a transfer may go (fail-closed); every transfer and destination test asks it.
         self.policy = TransferPolicy(settings.transfer, directory)
         self.reconciler = Reconciler(self)
+        # Admission control for arriving calls (set by the composition root); None: no limit.
+        self.admission: Admission | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -138,6 +140,11 @@ class CallService:
         """Stop routing a leg's events, unless it stays bridged (its hangup still matters)."""
         if not keep:
             self._by_channel.pop(leg_id, None)
+
+    @property
+    def active_calls(self) -> int:
+        """Calls this daemon serves now (admission control counts them)."""
+        return len(self._by_id)
 
     def forget(self, session: CallSession) -> None:
         self._by_id.pop(session.call.id, None)
@@ -241,7 +248,7 @@ class CallService:
             )
             await self._refuse(session, why)
             return
-        admission = getattr(self, "admission", None)  # bridge/calls/admission.py
+        admission = self.admission
         overloaded = admission.refuse_reason() if admission is not None else None
         if overloaded is not None:
             await turn_away(self, session, overloaded)

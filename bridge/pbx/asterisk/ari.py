@@ -94,7 +94,7 @@ class AriClient:
                     return None
                 return json.loads(text)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise AriUnavailable(f"ARI {method} {path}: {exc!r}") from exc
+            raise AriUnavailable(f"ARI {method} {path}: {_describe(exc)}") from exc
 
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, params=params)
@@ -131,7 +131,7 @@ class AriClient:
                     timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                 )
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                log.warning("ari.connect_failed", error=repr(exc), retry_in=delay)
+                log.warning("ari.connect_failed", error=_describe(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_delay)
                 continue
@@ -154,7 +154,7 @@ class AriClient:
                         elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
                             break
             except (aiohttp.ClientError, OSError) as exc:
-                log.warning("ari.websocket_error", error=repr(exc))
+                log.warning("ari.websocket_error", error=_describe(exc))
             finally:
                 self.connected.clear()
                 await self._ws.close()
@@ -191,6 +191,14 @@ async def _guard(awaitable: Awaitable[None], what: str) -> None:
         raise
     except Exception:
         log.exception("ari.handler_failed", handler=what)
+
+
+def _describe(exc: BaseException) -> str:
+    """An aiohttp error for a log line or a message: its kind and status, never its request,
+    whose headers carry the ARI credentials (`repr` of a handshake error shows them)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}: {exc.status} {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _param(value: Any) -> str:
