@@ -120,7 +120,6 @@ class Reconciler:
         session.transfer = transfers[-1] if transfers else None
         session.transfers_in_call = len(transfers)
         session.greeted = call.answered_at is not None  # mid-call: carry on, no new greeting
-        session.rebuilt = True  # a new process: what the old one did last may be half done
         return session
 
     async def _mark_lost(self, call: Call) -> None:

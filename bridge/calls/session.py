@@ -72,7 +72,6 @@ class CallSession(TransferSteps):
         self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
         self.greeted = False  # the conversation started once (a resume must not greet again)
         self._redial = False  # an originate failed with the PBX unreachable: retry on resume
-        self.rebuilt = False  # rebuilt from the store by a new daemon process
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -502,14 +501,6 @@ class CallSession(TransferSteps):
             self._ringback = transfer.ringback_id
             if self._redial and transfer.state is TransferState.DIALING:
                 await self._dial(retry=True)  # the PBX is back: place the leg now
-                return
-            if self.rebuilt and transfer.state is TransferState.DIALING and (
-                leg not in resume.answered_legs
-            ):
-                # The old process stopped while placing the leg: between saving "dialing" and
-                # creating the leg, or between creating and dialling it. Nothing would ever
-                # ring: place it again (the old leg, if any, is hung up first).
-                await self._replace_leg(leg if leg in resume.live_legs else None)
                 return
             if leg in resume.answered_legs:
                 if transfer.state is not TransferState.ANSWERED:

@@ -255,24 +255,6 @@ class TransferSteps(_Base):
         # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
         self._set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
 
-    async def _replace_leg(self, old_leg: str | None) -> None:
-        """Place the transfer's leg again under a new id, after a restart left it unplaced."""
-        transfer = self.transfer
-        assert transfer is not None and transfer.leg_id is not None
-        if old_leg is not None:
-            await self._quietly("hang up the unplaced leg", self.service.pbx.hangup(old_leg))
-        self.service.untrack_leg(transfer.leg_id, keep=False)
-        transfer.leg_id = f"cbleg-{uuid.uuid4()}"
-        self.service.track_leg(transfer.leg_id, cast("CallSession", self))
-        replaced = CallEvent(
-            "transfer.redialing",
-            utcnow(),
-            {"transfer_id": transfer.id, "leg": transfer.leg_id, "why": "daemon restart"},
-        )
-        await self._persist(transfer=True, event=replaced)
-        self._dial_deadline = None  # a full ring time for the new leg
-        await self._dial()
-
     def _release_claim(self) -> None:
         target, self._claimed = self._claimed, None
         policy = getattr(self.service, "policy", None)

@@ -411,16 +411,13 @@ async def test_end_survives_a_failing_release_and_hangup(env: CallEnv) -> None:
 # --- reconnects and restarts ----------------------------------------------------------------
 
 
-async def _ringing_then_restart(
-    env: CallEnv, *, rang: bool = True
-) -> tuple[Any, str, Any, FakePbx]:
+async def _ringing_then_restart(env: CallEnv) -> tuple[Any, str, Any, FakePbx]:
     session = await env.arrive()
     transfer = await env.transfer(session)
     leg = transfer.leg_id
     assert leg is not None
-    if rang:
-        await env.push(LegRinging(leg))
-        await until(lambda: transfer.state is TransferState.RINGING, "ringing")
+    await env.push(LegRinging(leg))
+    await until(lambda: transfer.state is TransferState.RINGING, "ringing")
     await env.service.stop()  # the daemon stops (or dies); the caller stays in the PBX
     pbx = FakePbx()
     env.service = env.new_service(pbx)
@@ -439,25 +436,6 @@ async def test_restart_during_ringing_resumes_and_bridges(env: CallEnv) -> None:
     assert pbx.verbs("stop_playback") == [(f"cbring-{transfer.id}",)]
     assert pbx.names().index("stop_playback") < pbx.names().index("connect")
     assert len(await env.store.list()) == 1  # no second call record
-
-
-@pytest.mark.parametrize("leg_still_there", [True, False])
-async def test_restart_while_dialing_places_the_leg_again(
-    env: CallEnv, leg_still_there: bool
-) -> None:
-    """Stopped between saving "dialing" and dialling (the leg created but never dialled, or
-    never created): nothing would ever ring, so the new process places a new leg."""
-    call_id, leg, _, pbx = await _ringing_then_restart(env, rang=False)
-    legs = ((leg, False),) if leg_still_there else ()
-    await env.push(ConnectionRestored("", callers=(env.arrival(),), legs=legs))
-    await until(lambda: pbx.verbs("originate"), "a new leg placed")
-    ((new_leg, *_),) = pbx.verbs("originate")
-    assert new_leg != leg and new_leg.startswith("cbleg-")
-    assert pbx.verbs("hangup") == ([(leg,)] if leg_still_there else [])
-    await env.push(LegAnswered(new_leg))
-    data = await settled(env, call_id)
-    assert (data["status"], data["transfers"][-1]["state"]) == ("transferred", "bridged")
-    assert "transfer.redialing" in [e["type"] for e in data["events"]]
 
 
 async def test_restart_with_a_leg_answered_meanwhile_connects_it(env: CallEnv) -> None:
