@@ -564,6 +564,11 @@ async def test_daemon_restart_during_a_transfer_never_leaves_endless_ringback(
             await start_transfer(api, call["id"], ring_timeout=20)
             data = await transfer_state(api, call["id"], moment)
             transfer_id = data["transfers"][-1]["id"]
+            # Stop once the leg is placed (its INVITE reached the destination). Stopping in
+            # the instant between "dialing" being saved and the leg being dialled leaves a
+            # leg nobody dials: the transfer then fails back after the ring guard (a known
+            # gap, see the issue-7 closing note), which is not what this test is about.
+            await wait_for(lambda: uas.invite is not None, "the INVITE at the destination")
             await api.close()
             await daemon.stop()
             daemon, api = await start_daemon(asterisk_lab, tmp_path)
