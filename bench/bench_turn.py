@@ -115,11 +115,11 @@ async def run_turns(
             start = time.monotonic()
             await peer.send_pcm(pcm + silence(tail_ms))
             await wait_quiet(peer)
-            replies = [p.arrival for p in peer.packets if p.arrival > start + end]
-            if not replies or len(call.turn_ends) == turns_before:
+            # The first loud packet: silence frames flow between replies.
+            first = peer.loud_since(start + end)
+            if first is None or len(call.turn_ends) == turns_before:
                 print(f"  no reply for {text!r}")
                 continue
-            first = replies[0]
             from_speech.append((first - (start + end)) * 1000)
             from_decision.append((first - call.turn_ends[turns_before]) * 1000)
         await call.close()

@@ -143,15 +143,28 @@ class RtpPeer:
                 out.append(alaw_decode(p.payload))
         return b"".join(out)
 
-    def went_quiet(self, gap: float, since: float | None = None, level: float = 100.0) -> bool:
-        """True once the peer has heard speech (since `since`) and the last `gap` seconds it
-        received are silent. Silence, not a pause in packets: callbridge keeps RTP flowing
-        with silence frames while the assistant says nothing."""
-        pcm = self.received_pcm(since=since)
-        tail = int(gap * 16000) // 2 * 2
-        if len(pcm) <= tail or rms(pcm[:-tail]) <= level:
-            return False
-        return rms(pcm[-tail:]) < level
+    # Callbridge keeps RTP flowing with silence frames while the assistant says nothing, so
+    # speech and its end are told by level, packet by packet, never by a pause in packets.
+
+    def _loud(self, p: RtpPacket, level: float) -> bool:
+        if p.payload_type == PT_PCMU:
+            return rms(ulaw_decode(p.payload)) >= level
+        if p.payload_type == PT_PCMA:
+            return rms(alaw_decode(p.payload)) >= level
+        return False
+
+    def loud_since(self, since: float, level: float = 300.0) -> float | None:
+        """Arrival time of the first loud packet after `since` (speech, not silence)."""
+        return next(
+            (p.arrival for p in self.packets if p.arrival > since and self._loud(p, level)), None
+        )
+
+    def went_quiet(self, gap: float, level: float = 100.0) -> bool:
+        """True once the peer has heard speech and nothing loud for the last `gap` seconds."""
+        for p in reversed(self.packets):
+            if self._loud(p, level):
+                return time.monotonic() - p.arrival >= gap
+        return False
 
     def silence_began(self, after: float, gap: float, level: float = 100.0) -> float | None:
         """Arrival time of the first packet after `after` that starts `gap` seconds of silent
@@ -160,8 +173,7 @@ class RtpPeer:
         for p in self.packets:
             if p.arrival < after or p.payload_type not in (PT_PCMU, PT_PCMA):
                 continue
-            decode = ulaw_decode if p.payload_type == PT_PCMU else alaw_decode
-            if rms(decode(p.payload)) >= level:
+            if self._loud(p, level):
                 start = None
             elif start is None:
                 start = p.arrival
