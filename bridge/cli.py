@@ -90,8 +90,10 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.agent.providers import LlmProviders
     from bridge.directory.service import DirectoryService
     from bridge.errors import BridgeError
+    from bridge.log import configure_logging
     from bridge.store.db import Database
 
+    configure_logging("console", "warning")  # stdout is the conversation
     db = await Database.open(settings.database)
     llms = LlmProviders(settings)
     try:
