@@ -8,6 +8,11 @@ conversation through `ChatConsole.send`, the code path of `POST /assistants/{id}
 
     python -m bridge.agent.evaluate tests/eval/*.json            # the table (markdown)
     python -m bridge.agent.evaluate --provider ollama --model llama3.1 tests/eval/*.json
+    python -m bridge.agent.evaluate --spoken 12 tests/eval/*.json   # spoken variants
+
+`--spoken N` speaks N cases of each file (spread over it, always including the issue's four
+questions) with flite (kal, 8 kHz), through G.711 µ-law, and lets whisper (the offline STT,
+with the call's vocabulary prompt) hear them: the console then gets what a call would.
 
 `--provider NAME` replaces the assistants' `local` provider with an OpenAI-compatible
 endpoint from the configuration (`llm.endpoints.NAME`, else `llm.base_url`), so the same set
@@ -57,6 +62,7 @@ class Outcome:
     case: Case
     got: str
     replies: list[str] = field(default_factory=list)
+    heard: str | None = None  # what the STT made of `case.say` (spoken runs)
 
     @property
     def right(self) -> bool:
@@ -107,6 +113,7 @@ async def run_suite(
     outcomes: list[Outcome] = []
     for case in suite.cases:
         conversation: str | None = None
+        heard = case.say
         for text in (*case.before, case.say):
             heard = text if say is None else await _maybe_await(say(text))
             turn = await console.send(suite.assistant.id, heard, conversation)
@@ -115,7 +122,7 @@ async def run_suite(
         for action in turn.actions:
             got = END if action["type"] == "end_call" else f"transfer:{keys[action['destination']]}"
         replies = [r for r in turn.replies if r != suite.assistant.first_message]
-        outcomes.append(Outcome(suite.name, case, got, replies))
+        outcomes.append(Outcome(suite.name, case, got, replies, heard if say is not None else None))
     return outcomes
 
 
@@ -196,14 +203,69 @@ def markdown(outcomes: Sequence[Outcome]) -> str:
     if wrong:
         lines += ["", "Wrong:", ""]
         for o in wrong:
+            heard = f" (heard {o.heard!r})" if o.heard is not None else ""
             lines.append(
-                f"- {o.suite}: {o.case.say!r} → {o.got} (want {o.case.expect}) {o.replies}"
+                f"- {o.suite}: {o.case.say!r}{heard} → {o.got} (want {o.case.expect}) {o.replies}"
             )
     return "\n".join(lines)
 
 
 def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.1f} %" if b else "-"
+
+
+ISSUE_QUESTIONS = (
+    "What are your opening hours?",
+    "Where is your office?",
+    "Do you have a warranty?",
+    "Can I return a product?",
+)
+
+
+def spoken_subset(suite: Suite, n: int) -> Suite:
+    """`n` cases spread over the file, plus the issue's four questions where present."""
+    step = max(1, len(suite.cases) // max(1, n))
+    picked = suite.cases[::step][:n]
+    picked += [c for c in suite.cases if c.say in ISSUE_QUESTIONS and c not in picked]
+    return Suite(suite.name, suite.assistant, picked)
+
+
+class SpokenEar:
+    """flite → 8 kHz G.711 µ-law → whisper, as a caller's words reach the assistant."""
+
+    def __init__(self, suite: Suite) -> None:
+        from bridge.speech.stt import vocabulary_prompt
+        from bridge.speech.whisper import WhisperStt
+
+        tools = Toolset.from_assistant_tools(suite.assistant.llm_config.tools)
+        self.prompt = vocabulary_prompt(d.description for d in tools.destinations.values())
+        self.stt = WhisperStt()
+        self.decode_s: list[float] = []
+
+    @staticmethod
+    def speak(text: str) -> bytes:
+        import io
+        import subprocess
+        import wave
+
+        from bridge.media import g711
+        from bridge.media.resample import resample
+
+        argv = ["flite", "-voice", "kal", "-t", text, "-o", "/dev/stdout"]
+        out = subprocess.run(argv, check=True, capture_output=True, timeout=30).stdout
+        with wave.open(io.BytesIO(out)) as wav:
+            pcm, rate = wav.readframes(wav.getnframes()), wav.getframerate()
+        pcm = resample(pcm, rate, 8000)
+        return g711.ulaw_decode(g711.ulaw_encode(pcm))
+
+    async def __call__(self, text: str) -> str:
+        import time
+
+        pcm = self.speak(text)
+        started = time.perf_counter()
+        transcript = await self.stt.transcribe(pcm, 8000, self.prompt)
+        self.decode_s.append(time.perf_counter() - started)
+        return transcript.text.strip()
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -217,9 +279,22 @@ async def _main(args: argparse.Namespace) -> int:
     llms = LlmProviders(settings)
     try:
         outcomes: list[Outcome] = []
+        decode: list[float] = []
         for path in args.files:
             suite = load_suite(Path(path), args.provider, args.model)
-            outcomes += await run_suite(suite, llms.llm_for, settings.agent)
+            if args.spoken:
+                suite = spoken_subset(suite, args.spoken)
+                ear = SpokenEar(suite)
+                outcomes += await run_suite(suite, llms.llm_for, settings.agent, say=ear)
+                decode += ear.decode_s
+            else:
+                outcomes += await run_suite(suite, llms.llm_for, settings.agent)
+        if decode:
+            decode.sort()
+            print(
+                f"whisper: {len(decode)} utterances, decode p50"
+                f" {1000 * decode[len(decode) // 2]:.0f} ms, max {1000 * decode[-1]:.0f} ms\n"
+            )
     finally:
         await llms.aclose()
     print(markdown(outcomes))
@@ -236,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML configuration (LLM endpoints)")
     parser.add_argument("--provider", help="run with this OpenAI-compatible provider instead")
     parser.add_argument("--model")
+    parser.add_argument(
+        "--spoken",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speak N cases per file through flite, G.711 and whisper",
+    )
     return asyncio.run(_main(parser.parse_args(argv)))
 
 
