@@ -309,9 +309,14 @@ class LocalRouter:
         if _HUMAN_ASK.search(said):
             # "someone in billing" is a billing request; "a human, please" is not.
             rest = _HUMAN_ASK.sub(" ", said)
-            named = self._named(re.findall(r"[a-z']+", rest), choices, request=True)
+            rest_words = re.findall(r"[a-z']+", rest)
+            named = self._named(rest_words, choices, request=True)
             if named is not None:
                 return named
+            if _words(rest) - _FILLERS and choices:  # "someone to help with my invoice"
+                about = self._by_meaning(rest, rest_words, choices, Context(), None)
+                if about.action == "transfer":
+                    return about
             if human is not None:
                 return Route("transfer", human, rule="human")
             if choices:

@@ -93,6 +93,15 @@ async def test_a_person_is_the_person_like_destination_else_a_question(
     assert intents == [] and "Which would you like?" in text
 
 
+async def test_someone_about_a_topic_is_that_topic(router: LocalRouter) -> None:
+    for said, key in [
+        ("Can someone help me with my invoice?", "billing_department"),
+        ("I need to talk to somebody about a quote", "sales_team"),
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
 async def test_two_unanswered_questions_offer_the_person_and_yes_transfers(
     router: LocalRouter,
 ) -> None:
