@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.agent.chat import ChatConsole
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
 from bridge.api.server import create_api_app
@@ -76,7 +77,12 @@ class Daemon:
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
         self._start_admission()
         await self.calls.start()
-        app = create_api_app(self.directory, self.calls, self.db, health=self._health)
+        chat = (
+            ChatConsole(self.directory.get_assistant, self.providers.llm_for, s.agent)
+            if self.providers is not None
+            else None
+        )
+        app = create_api_app(self.directory, self.calls, self.db, health=self._health, chat=chat)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.api.host, s.api.port)

@@ -29,20 +29,61 @@ def _secret(value: Any) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-class AgentProviders:
-    """Builds providers from the settings; `llm_for(provider, model)` per assistant."""
+class LlmProviders:
+    """The LLM providers alone (what the chat console needs): `llm_for(provider, model)`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.router = LocalRouter()
         self._http: aiohttp.ClientSession | None = None
         self._llms: dict[tuple[str, str], OpenAICompatLlm] = {}
-        self.stt: SttProvider = self._build_stt()
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession()
         return self._http
+
+    def llm_for(self, provider: str, model: str | None) -> LlmProvider:
+        """ "local" → the deterministic router (not an LLM); any other name → the
+        OpenAI-compatible endpoint configured under that name, else the default one."""
+        if provider == LOCAL:
+            return self.router
+        s = self.settings.llm
+        model = model or s.default_model
+        key = (provider, model)
+        llm = self._llms.get(key)
+        if llm is None:
+            endpoint = s.endpoints.get(provider)
+            base_url = endpoint.base_url if endpoint else s.base_url
+            api_key = _secret(endpoint.api_key if endpoint else s.api_key)
+            api_version = endpoint.api_version if endpoint else s.api_version
+            llm = OpenAICompatLlm(
+                base_url=base_url,
+                model=model,
+                api_key=api_key,
+                api_version=api_version,
+                first_token_timeout=s.first_token_timeout,
+                total_timeout=s.total_timeout,
+                temperature=s.temperature,
+                max_tokens=s.max_tokens,
+                session=self._session(),
+            )
+            self._llms[key] = llm
+        return llm
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self._llms.clear()
+
+
+class AgentProviders(LlmProviders):
+    """Builds providers from the settings; `llm_for(provider, model)` per assistant."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.stt: SttProvider = self._build_stt()
 
     def _build_stt(self) -> SttProvider:
         s = self.settings.stt
@@ -78,34 +119,6 @@ class AgentProviders:
         )
         return TurnDetector(make_vad(v.engine, 8000), config)
 
-    def llm_for(self, provider: str, model: str | None) -> LlmProvider:
-        """ "local" → the deterministic router (not an LLM); any other name → the
-        OpenAI-compatible endpoint configured under that name, else the default one."""
-        if provider == LOCAL:
-            return self.router
-        s = self.settings.llm
-        model = model or s.default_model
-        key = (provider, model)
-        llm = self._llms.get(key)
-        if llm is None:
-            endpoint = s.endpoints.get(provider)
-            base_url = endpoint.base_url if endpoint else s.base_url
-            api_key = _secret(endpoint.api_key if endpoint else s.api_key)
-            api_version = endpoint.api_version if endpoint else s.api_version
-            llm = OpenAICompatLlm(
-                base_url=base_url,
-                model=model,
-                api_key=api_key,
-                api_version=api_version,
-                first_token_timeout=s.first_token_timeout,
-                total_timeout=s.total_timeout,
-                temperature=s.temperature,
-                max_tokens=s.max_tokens,
-                session=self._session(),
-            )
-            self._llms[key] = llm
-        return llm
-
     async def warm_up(self) -> None:
         """Load every local model now, so the first call does not wait ~1.5 s for them."""
         try:
@@ -123,7 +136,4 @@ class AgentProviders:
     async def aclose(self) -> None:
         if isinstance(self.stt, OpenAiStt):
             await self.stt.aclose()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        self._llms.clear()
+        await super().aclose()

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bridge.api import http
+from bridge.api import chat, http
 from bridge.api.schemas import (
     AssistantOut,
     CallDetail,
@@ -125,6 +125,9 @@ ROUTES: list[Route] = [
     Route("GET", "/transfers/stats", http.transfer_stats, "transfer_stats",
           "Transfer monitoring: rates and outcomes, per destination", "calls",
           response=TransferStats, query=TransferStatsQuery),
+    Route("POST", "/assistants/{id}/chat", chat.chat, "chat_with_assistant",
+          "Text test console: one caller message, the replies and actions (not executed)",
+          "assistants", request=chat.ChatRequest, response=chat.ChatReply, errors=(409,)),
     Route("GET", "/health", http.health, "health", "Liveness and PBX connection state",
           "service", response=Health, public=True),
     Route("GET", "/openapi.json", http.openapi, "openapi", "This API as OpenAPI 3.1",

@@ -6,6 +6,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
 
+from bridge.agent.chat import ChatConsole
+from bridge.api.chat import CHAT
 from bridge.api.http import CALLS, DB, DIRECTORY, HEALTH, MAX_BODY, OPENAPI
 from bridge.api.middleware import PUBLIC_PATHS, auth_middleware, error_middleware
 from bridge.api.openapi import build_openapi
@@ -31,6 +33,7 @@ def create_api_app(
     *,
     health: HealthProbe | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    chat: ChatConsole | None = None,
 ) -> web.Application:
     """The API under `/api/v1`. `db` is only used to check API keys; `health` adds facts
     (e.g. the PBX connection) to GET /api/v1/health."""
@@ -41,6 +44,7 @@ def create_api_app(
     app[CALLS] = calls
     app[DB] = db
     app[HEALTH] = health
+    app[CHAT] = chat  # the text test console (None: agent disabled, chat answers 409)
     app[MAX_BODY] = max_body_bytes
     app[PUBLIC_PATHS] = frozenset(r.full_path for r in ROUTES if r.public)
     app[OPENAPI] = build_openapi(ROUTES, version=_version())

@@ -1,0 +1,63 @@
+"""`callbridge chat ASSISTANT_ID` as a real process: the caller's lines on stdin, the replies
+and reported actions on stdout, on the daemon's database (no daemon, key or PBX needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from bridge.directory.models import AssistantIn
+from bridge.directory.service import DirectoryService
+from bridge.store.db import Database
+
+
+async def _run(env: dict[str, str], *args: str, stdin: bytes) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_chat_in_a_terminal(tmp_path: Path) -> None:
+    database = tmp_path / "cb.sqlite3"
+    db = await Database.open(database)
+    assistant = await DirectoryService(db).create_assistant(
+        AssistantIn.model_validate(
+            {
+                "name": "Acme",
+                "first_message": "Welcome to Acme.",
+                "llm_config": {
+                    "provider": "local",
+                    "tools": [
+                        {
+                            "type": "transfer_call",
+                            "destinations": [
+                                {"number": "+31612345678", "description": "Sales team"},
+                                {"number": "+31698765432", "description": "Billing department"},
+                            ],
+                        }
+                    ],
+                },
+                "knowledge": [{"question": "When are you open?", "answer": "Nine to five."}],
+            }
+        )
+    )
+    await db.close()
+    env = {**os.environ, "CALLBRIDGE_DATABASE": str(database), "PYTHONPATH": os.getcwd()}
+    code, out, err = await _run(
+        env, "chat", assistant.id, stdin=b"What are your opening hours?\nbilling please\n"
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == ["assistant> Welcome to Acme.", "assistant> Nine to five."]
+    assert "[transfer to +31698765432 (Billing department) - reported, not dialled]" in lines
+    assert "not executed" in err
+
+    code, out, err = await _run(env, "chat", "nope", stdin=b"hi\n")
+    assert code == 1 and "nope" in err and out == ""
