@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
+from bridge.api.ops import OpsContext
 from bridge.api.server import create_api_app
 from bridge.calls.admission import Admission, LoopLagMonitor
 from bridge.calls.service import CallService, trunk_spec
@@ -19,6 +20,8 @@ from bridge.config import Settings
 from bridge.directory.models import Trunk
 from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
+from bridge.ops.metrics import Metrics
+from bridge.ops.webhooks import WebhookService, WebhookWorker, outbox_statements
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
@@ -44,6 +47,8 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.trunks: TrunkReconciler | None = None
+        self.metrics: Metrics | None = None
+        self.webhooks: WebhookWorker | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -53,14 +58,16 @@ class Daemon:
             self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
         )
         tts = self._build_tts()
+        store = CallStore(self.db)
         self.calls = CallService(
             settings=s,
             pbx=pbx,
             pbx_name=s.pbx,
-            store=CallStore(self.db),
+            store=store,
             directory=self.directory,
             tts=tts,
         )
+        ops = self._start_ops(store)
         # The toll-fraud policy in force, logged once (allow_any loudly); the URI parameters it
         # allows also hold for API input and stored destinations.
         configure_uri_params(s.transfer.allowed_uri_params)
@@ -76,7 +83,7 @@ class Daemon:
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
         self._start_admission()
         await self.calls.start()
-        app = create_api_app(self.directory, self.calls, self.db, health=self._health)
+        app = create_api_app(self.directory, self.calls, self.db, health=self._health, ops=ops)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.api.host, s.api.port)
@@ -89,6 +96,38 @@ class Daemon:
             api=f"http://{s.api.host}:{self.api_port}",
             pbx=s.pbx,
             database=str(s.database),
+        )
+
+    def _start_ops(self, store: CallStore) -> OpsContext:
+        """Issue 10: metrics and webhooks, both fed by the call store's commits."""
+        assert self.db is not None
+        s = self.settings
+        calls = self.calls
+        if s.metrics.enabled:
+
+            def active() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for session in calls.sessions() if calls is not None else []:
+                    key = session.call.assistant_id or "none"
+                    counts[key] = counts.get(key, 0) + 1
+                return counts
+
+            self.metrics = Metrics(
+                s.pbx, active=active, connected=lambda: bool(calls and calls.connected)
+            )
+            store.subscribe(self.metrics.on_change)
+        service = None
+        if s.webhooks.enabled:
+            self.webhooks = WebhookWorker(self.db, s.webhooks)
+            store.subscribe(self.webhooks.on_change, in_transaction=outbox_statements)
+            self.webhooks.start()  # sends what a previous run left in the outbox
+            service = WebhookService(self.db, on_change=self.webhooks.kick)
+        token = s.metrics.token.get_secret_value() if s.metrics.token else None
+        return OpsContext(
+            self.metrics,
+            service,
+            metrics_token=token,
+            metrics_allow_loopback=s.metrics.allow_loopback,
         )
 
     def _start_admission(self) -> None:
@@ -139,6 +178,8 @@ class Daemon:
         )
 
     def _pbx_connected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pbx_connected()
         if self.trunks is not None:
             self.trunks.kick()
 
@@ -209,6 +250,8 @@ class Daemon:
             await self.trunks.close()
         if self.calls is not None:
             await self.calls.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()  # undelivered rows stay in the outbox for the next run
         if self.loop_lag is not None:
             await self.loop_lag.stop()
             admission = self.calls.admission if self.calls is not None else None
