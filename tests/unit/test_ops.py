@@ -470,10 +470,14 @@ async def test_metrics_endpoint_auth_and_request_counts(
 
 
 async def test_ui_files_are_served_without_a_key(client: tuple[TestClient, str, Metrics]) -> None:
-    c, _, _ = client
+    c, key, _ = client
     resp = await c.get("/ui/")
     assert resp.status == 200 and "callbridge" in await resp.text()
     assert (await c.get("/ui/app.js")).status == 200
-    assert (await c.get("/ui/../app.py")).status == 404
+    # Only the page's own files are public; anything else under /ui is never read.
+    assert (await c.get("/ui/app.py")).status == 401
+    auth = {"Authorization": f"Bearer {key}"}
+    assert (await c.get("/ui/app.py", headers=auth)).status == 404
+    assert (await c.get("/ui/%2e%2e%2fapp.py", headers=auth)).status == 404
     resp = await c.get("/ui", allow_redirects=False)
     assert resp.status == 302 and resp.headers["Location"] == "/ui/"
