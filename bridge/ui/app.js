@@ -256,9 +256,11 @@ async function loadAnalytics() {
     chart("chart-destinations", data.destinations,
       (g) => `${g.transfers} · ${Math.round(g.answer_rate * 100)}% answered${ring(g)}`);
     const reasons = data.assistants.flatMap((a) => a.reasons.map((r) => ({ ...r, who: a.name || a.id })));
-    $("reasons").replaceChildren(...reasons.filter((r) => r.caller_said.length).map((r) =>
+    const said = reasons.filter((r) => r.caller_said.length).map((r) =>
       el("li", {}, el("b", {}, `“${r.caller_said.join(" … ")}”`),
-        ` → ${r.destination} (${r.outcome}, ${r.who}, ${time(r.at)})`)));
+        ` → ${r.destination} (${r.outcome}, ${r.who}, ${time(r.at)})`));
+    $("reasons").replaceChildren(...(said.length ? said : [el("li", { class: "muted" },
+      "No caller words before a transfer in this range (e.g. transfers made from the API before the caller spoke).")]));
   } catch (err) {
     $("chart-assistants").textContent = `error: ${err.message}`;
   }

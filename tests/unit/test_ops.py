@@ -481,3 +481,22 @@ async def test_ui_files_are_served_without_a_key(client: tuple[TestClient, str, 
     assert (await c.get("/ui/%2e%2e%2fapp.py", headers=auth)).status == 404
     resp = await c.get("/ui", allow_redirects=False)
     assert resp.status == 302 and resp.headers["Location"] == "/ui/"
+
+
+# --- the README's receiver ----------------------------------------------------------------------
+
+
+def test_the_readme_receiver_verifies_our_signature() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Operating callbridge", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.rstrip().endswith("serve_forever()")
+    namespace: dict[str, Any] = {}
+    exec(code.rstrip().rsplit("\n", 1)[0], namespace)  # all but the server's start
+    secret = namespace["SECRET"].decode()
+    body = b'{"id":"evt_1","type":"transfer.completed"}'
+    now = int(time.time())
+    assert namespace["verified"](sign(secret, now, body), body)
+    assert not namespace["verified"](sign(secret, now, body), body + b" ")
+    assert not namespace["verified"](sign(secret, now - 3600, body), body)
+    assert not namespace["verified"]("", body)
