@@ -244,17 +244,19 @@ class Metrics:
         if role == "tool_call":
             self.tool_calls.labels(str(data.get("tool") or "unknown")).inc()
             return
+        if role == "caller" and isinstance(data.get("stt_ms"), int | float):
+            self.stt_seconds.observe(data["stt_ms"] / 1000)  # every heard turn has one
+            return
         latency = data.get("latency_ms")
         if role != "assistant" or not isinstance(latency, dict):
             return
-        # Marks are milliseconds from the end of the caller's speech (bridge.agent.voice).
+        # Marks are milliseconds from the end of the caller's speech (bridge.agent.voice); a
+        # turn that only calls a tool has no spoken reply, hence no assistant entry.
         stt, llm, say = latency.get("stt"), latency.get("llm"), latency.get("say")
         if isinstance(say, int | float):
             self.turn_latency.observe(say / 1000)
-        if isinstance(stt, int | float):
-            self.stt_seconds.observe(stt / 1000)
-            if isinstance(llm, int | float) and llm >= stt:
-                self.llm_seconds.observe((llm - stt) / 1000)
+        if isinstance(stt, int | float) and isinstance(llm, int | float) and llm >= stt:
+            self.llm_seconds.observe((llm - stt) / 1000)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

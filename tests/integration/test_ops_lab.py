@@ -18,6 +18,14 @@ from bridge.lab.asterisk import free_port
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.ops.webhooks import SIGNATURE_HEADER, verify
+from tests.integration.test_conversation_asterisk import (
+    SALES_SENTENCE,
+    Call,
+    greeting_done,
+    provision,
+    say,
+    speech_models,  # noqa: F401 (a fixture)
+)
 from tests.support.daemon import start_daemon, wait_for
 from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
 
@@ -227,4 +235,65 @@ async def test_webhook_survives_a_restart_while_the_receiver_is_down(
         await api.close()
         if running is not None:
             await running.stop()
+        await receiver.stop()
+
+
+@pytest.mark.usefixtures("speech_models")
+async def test_assistant_transfer_on_real_speech_feeds_metrics_webhook_and_analytics(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The caller speaks; the assistant (local router, whisper, silero) transfers by itself:
+    the turn's recorded latencies land in the histograms, the tool call in a webhook, and the
+    caller's words in the analytics as the reason for the transfer."""
+    receiver = Receiver(free_port(socket.SOCK_STREAM))
+    await receiver.start()
+    daemon, api = await start_daemon(
+        asterisk_lab,
+        tmp_path,
+        vad={"engine": "silero"},
+        metrics={"token": METRICS_TOKEN},
+        webhooks=FAST_RETRIES,
+    )
+    try:
+        await api.ok("POST", "/webhooks", {"url": receiver.url, "events": ["*"], "secret": SECRET})
+        async with Call(asterisk_lab, api, "uas_answer.xml") as call:
+            await provision(api, asterisk_lab.uas_port, "local", "Acme, how can I help?")
+            await call.dial()
+            assert call.id is not None
+            await greeting_done(call.caller_rtp)
+            await say(call.caller_rtp, SALES_SENTENCE)
+            done = await transfer_settled(api, call.id)
+            assert done["transfers"][-1]["state"] == "bridged"
+            assert done["transfers"][-1]["source"] == "assistant"
+
+            assert daemon.api_port is not None
+            status, text = await _scrape(daemon.api_port, METRICS_TOKEN)
+            assert status == 200
+            m = _samples(text)
+            sales = "Sales team - for pricing and quotes"
+            labels = frozenset(
+                {("source", "assistant"), ("destination", sales), ("mode", "bridge"),
+                 ("outcome", "answered")}
+            )  # fmt: skip
+            assert m[("callbridge_transfers_total", labels)] == 1.0
+            assert m[("callbridge_assistant_tool_calls_total",
+                      frozenset({("tool", "transfer_call")}))] == 1.0  # fmt: skip
+            assert m[("callbridge_stt_seconds_count", frozenset())] >= 1.0
+            assert m[("callbridge_tts_seconds_count", frozenset())] >= 2.0  # greeting, message
+
+            await wait_for(lambda: receiver.events("assistant.tool_called"), "the tool webhook")
+            (tool,) = receiver.events("assistant.tool_called")
+            assert tool["data"]["tool"] == "transfer_call"
+            assert json.loads(tool["data"]["arguments"]) == {"destination": "sales_team"}
+
+            analytics = await api.ok("GET", "/analytics/transfers")
+            (assistant,) = analytics["assistants"]
+            assert assistant["transfer_rate"] == 1.0 and assistant["outcomes"] == {"answered": 1}
+            (reason,) = assistant["reasons"]
+            assert "sales" in " ".join(reason["caller_said"]).lower(), reason
+            (dest,) = analytics["destinations"]
+            assert dest["id"] == sales and dest["median_ring_seconds"] is not None
+    finally:
+        await api.close()
+        await daemon.stop()
         await receiver.stop()

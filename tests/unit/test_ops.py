@@ -271,6 +271,7 @@ def test_metrics_from_store_changes() -> None:
         StoreChange(
             call.id,
             events=(
+                CallEvent("transcript", now, {"role": "caller", "text": "hi", "stt_ms": 300}),
                 CallEvent(
                     "transcript",
                     now,
