@@ -379,6 +379,7 @@ class WebhookSettings(_Section):
     retry_max: float = Field(600.0, gt=0, le=86400)  # longest wait between attempts
     max_attempts: int = Field(12, ge=1, le=100)  # then the delivery is marked failed
     concurrency: int = Field(8, ge=1, le=100)  # receivers served at once
+    keep_days: float = Field(30.0, gt=0)  # delivered/failed rows older than this are pruned
 
 
 class Settings(BaseSettings):

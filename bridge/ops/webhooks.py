@@ -334,11 +334,23 @@ class WebhookWorker:
         if self._http is not None:
             await self._http.close()
 
+    async def prune(self) -> int:
+        """Forget settled deliveries older than `keep_days` (the log must not grow forever)."""
+        before = _iso(utcnow() - timedelta(days=self.settings.keep_days))
+        return await self.db.execute(
+            "DELETE FROM webhook_deliveries WHERE status != 'pending' AND created_at < ?",
+            (before,),
+        )
+
     async def _run(self) -> None:
+        pruned_at = 0.0
         while True:
             self._wake.clear()
             wait = 5.0
             try:
+                if time.monotonic() - pruned_at > 3600:
+                    pruned_at = time.monotonic()
+                    await self.prune()
                 wait = await self._schedule()
             except asyncio.CancelledError:
                 raise

@@ -183,6 +183,21 @@ async def test_a_live_lab_call_is_seen_and_transferred_from_the_page(
                     browser.save_screenshot(shot)
 
             await _in_thread(analytics)
+
+            # "End call" on the page hangs the (transferred) call up through the control API.
+            def end_call() -> str:
+                browser.find_element(By.ID, "end-btn").click()
+                return str(
+                    _wait(
+                        browser,
+                        "the call to end on the page",
+                        lambda d: (t := _text(d, "#call-status")) == "ended" and t,
+                    )
+                )
+
+            assert await _in_thread(end_call) == "ended"
+            assert (await api.ok("GET", f"/calls/{calls[0]['id']}"))["status"] == "ended"
+            assert await asyncio.wait_for(caller.wait(), 10) == 0  # the caller got a BYE
         finally:
             if caller is not None:
                 await caller.terminate()

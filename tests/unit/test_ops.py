@@ -501,3 +501,21 @@ def test_the_readme_receiver_verifies_our_signature() -> None:
     assert not namespace["verified"](sign(secret, now, body), body + b" ")
     assert not namespace["verified"](sign(secret, now - 3600, body), body)
     assert not namespace["verified"]("", body)
+
+
+async def test_settled_deliveries_are_pruned_after_keep_days(db: Database) -> None:
+    store = CallStore(db)
+    store.subscribe(in_transaction=outbox_statements)
+    await WebhookService(db).create("http://127.0.0.1:9/x", ["*"], SECRET, None)
+    call = make_call()
+    await store.save(call)
+    for _ in range(3):
+        await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))
+    old = "2020-01-01T00:00:00Z"
+    await db.execute("UPDATE webhook_deliveries SET created_at = ? WHERE rowid <= 2", (old,))
+    await db.execute("UPDATE webhook_deliveries SET status = 'delivered' WHERE rowid = 1")
+    await db.execute("UPDATE webhook_deliveries SET status = 'failed' WHERE rowid = 3")
+    assert await WebhookWorker(db, WebhookSettings(keep_days=1)).prune() == 1
+    rows = await db.fetchall("SELECT status FROM webhook_deliveries ORDER BY rowid")
+    # An old pending delivery is kept (still owed); a recent failed one is kept (the log).
+    assert [r["status"] for r in rows] == ["pending", "failed"]
