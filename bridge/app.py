@@ -21,6 +21,7 @@ from bridge.directory.models import Trunk
 from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
 from bridge.ops.metrics import Metrics
+from bridge.ops.trunks import trunk_states
 from bridge.ops.webhooks import WebhookService, WebhookWorker, outbox_statements
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
@@ -123,11 +124,19 @@ class Daemon:
             self.webhooks.start()  # sends what a previous run left in the outbox
             service = WebhookService(self.db, on_change=self.webhooks.kick)
         token = s.metrics.token.get_secret_value() if s.metrics.token else None
+        directory = self.directory
+
+        async def trunks() -> dict[str, Any]:
+            assert calls is not None and directory is not None
+            listed = await directory.list_trunks()
+            return await trunk_states(listed, calls.connected, calls.pbx.provisioned_trunks)
+
         return OpsContext(
             self.metrics,
             service,
             metrics_token=token,
             metrics_allow_loopback=s.metrics.allow_loopback,
+            trunk_states=trunks,
         )
 
     def _start_admission(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +44,7 @@ class OpsContext:
     webhooks: WebhookService | None
     metrics_token: str | None = None
     metrics_allow_loopback: bool = False
+    trunk_states: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
 OPS = web.AppKey("ops", OpsContext)
@@ -160,6 +162,24 @@ async def analytics(request: web.Request) -> web.Response:
     return respond(await transfer_analytics(request.app[DB], q.since, q.until, q.assistant_id))
 
 
+class TrunkStates(BaseModel):
+    """Each trunk (as GET /sip-trunks) with `pbx_state`: `provisioned` (its objects exist on
+    the PBX now), `missing` (the reconciler is bringing it back) or `unknown` (PBX down)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    pbx_connected: bool
+    error: str | None
+    data: list[dict[str, Any]]
+
+
+async def trunks(request: web.Request) -> web.Response:
+    source = request.app[OPS].trunk_states
+    if source is None:
+        raise web.HTTPNotFound()
+    return respond(await source())
+
+
 def ops_routes() -> list[Route]:
     from bridge.api.routes import Route
 
@@ -167,4 +187,7 @@ def ops_routes() -> list[Route]:
         Route("GET", "/analytics/transfers", analytics, "transfer_analytics",
               "Transfer analytics per assistant and destination, with callers' reasons",
               "ops", response=TransferAnalytics, query=AnalyticsQuery),
+        Route("GET", "/ops/trunks", trunks, "trunk_states",
+              "Trunks with their state on the PBX (provisioned, missing, unknown)", "ops",
+              response=TrunkStates),
     ]  # fmt: skip

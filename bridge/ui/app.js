@@ -120,7 +120,7 @@ async function tick() {
     await renderCalls(calls.data);
     if (selected) await renderCall(selected);
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    if (++ticks % 5 === 0) loadAnalytics(); // outcomes of transfers that settled meanwhile
+    if (++ticks % 5 === 0) { loadAnalytics(); loadTrunks(); } // what changed meanwhile
   } catch (err) {
     $("status").textContent = `error: ${err.message}`;
   }
@@ -268,13 +268,18 @@ async function loadAnalytics() {
 
 // --- trunks and destination tests ------------------------------------------------------------
 
+const TRUNK_STATE = {
+  provisioned: "provisioned on the PBX",
+  missing: "missing on the PBX (being provisioned again)",
+  unknown: "unknown (PBX down)",
+};
+
 async function loadTrunks() {
-  const [trunks, health] = await Promise.all([
-    api("GET", "/sip-trunks"), fetch(API + "/health").then((r) => r.json())]);
-  $("trunks").tBodies[0].replaceChildren(...trunks.data.map((t) => el("tr", {},
+  const trunks = await api("GET", "/ops/trunks");
+  $("trunks").tBodies[0].replaceChildren(...trunks.data.map((t) => el("tr", { "data-trunk": t.id },
     el("td", {}, t.name), el("td", {}, `${t.host}:${t.port} (${t.transport})`),
     el("td", {}, t.registration ? "registers" : "no registration"),
-    el("td", {}, health.pbx_connected ? "provisioned on the PBX" : "PBX down"))));
+    el("td", { class: `trunk-${t.pbx_state}` }, TRUNK_STATE[t.pbx_state] || t.pbx_state))));
 }
 
 async function testAll() {

@@ -101,7 +101,15 @@ async def test_a_live_lab_call_is_seen_and_transferred_from_the_page(
                 )
                 browser.find_element(By.ID, "key").send_keys(key)
                 browser.find_element(By.ID, "key-save").click()
-                _wait(browser, "the trunk row", lambda d: "Office PBX" in _text(d, "#trunks td"))
+                # The trunk as the real Asterisk has it (its PJSIP objects exist).
+                _wait(
+                    browser,
+                    "the trunk row, provisioned",
+                    lambda d: (
+                        "Office PBX" in _text(d, "#trunks td")
+                        and "provisioned on the PBX" in _text(d, "#trunks td.trunk-provisioned")
+                    ),
+                )
 
             await _in_thread(open_page)
 

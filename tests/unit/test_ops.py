@@ -519,3 +519,33 @@ async def test_settled_deliveries_are_pruned_after_keep_days(db: Database) -> No
     rows = await db.fetchall("SELECT status FROM webhook_deliveries ORDER BY rowid")
     # An old pending delivery is kept (still owed); a recent failed one is kept (the log).
     assert [r["status"] for r in rows] == ["pending", "failed"]
+
+
+# --- trunk states -------------------------------------------------------------------------------
+
+
+class FakeTrunk:
+    def __init__(self, trunk_id: str) -> None:
+        self.id = trunk_id
+
+    def public_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": f"trunk {self.id}"}
+
+
+async def test_trunk_states_from_what_the_pbx_has() -> None:
+    from bridge.ops.trunks import trunk_states
+
+    async def present() -> set[str]:
+        return {"a"}
+
+    async def broken() -> set[str]:
+        raise RuntimeError("ARI 500")
+
+    trunks = [FakeTrunk("a"), FakeTrunk("b")]
+    up = await trunk_states(trunks, True, present)
+    assert [t["pbx_state"] for t in up["data"]] == ["provisioned", "missing"]
+    down = await trunk_states(trunks, False, present)
+    assert down["pbx_connected"] is False
+    assert [t["pbx_state"] for t in down["data"]] == ["unknown", "unknown"]
+    failing = await trunk_states(trunks, True, broken)
+    assert failing["error"] == "ARI 500" and failing["data"][0]["pbx_state"] == "unknown"
