@@ -311,6 +311,7 @@ class WebhookWorker:
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._limit = asyncio.Semaphore(settings.concurrency)
         self._http: aiohttp.ClientSession | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._http = aiohttp.ClientSession(
@@ -326,11 +327,20 @@ class WebhookWorker:
         if webhook_events(change):
             self._wake.set()
 
-    async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._drains.values()) if t is not None]
-        for task in tasks:
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop scheduling; let attempts in flight finish for up to `grace` seconds (one cut
+        short may have reached the receiver and is sent again by the next run: at least
+        once), then cancel. Undelivered rows stay in the outbox."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        drains = list(self._drains.values())
+        if drains:
+            await asyncio.wait(drains, timeout=grace)
+        for task in drains:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*drains, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
 
@@ -389,7 +399,7 @@ class WebhookWorker:
         self._wake.set()  # what arrived meanwhile, or the next retry, is scheduled again
 
     async def _drain(self, hook_id: str) -> None:
-        while True:
+        while not self._stopping:
             row = await self.db.fetchone(
                 "SELECT d.*, w.url, w.secret FROM webhook_deliveries d JOIN webhooks w"
                 " ON w.id = d.webhook_id WHERE d.webhook_id = ? AND d.status = 'pending'"

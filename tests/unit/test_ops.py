@@ -549,3 +549,33 @@ async def test_trunk_states_from_what_the_pbx_has() -> None:
     assert [t["pbx_state"] for t in down["data"]] == ["unknown", "unknown"]
     failing = await trunk_states(trunks, True, broken)
     assert failing["error"] == "ARI 500" and failing["data"][0]["pbx_state"] == "unknown"
+
+
+async def test_stop_lets_an_attempt_in_flight_finish_and_record_it(db: Database) -> None:
+    arrived = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.sleep(0.3)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", slow)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        store = CallStore(db)
+        worker = WebhookWorker(db, WebhookSettings(timeout=5))
+        store.subscribe(worker.on_change, in_transaction=outbox_statements)
+        await WebhookService(db).create(str(server.make_url("/hook")), ["*"], SECRET, None)
+        worker.start()
+        call = make_call()
+        await store.save(call)
+        await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))
+        await asyncio.wait_for(arrived.wait(), 5)
+        await worker.stop()  # the receiver is still answering
+        row = await db.fetchone("SELECT status, attempts FROM webhook_deliveries")
+        # Recorded as delivered: the next run will not send it again.
+        assert row is not None and (row["status"], row["attempts"]) == ("delivered", 1)
+    finally:
+        await server.close()
