@@ -28,6 +28,7 @@ from tests.integration.test_conversation_asterisk import (
 )
 from tests.support.daemon import start_daemon, wait_for
 from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.asterisk
 
@@ -297,3 +298,53 @@ async def test_assistant_transfer_on_real_speech_feeds_metrics_webhook_and_analy
         await api.close()
         await daemon.stop()
         await receiver.stop()
+
+
+async def test_pbx_connection_state_and_reconnects_in_metrics(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The ARI connection is cut (a TCP proxy in front of the real Asterisk) and restored:
+    /metrics shows the drop and counts the reconnect; the trunk page shows 'unknown' while
+    the PBX is away and 'provisioned' after."""
+    proxy = await TcpProxy("127.0.0.1", asterisk_lab.http_port).start()
+    daemon, api = await start_daemon(
+        asterisk_lab, tmp_path, ari_url=proxy.url, metrics={"token": METRICS_TOKEN}
+    )
+    pbx = frozenset({("pbx", "asterisk")})
+    try:
+        assert daemon.api_port is not None
+        port = daemon.api_port
+        await api.ok("POST", "/sip-trunks", {"name": "t", "host": "127.0.0.1"})
+
+        async def metric(name: str) -> float:
+            status, text = await _scrape(port, METRICS_TOKEN)
+            assert status == 200
+            return _samples(text)[(name, pbx)]
+
+        assert await metric("callbridge_pbx_connected") == 1.0
+        assert await metric("callbridge_pbx_reconnects_total") == 0.0
+        proxy.cut()
+        await wait_for(
+            lambda: _value_is(metric("callbridge_pbx_connected"), 0.0), "the drop in /metrics", 10
+        )
+        trunks = await api.ok("GET", "/ops/trunks")
+        assert trunks["pbx_connected"] is False and trunks["data"][0]["pbx_state"] == "unknown"
+        proxy.restore()
+        await wait_for(
+            lambda: _value_is(metric("callbridge_pbx_connected"), 1.0), "the reconnect", 15
+        )
+        assert await metric("callbridge_pbx_reconnects_total") == 1.0
+
+        async def provisioned() -> bool:
+            data = (await api.ok("GET", "/ops/trunks"))["data"]
+            return data[0]["pbx_state"] == "provisioned"
+
+        await wait_for(provisioned, "the trunk back on the PBX", 15)
+    finally:
+        await api.close()
+        await daemon.stop()
+        await proxy.close()
+
+
+async def _value_is(value: Any, expected: float) -> bool:
+    return bool(await value == expected)
