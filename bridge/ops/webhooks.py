@@ -8,7 +8,9 @@ runs in its own tasks with a timeout per attempt: a slow or dead receiver never 
 
 Delivery is at least once (a daemon that dies between the receiver's 2xx and its own record
 sends again): every payload carries a stable event `id` for the receiver to de-duplicate.
-Events of one webhook are sent in order: a failing one holds back the later ones.
+Events of one webhook are sent oldest first, one at a time; a failed one is retried on its own
+schedule and does not hold back the later ones (so a retried event can arrive after newer
+ones: order by `created_at` if it matters).
 
 Signature: `Callbridge-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`.
 """
@@ -372,13 +374,11 @@ class WebhookWorker:
                 pass
 
     async def _schedule(self) -> float:
-        """Start a drain for each webhook whose oldest pending delivery is due; return how
-        long until the next one is."""
+        """Start a drain for each webhook with a due delivery; return how long until the
+        next one is due."""
         rows = await self.db.fetchall(
-            "SELECT webhook_id, MIN(next_attempt_at) AS due FROM webhook_deliveries d"
-            " WHERE status = 'pending' AND created_at = (SELECT MIN(created_at) FROM"
-            " webhook_deliveries e WHERE e.webhook_id = d.webhook_id AND e.status = 'pending')"
-            " GROUP BY webhook_id"
+            "SELECT webhook_id, MIN(next_attempt_at) AS due FROM webhook_deliveries"
+            " WHERE status = 'pending' GROUP BY webhook_id"
         )
         now = utcnow()
         wait = 5.0
@@ -399,14 +399,17 @@ class WebhookWorker:
         self._wake.set()  # what arrived meanwhile, or the next retry, is scheduled again
 
     async def _drain(self, hook_id: str) -> None:
+        """Send a webhook's due deliveries one at a time, oldest first (so a healthy receiver
+        gets them in order). A failure ends the pass: the receiver looks unwell, and the
+        failed delivery waits for its own retry time without holding back the others."""
         while not self._stopping:
             row = await self.db.fetchone(
                 "SELECT d.*, w.url, w.secret FROM webhook_deliveries d JOIN webhooks w"
                 " ON w.id = d.webhook_id WHERE d.webhook_id = ? AND d.status = 'pending'"
-                " ORDER BY d.created_at, d.rowid LIMIT 1",
-                (hook_id,),
+                " AND d.next_attempt_at <= ? ORDER BY d.created_at, d.rowid LIMIT 1",
+                (hook_id, _iso(utcnow())),
             )
-            if row is None or datetime.fromisoformat(row["next_attempt_at"]) > utcnow():
+            if row is None:
                 return
             async with self._limit:
                 if not await self._attempt(row):

@@ -166,11 +166,10 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 FAST = WebhookSettings(retry_initial=0.05, retry_max=0.1, timeout=0.5, max_attempts=3)
 
 
-async def test_worker_retries_then_delivers_in_order_with_transcript(
+async def test_worker_delivers_in_order_with_transcript_and_retries_failures_apart(
     db: Database, receiver: tuple[Receiver, str]
 ) -> None:
     r, url = receiver
-    r.fail = 2
     store = CallStore(db)
     worker = WebhookWorker(db, FAST)
     store.subscribe(worker.on_change, in_transaction=outbox_statements)
@@ -207,11 +206,22 @@ async def test_worker_retries_then_delivers_in_order_with_transcript(
             "arguments": '{"d":1}',
             "tool_call_id": "tc1",
         }
+
+        # The receiver fails twice: the failed event is retried on its own schedule (with
+        # backoff) and logged; the one after it is not held back.
+        r.fail = 2
+        second = make_call(2)
+        await store.save(second)
+        await store.add_event(second.id, CallEvent("call.started", utcnow(), {}))
+        await store.add_event(second.id, CallEvent("transfer.requested", utcnow(), {}))
+        await wait_for(lambda: len(r.got) == 5, "both events of the second call")
         log = await WebhookService(db).deliveries(hook.id)
-        first = log[-1]
-        assert first["event"] == "call.started" and first["attempts"] == 3
-        assert [a["status"] for a in first["log"]] == [500, 500, 200]
-        assert all(d["status"] == "delivered" for d in log)
+        assert all(d["status"] == "delivered" for d in log) and len(log) == 5
+        # Every attempt is in the log: 5 successes and the 2 refusals, each before its retry.
+        statuses = [a["status"] for d in log for a in d["log"]]
+        assert sorted(statuses) == [200] * 5 + [500] * 2
+        assert all(d["log"][-1]["status"] == 200 for d in log)
+        assert sum(d["attempts"] for d in log) == 7  # 5 deliveries, 2 failed attempts
     finally:
         await worker.stop()
 
