@@ -394,8 +394,15 @@ class WebhookWorker:
                 wait = min(wait, (due - now).total_seconds())
         return wait
 
-    def _drain_done(self, hook: str, _task: asyncio.Task[None]) -> None:
+    def _drain_done(self, hook: str, task: asyncio.Task[None]) -> None:
         self._drains.pop(hook, None)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            # e.g. the database is locked: the scheduler's next tick tries again (no tight loop)
+            log.error("webhooks.drain_failed", webhook=hook, error=repr(error))
+            return
         self._wake.set()  # what arrived meanwhile, or the next retry, is scheduled again
 
     async def _drain(self, hook_id: str) -> None:
