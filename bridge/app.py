@@ -119,7 +119,8 @@ class Daemon:
             store.subscribe(self.metrics.on_change)
         service = None
         if s.webhooks.enabled:
-            self.webhooks = WebhookWorker(self.db, s.webhooks)
+            attempts = self.metrics.webhook_attempt if self.metrics is not None else None
+            self.webhooks = WebhookWorker(self.db, s.webhooks, on_attempt=attempts)
             store.subscribe(self.webhooks.on_change, in_transaction=outbox_statements)
             self.webhooks.start()  # sends what a previous run left in the outbox
             service = WebhookService(self.db, on_change=self.webhooks.kick)

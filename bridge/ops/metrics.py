@@ -178,6 +178,12 @@ class Metrics:
             ["pbx"],
             registry=r,
         )
+        self.webhook_attempts = Counter(
+            "callbridge_webhook_attempts",
+            "Webhook delivery attempts by event and result (delivered, retry, gave_up)",
+            ["event", "result"],
+            registry=r,
+        )
         self.api_requests = Counter(
             "callbridge_api_requests",
             "API requests by route, method and status",
@@ -194,6 +200,9 @@ class Metrics:
         self._connects += 1
         if self._connects > 1:
             self.pbx_reconnects.labels(self.pbx_name).inc()
+
+    def webhook_attempt(self, event: str, result: str) -> None:
+        self.webhook_attempts.labels(event, result).inc()
 
     def api_request(self, route: str, method: str, status: int) -> None:
         self.api_requests.labels(route, method, str(status)).inc()

@@ -24,6 +24,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -305,9 +306,15 @@ class WebhookService:
 class WebhookWorker:
     """Sends due deliveries: one task per webhook (in order), at most `concurrency` at once."""
 
-    def __init__(self, db: Database, settings: WebhookSettings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: WebhookSettings,
+        on_attempt: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.db = db
         self.settings = settings
+        self.on_attempt = on_attempt  # (event, "delivered" | "retry" | "gave_up"): metrics
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._drains: dict[str, asyncio.Task[None]] = {}
@@ -471,6 +478,8 @@ class WebhookWorker:
                 " last_status = ?, last_error = NULL, log = ?, delivered_at = ? WHERE id = ?",
                 (attempts, status, json.dumps(log_list), _iso(now), row["id"]),
             )
+            if self.on_attempt is not None:
+                self.on_attempt(row["event"], "delivered")
             log.info("webhook.delivered", delivery=row["id"], kind=row["event"], attempts=attempts)
             return True
         s = self.settings
@@ -489,6 +498,8 @@ class WebhookWorker:
                 row["id"],
             ),
         )
+        if self.on_attempt is not None:
+            self.on_attempt(row["event"], "gave_up" if give_up else "retry")
         log.warning(
             "webhook.attempt_failed",
             delivery=row["id"],

@@ -169,6 +169,9 @@ async def test_transfer_outcome_in_scraped_metrics_and_signed_webhook(
                 await wait_for(lambda: receiver.events("transfer.completed"), "the webhook")
                 (completed,) = receiver.events("transfer.completed")
                 assert completed["call_id"] == call_id
+                _, text = await _scrape(port, METRICS_TOKEN)
+                delivered = frozenset({("event", "transfer.completed"), ("result", "delivered")})
+                assert _samples(text)[("callbridge_webhook_attempts_total", delivered)] == 1.0
                 assert completed["transfer"]["outcome"] == "answered"
                 assert completed["transfer"]["destination"] == DESTINATION
                 assert receiver.events("transfer.requested")

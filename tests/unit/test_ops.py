@@ -302,6 +302,7 @@ def test_metrics_from_store_changes() -> None:
     m.pbx_connected()
     m.pbx_connected()
     m.api_request("/api/v1/calls", "GET", 200)
+    m.webhook_attempt("call.ended", "retry")
     s = samples(m)
     a = frozenset({("assistant", "asst-1")})
     assert s[("callbridge_calls_started_total", a)] == 1
@@ -326,6 +327,8 @@ def test_metrics_from_store_changes() -> None:
     assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "transfer_call")}))] == 1
     assert s[("callbridge_pbx_connected", frozenset({("pbx", "asterisk")}))] == 1
     assert s[("callbridge_pbx_reconnects_total", frozenset({("pbx", "asterisk")}))] == 1
+    retry = frozenset({("event", "call.ended"), ("result", "retry")})
+    assert s[("callbridge_webhook_attempts_total", retry)] == 1
     req = frozenset({("route", "/api/v1/calls"), ("method", "GET"), ("status", "200")})
     assert s[("callbridge_api_requests_total", req)] == 1
 
