@@ -12,6 +12,7 @@ from aiohttp import web
 from bridge.agent.chat import ChatConsole
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
+from bridge.api.ops import OpsContext
 from bridge.api.server import create_api_app
 from bridge.calls.admission import Admission, LoopLagMonitor
 from bridge.calls.service import CallService, trunk_spec
@@ -20,6 +21,9 @@ from bridge.config import Settings
 from bridge.directory.models import Trunk
 from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
+from bridge.ops.metrics import Metrics
+from bridge.ops.trunks import trunk_states
+from bridge.ops.webhooks import WebhookService, WebhookWorker, outbox_statements
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
@@ -45,6 +49,8 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.trunks: TrunkReconciler | None = None
+        self.metrics: Metrics | None = None
+        self.webhooks: WebhookWorker | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -54,14 +60,16 @@ class Daemon:
             self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
         )
         tts = self._build_tts()
+        store = CallStore(self.db)
         self.calls = CallService(
             settings=s,
             pbx=pbx,
             pbx_name=s.pbx,
-            store=CallStore(self.db),
+            store=store,
             directory=self.directory,
             tts=tts,
         )
+        ops = self._start_ops(store)
         # The toll-fraud policy in force, logged once (allow_any loudly); the URI parameters it
         # allows also hold for API input and stored destinations.
         configure_uri_params(s.transfer.allowed_uri_params)
@@ -82,7 +90,9 @@ class Daemon:
             if self.providers is not None
             else None
         )
-        app = create_api_app(self.directory, self.calls, self.db, health=self._health, chat=chat)
+        app = create_api_app(
+            self.directory, self.calls, self.db, health=self._health, chat=chat, ops=ops
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.api.host, s.api.port)
@@ -95,6 +105,47 @@ class Daemon:
             api=f"http://{s.api.host}:{self.api_port}",
             pbx=s.pbx,
             database=str(s.database),
+        )
+
+    def _start_ops(self, store: CallStore) -> OpsContext:
+        """Issue 10: metrics and webhooks, both fed by the call store's commits."""
+        assert self.db is not None
+        s = self.settings
+        calls = self.calls
+        if s.metrics.enabled:
+
+            def active() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for session in calls.sessions() if calls is not None else []:
+                    key = session.call.assistant_id or "none"
+                    counts[key] = counts.get(key, 0) + 1
+                return counts
+
+            self.metrics = Metrics(
+                s.pbx, active=active, connected=lambda: bool(calls and calls.connected)
+            )
+            store.subscribe(self.metrics.on_change)
+        service = None
+        if s.webhooks.enabled:
+            attempts = self.metrics.webhook_attempt if self.metrics is not None else None
+            self.webhooks = WebhookWorker(self.db, s.webhooks, on_attempt=attempts)
+            store.subscribe(self.webhooks.on_change, in_transaction=outbox_statements)
+            self.webhooks.start()  # sends what a previous run left in the outbox
+            service = WebhookService(self.db, on_change=self.webhooks.kick)
+        token = s.metrics.token.get_secret_value() if s.metrics.token else None
+        directory = self.directory
+
+        async def trunks() -> dict[str, Any]:
+            assert calls is not None and directory is not None
+            listed = await directory.list_trunks()
+            return await trunk_states(listed, calls.connected, calls.pbx.provisioned_trunks)
+
+        return OpsContext(
+            self.metrics,
+            service,
+            metrics_token=token,
+            metrics_allow_loopback=s.metrics.allow_loopback,
+            trunk_states=trunks,
         )
 
     def _start_admission(self) -> None:
@@ -145,6 +196,8 @@ class Daemon:
         )
 
     def _pbx_connected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pbx_connected()
         if self.trunks is not None:
             self.trunks.kick()
 
@@ -215,6 +268,8 @@ class Daemon:
             await self.trunks.close()
         if self.calls is not None:
             await self.calls.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()  # undelivered rows stay in the outbox for the next run
         if self.loop_lag is not None:
             await self.loop_lag.stop()
             admission = self.calls.admission if self.calls is not None else None

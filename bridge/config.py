@@ -360,6 +360,28 @@ class FreeswitchSettings(_Section):
         return mode
 
 
+class MetricsSettings(_Section):
+    """GET /metrics (Prometheus text format). A scrape is accepted with any API key, with the
+    scrape-only `token` (a bearer that opens nothing else), or, when `allow_loopback` is on,
+    with no key from 127.0.0.1/::1 (a Prometheus on the same host)."""
+
+    enabled: bool = True
+    token: SecretStr | None = None
+    allow_loopback: bool = False
+
+
+class WebhookSettings(_Section):
+    """Webhook deliveries (bridge.ops.webhooks): outbox rows sent by a background worker."""
+
+    enabled: bool = True
+    timeout: float = Field(10.0, gt=0, le=120)  # per attempt, seconds
+    retry_initial: float = Field(2.0, gt=0, le=3600)  # first retry after; doubles each time
+    retry_max: float = Field(600.0, gt=0, le=86400)  # longest wait between attempts
+    max_attempts: int = Field(12, ge=1, le=100)  # then the delivery is marked failed
+    concurrency: int = Field(8, ge=1, le=100)  # receivers served at once
+    keep_days: float = Field(30.0, gt=0)  # delivered/failed rows older than this are pruned
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
@@ -380,6 +402,8 @@ class Settings(BaseSettings):
     stt: SttSettings = SttSettings()
     llm: LlmSettings = LlmSettings()
     agent: AgentSettings = AgentSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @classmethod
     def settings_customise_sources(

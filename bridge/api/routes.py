@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bridge.api import chat, http
+from bridge.api.ops import ops_routes
 from bridge.api.schemas import (
     AssistantOut,
     CallDetail,
@@ -28,6 +29,7 @@ from bridge.api.schemas import (
     TrunkOut,
     patch_model,
 )
+from bridge.api.webhooks import webhook_routes
 from bridge.directory.models import AssistantIn, NumberIn, TrunkIn
 from bridge.directory.service import DirectoryService as D
 
@@ -133,3 +135,5 @@ ROUTES: list[Route] = [
     Route("GET", "/openapi.json", http.openapi, "openapi", "This API as OpenAPI 3.1",
           "service", public=True),
 ]  # fmt: skip
+ROUTES += ops_routes()  # issue 10: analytics (bridge.api.ops)
+ROUTES += webhook_routes()  # issue 10: /webhooks (bridge.api.webhooks)

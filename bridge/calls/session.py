@@ -8,6 +8,7 @@ things: speech and timers report back through the queue.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -298,13 +299,15 @@ class CallSession(TransferSteps):
         try:
             # Synthesis runs one utterance at a time so sentences play in the order said.
             async with self._speech_order:
+                synth_started = time.monotonic()
                 pcm = await self.service.tts.synthesize(text)
+                tts_ms = round((time.monotonic() - synth_started) * 1000)
                 media = self.media
                 if media is None:
                     self.post(SpeechDone(token, False, "no media"))
                     return
                 playout = media.play(pcm, interruptible=interruptible)
-            await self.record("assistant.said", text=text)
+            await self.record("assistant.said", text=text, tts_ms=tts_ms)
             # Shielded: cancelling this waiter (barge-in) must not destroy the playout's own
             # state (played or flushed), which the media and others still report.
             played = await asyncio.shield(playout.done)
