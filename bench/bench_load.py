@@ -223,7 +223,9 @@ class Caller:
 class Daemon:
     """`callbridge run` as its own process on the lab."""
 
-    def __init__(self, lab: AsteriskLab, work: Path, overrides: dict[str, Any]) -> None:
+    def __init__(
+        self, lab: AsteriskLab, work: Path, overrides: dict[str, Any], extra: str = ""
+    ) -> None:
         self.lab = lab
         self.work = work
         self.port = free_port(socket.SOCK_STREAM)
@@ -250,6 +252,7 @@ allowed_sip_domains = ["127.0.0.1"]
 
 [calls]
 {calls}
+{extra}
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
