@@ -312,6 +312,10 @@ class AgentSettings(_Section):
     # Start STT after this much silence, before the turn is known to be over (0: off); the
     # reply comes ~0.3 s sooner. See bridge/agent/early.py.
     early_stt_ms: int = Field(200, ge=0, le=2000)
+    # End the turn as soon as the early transcript is a complete sentence (not after the
+    # whole `vad.silence_ms`); one that stops on "and"/"um" waits `turn_hold_ms` longer.
+    end_turn_on_transcript: bool = True
+    turn_hold_ms: int = Field(500, ge=0, le=5000)
 
 
 class FreeswitchSettings(_Section):

@@ -109,7 +109,16 @@ class VoiceAgent:
             ChatMessage(m.role, m.content) for m in (config.messages if config else [])
         ] or [ChatMessage.system(DEFAULT_PROMPT)]
         self.stt_prompt = vocabulary_prompt(d.description for d in self.destinations)
-        self.early = EarlyTranscriber(stt, self.stt_prompt, detector, settings.early_stt_ms)
+        # --- speed: turn detection (end of turn by silence and transcript) ---
+        self.early = EarlyTranscriber(
+            stt,
+            self.stt_prompt,
+            detector,
+            settings.early_stt_ms,
+            end_on_transcript=settings.end_turn_on_transcript,
+            hold_ms=settings.turn_hold_ms,
+        )
+        # --- end speed ---
         self.history: list[ChatMessage] = []
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -254,6 +263,12 @@ class VoiceAgent:
                 continue
             if self._listening:
                 self.early.observe(frame, events)
+                # --- speed: the transcript says the turn is over: end it now ---
+                if not any(isinstance(e, TurnEnded) for e in events) and self.early.turn_over():
+                    ended = self.detector.end_now()
+                    if ended is not None:
+                        events.append(ended)
+                # --- end speed ---
             for event in events:
                 if isinstance(event, SpeechStarted):
                     self._on_speech_started()
@@ -364,6 +379,7 @@ class VoiceAgent:
             text,
             confidence=transcript.confidence,
             speech_ms=event.speech_ms,
+            turn_end="transcript" if event.by_transcript else None,  # speed: turn detection
             stt_ms=turn.latencies_ms().get("stt"),
         )
         await self._reply(turn)
