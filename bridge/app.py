@@ -215,6 +215,9 @@ class Daemon:
             refused = dict(admission.refused) if admission is not None else {}
             log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
         if self.providers is not None:
+            stt_stats = getattr(self.providers.stt, "stats", None)  # speed: STT throughput
+            if stt_stats is not None:
+                log.info("stt.stats", **stt_stats())
             await self.providers.aclose()
         if self.db is not None:
             await self.db.close()

@@ -272,6 +272,9 @@ class SttSettings(_Section):
     model: str = "whisper-1"
     language: str = "en"
     timeout: float = Field(10.0, gt=0, le=120)
+    # whisper: a turn that waited this long for a free worker is dropped (the caller is asked
+    # to say it again); admission control sends new calls away long before.
+    max_wait_s: float | None = Field(8.0, gt=0, le=120)
 
 
 class LlmEndpoint(_Section):
@@ -316,6 +319,10 @@ class AgentSettings(_Section):
     # whole `vad.silence_ms`); one that stops on "and"/"um" waits `turn_hold_ms` longer.
     end_turn_on_transcript: bool = True
     turn_hold_ms: int = Field(500, ge=0, le=5000)
+    # A turn whose transcript is not in this long after it ended (a long STT queue) hears
+    # this phrase meanwhile (0 or "": never).
+    stt_hold_ms: int = Field(1500, ge=0, le=30000)
+    stt_hold_message: str = "One moment, please."
 
 
 class FreeswitchSettings(_Section):

@@ -54,7 +54,7 @@ class AgentProviders:
                 workers=workers,
                 nice=s.nice,
             )
-            return QueuedStt(whisper, workers)
+            return QueuedStt(whisper, workers, max_wait_s=s.max_wait_s)
         base_url = s.base_url or self.settings.llm.base_url
         api_key = _secret(s.api_key) or _secret(self.settings.llm.api_key)
         # The aiohttp session is made lazily by the provider (no event loop needed here).

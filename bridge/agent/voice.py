@@ -356,10 +356,7 @@ class VoiceAgent:
                 return
         self._current = turn
         try:
-            if early is not None:
-                transcript = await early  # started at the pause, usually done by now
-            else:
-                transcript = await self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+            transcript = await self._transcribe_turn(turn, early)  # speed: holding phrase
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -383,6 +380,31 @@ class VoiceAgent:
             stt_ms=turn.latencies_ms().get("stt"),
         )
         await self._reply(turn)
+
+    # --- speed: STT under load: a holding phrase, never silence ---
+    async def _transcribe_turn(
+        self, turn: _Turn, early: asyncio.Task[Transcript] | None
+    ) -> Transcript:
+        """The turn's transcript (the early one if it was started at the pause). When it is
+        not in `agent.stt_hold_ms` after the turn ended (the STT queue is long), the caller
+        hears `agent.stt_hold_message` meanwhile; past the queue's time budget STT fails
+        with SttTimeout and the caller is asked to say it again."""
+        work = early or asyncio.ensure_future(
+            self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+        )
+        try:
+            hold = self.settings.stt_hold_ms / 1000
+            if hold > 0 and self.settings.stt_hold_message:
+                done, _ = await asyncio.wait({work}, timeout=hold)
+                if not done:
+                    self._speak(self.settings.stt_hold_message)
+                    self._spawn(self.session.record("agent.stt_hold", waited_ms=round(hold * 1000)))
+            return await work
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+
+    # --- end speed ---
 
     async def _reply(self, turn: _Turn) -> None:
         for _ in range(self.settings.max_tool_rounds):
