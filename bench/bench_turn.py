@@ -7,7 +7,9 @@ after question; end of speech = the last loud 20 ms frame the caller sent, reply
 loud packet the caller receives. Two daemons, one after the other on the same Asterisk:
 
   (pbx-fake) zero-latency providers: STT, LLM and TTS on a fake OpenAI-protocol server on
-      loopback that answers at once: the turn detector's wait + the daemon + Asterisk;
+      loopback that answers at once (the transcript is always a complete sentence, so the
+      same turn rules apply: early STT at the pause ends the turn): the turn detector's wait
+      + the daemon + Asterisk, without the providers' time;
   (pbx-offline) the offline defaults (silero, whisper tiny.en, the local router, flite).
 
 The assistant has no transfer destinations (the caller must stay with it for every turn):
@@ -158,6 +160,7 @@ PBX_PHRASES = [
     "Do you have a warranty on your products?",
     "Is anybody there?",
 ]
+VERBOSE = False
 GREETING = "Thank you for calling Acme. How can I help you today?"
 
 
@@ -183,6 +186,12 @@ class FakeSpeechServer(FakeOpenAI):
         self.requests = _Discard()
         self.headers = _Discard()
         return self
+
+    async def _transcribe(self, request: Any) -> Any:
+        from aiohttp import web
+
+        await request.read()
+        return web.json_response({"text": "What are your opening hours?"})
 
     async def _speech(self, request: Any) -> Any:
         from aiohttp import web
@@ -240,6 +249,8 @@ async def pbx_turns(lab: Any, extra: str, provider: str, phrases: list[str]) -> 
                 print(f"  no reply for {text!r}")
                 continue
             turns.append((replied - spoke) * 1000)
+            if VERBOSE:
+                print(f"  {turns[-1]:6.0f} ms  {text}")
             # Let the reply play out (no barge-in), and keep the packet list short.
             await poll(lambda: line.quiet_for(0.8), replied + 20, 0.05)
             peer.packets.clear()
@@ -265,7 +276,6 @@ async def pbx_main(args: argparse.Namespace) -> None:
                     f'[tts]\nengine = "openai"\nbase_url = "{fake.base_url}"\n'
                     f'[llm]\nbase_url = "{fake.base_url}"\n'
                     f"[vad]\nsilence_ms = {args.silence_ms}\n"
-                    f"[agent]\nearly_stt_ms = 0\n"
                 )
                 turns = await pbx_turns(lab, extra, "openai", phrases)
             print(
@@ -294,7 +304,10 @@ async def main() -> None:
     parser.add_argument("--only", choices=["a", "b", "fake", "offline"])
     parser.add_argument("--silence-ms", type=int, default=500)
     parser.add_argument("--extra", default="", help="more daemon TOML (pbx-offline), e.g. [stt]")
+    parser.add_argument("--verbose", action="store_true", help="print every turn")
     args = parser.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
     cores = os.cpu_count()
     print(f"machine: {platform.machine()}, {cores} cores, Python {platform.python_version()}")
     if args.pbx:

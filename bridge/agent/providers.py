@@ -53,6 +53,7 @@ class AgentProviders:
                 cpu_threads=s.cpu_threads,
                 workers=workers,
                 nice=s.nice,
+                short_window_s=s.short_window_s,
             )
             return QueuedStt(whisper, workers, max_wait_s=s.max_wait_s)
         base_url = s.base_url or self.settings.llm.base_url
