@@ -398,6 +398,7 @@ class VoiceAgent:
                 done, _ = await asyncio.wait({work}, timeout=hold)
                 if not done:
                     self._speak(self.settings.stt_hold_message)
+                    self.log.info("agent.stt_hold", waited_ms=round(hold * 1000))
                     self._spawn(self.session.record("agent.stt_hold", waited_ms=round(hold * 1000)))
             return await work
         except asyncio.CancelledError:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from bridge.errors import PbxCommandFailed, PbxUnavailable
@@ -254,7 +256,17 @@ class AsteriskAdapter:
                 if leg_ready is not None and not leg_ready.done():
                     leg_ready.set_result(None)
                 return
+            started = time.monotonic()
             taken = await self._take(cid)
+            # speed (issue 7 §8): how long the caller waited in Stasis before we saw it, and
+            # the take's round trip (together they must stay under the take guard).
+            log.info(
+                "asterisk.arrival",
+                channel=cid,
+                behind_ms=_age_ms(event.get("timestamp")),
+                take_ms=round((time.monotonic() - started) * 1000, 1),
+                taken=taken,
+            )
             if taken is None:
                 return  # the caller left
             await self._emit(_arrival(channel) if taken else CallMissed.of(_arrival(channel)))
@@ -697,3 +709,12 @@ def _leg_record(value: str) -> tuple[int | None, int | None, str]:
 
     sip = number(parts[1])
     return number(parts[0]), sip if sip is not None and sip >= 300 else None, parts[2]
+
+
+def _age_ms(timestamp: Any) -> float | None:
+    """Milliseconds since an ARI event's `timestamp` ("2026-11-30T04:47:50.123+0000")."""
+    try:
+        then = datetime.strptime(str(timestamp), "%Y-%m-%dT%H:%M:%S.%f%z")
+    except ValueError:
+        return None
+    return round(time.time() * 1000 - then.timestamp() * 1000, 1)
