@@ -26,9 +26,10 @@ from bridge.speech.vad import SpeechStarted, TurnDetector, TurnEvent
 
 SAMPLE_RATE = 8000
 # A turn whose last word is one of these is not over ("I'd like to talk to ... um").
+# Not words a question can end on ("Where is your office?", "Where are you from?").
 TRAILING = frozenset(
-    "and or but so because cause um uh er erm hmm mm like the a an to of for with about "
-    "my your our i if then that which who when where than as at in on from is are was".split()
+    "and or but because cause um uh er erm hmm mm the a an to of for with about my your our "
+    "if than".split()
 )
 
 
