@@ -1,12 +1,12 @@
 """Early transcription: start STT at a pause, before the turn detector is sure the turn ended.
 
 The detector waits `silence_ms` (500) of silence before it ends a turn, so a caller who has
-finished is not cut off at every breath. Whisper then needs ~0.3 s more. Started at the first
-`pause_ms` (200) of silence instead, the transcript is usually ready when the turn ends, and
-the caller hears the reply ~0.3 s sooner. If the caller speaks again, the early result is
-thrown away (the decode still runs on the STT thread: a wasted ~0.3 s of one core, not of the
-caller's time). With a paid cloud STT this costs an extra request per mid-sentence pause:
-set `agent.early_stt_ms = 0` to turn it off.
+finished is not cut off at every breath. Started at the first `pause_ms` (120) of silence
+instead, the transcript is usually ready before the turn ends. If the caller speaks again,
+the early result is thrown away (the decode still runs on the STT thread: ~0.2 s of one core
+wasted, not the caller's time; under load no early decode starts while every worker is busy).
+With a paid cloud STT this costs an extra request per mid-sentence pause: set
+`agent.early_stt_ms = 0` to turn it off (the turn then always waits `silence_ms`).
 
 The early transcript also decides the end of the turn (`agent.end_turn_on_transcript`): when
 it is a complete sentence ("What are your opening hours?"), the turn ends as soon as it is in,
