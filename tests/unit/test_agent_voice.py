@@ -325,7 +325,9 @@ async def test_a_turn_waiting_for_stt_hears_a_holding_phrase_then_the_reply() ->
     await speak(agent)
     await until(lambda: session.said, "the holding phrase")
     assert session.said == [("One moment, please.", True)] and not llm.requests
-    assert any(kind == "agent.stt_hold" for kind, _ in session.events)
+    await until(
+        lambda: any(kind == "agent.stt_hold" for kind, _ in session.events), "the hold recorded"
+    )
     stt.gate.set()
     await until(lambda: len(session.said) == 2, "the reply")
     assert session.said[1] == ("We open at nine.", True)
