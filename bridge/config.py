@@ -276,7 +276,7 @@ class SttSettings(_Section):
     # to say it again); admission control sends new calls away long before.
     max_wait_s: float | None = Field(8.0, gt=0, le=120)
     # whisper: turns up to this window minus 2 s are decoded in a window this long instead
-    # of 30 s (4x less work; bridge/speech/whisper.py). None: always the 30 s window.
+    # of 30 s (4x less work; bridge/speech/whisper.py). 30: always the 30 s window.
     short_window_s: float | None = Field(10.0, ge=5, le=30)
 
 
