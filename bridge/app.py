@@ -29,7 +29,7 @@ from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
 from bridge.pbx.ports import PbxAdapter
 from bridge.sip import configure_uri_params
-from bridge.speech.tts import TtsProvider, make_tts
+from bridge.speech.tts import CachedTts, TtsProvider, assistant_phrases, make_tts
 from bridge.store.db import Database
 from bridge.trunks.reconciler import TrunkReconciler
 
@@ -51,6 +51,8 @@ class Daemon:
         self.trunks: TrunkReconciler | None = None
         self.metrics: Metrics | None = None
         self.webhooks: WebhookWorker | None = None
+        self.tts_cache: CachedTts | None = None  # speed: TTS cache
+        self._priming: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -59,7 +61,10 @@ class Daemon:
         self.directory = DirectoryService(
             self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
         )
-        tts = self._build_tts()
+        # speed: what assistants say word for word is synthesised once (TTS cache), when
+        # the daemon starts and when an assistant is saved.
+        tts = self.tts_cache = CachedTts(self._build_tts())
+        self.directory.on_assistant_saved = self._prime_assistant
         store = CallStore(self.db)
         self.calls = CallService(
             settings=s,
@@ -84,6 +89,7 @@ class Daemon:
                     await warm_tts()
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
         self._start_admission()
+        self._prime_all()
         await self.calls.start()
         chat = (
             ChatConsole(self.directory.get_assistant, self.providers.llm_for, s.agent)
@@ -201,6 +207,39 @@ class Daemon:
         if self.trunks is not None:
             self.trunks.kick()
 
+    # --- speed: TTS cache priming ---
+    def _prime_assistant(self, assistant: Any) -> None:
+        self._prime(assistant_phrases(assistant))
+
+    def _prime_all(self) -> None:
+        async def every() -> None:
+            assert self.directory is not None
+            a = self.settings.agent
+            texts = [a.stt_hold_message, a.stt_failure_message, a.llm_failure_message]
+            texts += [a.goodbye_message, self.settings.calls.default_greeting]
+            for assistant in await self.directory.list_assistants():
+                texts += assistant_phrases(assistant)
+            if self.tts_cache is not None:
+                await self.tts_cache.prime(texts)
+
+        self._spawn_prime(every())
+
+    def _prime(self, texts: list[str]) -> None:
+        if self.tts_cache is not None:
+            self._spawn_prime(self.tts_cache.prime(texts))
+
+    def _spawn_prime(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._priming.add(task)
+        task.add_done_callback(self._primed)
+
+    def _primed(self, task: asyncio.Task[Any]) -> None:
+        self._priming.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("tts.prime_failed", error=str(task.exception()))
+
+    # --- end speed ---
+
     def _build_tts(self) -> TtsProvider:
         t = self.settings.tts
         cloud: dict[str, Any] = {}
@@ -262,6 +301,8 @@ class Daemon:
         return health
 
     async def stop(self) -> None:
+        for task in list(self._priming):  # speed: TTS cache priming
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.trunks is not None:
@@ -276,6 +317,9 @@ class Daemon:
             refused = dict(admission.refused) if admission is not None else {}
             log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
         if self.providers is not None:
+            stt_stats = getattr(self.providers.stt, "stats", None)  # speed: STT throughput
+            if stt_stats is not None:
+                log.info("stt.stats", **stt_stats())
             await self.providers.aclose()
         if self.db is not None:
             await self.db.close()

@@ -94,8 +94,9 @@ class AgentProviders(LlmProviders):
                 cpu_threads=s.cpu_threads,
                 workers=workers,
                 nice=s.nice,
+                short_window_s=s.short_window_s,
             )
-            return QueuedStt(whisper, workers)
+            return QueuedStt(whisper, workers, max_wait_s=s.max_wait_s)
         base_url = s.base_url or self.settings.llm.base_url
         api_key = _secret(s.api_key) or _secret(self.settings.llm.api_key)
         # The aiohttp session is made lazily by the provider (no event loop needed here).

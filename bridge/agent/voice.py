@@ -106,7 +106,16 @@ class VoiceAgent:
         # console's; this class adds the audio and carries the actions out on the call.
         self.dialogue = Dialogue(session.assistant, llm, max_tool_rounds=settings.max_tool_rounds)
         self.stt_prompt = vocabulary_prompt(d.description for d in self.destinations)
-        self.early = EarlyTranscriber(stt, self.stt_prompt, detector, settings.early_stt_ms)
+        # --- speed: turn detection (end of turn by silence and transcript) ---
+        self.early = EarlyTranscriber(
+            stt,
+            self.stt_prompt,
+            detector,
+            settings.early_stt_ms,
+            end_on_transcript=settings.end_turn_on_transcript,
+            hold_ms=settings.turn_hold_ms,
+        )
+        # --- end speed ---
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[None] | None = None
@@ -266,6 +275,12 @@ class VoiceAgent:
                 continue
             if self._listening:
                 self.early.observe(frame, events)
+                # --- speed: the transcript says the turn is over: end it now ---
+                if not any(isinstance(e, TurnEnded) for e in events) and self.early.turn_over():
+                    ended = self.detector.end_now()
+                    if ended is not None:
+                        events.append(ended)
+                # --- end speed ---
             for event in events:
                 if isinstance(event, SpeechStarted):
                     self._on_speech_started()
@@ -353,10 +368,7 @@ class VoiceAgent:
                 return
         self._current = turn
         try:
-            if early is not None:
-                transcript = await early  # started at the pause, usually done by now
-            else:
-                transcript = await self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+            transcript = await self._transcribe_turn(turn, early)  # speed: holding phrase
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -376,9 +388,36 @@ class VoiceAgent:
             text,
             confidence=transcript.confidence,
             speech_ms=event.speech_ms,
+            turn_end="transcript" if event.by_transcript else None,  # speed: turn detection
             stt_ms=turn.latencies_ms().get("stt"),
         )
         await self._reply(turn)
+
+    # --- speed: STT under load: a holding phrase, never silence ---
+    async def _transcribe_turn(
+        self, turn: _Turn, early: asyncio.Task[Transcript] | None
+    ) -> Transcript:
+        """The turn's transcript (the early one if it was started at the pause). When it is
+        not in `agent.stt_hold_ms` after the turn ended (the STT queue is long), the caller
+        hears `agent.stt_hold_message` meanwhile; past the queue's time budget STT fails
+        with SttTimeout and the caller is asked to say it again."""
+        work = early or asyncio.ensure_future(
+            self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+        )
+        try:
+            hold = self.settings.stt_hold_ms / 1000
+            if hold > 0 and self.settings.stt_hold_message:
+                done, _ = await asyncio.wait({work}, timeout=hold)
+                if not done:
+                    self._speak(self.settings.stt_hold_message)
+                    self.log.info("agent.stt_hold", waited_ms=round(hold * 1000))
+                    self._spawn(self.session.record("agent.stt_hold", waited_ms=round(hold * 1000)))
+            return await work
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+
+    # --- end speed ---
 
     async def _reply(self, turn: _Turn) -> None:
         await self.dialogue.reply(_CallHost(self, turn))

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from bridge.errors import PbxCommandFailed, PbxUnavailable
@@ -114,6 +116,7 @@ class AsteriskAdapter:
         self._stasis_ready: dict[str, asyncio.Future[None]] = {}  # legs being created
         self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
         self._media: dict[str, str] = {}  # caller channel -> its media channel
+        self._arriving: dict[str, list[dict[str, Any]]] = {}  # speed: callers being taken
         self._task: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -237,7 +240,47 @@ class AsteriskAdapter:
 
     # --- events -----------------------------------------------------------------------------
 
+    # --- speed (issue 7 §8): an arrival never waits behind another ---
     async def _on_event(self, event: dict[str, Any]) -> None:
+        """ARI delivers events one at a time, and a caller's arrival (the take, then the
+        service's records and admission) takes round trips to Asterisk and the database: run
+        inline, the next caller's take waited behind all of it, past the dialplan's 1 s take
+        guard at 40 calls. So each caller's arrival runs in its own task; the events of that
+        channel that come meanwhile wait for it and follow in order."""
+        channel = event.get("channel") or {}
+        cid = channel.get("id", "")
+        waiting = self._arriving.get(cid)
+        if waiting is not None:
+            waiting.append(event)
+            return
+        if (
+            event["type"] == "StasisStart"
+            and cid
+            and not cid.startswith((MEDIA_PREFIX, LEG_PREFIX))
+        ):
+            self._arriving[cid] = []
+            task = asyncio.get_running_loop().create_task(self._arrive(cid, event))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._handle_event(event)
+
+    async def _arrive(self, cid: str, event: dict[str, Any]) -> None:
+        try:
+            queue = [event]
+            while queue:
+                try:
+                    await self._handle_event(queue.pop(0))
+                except Exception:
+                    log.exception("asterisk.event_failed", channel=cid)
+                queue += self._arriving.get(cid, [])
+                self._arriving[cid] = []
+        finally:
+            self._arriving.pop(cid, None)
+
+    # --- end speed ---
+
+    async def _handle_event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         channel = event.get("channel") or {}
         cid = channel.get("id", "")
@@ -254,7 +297,17 @@ class AsteriskAdapter:
                 if leg_ready is not None and not leg_ready.done():
                     leg_ready.set_result(None)
                 return
+            started = time.monotonic()
             taken = await self._take(cid)
+            # speed (issue 7 §8): how long the caller waited in Stasis before we saw it, and
+            # the take's round trip (together they must stay under the take guard).
+            log.info(
+                "asterisk.arrival",
+                channel=cid,
+                behind_ms=_age_ms(event.get("timestamp")),
+                take_ms=round((time.monotonic() - started) * 1000, 1),
+                taken=taken,
+            )
             if taken is None:
                 return  # the caller left
             await self._emit(_arrival(channel) if taken else CallMissed.of(_arrival(channel)))
@@ -697,3 +750,12 @@ def _leg_record(value: str) -> tuple[int | None, int | None, str]:
 
     sip = number(parts[1])
     return number(parts[0]), sip if sip is not None and sip >= 300 else None, parts[2]
+
+
+def _age_ms(timestamp: Any) -> float | None:
+    """Milliseconds since an ARI event's `timestamp` ("2026-11-30T04:47:50.123+0000")."""
+    try:
+        then = datetime.strptime(str(timestamp), "%Y-%m-%dT%H:%M:%S.%f%z")
+    except ValueError:
+        return None
+    return round(time.time() * 1000 - then.timestamp() * 1000, 1)
