@@ -21,6 +21,7 @@ from bridge.calls.reconcile import Reconciler
 from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
 from bridge.calls.transfer import TransferState
+from bridge.calls.transferring import leg_for
 from bridge.config import Settings
 from bridge.errors import (
     BridgeError,
@@ -157,6 +158,9 @@ class CallService:
         transfer = session.transfer
         if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
             self._by_channel[transfer.leg_id] = session
+        elif transfer is not None and not transfer.final:
+            # Not placed on our record: its leg, if our predecessor placed it, has this id.
+            self._by_channel[leg_for(transfer)] = session
 
     async def arrive(self, event: CallArrived) -> None:
         """A new caller. Whatever fails while taking it (a locked database, the directory),

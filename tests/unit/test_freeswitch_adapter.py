@@ -30,6 +30,7 @@ from bridge.pbx.ports import (
     ConnectionRestored,
     DialTarget,
     LegAnswered,
+    LegFacts,
     LegFailed,
     LegOutcome,
     LegProgress,
@@ -884,3 +885,29 @@ async def test_early_media_leg_stays_up_until_we_hang_it_up(
     await adapter.hangup("cbleg-em")
     failed = await sink.wait(LegFailed, "cbleg-em")
     assert isinstance(failed, LegFailed) and failed.cause_text == "NORMAL_CLEARING"
+
+
+async def test_a_restarted_daemon_learns_whose_leg_it_finds(server: FakeEslServer) -> None:
+    """Issue 7 section 3: a leg placed by a daemon that died before recording it is reported
+    with the call and transfer it was placed for (its CALLBRIDGE_* variables), as dialled
+    (originate is one request here)."""
+    first_sink, second_sink = Sink(), Sink()
+    first = await _adapter(server.port, first_sink, instance="cb1")
+    await first.originate(
+        "cbleg-t7",
+        DialTarget(sip_uri="sip:5555@h"),
+        caller_number=None,
+        ring_timeout=30,
+        variables={"CALLBRIDGE_CALL_ID": "call-7", "CALLBRIDGE_TRANSFER_ID": "t7"},
+    )
+    await first.stop()  # the daemon dies with the leg up or ringing
+    second = await _adapter(server.port, second_sink, instance="cb1")
+    try:
+        restored = second_sink.events[0]
+        assert isinstance(restored, ConnectionRestored)
+        assert [leg for leg, _ in restored.legs] == ["cbleg-t7"]
+        assert restored.leg_facts == (
+            LegFacts("cbleg-t7", call_id="call-7", transfer_id="t7", dialled=True),
+        )
+    finally:
+        await second.stop()
