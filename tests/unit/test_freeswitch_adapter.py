@@ -911,3 +911,53 @@ async def test_a_restarted_daemon_learns_whose_leg_it_finds(server: FakeEslServe
         )
     finally:
         await second.stop()
+
+
+# --- claims of dead daemons (trust, issue 7) ------------------------------------------------
+
+
+async def test_a_claim_is_deleted_when_its_call_ends(server: FakeEslServer) -> None:
+    sink = Sink()
+    adapter = await _adapter(server.port, sink, instance="cb1")
+    try:
+        uuid = await server.hook_call("+31201234567")
+        await sink.wait(CallArrived, uuid)
+        assert server.hash[f"callbridge_owner_{uuid}"] == "cb1"
+        await server.hangup(uuid)
+        await sink.wait(ChannelHungUp, uuid)
+        await wait_for(lambda: f"callbridge_owner_{uuid}" not in server.hash, "claim deleted", 2)
+    finally:
+        await adapter.stop()
+
+
+async def test_claims_of_calls_that_ended_while_no_daemon_watched_are_swept_at_connect(
+    server: FakeEslServer,
+) -> None:
+    """A daemon that dies leaves its claims; the callers hang up meanwhile. The next daemon
+    to connect (whatever its name) deletes the claims of calls that no longer exist, and
+    keeps those of live calls (its own, and another live daemon's)."""
+    dead_sink, other_sink, next_sink = Sink(), Sink(), Sink()
+    dead = await _adapter(server.port, dead_sink, instance="dead")
+    gone = await server.hook_call("+31201234567")
+    await dead_sink.wait(CallArrived, gone)
+    kept = await server.hook_call("+31201234567")
+    await dead_sink.wait(CallArrived, kept)
+    await dead.stop()  # dies: nobody deletes its claims when its callers leave
+    await server.hangup(gone)
+    assert f"callbridge_owner_{gone}" in server.hash
+    other = await _adapter(server.port, other_sink, instance="other")
+    try:
+        assert f"callbridge_owner_{gone}" not in server.hash  # swept at its connect
+        assert server.hash[f"callbridge_owner_{kept}"] == "dead"
+        live_elsewhere = await server.hook_call("+31201234567")
+        await other_sink.wait(CallArrived, live_elsewhere)
+        server.hash["callbridge_owner_vanished-uuid"] = "someone"  # a call long gone
+        following = await _adapter(server.port, next_sink, instance="next")
+        try:
+            assert "callbridge_owner_vanished-uuid" not in server.hash
+            assert server.hash[f"callbridge_owner_{kept}"] == "dead"  # live: still claimed
+            assert server.hash[f"callbridge_owner_{live_elsewhere}"] == "other"
+        finally:
+            await following.stop()
+    finally:
+        await other.stop()

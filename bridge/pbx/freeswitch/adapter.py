@@ -302,9 +302,36 @@ class FreeswitchAdapter:
                 if await self._parked(uuid):
                     await self._lease(uuid, arrived.called_number)
                 callers.append(arrived)
+        await self._sweep_claims(set(rows))
         return ConnectionRestored(
             "", callers=tuple(callers), legs=tuple(legs), leg_facts=tuple(facts)
         )
+
+    async def _sweep_claims(self, listed: set[str]) -> None:
+        """Delete the claims of callers that no longer exist: a claim is deleted when its
+        call ends, but not by a daemon that died (or lost its connection) meanwhile, and
+        mod_hash keeps entries until FreeSWITCH restarts. Any daemon's claim: the channel is
+        gone (`uuid_exists`, not the lagging `show channels`), so nobody can own it."""
+        if self._no_hash:
+            return
+        try:
+            dump = await self.client.api(f"hash_dump db {CLAIM_REALM}")
+        except EslError as exc:
+            log.warning("freeswitch.claim_sweep_failed", error=str(exc))
+            return
+        prefix = f"D/{CLAIM_REALM}_"
+        swept = 0
+        for line in dump.splitlines():
+            if not line.startswith(prefix):
+                continue
+            uuid, _, owner = line[len(prefix) :].partition("/")
+            if not uuid or uuid in listed or uuid in self._callers or await self._exists(uuid):
+                continue
+            with contextlib.suppress(EslError):
+                await self.client.api(f"hash delete_ifmatch/{CLAIM_REALM}/{uuid}/{owner}")
+                swept += 1
+        if swept:
+            log.info("freeswitch.stale_claims_deleted", count=swept)
 
     async def _leg_facts(self, uuid: str) -> LegFacts:
         """The leg's owner, from the variables it was originated with. An originate is one
