@@ -74,7 +74,7 @@ class Reconciler:
             for s in self.service.sessions()
             if s.transfer and (s.transfer.leg_id or not s.transfer.final)
         }
-        for leg in live_legs - owned:
+        for leg in live_legs - owned - self.service.probe.legs:
             log.warning("call.orphan_leg", leg=leg)
             await self.service.safe_hangup(leg)
             fact = facts.get(leg)

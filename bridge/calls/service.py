@@ -7,7 +7,6 @@ of the adapter's transfer verbs.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 from bridge.calls.admission import Admission, turn_away
 from bridge.calls.conversation import ConversationFactory
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
-from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.policy import TransferPolicy
+from bridge.calls.probe import DestinationProbe
 from bridge.calls.reconcile import Reconciler
 from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
@@ -24,7 +23,6 @@ from bridge.calls.transfer import TransferState
 from bridge.calls.transferring import leg_for
 from bridge.config import Settings
 from bridge.errors import (
-    BridgeError,
     Conflict,
     NotFound,
 )
@@ -37,10 +35,7 @@ from bridge.pbx.ports import (
     ConnectionLost,
     ConnectionRestored,
     LegAnswered,
-    LegFailed,
     LegOutcome,
-    LegProgress,
-    LegRinging,
     PbxAdapter,
     PbxEvent,
     TrunkSpec,
@@ -74,9 +69,9 @@ class CallService:
         # Builds each call's conversation (the assistant's voice pipeline); None: greet only.
         self.conversation_factory: ConversationFactory | None = None
         self.connected = False
-        self._probes: dict[str, asyncio.Queue[PbxEvent]] = {}
         # Where a transfer may go (fail-closed); every transfer and destination test asks it.
         self.policy = TransferPolicy(settings.transfer, directory)
+        self.probe = DestinationProbe(pbx=pbx, policy=self.policy, directory=directory)
         self.reconciler = Reconciler(self)
         # Admission control for arriving calls (set by the composition root); None: no limit.
         self.admission: Admission | None = None
@@ -114,11 +109,10 @@ class CallService:
             self.connected = False
             return
         session = self._by_channel.get(event.channel_id)
-        probe = self._probes.get(event.channel_id)
         if session is not None:
             session.post(event)
-        elif probe is not None:
-            probe.put_nowait(event)
+        elif self.probe.deliver(event):
+            pass
         elif isinstance(event, LegAnswered):
             log.warning("call.orphan_leg_answered", leg=event.channel_id)
             await self.safe_hangup(event.channel_id)
@@ -331,75 +325,8 @@ class CallService:
     async def test_destination(
         self, destination: str, number_id: str | None, ring_timeout: float
     ) -> dict[str, Any]:
-        """Place a short test call to a destination by the route a transfer would take; hang
-        up as soon as it answers. Returns the typed outcome (the seed's "test destinations")."""
-        if number_id is not None:
-            await self.directory.get_number(number_id)  # NotFound names the field
-        # The toll-fraud policy (bridge.calls.policy); a refusal is logged there with its rule.
-        target = await self.policy.authorize(
-            destination, number_id=number_id, assistant=None, source="test", transfers_in_call=0
-        )
-        leg = f"cbleg-probe-{uuid.uuid4()}"
-        events: asyncio.Queue[PbxEvent] = asyncio.Queue()
-        self._probes[leg] = events
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        rang_at: float | None = None
-        progressed = False
-        result: dict[str, Any] = {"destination": destination, "route": target.describe()}
-        policy = getattr(self, "policy", None)
-        claimed = False
-        try:
-            if policy is not None:
-                policy.claim_leg(target)
-                claimed = True
-            await self.pbx.originate(
-                leg,
-                target,
-                caller_number=None,
-                ring_timeout=ring_timeout,
-                variables={"CALLBRIDGE_PROBE": "1"},
-            )
-            async with asyncio.timeout(ring_timeout + 10):
-                while True:
-                    event = await events.get()
-                    if isinstance(event, LegRinging) and rang_at is None:
-                        rang_at = loop.time()
-                    elif isinstance(event, LegProgress):
-                        progressed = True
-                    elif isinstance(event, LegAnswered):
-                        await self.safe_hangup(leg)
-                        result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
-                        break
-                    elif isinstance(event, LegFailed):
-                        outcome, reason = classify_leg_failure(
-                            event, rang=rang_at is not None, progressed=progressed
-                        )
-                        result.update(
-                            outcome=outcome.value,
-                            sip_code=event.sip_code,
-                            cause=event.cause,
-                            cause_text=event.cause_text,
-                            reason=reason,
-                        )
-                        break
-        except TimeoutError:
-            await self.safe_hangup(leg)
-            outcome, reason = timeout_outcome(rang=rang_at is not None, progressed=progressed)
-            result.update(outcome=outcome.value, cause_text="no final answer", reason=reason)
-        except (ChannelGone, BridgeError, ValueError) as exc:
-            # The PBX could not place it (unreachable, refused, bad route): our fault.
-            result.update(
-                outcome=LegOutcome.FAILED.value, cause_text=str(exc), reason=local_reason(str(exc))
-            )
-        finally:
-            self._probes.pop(leg, None)
-            if claimed and policy is not None:
-                policy.release_leg(target)
-        result["ring_ms"] = round((rang_at - started) * 1000) if rang_at else None
-        result["duration_ms"] = round((loop.time() - started) * 1000)
-        log.info("destination.tested", **result)
-        return result
+        """The API's destination test (`bridge.calls.probe`)."""
+        return await self.probe.test(destination, number_id, ring_timeout)
 
     async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
         return await self.store.transfer_stats(since)
