@@ -1,5 +1,8 @@
-"""The call service: routes PBX events to call sessions, executes control commands, and
-reconciles calls with the PBX after a reconnect or a daemon restart.
+"""The call service: the one facade the API and the daemon talk to. It takes new callers,
+hands PBX events to the call sessions (which session owns which channel: `CallRouter`),
+executes control commands, and holds the policies sessions use. Its other roles have their
+own rooms: the reconcile after a reconnect or restart (`Reconciler`), destination tests
+(`DestinationProbe`), the toll-fraud policy (`TransferPolicy`).
 
 The control API and the assistant's transfer tool both arrive here; this is the only caller
 of the adapter's transfer verbs.
@@ -17,10 +20,9 @@ from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
 from bridge.calls.policy import TransferPolicy
 from bridge.calls.probe import DestinationProbe
 from bridge.calls.reconcile import Reconciler
+from bridge.calls.router import CallRouter
 from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
-from bridge.calls.transfer import TransferState
-from bridge.calls.transferring import leg_for
 from bridge.config import Settings
 from bridge.errors import (
     Conflict,
@@ -64,8 +66,10 @@ class CallService:
         self.directory = directory
         self.tts = tts
         self.clock = clock or MediaClock()
-        self._by_id: dict[str, CallSession] = {}
-        self._by_channel: dict[str, CallSession] = {}
+        self.router = CallRouter()
+        # The router's maps, under the names the unit tests read.
+        self._by_id = self.router.by_id
+        self._by_channel = self.router.by_channel
         # Builds each call's conversation (the assistant's voice pipeline); None: greet only.
         self.conversation_factory: ConversationFactory | None = None
         self.connected = False
@@ -82,7 +86,7 @@ class CallService:
         await self.pbx.start(self.on_pbx_event)
 
     async def stop(self) -> None:
-        for session in list(self._by_id.values()):
+        for session in self.router.sessions():
             await session.detach()
         await self.pbx.stop()
         await self.clock.close()
@@ -98,7 +102,7 @@ class CallService:
             await self._record_missed(event)
             return
         if isinstance(event, CallArrived):
-            if event.channel_id not in self._by_channel:
+            if event.channel_id not in self.router.by_channel:
                 await self.arrive(event)
             return
         if isinstance(event, ConnectionRestored):
@@ -108,7 +112,7 @@ class CallService:
         if isinstance(event, ConnectionLost):
             self.connected = False
             return
-        session = self._by_channel.get(event.channel_id)
+        session = self.router.for_channel(event.channel_id)
         if session is not None:
             session.post(event)
         elif self.probe.deliver(event):
@@ -117,44 +121,35 @@ class CallService:
             log.warning("call.orphan_leg_answered", leg=event.channel_id)
             await self.safe_hangup(event.channel_id)
 
+    # Routing lives in `CallRouter`; these delegate (sessions and the reconciler use them).
+
     def session(self, call_id: str) -> CallSession | None:
-        return self._by_id.get(call_id)
+        return self.router.session(call_id)
 
     def sessions(self) -> list[CallSession]:
-        return list(self._by_id.values())
+        return self.router.sessions()
 
     @property
     def routes(self) -> dict[str, CallSession]:
         """Channel id (caller or leg) -> the session its events go to (read only)."""
-        return self._by_channel
+        return self.router.by_channel
 
     def track_leg(self, leg_id: str, session: CallSession) -> None:
-        self._by_channel[leg_id] = session
+        self.router.track_leg(leg_id, session)
 
     def untrack_leg(self, leg_id: str, *, keep: bool) -> None:
-        """Stop routing a leg's events, unless it stays bridged (its hangup still matters)."""
-        if not keep:
-            self._by_channel.pop(leg_id, None)
+        self.router.untrack_leg(leg_id, keep=keep)
 
     @property
     def active_calls(self) -> int:
         """Calls this daemon serves now (admission control counts them)."""
-        return len(self._by_id)
+        return len(self.router)
 
     def forget(self, session: CallSession) -> None:
-        self._by_id.pop(session.call.id, None)
-        for key in [k for k, v in self._by_channel.items() if v is session]:
-            del self._by_channel[key]
+        self.router.forget(session)
 
     def register(self, session: CallSession) -> None:
-        self._by_id[session.call.id] = session
-        self._by_channel[session.call.channel_id] = session
-        transfer = session.transfer
-        if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
-            self._by_channel[transfer.leg_id] = session
-        elif transfer is not None and not transfer.final:
-            # Not placed on our record: its leg, if our predecessor placed it, has this id.
-            self._by_channel[leg_for(transfer)] = session
+        self.router.register(session)
 
     async def arrive(self, event: CallArrived) -> None:
         """A new caller. Whatever fails while taking it (a locked database, the directory),
@@ -163,7 +158,7 @@ class CallService:
             await self._new_call(event)
         except Exception as exc:
             log.exception("call.arrival_failed", channel=event.channel_id, error=str(exc))
-            session = self._by_channel.get(event.channel_id)
+            session = self.router.for_channel(event.channel_id)
             if session is not None and not session.started:
                 self.forget(session)  # registered but never started
             elif session is not None:
@@ -332,7 +327,7 @@ class CallService:
         return await self.store.transfer_stats(since)
 
     async def control(self, call_id: str, command: Any) -> dict[str, Any]:
-        session = self._by_id.get(call_id)
+        session = self.router.session(call_id)
         if session is None:
             if await self.store.get(call_id) is None:
                 raise NotFound(f"no call {call_id}", field="id")
