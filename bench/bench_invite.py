@@ -179,13 +179,20 @@ async def provision(api: Api, port: int) -> str:
     return str(trunk["id"])
 
 
-async def active_again(api: Api, call_id: str) -> None:
+async def active_again(api: Api, call_id: str, lab: AsteriskLab) -> None:
+    """The transfer failed back: the call is active and its ringback stopped (the session
+    has finished with the failure; a command sent earlier would queue behind it)."""
+    last: dict[str, Any] = {}
+
     async def check() -> bool:
         data = await api.ok("GET", f"/calls/{call_id}")
-        last = data["transfers"][-1] if data["transfers"] else None
-        return data["status"] == "active" and (last is None or last["state"] == "failed")
+        last.update(data["transfers"][-1] if data["transfers"] else {})
+        return data["status"] == "active" and last.get("state") in (None, "failed")
 
     await wait_for(check, "the call active again", timeout=15, every=0.02)
+    if last.get("id"):
+        playback = f"/playbacks/cbring-{last['id']}"
+        await wait_for(lambda: lab.ari("GET", playback)[0] == 404, "ringback stopped", 15, 0.02)
 
 
 async def measure(
@@ -237,7 +244,7 @@ async def measure(
                     at, _ = await next_invite(invites)
                     if i >= args.warmup:
                         via_api.append((at - t0) * 1000)
-                    await active_again(api, call_id)
+                    await active_again(api, call_id, lab)
             # (assistant) spoken request → model's tool call → INVITE
             spoken: list[float] = []
             pcm = utterance(SPOKEN) + silence(900)
@@ -256,7 +263,7 @@ async def measure(
                 at, _ = await next_invite(invites, timeout=30)
                 assert len(decided) == before + 1, "no assistant decision stamped"
                 spoken.append((at - decided[-1]) * 1000)
-                await active_again(api, call_id)
+                await active_again(api, call_id, lab)
         finally:
             await api.request("POST", f"/calls/{call_id}/control", {"type": "end_call"})
             await caller.terminate()
