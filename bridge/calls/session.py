@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from bridge.calls.items import CommandEnvelope, Resume, SpeechDone, TimerFired
+from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
 from bridge.calls.model import (
     Call,
     CallEvent,
@@ -24,7 +24,7 @@ from bridge.calls.model import (
 )
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.calls.transferring import TransferSteps
+from bridge.calls.transferring import RING_GUARD_MARGIN_S, TransferSteps, leg_for
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
 from bridge.log import get_logger
 from bridge.media.rtp import RtpStream
@@ -109,6 +109,10 @@ class CallSession(TransferSteps):
                 try:
                     await self._handle(item)
                 except asyncio.CancelledError:
+                    # This process stops in the middle of a command: answer it (an API
+                    # request must not wait for the server's shutdown timeout).
+                    if isinstance(item, CommandEnvelope) and not item.reply.done():
+                        item.reply.set_exception(Conflict("callbridge is stopping", field="id"))
                     raise
                 except Exception as exc:  # one bad event must not orphan the call
                     self.log.exception("call.handler_failed", item=repr(item)[:200])
@@ -177,6 +181,8 @@ class CallSession(TransferSteps):
             await self._on_timer(item)
         elif isinstance(item, Resume):
             await self._on_resume(item)
+        elif isinstance(item, LegAbandoned):
+            await self._on_leg_abandoned(item)
         elif item == "greet":
             await self._greet()
         elif isinstance(item, PbxEvent):
@@ -497,11 +503,21 @@ class CallSession(TransferSteps):
             return
         if (
             transfer is not None
+            and transfer.state is TransferState.ANNOUNCING
+            and leg_for(transfer) in resume.live_legs
+        ):
+            await self._adopt_leg(transfer, leg_for(transfer), resume)
+            return
+        if (
+            transfer is not None
             and not transfer.final
             and transfer.state is not TransferState.ANNOUNCING
         ):
             # The ringback may be playing (ours, or our predecessor's): its id is derived.
             self._ringback = transfer.ringback_id
+            if leg in resume.undialled_legs:
+                await self._dial(retry=True)  # created, never dialled: dial it now, once
+                return
             if self._redial and transfer.state is TransferState.DIALING:
                 await self._dial(retry=True)  # the PBX is back: place the leg now
                 return
@@ -526,3 +542,42 @@ class CallSession(TransferSteps):
                 self.post(SpeechDone(f"transfer:{transfer.id}", True))
             elif transfer is not None and self._untold is transfer:
                 self._tell_result(transfer)  # a failed transfer waited for the media
+
+    async def _adopt_leg(self, transfer: Transfer, leg: str, resume: Resume) -> None:
+        """Our predecessor placed this transfer's leg and stopped before recording it (the
+        originate goes first, issue 8 section 4). Record it now and carry on: dial it if it
+        was never dialled, connect it if it answered meanwhile, else wait for its events."""
+        transfer.apply(TransferEvent.MESSAGE_DONE)
+        transfer.leg_id = leg
+        self.service.track_leg(leg, self)
+        dialled = leg not in resume.undialled_legs
+        dialing = CallEvent(
+            "transfer.dialing",
+            utcnow(),
+            {"transfer_id": transfer.id, "leg": leg, "adopted": True, "dialled": dialled},
+        )
+        if not dialled:
+            await self._dial(pending=[dialing])  # the adapter dials the existing leg
+            return
+        await self._persist_pending([dialing])
+        if leg in resume.answered_legs:
+            transfer.apply(TransferEvent.LEG_ANSWERED)
+            await self._connect_leg()
+            return
+        await self._quietly(
+            "ringback",
+            self.service.pbx.play_tone(self.call.channel_id, "ring", transfer.ringback_id),
+        )
+        self._ringback = transfer.ringback_id
+        self._set_timer("ring_guard", transfer.ring_timeout + RING_GUARD_MARGIN_S, transfer.id)
+
+    async def _on_leg_abandoned(self, item: LegAbandoned) -> None:
+        await self.record(
+            "transfer.abandoned",
+            transfer_id=item.transfer_id,
+            leg=item.leg_id,
+            dialled=item.dialled,
+            reason="placed by a daemon that stopped before recording it; hung up",
+        )
+        if self.call.status is CallStatus.ACTIVE and self.media is not None:
+            self.say(self.service.failure_message(LegOutcome.FAILED), token="transfer_failed")

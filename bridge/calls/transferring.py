@@ -18,7 +18,8 @@ import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from bridge.calls.items import SpeechDone, TimerFired
+from bridge import faults
+from bridge.calls.items import TimerFired
 from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
@@ -78,6 +79,12 @@ else:
 
 # Extra time the ring guard gives a PBX that enforces the ring timeout itself.
 RING_GUARD_MARGIN_S = 10.0
+
+
+def leg_for(transfer: Transfer) -> str:
+    """The id of a transfer's leg, derived from the transfer (as its ringback's is): a
+    restarted daemon finds the leg its predecessor placed even when nothing recorded it."""
+    return transfer.leg_id or f"cbleg-{transfer.id}"
 
 
 class TransferSteps(_Base):
@@ -144,7 +151,6 @@ class TransferSteps(_Base):
                 "mode": transfer.mode,
             },
         )
-        await self._persist(call=True, transfer=True, event=requested)
         self.log.info("transfer.requested", transfer_id=transfer.id, route=target.describe())
         started = getattr(self.conversation, "on_transfer_started", None)
         if started is not None:
@@ -152,18 +158,24 @@ class TransferSteps(_Base):
         if self.media is not None:
             self.media.flush()  # the assistant stops talking; the message is not interruptible
         if command.message and self.media is not None:
+            await self._persist(call=True, transfer=True, event=requested)
             self.say(command.message, token=f"transfer:{transfer.id}", interruptible=False)
         else:
-            self.post(SpeechDone(f"transfer:{transfer.id}", True))
+            # Issue 8 section 4: nothing that can follow the originate sits before it. The
+            # request is recorded with the dial, in one commit, right after the originate.
+            await self._after_announcement(pending=[requested])
         return {"id": self.call.id, "accepted": "transfer", "transfer_id": transfer.id}
 
     def _new_transfer_id(self) -> str:
         return str(uuid.uuid4())
 
-    async def _after_announcement(self) -> None:
+    async def _after_announcement(self, pending: list[CallEvent] | None = None) -> None:
+        """Place the transfer. `pending`: its events not recorded yet (they are recorded
+        right after the PBX request, with what it changed)."""
         transfer = self.transfer
         if transfer is None or transfer.state is not TransferState.ANNOUNCING:
             return
+        pending = list(pending or [])
         pbx = self.service.pbx
         if transfer.mode == "blind":
             try:
@@ -171,30 +183,38 @@ class TransferSteps(_Base):
                     self.call.channel_id, transfer.target, transfer.ring_timeout
                 )
             except ChannelGone:
+                await self._persist_pending(pending)
                 await self._end("caller hung up")
                 return
             except BridgeError as exc:
+                await self._persist_pending(pending)
                 await self._transfer_failed(
                     TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc))
                 )
                 return
             settled = self._settle(TransferEvent.HANDED_OFF, None)
-            await self._persist(transfer=True, event=settled)
+            await self._persist_pending([*pending, *([settled] if settled else [])])
             self._close_media()
             await self._end("handed off to the PBX (blind transfer)")
             return
         transfer.apply(TransferEvent.MESSAGE_DONE)
-        transfer.leg_id = f"cbleg-{uuid.uuid4()}"
+        transfer.leg_id = leg_for(transfer)
         self.service.track_leg(transfer.leg_id, cast("CallSession", self))
         dialing = CallEvent(
             "transfer.dialing", utcnow(), {"transfer_id": transfer.id, "leg": transfer.leg_id}
         )
-        await self._persist(transfer=True, event=dialing)
         self._dial_deadline = asyncio.get_running_loop().time() + transfer.ring_timeout
-        await self._dial()
+        await self._dial(pending=[*pending, dialing])
 
-    async def _dial(self, *, retry: bool = False) -> None:
-        """Start the ringback and place the leg. A PBX that cannot be reached is our fault,
+    async def _persist_pending(self, events: list[CallEvent]) -> None:
+        """The call, its transfer and the events not recorded yet, in one commit."""
+        await self.service.store.save_state(self.call, self.transfer, events, call_id=self.call.id)
+
+    async def _dial(self, *, retry: bool = False, pending: list[CallEvent] | None = None) -> None:
+        """Place the leg, then record it (`pending`, one commit), then start the ringback:
+        nothing that can follow the originate sits before it (issue 8 section 4). A daemon
+        that dies in between leaves a leg the next one recognises (`leg_for`, its
+        CALLBRIDGE_* variables: see `Reconciler`). A PBX that cannot be reached is our fault,
         not the destination's: wait for the connection (a `Resume` comes) and retry while
         the ring timeout lasts."""
         transfer = self.transfer
@@ -207,19 +227,12 @@ class TransferSteps(_Base):
         self._redial = False
         if retry:
             await self.record("transfer.redialing", transfer_id=transfer.id)
-        try:
-            await pbx.play_tone(self.call.channel_id, "ring", transfer.ringback_id)
-            self._ringback = transfer.ringback_id
-        except ChannelGone:
-            await self._end("caller hung up")
-            return
-        except BridgeError as exc:
-            self.log.warning("transfer.ringback_failed", error=str(exc))
         policy = getattr(self.service, "policy", None)
         try:
             if policy is not None:
                 policy.claim_leg(transfer.target)
                 self._claimed = transfer.target
+            await faults.point("before_originate")
             await pbx.originate(
                 transfer.leg_id,
                 transfer.target,
@@ -230,7 +243,29 @@ class TransferSteps(_Base):
                     "CALLBRIDGE_TRANSFER_ID": transfer.id,
                 },
             )
-        except PbxUnavailable as exc:
+            await faults.point("after_originate")
+        except (BridgeError, ChannelGone, ValueError) as exc:
+            if pending:
+                await self._persist_pending(pending)
+            await self._dial_failed(exc, remaining)
+            return
+        if pending:
+            await self._persist_pending(pending)
+        try:
+            await pbx.play_tone(self.call.channel_id, "ring", transfer.ringback_id)
+            self._ringback = transfer.ringback_id
+        except ChannelGone:
+            await self._end("caller hung up")
+            return
+        except BridgeError as exc:
+            self.log.warning("transfer.ringback_failed", error=str(exc))
+        # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
+        self._set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
+
+    async def _dial_failed(self, exc: BaseException, remaining: float) -> None:
+        transfer = self.transfer
+        assert transfer is not None
+        if isinstance(exc, PbxUnavailable):
             self._release_claim()
             if remaining > 1.0:
                 self._redial = True
@@ -246,14 +281,10 @@ class TransferSteps(_Base):
                 reason=local_reason(f"the PBX is unreachable: {exc}"),
             )
             return
-        except (BridgeError, ChannelGone, ValueError) as exc:
-            self._release_claim()
-            await self._transfer_failed(
-                TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc))
-            )
-            return
-        # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
-        self._set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
+        self._release_claim()
+        await self._transfer_failed(
+            TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc))
+        )
 
     def _release_claim(self) -> None:
         target, self._claimed = self._claimed, None

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+from bridge import faults
 from bridge.errors import PbxCommandFailed, PbxUnavailable
 from bridge.log import get_logger
 from bridge.pbx.asterisk.ari import (
@@ -52,6 +53,7 @@ from bridge.pbx.ports import (
     DtmfReceived,
     EventSink,
     LegAnswered,
+    LegFacts,
     LegFailed,
     LegProgress,
     LegRinging,
@@ -66,6 +68,7 @@ LEG_PREFIX = "cbleg-"
 MEDIA_PREFIX = "cbmedia-"
 LEG_END_CONTEXT = "callbridge-leg-end"  # the legs' hangup handler (extensions_callbridge.conf)
 LEG_RECORD_PREFIX = "CALLBRIDGE_LEG_"  # global variable it sets: cause,sip,state,epoch
+DIAL_MARKER = "CALLBRIDGE_DIALLED"  # set on a leg right before its dial (see _mark_and_dial)
 # Q.850 causes that say the failure is in our own PBX (no circuit/resource, no such endpoint,
 # channel unavailable) when no SIP response came back: not the destination's doing.
 LOCAL_CAUSES = frozenset({47, 58, 66, 81})
@@ -112,6 +115,7 @@ class AsteriskAdapter:
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
         self._pending_legs: set[str] = set()  # created and not yet destroyed
+        self._undialled: set[str] = set()  # found at a reconnect created and never dialled
         self._media_ready: dict[str, asyncio.Future[None]] = {}
         self._stasis_ready: dict[str, asyncio.Future[None]] = {}  # legs being created
         self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
@@ -170,6 +174,7 @@ class AsteriskAdapter:
         live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
+        facts: list[LegFacts] = []
         for ch in channels:
             cid = ch["id"]
             dialplan = ch.get("dialplan") or {}
@@ -185,6 +190,7 @@ class AsteriskAdapter:
                     self._answered_legs.add(cid)
                 self._pending_legs.add(cid)
                 legs.append((cid, up))
+                facts.append(await self._leg_facts(cid, up))
             elif dialplan.get("app_name") == "Stasis" and str(
                 dialplan.get("app_data", "")
             ).startswith(self.ari.app):
@@ -200,7 +206,31 @@ class AsteriskAdapter:
         # before ConnectionRestored, so the calls see the real outcome before they resume.
         for leg in sorted(self._pending_legs - live):
             await self._report_leg_record(leg)
-        await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
+        await self._emit(
+            ConnectionRestored("", callers=tuple(callers), legs=tuple(legs), leg_facts=tuple(facts))
+        )
+
+    async def _leg_facts(self, leg: str, up: bool) -> LegFacts:
+        """The leg's owner (its CALLBRIDGE_* variables) and whether it was dialled."""
+
+        async def var(name: str) -> str | None:
+            try:
+                got = await self._call("GET", f"/channels/{leg}/variable", variable=name)
+            except (PbxCommandFailed, ChannelGone):
+                return None  # unset answers 404
+            return str((got or {}).get("value") or "") or None
+
+        dialled = up or await var(DIAL_MARKER) is not None
+        if dialled:
+            self._undialled.discard(leg)
+        else:
+            self._undialled.add(leg)
+        return LegFacts(
+            leg,
+            call_id=await var("CALLBRIDGE_CALL_ID"),
+            transfer_id=await var("CALLBRIDGE_TRANSFER_ID"),
+            dialled=dialled,
+        )
 
     async def _report_leg_record(self, leg: str) -> None:
         var = f"{LEG_RECORD_PREFIX}{leg}"
@@ -358,6 +388,7 @@ class AsteriskAdapter:
                 sip_code = requested[1]
             if cid.startswith(LEG_PREFIX):
                 self._pending_legs.discard(cid)
+                self._undialled.discard(cid)
                 self._forget_leg_record(cid)
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
                 local = sip_code is None and cause in LOCAL_CAUSES
@@ -509,6 +540,13 @@ class AsteriskAdapter:
         Asterisk hangs the destination up 2 ms after its 200 OK). Its hangup handler records
         how it ended, for a leg that ends while we are away."""
         assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
+        if leg_id in self._undialled:
+            # Created by a daemon that stopped before dialling it (its marker is unset):
+            # dial it now, once (issue 7, section 3).
+            self._undialled.discard(leg_id)
+            self._pending_legs.add(leg_id)
+            await self._mark_and_dial(leg_id, ring_timeout)
+            return
         channel_vars = dict(variables or {})
         channel_vars["CHANNEL(hangup_handler_push)"] = f"{LEG_END_CONTEXT},s,1"
         if caller_number:
@@ -539,7 +577,20 @@ class AsteriskAdapter:
             raise PbxCommandFailed("the new leg never entered Stasis") from exc
         finally:
             self._stasis_ready.pop(leg_id, None)
+        await faults.point("before_dial")
+        await self._mark_and_dial(leg_id, ring_timeout)
+
+    async def _mark_and_dial(self, leg_id: str, ring_timeout: float) -> None:
+        """Set the leg's dial marker, then dial it. ARI shows no difference between a
+        created leg and a dialled one before its 180 (both "Down", measured on 22.10.1), and a
+        second dial hangs the leg up: the marker is how a restarted daemon tells a leg its
+        predecessor never dialled (dial it now) from one that was (wait for its events). Set
+        before the dial, so a marked leg may (in the instant between the two requests) be
+        undialled: that one fails back at the ring guard, never rings twice."""
         try:
+            await self._call(
+                "POST", f"/channels/{leg_id}/variable", variable=DIAL_MARKER, value="1"
+            )
             await self._call(
                 "POST", f"/channels/{leg_id}/dial", timeout=max(1, round(ring_timeout))
             )
