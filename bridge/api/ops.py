@@ -53,7 +53,15 @@ OPS = web.AppKey("ops", OpsContext)
 # --- /metrics --------------------------------------------------------------------------------
 
 
+# Set by a reverse proxy: the peer is the proxy, not the client (a proxy on the same host
+# would otherwise make every outside scraper look like a loopback one).
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host")
+
+
 def _loopback(request: web.Request) -> bool:
+    """A loopback peer that is not a proxy relaying someone else."""
+    if any(h in request.headers for h in _PROXY_HEADERS):
+        return False
     try:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:

@@ -592,3 +592,18 @@ async def test_stop_lets_an_attempt_in_flight_finish_and_record_it(db: Database)
         assert row is not None and (row["status"], row["attempts"]) == ("delivered", 1)
     finally:
         await server.close()
+
+
+# --- review fixes -------------------------------------------------------------------------------
+
+
+async def test_loopback_scrapes_need_no_key_unless_relayed_by_a_proxy(db: Database) -> None:
+    """allow_loopback trusts the peer address; behind a reverse proxy on the same host every
+    outside request comes from 127.0.0.1, so a relayed request (proxy headers) needs a key."""
+    ops = OpsContext(Metrics("asterisk"), None, metrics_allow_loopback=True)
+    app = create_api_app(DirectoryService(db), NoCalls(), db, ops=ops)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as c:
+        assert (await c.get("/metrics")).status == 200  # the test client is a loopback peer
+        for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
+            resp = await c.get("/metrics", headers={header: "203.0.113.7"})
+            assert resp.status == 401, header
