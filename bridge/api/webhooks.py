@@ -145,8 +145,9 @@ async def patch(request: web.Request) -> web.Response:
     raw = await json_object(request)
     if any(raw.get(k, "") is None for k in ("url", "events", "secret", "enabled")):
         raise InvalidBody("url, events, secret and enabled cannot be removed")
-    validate(WebhookPatch, raw)
-    hook = await _service(request).update(request.match_info["id"], raw)
+    # The validated values, not the raw ones: {"enabled": "false"} is False, not a truthy string.
+    changes = validate(WebhookPatch, raw).model_dump(exclude_unset=True)
+    hook = await _service(request).update(request.match_info["id"], changes)
     return respond(hook.public_dict())
 
 

@@ -607,3 +607,18 @@ async def test_loopback_scrapes_need_no_key_unless_relayed_by_a_proxy(db: Databa
         for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
             resp = await c.get("/metrics", headers={header: "203.0.113.7"})
             assert resp.status == 401, header
+
+
+async def test_webhook_patch_stores_the_validated_values(
+    client: tuple[TestClient, str, Metrics],
+) -> None:
+    c, key, _ = client
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = await c.post(
+        "/api/v1/webhooks", json={"url": "http://127.0.0.1:1/h", "events": ["*"]}, headers=auth
+    )
+    hook = (await resp.json())["id"]
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"enabled": "false"}, headers=auth)
+    assert resp.status == 200 and (await resp.json())["enabled"] is False
+    got = await (await c.get(f"/api/v1/webhooks/{hook}", headers=auth)).json()
+    assert got["enabled"] is False
