@@ -454,7 +454,12 @@ class WebhookWorker:
         error: str | None = None
         assert self._http is not None
         try:
-            async with self._http.post(row["url"], data=body, headers=headers) as resp:
+            # Redirects are not followed: a 307/308 would send the signed body to wherever
+            # the Location points (another host), a 301-303 would turn it into a GET. A 3xx
+            # is a failed attempt the log shows; subscribe the final URL.
+            async with self._http.post(
+                row["url"], data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 status = resp.status
                 await resp.read()
                 if not 200 <= status < 300:

@@ -622,3 +622,43 @@ async def test_webhook_patch_stores_the_validated_values(
     assert resp.status == 200 and (await resp.json())["enabled"] is False
     got = await (await c.get(f"/api/v1/webhooks/{hook}", headers=auth)).json()
     assert got["enabled"] is False
+
+
+async def test_a_redirecting_receiver_is_a_failed_attempt_not_followed(db: Database) -> None:
+    """A 307 would make the client re-send the signed body to another URL (any host): the
+    worker records the 3xx as a failure instead of following it."""
+    elsewhere: list[bytes] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", moved)
+    app.router.add_route("*", "/elsewhere", other)
+    server = TestServer(app)
+    await server.start_server()
+    store = CallStore(db)
+    worker = WebhookWorker(db, WebhookSettings(retry_initial=60, timeout=2, max_attempts=3))
+    store.subscribe(worker.on_change, in_transaction=outbox_statements)
+    hook, _ = await WebhookService(db).create(str(server.make_url("/hook")), ["*"], SECRET, None)
+    worker.start()
+    try:
+        call = make_call()
+        await store.save(call)
+        await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))
+
+        async def attempted() -> bool:
+            return bool((await WebhookService(db).deliveries(hook.id))[0]["attempts"])
+
+        await wait_for(attempted, "the first attempt")
+        (delivery,) = await WebhookService(db).deliveries(hook.id)
+        assert delivery["status"] == "pending" and delivery["last_status"] == 307
+        assert delivery["last_error"] == "HTTP 307"
+        assert elsewhere == []
+    finally:
+        await worker.stop()
+        await server.close()
