@@ -35,6 +35,12 @@ def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range or not a number
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if parts.port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials (the signature authenticates us)")
     return value

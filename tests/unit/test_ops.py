@@ -662,3 +662,15 @@ async def test_a_redirecting_receiver_is_a_failed_attempt_not_followed(db: Datab
     finally:
         await worker.stop()
         await server.close()
+
+
+@pytest.mark.parametrize("url", ["http://h:99999/x", "http://h:0/x", "https://h:port/x"])
+async def test_a_webhook_url_with_a_bad_port_is_422_naming_url(
+    client: tuple[TestClient, str, Metrics], url: str
+) -> None:
+    c, key, _ = client
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = await c.post("/api/v1/webhooks", json={"url": url, "events": ["*"]}, headers=auth)
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["field"] == "url" and "port" in error["message"]
