@@ -6,7 +6,9 @@ host that collects what would be spoken and *reports* transfers and end_call ins
 executing them. Used by `POST /api/v1/assistants/{id}/chat` and `callbridge chat`.
 
 Conversations live in memory: at most `max_conversations` (the least recently used is
-dropped), each forgotten after `idle_s` without a message. A conversation keeps the
+dropped), each forgotten after `idle_s` without a message and closed after `max_messages`
+caller messages (the whole history goes to the model at every turn: without a bound, one key
+could grow a conversation until the daemon that carries the calls runs out of memory). A conversation keeps the
 assistant as it was when it started (edit the assistant, then start a new one).
 """
 
@@ -33,6 +35,7 @@ log = get_logger(__name__)
 
 MAX_CONVERSATIONS = 1000
 IDLE_S = 30 * 60.0
+MAX_MESSAGES = 100  # caller messages per conversation
 
 
 @dataclass
@@ -60,6 +63,7 @@ class _Conversation:
     dialogue: Dialogue
     used_at: float
     ended: bool = False
+    messages: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -148,6 +152,7 @@ class ChatConsole:
         *,
         max_conversations: int = MAX_CONVERSATIONS,
         idle_s: float = IDLE_S,
+        max_messages: int = MAX_MESSAGES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._get_assistant = get_assistant
@@ -155,6 +160,7 @@ class ChatConsole:
         self.settings = settings
         self.max_conversations = max_conversations
         self.idle_s = idle_s
+        self.max_messages = max_messages
         self._clock = clock
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
 
@@ -178,6 +184,12 @@ class ChatConsole:
                     "this conversation has ended (transfer or end_call): start a new one",
                     field="conversation_id",
                 )
+            if conv.messages >= self.max_messages:
+                raise Conflict(
+                    f"this conversation reached {self.max_messages} messages: start a new one",
+                    field="conversation_id",
+                )
+            conv.messages += 1
             conv.used_at = self._clock()
             dialogue = conv.dialogue
             dialogue.history.append(ChatMessage.user(message))

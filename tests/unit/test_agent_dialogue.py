@@ -145,3 +145,16 @@ async def test_a_conversation_belongs_to_its_assistant() -> None:
     cid = (await chat.send("a1", "hi")).conversation_id
     with pytest.raises(NotFound):
         await chat.send("other", "hi", cid)
+
+
+async def test_a_conversation_is_closed_after_max_messages() -> None:
+    """The whole history goes to the model at each turn and lives in the daemon's memory:
+    one conversation cannot grow without bound."""
+    chat = console(ScriptedLlm(), max_messages=3)
+    cid = (await chat.send("a1", "one")).conversation_id
+    await chat.send("a1", "two", cid)
+    await chat.send("a1", "three", cid)
+    with pytest.raises(Conflict) as err:
+        await chat.send("a1", "four", cid)
+    assert err.value.field == "conversation_id" and "3 messages" in err.value.message
+    assert (await chat.send("a1", "a new one")).conversation_id != cid
