@@ -8,8 +8,9 @@ executing them. Used by `POST /api/v1/assistants/{id}/chat` and `callbridge chat
 Conversations live in memory: at most `max_conversations` (the least recently used is
 dropped), each forgotten after `idle_s` without a message and closed after `max_messages`
 caller messages (the whole history goes to the model at every turn: without a bound, one key
-could grow a conversation until the daemon that carries the calls runs out of memory). A conversation keeps the
-assistant as it was when it started (edit the assistant, then start a new one).
+could grow a conversation until the daemon that carries the calls runs out of memory). A
+conversation keeps the assistant as it was when it started (edit the assistant, then start a
+new one).
 """
 
 from __future__ import annotations
