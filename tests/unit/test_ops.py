@@ -674,3 +674,27 @@ async def test_a_webhook_url_with_a_bad_port_is_422_naming_url(
     assert resp.status == 422
     error = (await resp.json())["error"]
     assert error["field"] == "url" and "port" in error["message"]
+
+
+def test_metric_labels_stay_bounded_whatever_is_dialled_or_called() -> None:
+    """API transfers to any number and tools the model invents must not each make a new
+    time series: only configured destination names and known tools are label values."""
+    m = Metrics("asterisk")
+    now = utcnow()
+    for n in range(50):
+        call = make_call(n)
+        t = Transfer(
+            f"t{n}", call.id, "api", f"+3161234{n:04d}", DialTarget(number=f"+3161234{n:04d}"),
+            "bridge", 20,
+        )  # fmt: skip
+        m.on_change(StoreChange(call.id, call, t, (CallEvent("transfer.requested", now, {}),)))
+        tool = {"role": "tool_call", "tool": f"made_up_{n}"}
+        m.on_change(StoreChange(call.id, events=(CallEvent("transcript", now, tool),)))
+    s = samples(m)
+    requested = {k[1] for k in s if k[0] == "callbridge_transfers_requested_total"}
+    assert requested == {
+        frozenset({("source", "api"), ("destination", "other"), ("mode", "bridge")})
+    }
+    tools = {k[1] for k in s if k[0] == "callbridge_assistant_tool_calls_total"}
+    assert tools == {frozenset({("tool", "other")})}
+    assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "other")}))] == 50
