@@ -12,12 +12,12 @@ import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bridge.api.errors import InvalidApiKey, Unauthorized
 from bridge.api.http import DB, query, respond
@@ -147,6 +147,22 @@ class AnalyticsQuery(BaseModel):
     def _iso_8601(cls, value: Any) -> Any:
         if isinstance(value, str) and not _ISO.match(value):
             raise ValueError("must be an ISO 8601 date-time such as 2026-01-31T00:00:00Z")
+        return value
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # Stored times are UTC; a time without an offset is taken as UTC.
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @field_validator("until")
+    @classmethod
+    def _after_since(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        since = info.data.get("since")
+        if value is not None and since is not None and value <= since:
+            raise ValueError("must be later than since")
         return value
 
 

@@ -8,7 +8,7 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -698,3 +698,39 @@ def test_metric_labels_stay_bounded_whatever_is_dialled_or_called() -> None:
     tools = {k[1] for k in s if k[0] == "callbridge_assistant_tool_calls_total"}
     assert tools == {frozenset({("tool", "other")})}
     assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "other")}))] == 50
+
+
+async def test_analytics_range_is_utc_whatever_the_offset_and_must_be_ordered(
+    db: Database, client: tuple[TestClient, str, Metrics]
+) -> None:
+    """Times are stored in UTC and compared as text: a bound with another offset, or without
+    microseconds, must still select by the instant it names."""
+    c, key, _ = client
+    auth = {"Authorization": f"Bearer {key}"}
+    store = CallStore(db)
+    call = make_call()
+    await store.save(call)
+    transfer = bridged_transfer(call)
+    await store.save_transfer(transfer)
+    at = transfer.created_at
+
+    async def count(since: datetime, until: datetime | None = None) -> int:
+        params = {"since": since.isoformat()}
+        if until is not None:
+            params["until"] = until.isoformat()
+        resp = await c.get("/api/v1/analytics/transfers", params=params, headers=auth)
+        assert resp.status == 200, await resp.text()
+        return sum(a["transfers"] for a in (await resp.json())["assistants"])
+
+    plus5 = timezone(timedelta(hours=5))
+    assert await count((at - timedelta(minutes=30)).astimezone(plus5)) == 1
+    assert await count((at + timedelta(minutes=30)).astimezone(plus5)) == 0
+    # A bound on the whole second before the transfer (no microseconds) includes it.
+    assert await count(at.replace(microsecond=0), at + timedelta(seconds=1)) == 1
+    resp = await c.get(
+        "/api/v1/analytics/transfers",
+        params={"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+        headers=auth,
+    )
+    assert resp.status == 422
+    assert (await resp.json())["error"]["field"] == "until"
