@@ -94,6 +94,13 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.store.db import Database
 
     configure_logging("console", "warning")  # stdout is the conversation
+    if not settings.database.exists():  # opening it would create an empty one
+        print(
+            f"callbridge: no database at {settings.database}: chat reads the daemon's database"
+            " (give the daemon's --config, or CALLBRIDGE_DATABASE)",
+            file=sys.stderr,
+        )
+        return EXIT_START
     db = await Database.open(settings.database)
     llms = LlmProviders(settings)
     try:
@@ -102,8 +109,14 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         try:
             assistant = await directory.get_assistant(args.assistant_id)
         except BridgeError as exc:
-            print(f"callbridge: {exc.message}", file=sys.stderr)
-            return 1
+            known = [f"{a.id} ({a.name})" for a in await directory.list_assistants()]
+            hint = (
+                f"assistants in {settings.database}: {', '.join(known)}"
+                if known
+                else f"{settings.database} has no assistants yet (POST /api/v1/assistants)"
+            )
+            print(f"callbridge: {exc.message}; {hint}", file=sys.stderr)
+            return EXIT_START
         print(
             f"Chatting with {assistant.name!r} ({assistant.llm_config.provider}). You are the"
             " caller; transfers and end_call are shown, not executed. Ctrl-D to stop.",

@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
+from bridge.cli import main
 from bridge.directory.models import AssistantIn
 from bridge.directory.service import DirectoryService
 from bridge.store.db import Database
@@ -61,3 +64,34 @@ async def test_chat_in_a_terminal(tmp_path: Path) -> None:
 
     code, out, err = await _run(env, "chat", "nope", stdin=b"hi\n")
     assert code == 1 and "nope" in err and out == ""
+
+
+def test_chat_without_the_database_says_so_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong --config must not leave an empty database behind and blame the assistant."""
+    missing = tmp_path / "nope" / "cb.sqlite3"
+    monkeypatch.setenv("CALLBRIDGE_DATABASE", str(missing))
+    assert main(["chat", "a1"]) == 1
+    err = capsys.readouterr().err
+    assert f"no database at {missing}" in err and "CALLBRIDGE_DATABASE" in err
+    assert not missing.parent.exists()
+
+
+async def test_chat_with_an_unknown_assistant_lists_the_known_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = tmp_path / "cb.sqlite3"
+    db = await Database.open(database)
+    await db.close()
+    monkeypatch.setenv("CALLBRIDGE_DATABASE", str(database))
+    assert await asyncio.to_thread(main, ["chat", "a1"]) == 1
+    assert "has no assistants yet" in capsys.readouterr().err
+    db = await Database.open(database)
+    acme = await DirectoryService(db).create_assistant(
+        AssistantIn.model_validate({"name": "Acme", "llm_config": {"provider": "local"}})
+    )
+    await db.close()
+    assert await asyncio.to_thread(main, ["chat", "a1"]) == 1
+    err = capsys.readouterr().err
+    assert "a1" in err and f"{acme.id} (Acme)" in err
