@@ -514,6 +514,9 @@ def test_the_readme_receiver_verifies_our_signature() -> None:
     assert not namespace["verified"](sign(secret, now, body), body + b" ")
     assert not namespace["verified"](sign(secret, now - 3600, body), body)
     assert not namespace["verified"]("", body)
+    # A malformed header is refused, never an exception in the receiver.
+    assert not namespace["verified"]("t=abc,v1=00", body)
+    assert not namespace["verified"]("t=,v1=", body)
 
 
 async def test_settled_deliveries_are_pruned_after_keep_days(db: Database) -> None:
