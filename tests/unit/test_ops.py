@@ -737,3 +737,33 @@ async def test_analytics_range_is_utc_whatever_the_offset_and_must_be_ordered(
     )
     assert resp.status == 422
     assert (await resp.json())["error"]["field"] == "until"
+
+
+async def test_a_disabled_webhook_holds_what_it_owes_until_enabled_again(
+    db: Database, receiver: tuple[Receiver, str]
+) -> None:
+    """Disabling a webhook (a broken or compromised receiver) stops its pending deliveries
+    too, not only new ones; they are sent once it is enabled again."""
+    r, url = receiver
+    store = CallStore(db)
+    worker = WebhookWorker(db, FAST)
+    store.subscribe(in_transaction=outbox_statements)
+    service = WebhookService(db, on_change=worker.kick)
+    hook, _ = await service.create(url, ["*"], SECRET, None)
+    call = make_call()
+    await store.save(call)
+    await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))  # pending, due
+    await service.update(hook.id, {"enabled": False})
+    # The worker is not started: nothing but these calls runs, and with no HTTP session an
+    # attempt would fail loudly.
+    assert await worker._schedule() == 5.0 and worker._drains == {}
+    await worker._drain(hook.id)
+    (owed,) = await service.deliveries(hook.id)
+    assert owed["status"] == "pending" and owed["attempts"] == 0
+    worker.start()
+    try:
+        await service.update(hook.id, {"enabled": True})
+        await wait_for(lambda: len(r.got) == 1, "the owed delivery after enabling")
+        assert json.loads(r.got[0][1])["id"] == owed["event_id"]
+    finally:
+        await worker.stop()
