@@ -155,7 +155,10 @@ class AnalyticsQuery(BaseModel):
         # Stored times are UTC; a time without an offset is taken as UTC.
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+05:00 is before year 1 in UTC
+            raise ValueError("is out of range") from None
 
     @field_validator("until")
     @classmethod

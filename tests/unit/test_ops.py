@@ -743,6 +743,10 @@ async def test_analytics_range_is_utc_whatever_the_offset_and_must_be_ordered(
     )
     assert resp.status == 422
     assert (await resp.json())["error"]["field"] == "until"
+    for edge in ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"):  # beyond UTC's years
+        resp = await c.get("/api/v1/analytics/transfers", params={"since": edge}, headers=auth)
+        assert resp.status == 422
+        assert (await resp.json())["error"]["field"] == "since"
 
 
 async def test_a_disabled_webhook_holds_what_it_owes_until_enabled_again(
