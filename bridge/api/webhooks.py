@@ -8,10 +8,9 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bridge.api.errors import InvalidBody
 from bridge.api.http import json_object, query, respond
 from bridge.directory.service import validate
-from bridge.errors import NotFound
+from bridge.errors import InvalidInput, NotFound
 from bridge.ops.webhooks import WEBHOOK_EVENTS, WebhookService
 
 if TYPE_CHECKING:
@@ -149,8 +148,9 @@ async def get_one(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     raw = await json_object(request)
-    if any(raw.get(k, "") is None for k in ("url", "events", "secret", "enabled")):
-        raise InvalidBody("url, events, secret and enabled cannot be removed")
+    for key in ("url", "events", "secret", "enabled"):
+        if key in raw and raw[key] is None:
+            raise InvalidInput(f"{key}: cannot be removed (null); give a value", field=key)
     # The validated values, not the raw ones: {"enabled": "false"} is False, not a truthy string.
     changes = validate(WebhookPatch, raw).model_dump(exclude_unset=True)
     hook = await _service(request).update(request.match_info["id"], changes)

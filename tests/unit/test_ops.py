@@ -777,3 +777,18 @@ async def test_a_disabled_webhook_holds_what_it_owes_until_enabled_again(
         assert json.loads(r.got[0][1])["id"] == owed["event_id"]
     finally:
         await worker.stop()
+
+
+@pytest.mark.parametrize("key", ["url", "events", "secret", "enabled"])
+async def test_removing_a_required_webhook_field_is_422_naming_it(
+    client: tuple[TestClient, str, Metrics], key: str
+) -> None:
+    c, api_key, _ = client
+    auth = {"Authorization": f"Bearer {api_key}"}
+    resp = await c.post(
+        "/api/v1/webhooks", json={"url": "http://127.0.0.1:1/h", "events": ["*"]}, headers=auth
+    )
+    hook = (await resp.json())["id"]
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={key: None}, headers=auth)
+    assert resp.status == 422
+    assert (await resp.json())["error"]["field"] == key
