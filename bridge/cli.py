@@ -133,7 +133,17 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             message = line.strip()
             if not message:
                 continue
-            turn = await console.send(args.assistant_id, message, conversation_id)
+            try:
+                turn = await console.send(args.assistant_id, message, conversation_id)
+            except BridgeError as exc:
+                if exc.field != "conversation_id" or conversation_id is None:
+                    print(f"callbridge: {exc.message}", file=sys.stderr)  # e.g. deleted
+                    continue
+                # Forgotten after 30 idle minutes, or at its message limit: the line goes to
+                # a new conversation (as a new call), not a traceback.
+                print(f"(a new conversation: {exc.message})", file=sys.stderr)
+                conversation_id = None
+                turn = await console.send(args.assistant_id, message, None)
             conversation_id = turn.conversation_id
             _print_turn(turn)
             if turn.ended:

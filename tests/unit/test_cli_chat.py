@@ -4,6 +4,7 @@ and reported actions on stdout, on the daemon's database (no daemon, key or PBX 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import sys
 from pathlib import Path
@@ -95,3 +96,37 @@ async def test_chat_with_an_unknown_assistant_lists_the_known_ones(
     assert await asyncio.to_thread(main, ["chat", "a1"]) == 1
     err = capsys.readouterr().err
     assert "a1" in err and f"{acme.id} (Acme)" in err
+
+
+async def test_a_forgotten_conversation_starts_a_new_one_instead_of_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After 30 idle minutes (or 100 messages) the console forgets the conversation: the
+    terminal session goes on with a new one."""
+    from bridge.agent.chat import ChatConsole, ChatTurn
+    from bridge.errors import NotFound
+
+    database = tmp_path / "cb.sqlite3"
+    db = await Database.open(database)
+    acme = await DirectoryService(db).create_assistant(
+        AssistantIn.model_validate({"name": "Acme", "llm_config": {"provider": "local"}})
+    )
+    await db.close()
+    sent: list[str | None] = []
+
+    async def send(
+        self: ChatConsole, assistant_id: str, message: str, conversation_id: str | None = None
+    ) -> ChatTurn:
+        sent.append(conversation_id)
+        if conversation_id == "conv_1":
+            raise NotFound("no conversation 'conv_1'", field="conversation_id")
+        return ChatTurn(f"conv_{len(sent)}", replies=[f"heard {message}"])
+
+    monkeypatch.setattr(ChatConsole, "send", send)
+    monkeypatch.setenv("CALLBRIDGE_DATABASE", str(database))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nstill there?\n"))
+    assert await asyncio.to_thread(main, ["chat", acme.id]) == 0
+    out, err = capsys.readouterr()
+    assert sent == [None, "conv_1", None]
+    assert out.splitlines() == ["assistant> heard hello", "assistant> heard still there?"]
+    assert "(a new conversation: no conversation 'conv_1')" in err
