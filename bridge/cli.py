@@ -70,6 +70,8 @@ async def _api_key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_turn(turn: Any) -> None:
+    if turn.llm_error:
+        print(f"[the model failed: {turn.llm_error} - what follows is the fallback]", flush=True)
     for reply in turn.replies:
         print(f"assistant> {reply}", flush=True)
     for action in turn.actions:

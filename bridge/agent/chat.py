@@ -47,6 +47,10 @@ class ChatTurn:
     replies: list[str] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False  # a transfer or end_call ended the (simulated) call
+    # The model failed this turn (what was said and done is the configured fallback): a call
+    # only logs it, the console shows it, or a test of an unconfigured provider just
+    # "transfers" with no hint why.
+    llm_error: str | None = None
 
     def public_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +58,7 @@ class ChatTurn:
             "replies": self.replies,
             "actions": self.actions,
             "ended": self.ended,
+            "llm_error": self.llm_error,
         }
 
 
@@ -131,6 +136,7 @@ class _ChatHost:
     async def llm_failed(self, exc: BaseException) -> None:
         """As on a call: the apology, then the configured fallback (reported)."""
         log.warning("chat.llm_failed", error=str(exc), error_type=type(exc).__name__)
+        self.turn.llm_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         apology = self.settings.llm_failure_message
         first = self.dialogue.destinations[0] if self.dialogue.destinations else None
         if self.settings.on_llm_failure == "transfer_first" and first is not None:

@@ -118,6 +118,7 @@ async def test_end_call_without_words_says_the_goodbye() -> None:
 async def test_a_failing_model_apologises_and_reports_the_fallback_transfer() -> None:
     llm = ScriptedLlm(Step(error=LlmServerError("down", status=503)))
     turn = await console(llm).send("a1", "hello")
+    assert turn.llm_error == "LlmServerError: down"  # shown, not only logged
     assert turn.replies[1].startswith(AgentSettings().llm_failure_message)
     assert [a["destination"] for a in turn.actions] == ["+31612345678"]
 
