@@ -367,7 +367,8 @@ class MetricsSettings(_Section):
     reverse proxy, recognised by its Forwarded/X-Forwarded-For/X-Real-IP headers)."""
 
     enabled: bool = True
-    token: SecretStr | None = None
+    # A bearer that opens /metrics: as long as a webhook secret, so it cannot be guessed.
+    token: SecretStr | None = Field(None, min_length=16)
     allow_loopback: bool = False
 
 
