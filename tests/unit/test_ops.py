@@ -451,11 +451,19 @@ async def test_webhook_api_keeps_the_secret_write_only(
     resp = await c.post(
         "/api/v1/webhooks", json={"url": "ftp://x/", "events": ["call.ended"]}, headers=auth
     )
-    assert resp.status == 422
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "url"
     resp = await c.post(
         "/api/v1/webhooks", json={"url": "http://x/", "events": ["nope"]}, headers=auth
     )
-    assert resp.status == 422
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "events.0"
+    # Replacing the secret, listing, and a refused secret never show one either.
+    new_secret = "another-secret-0123456789"
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"secret": new_secret}, headers=auth)
+    assert resp.status == 200 and new_secret not in await resp.text()
+    listed = await (await c.get("/api/v1/webhooks", headers=auth)).text()
+    assert created["secret"] not in listed and new_secret not in listed and SECRET not in listed
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"secret": "x" * 300}, headers=auth)
+    assert resp.status == 422 and "x" * 20 not in await resp.text()
     resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"enabled": False}, headers=auth)
     assert (await resp.json())["enabled"] is False
     resp = await c.get(f"/api/v1/webhooks/{hook}/deliveries", headers=auth)
