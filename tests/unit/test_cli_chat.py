@@ -7,14 +7,25 @@ import asyncio
 import io
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from bridge.cli import main
 from bridge.directory.models import AssistantIn
 from bridge.directory.service import DirectoryService
 from bridge.store.db import Database
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """`main(["chat", ...])` in this process configures logging onto the captured stderr,
+    which is closed after the test: later tests would log into a closed file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 async def _run(env: dict[str, str], *args: str, stdin: bytes) -> tuple[int, str, str]:
