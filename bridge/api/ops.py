@@ -58,14 +58,24 @@ OPS = web.AppKey("ops", OpsContext)
 _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host")
 
 
-def _loopback(request: web.Request) -> bool:
-    """A loopback peer that is not a proxy relaying someone else."""
-    if any(h in request.headers for h in _PROXY_HEADERS):
-        return False
+def _loopback_address(value: str) -> bool:
+    if value.lower() == "localhost":
+        return True
     try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
+        return ipaddress.ip_address(value.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _loopback(request: web.Request) -> bool:
+    """A loopback peer that is not a proxy relaying someone else, asking for a loopback
+    Host: a web page whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name
+    as Host, and must not read the metrics through the visitor's browser."""
+    if any(h in request.headers for h in _PROXY_HEADERS):
+        return False
+    host = request.headers.get("Host", "")
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or "]:" in host else host
+    return _loopback_address(request.remote or "") and _loopback_address(name)
 
 
 async def metrics(request: web.Request) -> web.Response:

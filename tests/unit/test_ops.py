@@ -624,6 +624,11 @@ async def test_loopback_scrapes_need_no_key_unless_relayed_by_a_proxy(db: Databa
         for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
             resp = await c.get("/metrics", headers={header: "203.0.113.7"})
             assert resp.status == 401, header
+        # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1.
+        for host in ("evil.example", "evil.example:8080"):
+            assert (await c.get("/metrics", headers={"Host": host})).status == 401, host
+        for host in ("localhost:9100", "127.0.0.1", "[::1]:8080"):
+            assert (await c.get("/metrics", headers={"Host": host})).status == 200, host
 
 
 async def test_webhook_patch_stores_the_validated_values(
