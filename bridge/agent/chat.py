@@ -37,6 +37,10 @@ log = get_logger(__name__)
 MAX_CONVERSATIONS = 1000
 IDLE_S = 30 * 60.0
 MAX_MESSAGES = 100  # caller messages per conversation
+# Turns that run the model at once; more wait their turn. The console shares the daemon with
+# live calls: a burst of test messages (the offline model runs on this machine's CPU, a cloud
+# one costs per request) must not take the cores the calls' speech needs.
+MAX_CONCURRENT = 2
 
 
 @dataclass
@@ -160,6 +164,7 @@ class ChatConsole:
         max_conversations: int = MAX_CONVERSATIONS,
         idle_s: float = IDLE_S,
         max_messages: int = MAX_MESSAGES,
+        max_concurrent: int = MAX_CONCURRENT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._get_assistant = get_assistant
@@ -168,6 +173,7 @@ class ChatConsole:
         self.max_conversations = max_conversations
         self.idle_s = idle_s
         self.max_messages = max_messages
+        self._running = asyncio.Semaphore(max_concurrent)
         self._clock = clock
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
 
@@ -201,7 +207,8 @@ class ChatConsole:
             dialogue = conv.dialogue
             dialogue.history.append(ChatMessage.user(message))
             host = _ChatHost(dialogue, turn, self.settings)
-            await dialogue.reply(host)
+            async with self._running:
+                await dialogue.reply(host)
             conv.ended = turn.ended
             conv.used_at = self._clock()
         log.info(
