@@ -70,6 +70,8 @@ async def _api_key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print_turn(turn: Any) -> None:
+    if turn.llm_error:
+        print(f"[the model failed: {turn.llm_error} - what follows is the fallback]", flush=True)
     for reply in turn.replies:
         print(f"assistant> {reply}", flush=True)
     for action in turn.actions:
@@ -94,6 +96,13 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.store.db import Database
 
     configure_logging("console", "warning")  # stdout is the conversation
+    if not settings.database.exists():  # opening it would create an empty one
+        print(
+            f"callbridge: no database at {settings.database}: chat reads the daemon's database"
+            " (give the daemon's --config, or CALLBRIDGE_DATABASE)",
+            file=sys.stderr,
+        )
+        return EXIT_START
     db = await Database.open(settings.database)
     llms = LlmProviders(settings)
     try:
@@ -102,8 +111,14 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         try:
             assistant = await directory.get_assistant(args.assistant_id)
         except BridgeError as exc:
-            print(f"callbridge: {exc.message}", file=sys.stderr)
-            return 1
+            known = [f"{a.id} ({a.name})" for a in await directory.list_assistants()]
+            hint = (
+                f"assistants in {settings.database}: {', '.join(known)}"
+                if known
+                else f"{settings.database} has no assistants yet (POST /api/v1/assistants)"
+            )
+            print(f"callbridge: {exc.message}; {hint}", file=sys.stderr)
+            return EXIT_START
         print(
             f"Chatting with {assistant.name!r} ({assistant.llm_config.provider}). You are the"
             " caller; transfers and end_call are shown, not executed. Ctrl-D to stop.",
@@ -120,7 +135,17 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             message = line.strip()
             if not message:
                 continue
-            turn = await console.send(args.assistant_id, message, conversation_id)
+            try:
+                turn = await console.send(args.assistant_id, message, conversation_id)
+            except BridgeError as exc:
+                if exc.field != "conversation_id" or conversation_id is None:
+                    print(f"callbridge: {exc.message}", file=sys.stderr)  # e.g. deleted
+                    continue
+                # Forgotten after 30 idle minutes, or at its message limit: the line goes to
+                # a new conversation (as a new call), not a traceback.
+                print(f"(a new conversation: {exc.message})", file=sys.stderr)
+                conversation_id = None
+                turn = await console.send(args.assistant_id, message, None)
             conversation_id = turn.conversation_id
             _print_turn(turn)
             if turn.ended:

@@ -378,10 +378,12 @@ class FreeswitchSettings(_Section):
 class MetricsSettings(_Section):
     """GET /metrics (Prometheus text format). A scrape is accepted with any API key, with the
     scrape-only `token` (a bearer that opens nothing else), or, when `allow_loopback` is on,
-    with no key from 127.0.0.1/::1 (a Prometheus on the same host)."""
+    with no key from 127.0.0.1/::1 (a Prometheus on the same host; not a request relayed by a
+    reverse proxy, recognised by its Forwarded/X-Forwarded-For/X-Real-IP headers)."""
 
     enabled: bool = True
-    token: SecretStr | None = None
+    # A bearer that opens /metrics: as long as a webhook secret, so it cannot be guessed.
+    token: SecretStr | None = Field(None, min_length=16)
     allow_loopback: bool = False
 
 

@@ -6,8 +6,11 @@ host that collects what would be spoken and *reports* transfers and end_call ins
 executing them. Used by `POST /api/v1/assistants/{id}/chat` and `callbridge chat`.
 
 Conversations live in memory: at most `max_conversations` (the least recently used is
-dropped), each forgotten after `idle_s` without a message. A conversation keeps the
-assistant as it was when it started (edit the assistant, then start a new one).
+dropped), each forgotten after `idle_s` without a message and closed after `max_messages`
+caller messages (the whole history goes to the model at every turn: without a bound, one key
+could grow a conversation until the daemon that carries the calls runs out of memory). A
+conversation keeps the assistant as it was when it started (edit the assistant, then start a
+new one).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ log = get_logger(__name__)
 
 MAX_CONVERSATIONS = 1000
 IDLE_S = 30 * 60.0
+MAX_MESSAGES = 100  # caller messages per conversation
+# Turns that run the model at once; more wait their turn. The console shares the daemon with
+# live calls: a burst of test messages (the offline model runs on this machine's CPU, a cloud
+# one costs per request) must not take the cores the calls' speech needs.
+MAX_CONCURRENT = 2
 
 
 @dataclass
@@ -43,6 +51,10 @@ class ChatTurn:
     replies: list[str] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False  # a transfer or end_call ended the (simulated) call
+    # The model failed this turn (what was said and done is the configured fallback): a call
+    # only logs it, the console shows it, or a test of an unconfigured provider just
+    # "transfers" with no hint why.
+    llm_error: str | None = None
 
     def public_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +62,7 @@ class ChatTurn:
             "replies": self.replies,
             "actions": self.actions,
             "ended": self.ended,
+            "llm_error": self.llm_error,
         }
 
 
@@ -60,6 +73,7 @@ class _Conversation:
     dialogue: Dialogue
     used_at: float
     ended: bool = False
+    messages: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -126,6 +140,7 @@ class _ChatHost:
     async def llm_failed(self, exc: BaseException) -> None:
         """As on a call: the apology, then the configured fallback (reported)."""
         log.warning("chat.llm_failed", error=str(exc), error_type=type(exc).__name__)
+        self.turn.llm_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         apology = self.settings.llm_failure_message
         first = self.dialogue.destinations[0] if self.dialogue.destinations else None
         if self.settings.on_llm_failure == "transfer_first" and first is not None:
@@ -148,6 +163,8 @@ class ChatConsole:
         *,
         max_conversations: int = MAX_CONVERSATIONS,
         idle_s: float = IDLE_S,
+        max_messages: int = MAX_MESSAGES,
+        max_concurrent: int = MAX_CONCURRENT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._get_assistant = get_assistant
@@ -155,6 +172,8 @@ class ChatConsole:
         self.settings = settings
         self.max_conversations = max_conversations
         self.idle_s = idle_s
+        self.max_messages = max_messages
+        self._running = asyncio.Semaphore(max_concurrent)
         self._clock = clock
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
 
@@ -178,11 +197,18 @@ class ChatConsole:
                     "this conversation has ended (transfer or end_call): start a new one",
                     field="conversation_id",
                 )
+            if conv.messages >= self.max_messages:
+                raise Conflict(
+                    f"this conversation reached {self.max_messages} messages: start a new one",
+                    field="conversation_id",
+                )
+            conv.messages += 1
             conv.used_at = self._clock()
             dialogue = conv.dialogue
             dialogue.history.append(ChatMessage.user(message))
             host = _ChatHost(dialogue, turn, self.settings)
-            await dialogue.reply(host)
+            async with self._running:
+                await dialogue.reply(host)
             conv.ended = turn.ended
             conv.used_at = self._clock()
         log.info(

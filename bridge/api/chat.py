@@ -58,6 +58,10 @@ class ChatReply(BaseModel):
     ended: bool = Field(
         description="A transfer or end_call ended the conversation: further messages get 409."
     )
+    llm_error: str | None = Field(
+        description="The model failed this turn (e.g. the provider is not configured or down):"
+        " the replies and actions are the configured fallback, as on a call."
+    )
 
 
 async def chat(request: web.Request) -> web.Response:

@@ -12,12 +12,12 @@ import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bridge.api.errors import InvalidApiKey, Unauthorized
 from bridge.api.http import DB, query, respond
@@ -53,11 +53,29 @@ OPS = web.AppKey("ops", OpsContext)
 # --- /metrics --------------------------------------------------------------------------------
 
 
-def _loopback(request: web.Request) -> bool:
+# Set by a reverse proxy: the peer is the proxy, not the client (a proxy on the same host
+# would otherwise make every outside scraper look like a loopback one).
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Host")
+
+
+def _loopback_address(value: str) -> bool:
+    if value.lower() == "localhost":
+        return True
     try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
+        return ipaddress.ip_address(value.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _loopback(request: web.Request) -> bool:
+    """A loopback peer that is not a proxy relaying someone else, asking for a loopback
+    Host: a web page whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own name
+    as Host, and must not read the metrics through the visitor's browser."""
+    if any(h in request.headers for h in _PROXY_HEADERS):
+        return False
+    host = request.headers.get("Host", "")
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or "]:" in host else host
+    return _loopback_address(request.remote or "") and _loopback_address(name)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -139,6 +157,25 @@ class AnalyticsQuery(BaseModel):
     def _iso_8601(cls, value: Any) -> Any:
         if isinstance(value, str) and not _ISO.match(value):
             raise ValueError("must be an ISO 8601 date-time such as 2026-01-31T00:00:00Z")
+        return value
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # Stored times are UTC; a time without an offset is taken as UTC.
+        if value is None:
+            return None
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+05:00 is before year 1 in UTC
+            raise ValueError("is out of range") from None
+
+    @field_validator("until")
+    @classmethod
+    def _after_since(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        since = info.data.get("since")
+        if value is not None and since is not None and value <= since:
+            raise ValueError("must be later than since")
         return value
 
 

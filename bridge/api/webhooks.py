@@ -8,10 +8,9 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bridge.api.errors import InvalidBody
 from bridge.api.http import json_object, query, respond
 from bridge.directory.service import validate
-from bridge.errors import NotFound
+from bridge.errors import InvalidInput, NotFound
 from bridge.ops.webhooks import WEBHOOK_EVENTS, WebhookService
 
 if TYPE_CHECKING:
@@ -35,6 +34,12 @@ def _check_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range or not a number
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if parts.port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials (the signature authenticates us)")
     return value
@@ -143,10 +148,12 @@ async def get_one(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     raw = await json_object(request)
-    if any(raw.get(k, "") is None for k in ("url", "events", "secret", "enabled")):
-        raise InvalidBody("url, events, secret and enabled cannot be removed")
-    validate(WebhookPatch, raw)
-    hook = await _service(request).update(request.match_info["id"], raw)
+    for key in ("url", "events", "secret", "enabled"):
+        if key in raw and raw[key] is None:
+            raise InvalidInput(f"{key}: cannot be removed (null); give a value", field=key)
+    # The validated values, not the raw ones: {"enabled": "false"} is False, not a truthy string.
+    changes = validate(WebhookPatch, raw).model_dump(exclude_unset=True)
+    hook = await _service(request).update(request.match_info["id"], changes)
     return respond(hook.public_dict())
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge.calls.model import _iso
@@ -32,6 +32,15 @@ def _ring_seconds(history: list[dict[str, Any]]) -> float | None:
         return None
     seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
     return seconds if seconds >= 0 else None
+
+
+def _bound(value: datetime | None) -> str | None:
+    """A range bound as the stored times are written (UTC, `Z`), compared as text: with its
+    microseconds, so 00:00:00.5Z is not taken as earlier than 00:00:00Z ('.' < 'Z')."""
+    if value is None:
+        return None
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _median(values: list[float]) -> float | None:
@@ -73,7 +82,7 @@ async def transfer_analytics(
     until: datetime | None,
     assistant_id: str | None = None,
 ) -> dict[str, Any]:
-    after, before = _iso(since) or "", _iso(until) or "9999"
+    after, before = _bound(since) or "", _bound(until) or "9999"
     only = " AND c.assistant_id = ?" if assistant_id else ""
     extra: tuple[Any, ...] = (assistant_id,) if assistant_id else ()
     calls, transfers = await db.read_batch(

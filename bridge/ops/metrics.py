@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from bridge.calls.store import StoreChange
 from bridge.calls.transfer import Transfer, TransferState
+from bridge.llm.tools import END_CALL, TRANSFER_CALL
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "end_reason_label"]
 
@@ -251,7 +252,7 @@ class Metrics:
     def _transcript(self, data: dict[str, Any]) -> None:
         role = data.get("role")
         if role == "tool_call":
-            self.tool_calls.labels(str(data.get("tool") or "unknown")).inc()
+            self.tool_calls.labels(tool_label(data.get("tool"))).inc()
             return
         if role == "caller" and isinstance(data.get("stt_ms"), int | float):
             self.stt_seconds.observe(data["stt_ms"] / 1000)  # every heard turn has one
@@ -271,6 +272,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# Label values outside the configured set: a Prometheus label must take a bounded number of
+# values (every value is a time series, 15 for each histogram), and API transfers may name any
+# number or SIP URI the policy allows, as the model may name any tool.
+OTHER = "other"
+_TOOLS = frozenset({TRANSFER_CALL, END_CALL})
+
+
 def destination_label(t: Transfer) -> str:
-    """The destination as operators name it: its directory description, else the number/URI."""
-    return t.label or t.destination
+    """The destination as operators name it: the description of an assistant's configured
+    destination, else `other` (an API transfer's number or URI would be a label value per
+    number dialled; /api/v1/analytics/transfers has them all)."""
+    return t.label or OTHER
+
+
+def tool_label(name: Any) -> str:
+    return name if name in _TOOLS else OTHER

@@ -12,6 +12,9 @@ Events of one webhook are sent oldest first, one at a time; a failed one is retr
 schedule and does not hold back the later ones (so a retried event can arrive after newer
 ones: order by `created_at` if it matters).
 
+A disabled webhook gets no new events and sends none of those it still owes (they wait,
+and go out when it is enabled again).
+
 Signature: `Callbridge-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`.
 """
 
@@ -258,6 +261,8 @@ class WebhookService:
         await self.db.execute(
             f"UPDATE webhooks SET {', '.join(sets)} WHERE id = ?", (*params, hook_id)
         )
+        if self.on_change is not None:
+            self.on_change()  # enabled again, or a new URL: what is owed goes out now
         return await self.get(hook_id)
 
     async def delete(self, hook_id: str) -> None:
@@ -384,8 +389,9 @@ class WebhookWorker:
         """Start a drain for each webhook with a due delivery; return how long until the
         next one is due."""
         rows = await self.db.fetchall(
-            "SELECT webhook_id, MIN(next_attempt_at) AS due FROM webhook_deliveries"
-            " WHERE status = 'pending' GROUP BY webhook_id"
+            "SELECT d.webhook_id, MIN(d.next_attempt_at) AS due FROM webhook_deliveries d"
+            " JOIN webhooks w ON w.id = d.webhook_id"
+            " WHERE d.status = 'pending' AND w.enabled = 1 GROUP BY d.webhook_id"
         )
         now = utcnow()
         wait = 5.0
@@ -420,6 +426,7 @@ class WebhookWorker:
             row = await self.db.fetchone(
                 "SELECT d.*, w.url, w.secret FROM webhook_deliveries d JOIN webhooks w"
                 " ON w.id = d.webhook_id WHERE d.webhook_id = ? AND d.status = 'pending'"
+                " AND w.enabled = 1"
                 " AND d.next_attempt_at <= ? ORDER BY d.created_at, d.rowid LIMIT 1",
                 (hook_id, _iso(utcnow())),
             )
@@ -454,7 +461,12 @@ class WebhookWorker:
         error: str | None = None
         assert self._http is not None
         try:
-            async with self._http.post(row["url"], data=body, headers=headers) as resp:
+            # Redirects are not followed: a 307/308 would send the signed body to wherever
+            # the Location points (another host), a 301-303 would turn it into a GET. A 3xx
+            # is a failed attempt the log shows; subscribe the final URL.
+            async with self._http.post(
+                row["url"], data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 status = resp.status
                 await resp.read()
                 if not 200 <= status < 300:

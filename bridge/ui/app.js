@@ -81,6 +81,9 @@ async function login() {
     if (err.status !== 401) $("status").textContent = err.message;
     return;
   }
+  // The analytics read every transfer in their range: the page asks for the last 30 days
+  // (clear the date for all time), and refreshes them every 30 s, not every second's tick.
+  if (!$("since").value) $("since").value = new Date(Date.now() - 30 * 86400e3).toISOString().slice(0, 10);
   await Promise.all([tick(), loadAnalytics(), loadTrunks()]);
   timer = setInterval(tick, POLL_MS);
 }
@@ -120,7 +123,9 @@ async function tick() {
     await renderCalls(calls.data);
     if (selected) await renderCall(selected);
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
-    if (++ticks % 5 === 0) { loadAnalytics(); loadTrunks(); } // what changed meanwhile
+    ++ticks; // what changed meanwhile
+    if (ticks % 5 === 0) loadTrunks();
+    if (ticks % 30 === 0) loadAnalytics();
   } catch (err) {
     $("status").textContent = `error: ${err.message}`;
   }

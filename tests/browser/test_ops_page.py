@@ -15,6 +15,7 @@ import asyncio
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,6 +179,10 @@ async def test_a_live_lab_call_is_seen_and_transferred_from_the_page(
             assert detail["transfers"][-1]["state"] == "bridged"
 
             def analytics() -> None:
+                # The page's range is the last 30 days, not all time (every transfer read at
+                # every refresh).
+                since = browser.find_element(By.ID, "since").get_attribute("value")
+                assert since == (datetime.now(UTC) - timedelta(days=30)).date().isoformat()
                 browser.find_element(By.ID, "analytics-refresh").click()
                 _wait(
                     browser,

@@ -4,6 +4,7 @@ first message, memory bound and expiry, and a failing model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +18,7 @@ from bridge.directory.models import Assistant
 from bridge.errors import Conflict, NotFound
 from bridge.llm.base import Finished, LlmServerError, TextDelta, ToolCall, ToolCallEvent
 from tests.support.agent import DESTINATIONS, ScriptedLlm, Step
+from tests.support.daemon import wait_for
 
 
 def assistant(**extra: Any) -> Assistant:
@@ -118,6 +120,7 @@ async def test_end_call_without_words_says_the_goodbye() -> None:
 async def test_a_failing_model_apologises_and_reports_the_fallback_transfer() -> None:
     llm = ScriptedLlm(Step(error=LlmServerError("down", status=503)))
     turn = await console(llm).send("a1", "hello")
+    assert turn.llm_error == "LlmServerError: down"  # shown, not only logged
     assert turn.replies[1].startswith(AgentSettings().llm_failure_message)
     assert [a["destination"] for a in turn.actions] == ["+31612345678"]
 
@@ -145,3 +148,59 @@ async def test_a_conversation_belongs_to_its_assistant() -> None:
     cid = (await chat.send("a1", "hi")).conversation_id
     with pytest.raises(NotFound):
         await chat.send("other", "hi", cid)
+
+
+async def test_a_conversation_is_closed_after_max_messages() -> None:
+    """The whole history goes to the model at each turn and lives in the daemon's memory:
+    one conversation cannot grow without bound."""
+    chat = console(ScriptedLlm(), max_messages=3)
+    cid = (await chat.send("a1", "one")).conversation_id
+    await chat.send("a1", "two", cid)
+    await chat.send("a1", "three", cid)
+    with pytest.raises(Conflict) as err:
+        await chat.send("a1", "four", cid)
+    assert err.value.field == "conversation_id" and "3 messages" in err.value.message
+    assert (await chat.send("a1", "a new one")).conversation_id != cid
+
+
+class _GatedLlm:
+    """A model whose every answer waits for `release`, counting the answers in flight."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.running = 0
+        self.most = 0
+
+    async def stream(self, messages: Any, tools: Any = ()) -> Any:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.release.wait()
+            yield TextDelta("Hello.")
+            yield Finished("stop")
+        finally:
+            self.running -= 1
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_console_turns_run_the_model_a_few_at_a_time() -> None:
+    """A burst of test messages must not run the model (offline: on the calls' CPU) for all
+    of them at once: beyond max_concurrent they wait."""
+    llm = _GatedLlm()
+    target = assistant(first_message=None)
+
+    async def get(assistant_id: str) -> Assistant:
+        return target
+
+    chat = ChatConsole(get, lambda p, m: llm, AgentSettings(), max_concurrent=2)  # type: ignore[arg-type, return-value]
+    sends = [asyncio.create_task(chat.send("a1", f"hi {n}")) for n in range(5)]
+    await wait_for(lambda: llm.running == 2, "two turns in the model")
+    assert not any(s.done() for s in sends)
+    llm.release.set()
+    turns = await asyncio.gather(*sends)
+    assert [t.replies for t in turns] == [["Hello."]] * 5
+    assert llm.most == 2

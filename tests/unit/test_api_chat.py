@@ -59,7 +59,7 @@ async def test_a_conversation_answers_then_reports_a_transfer_without_dialling(a
     )
     assert status == 200, first
     assert first["replies"] == ["Welcome to Acme, how can I help you?", "We are open 9 to 5."]
-    assert first["actions"] == [] and first["ended"] is False
+    assert first["actions"] == [] and first["ended"] is False and first["llm_error"] is None
     cid = first["conversation_id"]
 
     status, second, _ = await api.call(

@@ -8,7 +8,7 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +242,10 @@ async def test_a_hanging_receiver_never_delays_the_store(
         started = time.monotonic()
         for _ in range(20):
             await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))
-        # 20 committed events while every delivery hangs until its 0.5 s timeout.
-        assert time.monotonic() - started < 0.4
+        # 20 committed events while every delivery hangs until its 0.5 s timeout: a store
+        # that waited on a delivery would take 10 s or more (the bound leaves room for a
+        # loaded machine; it is not a measurement).
+        assert time.monotonic() - started < 5.0
 
         async def gave_up() -> bool:
             row = await db.fetchone(
@@ -354,13 +356,12 @@ async def test_analytics_per_assistant_and_destination_with_callers_reasons(
     for n, ring in ((1, 2.0), (2, 4.0), (3, 6.0)):
         call = make_call(n)
         await store.save(call)
-        await store.add_event(
-            call.id, CallEvent("transcript", utcnow(), {"role": "caller", "text": f"hello {n}"})
-        )
-        await store.add_event(
-            call.id, CallEvent("transcript", utcnow(), {"role": "caller", "text": f"billing {n}"})
-        )
-        await asyncio.sleep(0.002)  # the transfer is created after the words (timestamps)
+        said = utcnow() - timedelta(seconds=10)  # the words come before the transfer
+        for i, text in enumerate((f"hello {n}", f"billing {n}")):
+            event = CallEvent(
+                "transcript", said + timedelta(seconds=i), {"role": "caller", "text": text}
+            )
+            await store.add_event(call.id, event)
         await store.save_transfer(bridged_transfer(call, ring_s=ring))
     await store.save(make_call(4))  # a call with no transfer
     data = await transfer_analytics(db, None, None)
@@ -450,11 +451,19 @@ async def test_webhook_api_keeps_the_secret_write_only(
     resp = await c.post(
         "/api/v1/webhooks", json={"url": "ftp://x/", "events": ["call.ended"]}, headers=auth
     )
-    assert resp.status == 422
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "url"
     resp = await c.post(
         "/api/v1/webhooks", json={"url": "http://x/", "events": ["nope"]}, headers=auth
     )
-    assert resp.status == 422
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "events.0"
+    # Replacing the secret, listing, and a refused secret never show one either.
+    new_secret = "another-secret-0123456789"
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"secret": new_secret}, headers=auth)
+    assert resp.status == 200 and new_secret not in await resp.text()
+    listed = await (await c.get("/api/v1/webhooks", headers=auth)).text()
+    assert created["secret"] not in listed and new_secret not in listed and SECRET not in listed
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"secret": "x" * 300}, headers=auth)
+    assert resp.status == 422 and "x" * 20 not in await resp.text()
     resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"enabled": False}, headers=auth)
     assert (await resp.json())["enabled"] is False
     resp = await c.get(f"/api/v1/webhooks/{hook}/deliveries", headers=auth)
@@ -514,6 +523,9 @@ def test_the_readme_receiver_verifies_our_signature() -> None:
     assert not namespace["verified"](sign(secret, now, body), body + b" ")
     assert not namespace["verified"](sign(secret, now - 3600, body), body)
     assert not namespace["verified"]("", body)
+    # A malformed header is refused, never an exception in the receiver.
+    assert not namespace["verified"]("t=abc,v1=00", body)
+    assert not namespace["verified"]("t=,v1=", body)
 
 
 async def test_settled_deliveries_are_pruned_after_keep_days(db: Database) -> None:
@@ -566,10 +578,11 @@ async def test_trunk_states_from_what_the_pbx_has() -> None:
 
 async def test_stop_lets_an_attempt_in_flight_finish_and_record_it(db: Database) -> None:
     arrived = asyncio.Event()
+    release = asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
         arrived.set()
-        await asyncio.sleep(0.3)
+        await release.wait()
         return web.Response(status=200)
 
     app = web.Application()
@@ -586,9 +599,209 @@ async def test_stop_lets_an_attempt_in_flight_finish_and_record_it(db: Database)
         await store.save(call)
         await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))
         await asyncio.wait_for(arrived.wait(), 5)
-        await worker.stop()  # the receiver is still answering
+        stopping = asyncio.create_task(worker.stop())  # the receiver is still answering
+        await wait_for(lambda: worker._stopping, "the worker to stop scheduling")
+        assert not stopping.done()  # it waits for the attempt in flight
+        release.set()
+        await asyncio.wait_for(stopping, 5)
         row = await db.fetchone("SELECT status, attempts FROM webhook_deliveries")
         # Recorded as delivered: the next run will not send it again.
         assert row is not None and (row["status"], row["attempts"]) == ("delivered", 1)
     finally:
         await server.close()
+
+
+# --- review fixes -------------------------------------------------------------------------------
+
+
+async def test_loopback_scrapes_need_no_key_unless_relayed_by_a_proxy(db: Database) -> None:
+    """allow_loopback trusts the peer address; behind a reverse proxy on the same host every
+    outside request comes from 127.0.0.1, so a relayed request (proxy headers) needs a key."""
+    ops = OpsContext(Metrics("asterisk"), None, metrics_allow_loopback=True)
+    app = create_api_app(DirectoryService(db), NoCalls(), db, ops=ops)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as c:
+        assert (await c.get("/metrics")).status == 200  # the test client is a loopback peer
+        for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):
+            resp = await c.get("/metrics", headers={header: "203.0.113.7"})
+            assert resp.status == 401, header
+        # DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1.
+        for host in ("evil.example", "evil.example:8080"):
+            assert (await c.get("/metrics", headers={"Host": host})).status == 401, host
+        for host in ("localhost:9100", "127.0.0.1", "[::1]:8080"):
+            assert (await c.get("/metrics", headers={"Host": host})).status == 200, host
+
+
+async def test_webhook_patch_stores_the_validated_values(
+    client: tuple[TestClient, str, Metrics],
+) -> None:
+    c, key, _ = client
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = await c.post(
+        "/api/v1/webhooks", json={"url": "http://127.0.0.1:1/h", "events": ["*"]}, headers=auth
+    )
+    hook = (await resp.json())["id"]
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={"enabled": "false"}, headers=auth)
+    assert resp.status == 200 and (await resp.json())["enabled"] is False
+    got = await (await c.get(f"/api/v1/webhooks/{hook}", headers=auth)).json()
+    assert got["enabled"] is False
+
+
+async def test_a_redirecting_receiver_is_a_failed_attempt_not_followed(db: Database) -> None:
+    """A 307 would make the client re-send the signed body to another URL (any host): the
+    worker records the 3xx as a failure instead of following it."""
+    elsewhere: list[bytes] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", moved)
+    app.router.add_route("*", "/elsewhere", other)
+    server = TestServer(app)
+    await server.start_server()
+    store = CallStore(db)
+    worker = WebhookWorker(db, WebhookSettings(retry_initial=60, timeout=2, max_attempts=3))
+    store.subscribe(worker.on_change, in_transaction=outbox_statements)
+    hook, _ = await WebhookService(db).create(str(server.make_url("/hook")), ["*"], SECRET, None)
+    worker.start()
+    try:
+        call = make_call()
+        await store.save(call)
+        await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))
+
+        async def attempted() -> bool:
+            return bool((await WebhookService(db).deliveries(hook.id))[0]["attempts"])
+
+        await wait_for(attempted, "the first attempt")
+        (delivery,) = await WebhookService(db).deliveries(hook.id)
+        assert delivery["status"] == "pending" and delivery["last_status"] == 307
+        assert delivery["last_error"] == "HTTP 307"
+        assert elsewhere == []
+    finally:
+        await worker.stop()
+        await server.close()
+
+
+@pytest.mark.parametrize("url", ["http://h:99999/x", "http://h:0/x", "https://h:port/x"])
+async def test_a_webhook_url_with_a_bad_port_is_422_naming_url(
+    client: tuple[TestClient, str, Metrics], url: str
+) -> None:
+    c, key, _ = client
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = await c.post("/api/v1/webhooks", json={"url": url, "events": ["*"]}, headers=auth)
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["field"] == "url" and "port" in error["message"]
+
+
+def test_metric_labels_stay_bounded_whatever_is_dialled_or_called() -> None:
+    """API transfers to any number and tools the model invents must not each make a new
+    time series: only configured destination names and known tools are label values."""
+    m = Metrics("asterisk")
+    now = utcnow()
+    for n in range(50):
+        call = make_call(n)
+        t = Transfer(
+            f"t{n}", call.id, "api", f"+3161234{n:04d}", DialTarget(number=f"+3161234{n:04d}"),
+            "bridge", 20,
+        )  # fmt: skip
+        m.on_change(StoreChange(call.id, call, t, (CallEvent("transfer.requested", now, {}),)))
+        tool = {"role": "tool_call", "tool": f"made_up_{n}"}
+        m.on_change(StoreChange(call.id, events=(CallEvent("transcript", now, tool),)))
+    s = samples(m)
+    requested = {k[1] for k in s if k[0] == "callbridge_transfers_requested_total"}
+    assert requested == {
+        frozenset({("source", "api"), ("destination", "other"), ("mode", "bridge")})
+    }
+    tools = {k[1] for k in s if k[0] == "callbridge_assistant_tool_calls_total"}
+    assert tools == {frozenset({("tool", "other")})}
+    assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "other")}))] == 50
+
+
+async def test_analytics_range_is_utc_whatever_the_offset_and_must_be_ordered(
+    db: Database, client: tuple[TestClient, str, Metrics]
+) -> None:
+    """Times are stored in UTC and compared as text: a bound with another offset, or without
+    microseconds, must still select by the instant it names."""
+    c, key, _ = client
+    auth = {"Authorization": f"Bearer {key}"}
+    store = CallStore(db)
+    call = make_call()
+    await store.save(call)
+    transfer = bridged_transfer(call)
+    await store.save_transfer(transfer)
+    at = transfer.created_at
+
+    async def count(since: datetime, until: datetime | None = None) -> int:
+        params = {"since": since.isoformat()}
+        if until is not None:
+            params["until"] = until.isoformat()
+        resp = await c.get("/api/v1/analytics/transfers", params=params, headers=auth)
+        assert resp.status == 200, await resp.text()
+        return sum(a["transfers"] for a in (await resp.json())["assistants"])
+
+    plus5 = timezone(timedelta(hours=5))
+    assert await count((at - timedelta(minutes=30)).astimezone(plus5)) == 1
+    assert await count((at + timedelta(minutes=30)).astimezone(plus5)) == 0
+    # A bound on the whole second before the transfer (no microseconds) includes it.
+    assert await count(at.replace(microsecond=0), at + timedelta(seconds=1)) == 1
+    resp = await c.get(
+        "/api/v1/analytics/transfers",
+        params={"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+        headers=auth,
+    )
+    assert resp.status == 422
+    assert (await resp.json())["error"]["field"] == "until"
+    for edge in ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"):  # beyond UTC's years
+        resp = await c.get("/api/v1/analytics/transfers", params={"since": edge}, headers=auth)
+        assert resp.status == 422
+        assert (await resp.json())["error"]["field"] == "since"
+
+
+async def test_a_disabled_webhook_holds_what_it_owes_until_enabled_again(
+    db: Database, receiver: tuple[Receiver, str]
+) -> None:
+    """Disabling a webhook (a broken or compromised receiver) stops its pending deliveries
+    too, not only new ones; they are sent once it is enabled again."""
+    r, url = receiver
+    store = CallStore(db)
+    worker = WebhookWorker(db, FAST)
+    store.subscribe(in_transaction=outbox_statements)
+    service = WebhookService(db, on_change=worker.kick)
+    hook, _ = await service.create(url, ["*"], SECRET, None)
+    call = make_call()
+    await store.save(call)
+    await store.add_event(call.id, CallEvent("call.started", utcnow(), {}))  # pending, due
+    await service.update(hook.id, {"enabled": False})
+    # The worker is not started: nothing but these calls runs, and with no HTTP session an
+    # attempt would fail loudly.
+    assert await worker._schedule() == 5.0 and worker._drains == {}
+    await worker._drain(hook.id)
+    (owed,) = await service.deliveries(hook.id)
+    assert owed["status"] == "pending" and owed["attempts"] == 0
+    worker.start()
+    try:
+        await service.update(hook.id, {"enabled": True})
+        await wait_for(lambda: len(r.got) == 1, "the owed delivery after enabling")
+        assert json.loads(r.got[0][1])["id"] == owed["event_id"]
+    finally:
+        await worker.stop()
+
+
+@pytest.mark.parametrize("key", ["url", "events", "secret", "enabled"])
+async def test_removing_a_required_webhook_field_is_422_naming_it(
+    client: tuple[TestClient, str, Metrics], key: str
+) -> None:
+    c, api_key, _ = client
+    auth = {"Authorization": f"Bearer {api_key}"}
+    resp = await c.post(
+        "/api/v1/webhooks", json={"url": "http://127.0.0.1:1/h", "events": ["*"]}, headers=auth
+    )
+    hook = (await resp.json())["id"]
+    resp = await c.patch(f"/api/v1/webhooks/{hook}", json={key: None}, headers=auth)
+    assert resp.status == 422
+    assert (await resp.json())["error"]["field"] == key
