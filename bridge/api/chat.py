@@ -33,11 +33,26 @@ class ChatRequest(BaseModel):
     )
 
 
+class TransferRefusal(BaseModel):
+    rule: str | None = Field(
+        description="The toll-fraud policy setting that refused it (null: not a destination,"
+        " or no route for a number)."
+    )
+    reason: str
+
+
 class TransferAction(BaseModel):
     type: Literal["transfer"]
     destination: str = Field(description="The number or SIP URI a call would be sent to.")
     description: str
-    message: str | None = Field(description="What the caller would hear first.")
+    message: str | None = Field(
+        description="What the caller would hear first (not said when the transfer is refused)."
+    )
+    refused: TransferRefusal | None = Field(
+        default=None,
+        description="Present when the transfer policy refuses it, as it would on a call: the"
+        " conversation goes on (the model hears that the transfer failed).",
+    )
 
 
 class EndCallAction(BaseModel):
