@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from bridge.calls import policy as _policy
 from bridge.calls.store import StoreChange
 from bridge.calls.transfer import Transfer, TransferState
 from bridge.llm.tools import END_CALL, TRANSFER_CALL
@@ -129,6 +130,13 @@ class Metrics:
             ["source", "destination", "mode", "outcome"],
             registry=r,
         )
+        self.transfers_refused = Counter(
+            "callbridge_transfers_refused",
+            "Transfers the toll-fraud policy refused (transfer.refused), by source and rule:"
+            " the toll-fraud alerting signal",
+            ["source", "rule"],
+            registry=r,
+        )
         self.ring_seconds = Histogram(
             "callbridge_transfer_ring_seconds",
             "From placing the transfer leg to its answer or failure",
@@ -227,6 +235,10 @@ class Metrics:
             elif kind == "transfer.requested" and change.transfer is not None:
                 t = change.transfer
                 self.transfers_requested.labels(t.source, destination_label(t), t.mode).inc()
+            elif kind == "transfer.refused":
+                self.transfers_refused.labels(
+                    source_label(data.get("source")), rule_label(data.get("rule"))
+                ).inc()
             elif kind in _FINAL_KINDS and change.transfer is not None:
                 self._settled(change.transfer)
             elif kind == "transcript":
@@ -288,3 +300,36 @@ def destination_label(t: Transfer) -> str:
 
 def tool_label(name: Any) -> str:
     return name if name in _TOOLS else OTHER
+
+
+_SOURCES = frozenset({"api", "assistant", "test"})
+_RULES = frozenset(
+    {
+        _policy.RULE_MAX_PER_CALL,
+        _policy.RULE_GRAMMAR,
+        _policy.RULE_URI_PARAMS,
+        _policy.RULE_PREFIXES,
+        _policy.RULE_DOMAINS,
+        _policy.RULE_CONFIGURED,
+        _policy.RULE_MAX_LEGS,
+    }
+)
+TRUNK_PREFIXES = "sip_trunks.allowed_prefixes"  # any trunk's own prefixes (trunk ids vary)
+
+
+def source_label(source: Any) -> str:
+    return source if source in _SOURCES else OTHER
+
+
+def rule_label(rule: Any) -> str:
+    """The policy rule that refused: one of the policy's rule names; a trunk's own prefixes
+    (`sip_trunks.<id>.allowed_prefixes`) as one value, not one per trunk id."""
+    if rule in _RULES:
+        return str(rule)
+    if (
+        isinstance(rule, str)
+        and rule.startswith("sip_trunks.")
+        and rule.endswith(".allowed_prefixes")
+    ):
+        return TRUNK_PREFIXES
+    return OTHER

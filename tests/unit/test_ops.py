@@ -21,6 +21,7 @@ from bridge.api.keys import create_api_key
 from bridge.api.ops import OpsContext
 from bridge.api.server import create_api_app
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
+from bridge.calls.policy import RULE_PREFIXES, trunk_rule
 from bridge.calls.store import CallStore, StoreChange
 from bridge.calls.transfer import Transfer, TransferEvent
 from bridge.config import WebhookSettings
@@ -724,6 +725,38 @@ def test_metric_labels_stay_bounded_whatever_is_dialled_or_called() -> None:
     tools = {k[1] for k in s if k[0] == "callbridge_assistant_tool_calls_total"}
     assert tools == {frozenset({("tool", "other")})}
     assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "other")}))] == 50
+
+
+async def test_refused_transfers_are_counted_by_source_and_a_bounded_rule(db: Database) -> None:
+    """`transfer.refused` (recorded by the call when TransferPolicy.authorize refuses) is the
+    toll-fraud alerting signal: counted by source and rule, the rule one of the policy's
+    names (a trunk's own prefixes one value whatever the trunk id)."""
+    m = Metrics("asterisk")
+    store = CallStore(db)
+    store.subscribe(m.on_change)  # as the daemon wires it (contract 1)
+    refusals = [
+        ("assistant", RULE_PREFIXES),
+        ("api", RULE_PREFIXES),
+        ("api", RULE_PREFIXES),
+        ("api", trunk_rule("trk_1")),
+        ("api", trunk_rule("trk_2")),
+        ("made_up", "invented.rule"),
+    ]
+    for n, (source, rule) in enumerate(refusals):
+        call = make_call(n)
+        await store.save(call)
+        data = {"rule": rule, "destination": f"+1900555{n:04d}", "source": source}
+        await store.add_event(call.id, CallEvent("transfer.refused", utcnow(), data))
+    s = samples(m)
+    refused = {
+        tuple(sorted(k[1])): v for k, v in s.items() if k[0] == "callbridge_transfers_refused_total"
+    }
+    assert refused == {
+        (("rule", RULE_PREFIXES), ("source", "assistant")): 1,
+        (("rule", RULE_PREFIXES), ("source", "api")): 2,
+        (("rule", "sip_trunks.allowed_prefixes"), ("source", "api")): 2,
+        (("rule", "other"), ("source", "other")): 1,
+    }
 
 
 async def test_analytics_range_is_utc_whatever_the_offset_and_must_be_ordered(
