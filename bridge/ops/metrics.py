@@ -153,7 +153,8 @@ class Metrics:
         )
         self.turn_latency = Histogram(
             "callbridge_turn_latency_seconds",
-            "End of the caller's speech to the assistant's first sentence sent to speech",
+            "End of the caller's speech to the first frame of the assistant's reply audio sent"
+            " to the caller",
             buckets=_TURN_BUCKETS,
             registry=r,
         )
@@ -243,6 +244,8 @@ class Metrics:
                 self._settled(change.transfer)
             elif kind == "transcript":
                 self._transcript(data)
+            elif kind == "assistant.first_audio" and isinstance(data.get("turn_ms"), int | float):
+                self.turn_latency.observe(data["turn_ms"] / 1000)
             elif kind == "assistant.said" and isinstance(data.get("tts_ms"), int | float):
                 self.tts_seconds.observe(data["tts_ms"] / 1000)
 
@@ -273,10 +276,10 @@ class Metrics:
         if role != "assistant" or not isinstance(latency, dict):
             return
         # Marks are milliseconds from the end of the caller's speech (bridge.agent.voice); a
-        # turn that only calls a tool has no spoken reply, hence no assistant entry.
-        stt, llm, say = latency.get("stt"), latency.get("llm"), latency.get("say")
-        if isinstance(say, int | float):
-            self.turn_latency.observe(say / 1000)
+        # turn that only calls a tool has no spoken reply, hence no assistant entry. The turn
+        # latency is not here: the text is recorded when the model has written it, before its
+        # audio plays (`assistant.first_audio` has it).
+        stt, llm = latency.get("stt"), latency.get("llm")
         if isinstance(stt, int | float) and isinstance(llm, int | float) and llm >= stt:
             self.llm_seconds.observe((llm - stt) / 1000)
 

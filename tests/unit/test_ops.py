@@ -300,6 +300,7 @@ def test_metrics_from_store_changes() -> None:
                 ),
                 CallEvent("transcript", now, {"role": "tool_call", "tool": "transfer_call"}),
                 CallEvent("assistant.said", now, {"text": "hi", "tts_ms": 12}),
+                CallEvent("assistant.first_audio", now, {"turn_ms": 700, "latency_ms": {}}),
             ),
         )
     )
@@ -327,7 +328,8 @@ def test_metrics_from_store_changes() -> None:
     d = frozenset({("destination", "Support")})
     assert s[("callbridge_transfer_ring_seconds_sum", d)] == pytest.approx(2.0, abs=0.05)
     assert s[("callbridge_transfer_decided_to_bridged_seconds_count", d)] == 1
-    assert s[("callbridge_turn_latency_seconds_sum", frozenset())] == pytest.approx(0.65)
+    # End of speech to the first reply audio (not the 650 ms "say": text handed to TTS).
+    assert s[("callbridge_turn_latency_seconds_sum", frozenset())] == pytest.approx(0.7)
     assert s[("callbridge_stt_seconds_sum", frozenset())] == pytest.approx(0.3)
     assert s[("callbridge_llm_seconds_sum", frozenset())] == pytest.approx(0.2)
     assert s[("callbridge_tts_seconds_sum", frozenset())] == pytest.approx(0.012)
