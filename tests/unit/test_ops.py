@@ -729,6 +729,48 @@ def test_metric_labels_stay_bounded_whatever_is_dialled_or_called() -> None:
     assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "other")}))] == 50
 
 
+def test_the_call_to_assistant_map_is_bounded_and_let_go_at_a_terminal_status() -> None:
+    """Metrics keep each call's assistant until its call.ended; a call that never records one
+    in this process must not stay for ever: gone at an ended status, and capped."""
+    m = Metrics("asterisk", max_tracked=5, max_ending=3)
+    now = utcnow()
+
+    def started(n: int) -> Call:
+        call = make_call(n, assistant=f"asst-{n % 2}")
+        started = CallEvent("call.started", now, {"assistant_id": call.assistant_id})
+        m.on_change(StoreChange(call.id, call, events=(started,)))
+        return call
+
+    # Saved as ended, its call.ended in a later commit (as admission does): still labelled.
+    call = started(1)
+    call.status = CallStatus.ENDED
+    m.on_change(StoreChange(call.id, call))
+    assert m.tracked_calls() == 1  # held for its call.ended only
+    ended = CallEvent("call.ended", now, {"reason": "caller hung up"})
+    m.on_change(StoreChange(call.id, events=(ended,)))
+    assert m.tracked_calls() == 0
+    labels = frozenset({("assistant", "asst-1"), ("reason", "caller_hung_up")})
+    assert samples(m)[("callbridge_calls_ended_total", labels)] == 1
+
+    # Ended elsewhere (another instance recorded call.ended): the terminal status lets go,
+    # and the short list of ended calls is capped too.
+    for n in range(10, 20):
+        call = started(n)
+        call.status = CallStatus.ENDED
+        m.on_change(StoreChange(call.id, call))
+        m.on_change(StoreChange(call.id, call))  # a later save of the ended call: not re-added
+    assert m.tracked_calls() == 3
+
+    # Calls that never end in this process (no terminal status seen): capped, oldest out.
+    for n in range(100, 150):
+        started(n)
+    assert m.tracked_calls() == 5 + 3
+    ended = CallEvent("call.ended", now, {"reason": "caller hung up"})
+    m.on_change(StoreChange("c149", events=(ended,)))  # the newest is still labelled
+    labels = frozenset({("assistant", "asst-1"), ("reason", "caller_hung_up")})
+    assert samples(m)[("callbridge_calls_ended_total", labels)] == 2
+
+
 async def test_refused_transfers_are_counted_by_source_and_a_bounded_rule(db: Database) -> None:
     """`transfer.refused` (recorded by the call when TransferPolicy.authorize refuses) is the
     toll-fraud alerting signal: counted by source and rule, the rule one of the policy's
