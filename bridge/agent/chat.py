@@ -82,6 +82,7 @@ class _Conversation:
     assistant_id: str
     dialogue: Dialogue
     used_at: float
+    owner: str | None = None  # the API key id that started it (None: the CLI)
     ended: bool = False
     messages: int = 0
     transfers: int = 0  # reported (authorised) transfers: the policy's transfers_in_call
@@ -223,15 +224,21 @@ class ChatConsole:
         return len(self._conversations)
 
     async def send(
-        self, assistant_id: str, message: str, conversation_id: str | None = None
+        self,
+        assistant_id: str,
+        message: str,
+        conversation_id: str | None = None,
+        *,
+        owner: str | None = None,
     ) -> ChatTurn:
         """One caller message. Without `conversation_id` a new conversation starts and its
-        replies begin with the assistant's `first_message`, as a call would."""
+        replies begin with the assistant's `first_message`, as a call would. A conversation
+        belongs to the `owner` (API key id) that started it: to any other it is not found."""
         self._expire()
         if conversation_id is None:
-            conv, turn = await self._start(assistant_id)
+            conv, turn = await self._start(assistant_id, owner)
         else:
-            conv = self._find(assistant_id, conversation_id)
+            conv = self._find(assistant_id, conversation_id, owner)
             turn = ChatTurn(conv.id)
         async with conv.lock:
             if conv.ended:
@@ -262,12 +269,14 @@ class ChatConsole:
         )
         return turn
 
-    async def _start(self, assistant_id: str) -> tuple[_Conversation, ChatTurn]:
+    async def _start(self, assistant_id: str, owner: str | None) -> tuple[_Conversation, ChatTurn]:
         assistant = await self._get_assistant(assistant_id)
         config = assistant.llm_config
         llm = self._llm_for(config.provider, config.model)
         dialogue = Dialogue(assistant, llm, max_tool_rounds=self.settings.max_tool_rounds)
-        conv = _Conversation(f"conv_{secrets.token_hex(8)}", assistant_id, dialogue, self._clock())
+        conv = _Conversation(
+            f"conv_{secrets.token_hex(8)}", assistant_id, dialogue, self._clock(), owner
+        )
         turn = ChatTurn(conv.id)
         if assistant.first_message:
             turn.replies.append(assistant.first_message)
@@ -294,9 +303,11 @@ class ChatConsole:
 
         return authorize
 
-    def _find(self, assistant_id: str, conversation_id: str) -> _Conversation:
+    def _find(self, assistant_id: str, conversation_id: str, owner: str | None) -> _Conversation:
         conv = self._conversations.get(conversation_id)
-        if conv is None or conv.assistant_id != assistant_id:
+        # Another key's conversation answers as an unknown one (404): a key cannot read or
+        # continue, nor learn of, a conversation it did not start.
+        if conv is None or conv.assistant_id != assistant_id or conv.owner != owner:
             raise NotFound(
                 f"no conversation {conversation_id!r} with this assistant (unknown, or"
                 f" forgotten after {round(self.idle_s)} s idle): omit conversation_id to start"

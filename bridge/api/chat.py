@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.agent.chat import ChatConsole
 from bridge.api.http import json_object, respond
+from bridge.api.middleware import API_KEY_ID
 from bridge.directory.service import validate
 from bridge.errors import Conflict
 
@@ -84,5 +85,10 @@ async def chat(request: web.Request) -> web.Response:
     console = request.app[CHAT]
     if console is None:
         raise Conflict("the conversation pipeline is off (agent.enabled = false)")
-    turn = await console.send(request.match_info["id"], body.message, body.conversation_id)
+    turn = await console.send(
+        request.match_info["id"],
+        body.message,
+        body.conversation_id,
+        owner=request.get(API_KEY_ID),  # another key's conversation is not found
+    )
     return respond(turn.public_dict())
