@@ -297,7 +297,7 @@ class ChatConsole:
                 destination,
                 number_id=number_id,
                 assistant=conv.dialogue.assistant,
-                source="assistant",
+                source="chat",  # in the policy's refusal log: a console test, not a call
                 transfers_in_call=conv.transfers,
             )
 
