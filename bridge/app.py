@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.agent.chat import ChatConsole
+from bridge.agent.chat import ChatConsole, first_number_of
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
 from bridge.api.ops import OpsContext
@@ -92,7 +92,13 @@ class Daemon:
         self._prime_all()
         await self.calls.start()
         chat = (
-            ChatConsole(self.directory.get_assistant, self.providers.llm_for, s.agent)
+            ChatConsole(
+                self.directory.get_assistant,
+                self.providers.llm_for,
+                s.agent,
+                policy=self.calls.policy,  # the console's transfers pass the toll-fraud policy
+                number_of=first_number_of(self.directory),
+            )
             if self.providers is not None
             else None
         )

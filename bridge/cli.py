@@ -75,7 +75,14 @@ def _print_turn(turn: Any) -> None:
     for reply in turn.replies:
         print(f"assistant> {reply}", flush=True)
     for action in turn.actions:
-        if action["type"] == "transfer":
+        if action["type"] == "transfer" and action.get("refused"):
+            refused = action["refused"]
+            print(
+                f"[transfer to {action['destination']} ({action['description']})"
+                f" - refused, as on a call: {refused['reason']}]",
+                flush=True,
+            )
+        elif action["type"] == "transfer":
             print(
                 f"[transfer to {action['destination']} ({action['description']})"
                 " - reported, not dialled]",
@@ -88,8 +95,9 @@ def _print_turn(turn: Any) -> None:
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     """The console's code in this process, on the daemon's database and LLM settings: no
     daemon, API key or PBX needed. Reads the caller's lines from stdin until EOF."""
-    from bridge.agent.chat import ChatConsole
+    from bridge.agent.chat import ChatConsole, first_number_of
     from bridge.agent.providers import LlmProviders
+    from bridge.calls.policy import TransferPolicy
     from bridge.directory.service import DirectoryService
     from bridge.errors import BridgeError
     from bridge.log import configure_logging
@@ -107,7 +115,13 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     llms = LlmProviders(settings)
     try:
         directory = DirectoryService(db)
-        console = ChatConsole(directory.get_assistant, llms.llm_for, settings.agent)
+        console = ChatConsole(
+            directory.get_assistant,
+            llms.llm_for,
+            settings.agent,
+            policy=TransferPolicy(settings.transfer, directory),  # as the daemon's calls
+            number_of=first_number_of(directory),
+        )
         try:
             assistant = await directory.get_assistant(args.assistant_id)
         except BridgeError as exc:

@@ -59,7 +59,12 @@ class AgentSession(Protocol):
     media: RtpStream | None
 
     def say(
-        self, text: str, *, token: str = "", interruptible: bool = True
+        self,
+        text: str,
+        *,
+        token: str = "",
+        interruptible: bool = True,
+        on_start: Callable[[], None] | None = None,
     ) -> asyncio.Task[None]: ...
 
     async def command(
@@ -507,11 +512,11 @@ class VoiceAgent:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _speak(self, text: str) -> None:
+    def _speak(self, text: str, on_start: Callable[[], None] | None = None) -> None:
         if self._suspended:
             return  # the caller is being transferred: not a word over it
         self._speech = [t for t in self._speech if not t.done()]
-        self._speech.append(self.session.say(text, token="assistant"))
+        self._speech.append(self.session.say(text, token="assistant", on_start=on_start))
 
     async def _drain_speech(self) -> None:
         speech, self._speech = self._speech, []
@@ -545,7 +550,21 @@ class _CallHost:
 
     def say(self, sentence: str) -> None:
         self.turn.mark("say")
-        self.agent._speak(sentence)
+        self.agent._speak(sentence, on_start=self._audio_started)
+
+    def _audio_started(self) -> None:
+        """The first frame of a reply sentence went to the caller (from the media pacer):
+        the turn's latency as the caller hears it, once per turn (`assistant.first_audio`,
+        the source of callbridge_turn_latency_seconds)."""
+        if "audio" in self.turn.marks:
+            return
+        self.turn.mark("audio")
+        latency = self.turn.latencies_ms()
+        self.agent._spawn(
+            self.agent.session.record(
+                "assistant.first_audio", turn_ms=latency["audio"], latency_ms=latency
+            )
+        )
 
     async def transcript(self, role: str, text: str, **data: Any) -> None:
         if role == "assistant" and not data.get("interrupted"):

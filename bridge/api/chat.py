@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.agent.chat import ChatConsole
 from bridge.api.http import json_object, respond
+from bridge.api.middleware import API_KEY_ID
 from bridge.directory.service import validate
 from bridge.errors import Conflict
 
@@ -33,11 +34,26 @@ class ChatRequest(BaseModel):
     )
 
 
+class TransferRefusal(BaseModel):
+    rule: str | None = Field(
+        description="The toll-fraud policy setting that refused it (null: not a destination,"
+        " or no route for a number)."
+    )
+    reason: str
+
+
 class TransferAction(BaseModel):
     type: Literal["transfer"]
     destination: str = Field(description="The number or SIP URI a call would be sent to.")
     description: str
-    message: str | None = Field(description="What the caller would hear first.")
+    message: str | None = Field(
+        description="What the caller would hear first (not said when the transfer is refused)."
+    )
+    refused: TransferRefusal | None = Field(
+        default=None,
+        description="Present when the transfer policy refuses it, as it would on a call: the"
+        " conversation goes on (the model hears that the transfer failed).",
+    )
 
 
 class EndCallAction(BaseModel):
@@ -69,5 +85,10 @@ async def chat(request: web.Request) -> web.Response:
     console = request.app[CHAT]
     if console is None:
         raise Conflict("the conversation pipeline is off (agent.enabled = false)")
-    turn = await console.send(request.match_info["id"], body.message, body.conversation_id)
+    turn = await console.send(
+        request.match_info["id"],
+        body.message,
+        body.conversation_id,
+        owner=request.get(API_KEY_ID),  # another key's conversation is not found
+    )
     return respond(turn.public_dict())

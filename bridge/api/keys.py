@@ -37,15 +37,22 @@ async def create_api_key(db: Database, name: str | None = None) -> str:
 
 async def verify_api_key(db: Database, presented: str) -> bool:
     """True if `presented` is a key that exists and is not revoked."""
+    return await api_key_id(db, presented) is not None
+
+
+async def api_key_id(db: Database, presented: str) -> str | None:
+    """The id of `presented` if it is a key that exists and is not revoked, else None."""
     if not presented.startswith(KEY_PREFIX) or len(presented) > _MAX_KEY_LENGTH:
-        return False
+        return None
     digest = _digest(presented)
     row = await db.fetchone(
-        "SELECT key_hash FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (digest,)
+        "SELECT id, key_hash FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (digest,)
     )
     # The look-up is by digest, which an attacker cannot steer byte by byte; the constant-time
     # compare keeps the final check free of timing differences all the same.
-    return row is not None and hmac.compare_digest(row["key_hash"], digest)
+    if row is None or not hmac.compare_digest(row["key_hash"], digest):
+        return None
+    return str(row["id"])
 
 
 async def list_api_keys(db: Database) -> list[dict[str, Any]]:

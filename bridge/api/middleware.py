@@ -19,7 +19,7 @@ from bridge.api.errors import (
     status_for,
 )
 from bridge.api.http import DB, Handler
-from bridge.api.keys import verify_api_key
+from bridge.api.keys import api_key_id
 from bridge.errors import BridgeError
 from bridge.log import get_logger
 
@@ -27,6 +27,9 @@ log = get_logger(__name__)
 
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
 # Counts every request by route template, method and final status (bridge.ops.metrics).
+# The id of the API key that authenticated the request (the chat console ties a conversation
+# to it).
+API_KEY_ID: web.RequestKey[str] = web.RequestKey("api_key_id", str)
 REQUEST_OBSERVER: web.AppKey[Callable[[str, str, int], None]] = web.AppKey("request_observer")
 _REALM = 'Bearer realm="callbridge"'
 
@@ -107,6 +110,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("an API key is required: Authorization: Bearer <key>")
-        if not await verify_api_key(request.app[DB], key):
+        key_id = await api_key_id(request.app[DB], key)
+        if key_id is None:
             raise InvalidApiKey("the API key is invalid or revoked")
+        request[API_KEY_ID] = key_id
     return await handler(request)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
@@ -292,16 +292,32 @@ class CallSession(TransferSteps):
 
     # --- speech -----------------------------------------------------------------------------
 
-    def say(self, text: str, *, token: str = "", interruptible: bool = True) -> asyncio.Task[None]:
+    def say(
+        self,
+        text: str,
+        *,
+        token: str = "",
+        interruptible: bool = True,
+        on_start: Callable[[], None] | None = None,
+    ) -> asyncio.Task[None]:
         """Speak `text` to the caller; a `SpeechDone(token)` comes back through the queue.
         The returned task ends when the audio has played or was flushed (the conversation
-        awaits it, and cancels it on barge-in before its audio is queued)."""
-        task = asyncio.get_running_loop().create_task(self._speak(text, token, interruptible))
+        awaits it, and cancels it on barge-in before its audio is queued). `on_start` runs
+        when the first frame of its audio goes to the caller (the agent's turn latency)."""
+        task = asyncio.get_running_loop().create_task(
+            self._speak(text, token, interruptible, on_start)
+        )
         self._speech_tasks.add(task)
         task.add_done_callback(self._speech_tasks.discard)
         return task
 
-    async def _speak(self, text: str, token: str, interruptible: bool) -> None:
+    async def _speak(
+        self,
+        text: str,
+        token: str,
+        interruptible: bool,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
         try:
             # Synthesis runs one utterance at a time so sentences play in the order said.
             async with self._speech_order:
@@ -312,7 +328,7 @@ class CallSession(TransferSteps):
                 if media is None:
                     self.post(SpeechDone(token, False, "no media"))
                     return
-                playout = media.play(pcm, interruptible=interruptible)
+                playout = media.play(pcm, interruptible=interruptible, on_start=on_start)
             await self.record("assistant.said", text=text, tts_ms=tts_ms)
             # Shielded: cancelling this waiter (barge-in) must not destroy the playout's own
             # state (played or flushed), which the media and others still report.

@@ -72,6 +72,8 @@ class Playout:
     pcm: bytes
     interruptible: bool = True
     offset: int = 0
+    # Called once, when the first frame of this audio is sent to the caller (turn latency).
+    on_start: Callable[[], None] | None = None
     done: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -184,9 +186,16 @@ class RtpStream(asyncio.DatagramProtocol):
 
     # --- outbound ---------------------------------------------------------------------------
 
-    def play(self, pcm: bytes, *, interruptible: bool = True) -> Playout:
-        """Queue 8 kHz 16-bit PCM for the caller; returns the playout to await or watch."""
-        playout = Playout(pcm, interruptible)
+    def play(
+        self,
+        pcm: bytes,
+        *,
+        interruptible: bool = True,
+        on_start: Callable[[], None] | None = None,
+    ) -> Playout:
+        """Queue 8 kHz 16-bit PCM for the caller; returns the playout to await or watch.
+        `on_start` runs when its first frame is sent (not if it is flushed before)."""
+        playout = Playout(pcm, interruptible, on_start=on_start)
         if not pcm:
             playout.finish(True)
             return playout
@@ -226,6 +235,8 @@ class RtpStream(asyncio.DatagramProtocol):
         frame = bytearray()
         while len(frame) < PCM_FRAME_BYTES and self._queue:
             head = self._queue[0]
+            if head.offset == 0 and head.on_start is not None:
+                _started(head)
             take = head.pcm[head.offset : head.offset + PCM_FRAME_BYTES - len(frame)]
             frame += take
             head.offset += len(take)
@@ -263,6 +274,15 @@ class RtpStream(asyncio.DatagramProtocol):
             self._clock.discard(self)
         if self.transport is not None:
             self.transport.close()
+
+
+def _started(playout: Playout) -> None:
+    callback, playout.on_start = playout.on_start, None
+    try:
+        if callback is not None:
+            callback()
+    except Exception:  # a listener's bug must not stop the pacing of every call
+        log.exception("media.on_start_failed")
 
 
 _ANY = ("0.0.0.0", "::")

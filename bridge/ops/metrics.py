@@ -8,6 +8,7 @@ flag and its `on_connected` callback. Each daemon has its own registry (tests ru
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from bridge.calls import policy as _policy
+from bridge.calls.model import CallStatus
 from bridge.calls.store import StoreChange
 from bridge.calls.transfer import Transfer, TransferState
 from bridge.llm.tools import END_CALL, TRANSFER_CALL
@@ -26,6 +29,14 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "end_reason_label"]
 # Seconds. Transfers ring for up to tens of seconds; turns take a fraction of one.
 _RING_BUCKETS = (0.5, 1, 2, 3, 5, 8, 10, 15, 20, 30, 45, 60)
 _TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 5, 10)
+
+# Calls whose assistant label is kept for their `call.ended` (far above the calls one daemon
+# carries at once): a call that never records `call.ended` in this process (another instance
+# ended it, a lost record) must not stay in memory for ever.
+MAX_TRACKED_CALLS = 10_000
+# Calls saved as ended whose `call.ended` event comes in a later commit (a save, then the
+# event): their label waits here, a short bounded while.
+MAX_ENDING_CALLS = 1_000
 
 _FINAL_KINDS = frozenset(
     {"transfer.completed", "transfer.failed", "transfer.cancelled", "transfer.handed_off"}
@@ -98,11 +109,17 @@ class Metrics:
         *,
         active: Callable[[], Mapping[str, int]] | None = None,
         connected: Callable[[], bool] | None = None,
+        max_tracked: int = MAX_TRACKED_CALLS,
+        max_ending: int = MAX_ENDING_CALLS,
     ) -> None:
         self.pbx_name = pbx_name
+        self.max_tracked = max_tracked
+        self.max_ending = max_ending
         self.active_source: Callable[[], Mapping[str, int]] = active or dict
         self.connected_source: Callable[[], bool] = connected or (lambda: False)
-        self._assistant_of: dict[str, str] = {}  # call id -> assistant label, while it lasts
+        # call id -> assistant label, while the call lasts (bounded, least recent out first)
+        self._assistant_of: OrderedDict[str, str] = OrderedDict()
+        self._ending: OrderedDict[str, str] = OrderedDict()  # ended, call.ended not seen yet
         self._connects = 0
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.calls_started = Counter(
@@ -129,6 +146,13 @@ class Metrics:
             ["source", "destination", "mode", "outcome"],
             registry=r,
         )
+        self.transfers_refused = Counter(
+            "callbridge_transfers_refused",
+            "Transfers the toll-fraud policy refused (transfer.refused), by source and rule:"
+            " the toll-fraud alerting signal",
+            ["source", "rule"],
+            registry=r,
+        )
         self.ring_seconds = Histogram(
             "callbridge_transfer_ring_seconds",
             "From placing the transfer leg to its answer or failure",
@@ -145,7 +169,8 @@ class Metrics:
         )
         self.turn_latency = Histogram(
             "callbridge_turn_latency_seconds",
-            "End of the caller's speech to the assistant's first sentence sent to speech",
+            "End of the caller's speech to the first frame of the assistant's reply audio sent"
+            " to the caller",
             buckets=_TURN_BUCKETS,
             registry=r,
         )
@@ -208,31 +233,62 @@ class Metrics:
     def api_request(self, route: str, method: str, status: int) -> None:
         self.api_requests.labels(route, method, str(status)).inc()
 
+    def tracked_calls(self) -> int:
+        """Calls whose assistant label is held (for their `call.ended`)."""
+        return len(self._assistant_of) + len(self._ending)
+
+    def _track(self, call_id: str, assistant: str, *, replace: bool) -> None:
+        if call_id in self._assistant_of and not replace:
+            return
+        self._assistant_of[call_id] = assistant
+        self._assistant_of.move_to_end(call_id)
+        while len(self._assistant_of) > self.max_tracked:
+            self._assistant_of.popitem(last=False)
+
     def on_change(self, change: StoreChange) -> None:
         """`CallStore` after-commit subscriber."""
         call_id = change.call_id or ""
-        if change.call is not None and change.call.assistant_id:
-            self._assistant_of.setdefault(call_id, change.call.assistant_id)
+        call = change.call
+        ended = call is not None and call.status is CallStatus.ENDED
+        if call is not None and call.assistant_id and not ended:
+            self._track(call_id, call.assistant_id, replace=False)
         for event in change.events:
             kind, data = event.kind, event.data
             if kind == "call.started":
                 assistant = data.get("assistant_id") or "none"
-                self._assistant_of[call_id] = assistant
+                self._track(call_id, assistant, replace=True)
                 self.calls_started.labels(assistant).inc()
             elif kind == "call.ended":
-                assistant = self._assistant_of.pop(call_id, None) or (
-                    change.call.assistant_id if change.call and change.call.assistant_id else "none"
+                assistant = (
+                    self._assistant_of.pop(call_id, None)
+                    or self._ending.pop(call_id, None)
+                    or (call.assistant_id if call is not None else None)
+                    or "none"
                 )
                 self.calls_ended.labels(assistant, end_reason_label(data.get("reason"))).inc()
             elif kind == "transfer.requested" and change.transfer is not None:
                 t = change.transfer
                 self.transfers_requested.labels(t.source, destination_label(t), t.mode).inc()
+            elif kind == "transfer.refused":
+                self.transfers_refused.labels(
+                    source_label(data.get("source")), rule_label(data.get("rule"))
+                ).inc()
             elif kind in _FINAL_KINDS and change.transfer is not None:
                 self._settled(change.transfer)
             elif kind == "transcript":
                 self._transcript(data)
+            elif kind == "assistant.first_audio" and isinstance(data.get("turn_ms"), int | float):
+                self.turn_latency.observe(data["turn_ms"] / 1000)
             elif kind == "assistant.said" and isinstance(data.get("tts_ms"), int | float):
                 self.tts_seconds.observe(data["tts_ms"] / 1000)
+        if ended:
+            # A terminal status: the call's label leaves the map now; its call.ended, if it
+            # comes in a later commit, finds it in the short `_ending` list.
+            held = self._assistant_of.pop(call_id, None)
+            if held is not None:
+                self._ending[call_id] = held
+                while len(self._ending) > self.max_ending:
+                    self._ending.popitem(last=False)
 
     def _settled(self, t: Transfer) -> None:
         dest = destination_label(t)
@@ -261,10 +317,10 @@ class Metrics:
         if role != "assistant" or not isinstance(latency, dict):
             return
         # Marks are milliseconds from the end of the caller's speech (bridge.agent.voice); a
-        # turn that only calls a tool has no spoken reply, hence no assistant entry.
-        stt, llm, say = latency.get("stt"), latency.get("llm"), latency.get("say")
-        if isinstance(say, int | float):
-            self.turn_latency.observe(say / 1000)
+        # turn that only calls a tool has no spoken reply, hence no assistant entry. The turn
+        # latency is not here: the text is recorded when the model has written it, before its
+        # audio plays (`assistant.first_audio` has it).
+        stt, llm = latency.get("stt"), latency.get("llm")
         if isinstance(stt, int | float) and isinstance(llm, int | float) and llm >= stt:
             self.llm_seconds.observe((llm - stt) / 1000)
 
@@ -288,3 +344,36 @@ def destination_label(t: Transfer) -> str:
 
 def tool_label(name: Any) -> str:
     return name if name in _TOOLS else OTHER
+
+
+_SOURCES = frozenset({"api", "assistant", "test"})
+_RULES = frozenset(
+    {
+        _policy.RULE_MAX_PER_CALL,
+        _policy.RULE_GRAMMAR,
+        _policy.RULE_URI_PARAMS,
+        _policy.RULE_PREFIXES,
+        _policy.RULE_DOMAINS,
+        _policy.RULE_CONFIGURED,
+        _policy.RULE_MAX_LEGS,
+    }
+)
+TRUNK_PREFIXES = "sip_trunks.allowed_prefixes"  # any trunk's own prefixes (trunk ids vary)
+
+
+def source_label(source: Any) -> str:
+    return source if source in _SOURCES else OTHER
+
+
+def rule_label(rule: Any) -> str:
+    """The policy rule that refused: one of the policy's rule names; a trunk's own prefixes
+    (`sip_trunks.<id>.allowed_prefixes`) as one value, not one per trunk id."""
+    if rule in _RULES:
+        return str(rule)
+    if (
+        isinstance(rule, str)
+        and rule.startswith("sip_trunks.")
+        and rule.endswith(".allowed_prefixes")
+    ):
+        return TRUNK_PREFIXES
+    return OTHER

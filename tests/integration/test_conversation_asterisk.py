@@ -291,6 +291,12 @@ async def test_question_is_answered_without_transfer(
         assert not call.uas.received_requests("INVITE")
         said = [e["text"] for e in data["events"] if e["type"] == "assistant.said"]
         assert said[-2:] == ["We are open from nine to five.", "Is there anything else?"]
+        # The turn's latency as the caller hears it: one first_audio (the greeting is no
+        # turn), after the first sentence was handed to TTS.
+        first = [e for e in data["events"] if e["type"] == "assistant.first_audio"]
+        assert len(first) == 1, first
+        assert first[0]["turn_ms"] == first[0]["latency_ms"]["audio"]
+        assert first[0]["turn_ms"] >= rows[-1]["latency_ms"]["say"]
 
 
 async def test_goodbye_ends_the_call(asterisk_lab: Any, lab_daemon: Any) -> None:

@@ -9,7 +9,7 @@ the events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -87,13 +87,21 @@ class FakeMedia:
         self.playouts.append(playout)
         return playout
 
-    def play(self, pcm: bytes, *, interruptible: bool = True) -> FakePlayout:
+    def play(
+        self,
+        pcm: bytes,
+        *,
+        interruptible: bool = True,
+        on_start: Callable[[], None] | None = None,
+    ) -> FakePlayout:
         text = pcm.decode()
         playout = next(
             (p for p in self.playouts if not p.claimed and p.text == text), None
         ) or self.reserve(text, interruptible)
         playout.claimed = True
         if playout.queued:
+            if on_start is not None:  # its first frame "goes out" now (RtpStream: next tick)
+                on_start()
             asyncio.get_running_loop().call_later(self.play_s, _finish, playout, True)
         return playout
 
@@ -209,9 +217,16 @@ class FakeSession(CallSession):
         self._transfer_seq = getattr(self, "_transfer_seq", 0) + 1
         return f"t{self._transfer_seq}"
 
-    def say(self, text: str, *, token: str = "", interruptible: bool = True) -> asyncio.Task[None]:
+    def say(
+        self,
+        text: str,
+        *,
+        token: str = "",
+        interruptible: bool = True,
+        on_start: Callable[[], None] | None = None,
+    ) -> asyncio.Task[None]:
         self._fake_media.reserve(text, interruptible)
-        return super().say(text, token=token, interruptible=interruptible)
+        return super().say(text, token=token, interruptible=interruptible, on_start=on_start)
 
     @property
     def said(self) -> list[tuple[str, bool]]:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from bridge.agent.chat import ChatConsole
 from bridge.agent.dialogue import system_messages
-from bridge.config import AgentSettings
+from bridge.calls.policy import RULE_PREFIXES, TransferPolicy
+from bridge.config import AgentSettings, TransferSettings
 from bridge.directory.models import Assistant
+from bridge.directory.service import DirectoryService
 from bridge.errors import Conflict, NotFound
 from bridge.llm.base import Finished, LlmServerError, TextDelta, ToolCall, ToolCallEvent
 from tests.support.agent import DESTINATIONS, ScriptedLlm, Step
@@ -108,6 +110,72 @@ async def test_a_refused_tool_call_is_answered_and_the_model_asked_again() -> No
     assert dialogue_turn.replies[-1] == "Which department would you like?"
     second = llm.requests[1]
     assert second[-1].role == "tool" and "not a destination" in (second[-1].content or "")
+
+
+def policed(llm: ScriptedLlm, **transfer: Any) -> ChatConsole:
+    """A console behind the real toll-fraud policy (numbers routed by a default route)."""
+    settings = TransferSettings(default_route="PJSIP/{number}@carrier", **transfer)
+
+    async def number_of(assistant_id: str) -> str | None:
+        return None  # no number: the default route
+
+    chat = console(llm)
+    chat.policy = TransferPolicy(settings, cast(DirectoryService, None))
+    chat._number_of = number_of
+    return chat
+
+
+async def test_a_transfer_the_policy_refuses_is_reported_refused_and_the_talk_goes_on() -> None:
+    llm = ScriptedLlm(
+        Step([call("transfer_call", {"destination": "sales_team"}), Finished("tool_calls")]),
+        Step([TextDelta("Sorry, I cannot put you through."), Finished("stop")]),
+        Step([TextDelta("Anything else?"), Finished("stop")]),
+    )
+    chat = policed(llm, allowed_prefixes=["+3168"])  # sales (+31612345678) is outside
+    turn = await chat.send("a1", "sales please")
+    assert turn.actions == [
+        {
+            "type": "transfer",
+            "destination": "+31612345678",
+            "description": "Sales team - for pricing and quotes",
+            "message": "I'm transferring you to our sales team.",
+            "refused": {
+                "rule": RULE_PREFIXES,
+                "reason": "refused by the transfer policy (transfer.allowed_prefixes): number"
+                " is not in transfer.allowed_prefixes",
+            },
+        }
+    ]
+    # As on a call: the preface is not said, the model hears the failure and answers again.
+    assert turn.replies == ["Hello, Acme here.", "Sorry, I cannot put you through."]
+    assert not turn.ended
+    result = llm.requests[1][-1]
+    assert result.role == "tool"
+    assert json.loads(result.content or "") == {
+        "transferred": False,
+        "outcome": "failed",
+        "cause": turn.actions[0]["refused"]["reason"],
+    }
+    again = await chat.send("a1", "ok", turn.conversation_id)
+    assert again.replies == ["Anything else?"]
+
+
+async def test_a_transfer_the_policy_allows_is_reported_as_made() -> None:
+    llm = ScriptedLlm(
+        Step([call("transfer_call", {"destination": "technical_support"}), Finished("tool_calls")])
+    )
+    chat = policed(llm, allowed_prefixes=["+3168"])  # support is +31687654321
+    turn = await chat.send("a1", "support please")
+    assert [a.get("refused") for a in turn.actions] == [None]
+    assert turn.ended
+
+
+async def test_a_refused_fallback_transfer_only_apologises() -> None:
+    llm = ScriptedLlm(Step(error=LlmServerError("down", status=503)))
+    turn = await policed(llm, allowed_prefixes=["+3168"]).send("a1", "hello")
+    assert turn.actions[0]["refused"]["rule"] == RULE_PREFIXES
+    assert turn.replies[1:] == [AgentSettings().llm_failure_message]
+    assert not turn.ended
 
 
 async def test_end_call_without_words_says_the_goodbye() -> None:

@@ -6,8 +6,12 @@ import asyncio
 import json
 from typing import Any
 
-from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.calls.model import CallEvent, CallStatus, EndCallCommand, TransferCommand, utcnow
+from bridge.calls.store import StoreChange
 from bridge.llm.base import Finished, LlmServerError, LlmTimeout, TextDelta, ToolCall, ToolCallEvent
+from bridge.ops.metrics import Metrics
 from bridge.pbx.ports import LegFailed
 from bridge.speech.stt import SttError
 from tests.support.agent import (
@@ -15,6 +19,7 @@ from tests.support.agent import (
     ScriptedLlm,
     ScriptedStt,
     Step,
+    TextTts,
     make_agent,
     make_assistant,
     settle,
@@ -71,8 +76,62 @@ async def test_turn_streams_sentences_before_the_reply_is_complete() -> None:
         ("assistant", "We open at nine. We close at five."),
     ]
     latency = next(d for k, d in session.events if d.get("role") == "assistant")["latency_ms"]
-    assert set(latency) == {"stt", "llm", "say"}
+    # The first sentence's audio went out while the model still wrote the second.
+    assert set(latency) == {"stt", "llm", "say", "audio"}
     await agent.close()
+
+
+async def test_turn_latency_runs_to_the_first_reply_audio_not_to_the_text() -> None:
+    """callbridge_turn_latency_seconds is end of speech -> first reply audio to the caller:
+    a reply written but still in synthesis has not been heard, and is not counted yet."""
+    session = FakeSession(make_assistant(first_message=None))
+    gate = asyncio.Event()
+
+    class HeldTts(TextTts):
+        async def synthesize(self, text: str) -> bytes:
+            await gate.wait()
+            return text.encode()
+
+    session.service.tts = HeldTts()
+    metrics = Metrics("asterisk")
+    recorded = 0
+
+    def feed() -> None:  # what the CallStore subscriber would get, in order
+        nonlocal recorded
+        for kind, data in session.events[recorded:]:
+            metrics.on_change(StoreChange("c1", events=(CallEvent(kind, utcnow(), data),)))
+        recorded = len(session.events)
+
+    llm = ScriptedLlm(Step([*text("We open at nine. ", "We close at five."), Finished("stop")]))
+    agent = make_agent(session, llm, ScriptedStt("when are you open"))
+    await agent.start(resumed=False)
+    await speak(agent)
+    await until(lambda: ("assistant", "We open at nine. We close at five.") in session.transcript())
+    said = next(d for k, d in session.events if d.get("role") == "assistant")["latency_ms"]
+    assert set(said) == {"stt", "llm", "say"}  # the text is written; nothing has played
+    feed()
+    turn = "callbridge_turn_latency_seconds_count"
+    assert metric(metrics, turn) == 0
+    gate.set()
+    await until(lambda: [k for k, _ in session.events].count("assistant.said") == 2)
+    firsts = [d for k, d in session.events if k == "assistant.first_audio"]
+    assert len(firsts) == 1  # once per turn, for its first sentence
+    assert firsts[0]["turn_ms"] == firsts[0]["latency_ms"]["audio"] >= said["say"]
+    feed()
+    assert metric(metrics, turn) == 1
+    assert metric(metrics, "callbridge_turn_latency_seconds_sum") == firsts[0]["turn_ms"] / 1000
+    assert metric(metrics, "callbridge_tts_seconds_count") == 2  # the others stay
+    assert metric(metrics, "callbridge_llm_seconds_count") == 1
+    await agent.close()
+
+
+def metric(m: Metrics, name: str) -> float:
+    text = m.exposition().decode()
+    values = [
+        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name
+    ]
+    assert len(values) == 1, name
+    return values[0]
 
 
 async def test_transfer_call_runs_the_session_command_and_gets_the_typed_result() -> None:

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.agent.chat import ChatConsole
 from bridge.agent.providers import LlmProviders
+from bridge.api.http import DB
 from bridge.api.keys import create_api_key
 from bridge.api.server import create_api_app
 from bridge.config import Settings
@@ -91,6 +92,22 @@ async def test_goodbye_reports_end_call(api: Api) -> None:
     status, body, _ = await api.call("POST", f"/assistants/{aid}/chat", {"message": "bye"})
     assert status == 200, body
     assert body["actions"] == [{"type": "end_call"}] and body["ended"] is True
+
+
+async def test_a_conversation_belongs_to_the_key_that_started_it(api: Api) -> None:
+    """Another API key can neither continue nor learn of a conversation: 404, as unknown."""
+    aid = await _assistant(api)
+    status, first, _ = await api.call("POST", f"/assistants/{aid}/chat", {"message": "hello"})
+    assert status == 200, first
+    cid = first["conversation_id"]
+    db = api.client.server.app[DB]
+    other = Api(api.client, await create_api_key(db, "another team"))
+    follow = {"message": "What are your opening hours?", "conversation_id": cid}
+    status, body, _ = await other.call("POST", f"/assistants/{aid}/chat", follow)
+    assert_error(status, body, 404, "not-found", "conversation_id")
+    status, body, _ = await api.call("POST", f"/assistants/{aid}/chat", follow)
+    assert status == 200 and body["conversation_id"] == cid, body
+    assert body["replies"] == ["We are open 9 to 5."]
 
 
 async def test_unknown_conversation_and_assistant_are_404_naming_the_field(api: Api) -> None:

@@ -64,7 +64,13 @@ async def test_chat_in_a_terminal(tmp_path: Path) -> None:
         )
     )
     await db.close()
-    env = {**os.environ, "CALLBRIDGE_DATABASE": str(database), "PYTHONPATH": os.getcwd()}
+    env = {
+        **os.environ,
+        "CALLBRIDGE_DATABASE": str(database),
+        "PYTHONPATH": os.getcwd(),
+        # No number is bound: the transfer policy routes numbers by the default route.
+        "CALLBRIDGE_TRANSFER__DEFAULT_ROUTE": "PJSIP/{number}@carrier",
+    }
     code, out, err = await _run(
         env, "chat", assistant.id, stdin=b"What are your opening hours?\nbilling please\n"
     )
@@ -73,6 +79,16 @@ async def test_chat_in_a_terminal(tmp_path: Path) -> None:
     assert lines[:2] == ["assistant> Welcome to Acme.", "assistant> Nine to five."]
     assert "[transfer to +31698765432 (Billing department) - reported, not dialled]" in lines
     assert "not executed" in err
+
+    # The daemon's toll-fraud policy holds in the terminal too: billing is outside the list.
+    fenced = {**env, "CALLBRIDGE_TRANSFER__ALLOWED_PREFIXES": '["+3161"]'}
+    code, out, err = await _run(fenced, "chat", assistant.id, stdin=b"billing please\n")
+    assert code == 0, err
+    assert (
+        "[transfer to +31698765432 (Billing department) - refused, as on a call: refused by"
+        " the transfer policy (transfer.allowed_prefixes): number is not in"
+        " transfer.allowed_prefixes]"
+    ) in out.splitlines()
 
     code, out, err = await _run(env, "chat", "nope", stdin=b"hi\n")
     assert code == 1 and "nope" in err and out == ""

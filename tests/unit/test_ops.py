@@ -21,6 +21,7 @@ from bridge.api.keys import create_api_key
 from bridge.api.ops import OpsContext
 from bridge.api.server import create_api_app
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
+from bridge.calls.policy import RULE_PREFIXES, trunk_rule
 from bridge.calls.store import CallStore, StoreChange
 from bridge.calls.transfer import Transfer, TransferEvent
 from bridge.config import WebhookSettings
@@ -299,6 +300,7 @@ def test_metrics_from_store_changes() -> None:
                 ),
                 CallEvent("transcript", now, {"role": "tool_call", "tool": "transfer_call"}),
                 CallEvent("assistant.said", now, {"text": "hi", "tts_ms": 12}),
+                CallEvent("assistant.first_audio", now, {"turn_ms": 700, "latency_ms": {}}),
             ),
         )
     )
@@ -326,7 +328,8 @@ def test_metrics_from_store_changes() -> None:
     d = frozenset({("destination", "Support")})
     assert s[("callbridge_transfer_ring_seconds_sum", d)] == pytest.approx(2.0, abs=0.05)
     assert s[("callbridge_transfer_decided_to_bridged_seconds_count", d)] == 1
-    assert s[("callbridge_turn_latency_seconds_sum", frozenset())] == pytest.approx(0.65)
+    # End of speech to the first reply audio (not the 650 ms "say": text handed to TTS).
+    assert s[("callbridge_turn_latency_seconds_sum", frozenset())] == pytest.approx(0.7)
     assert s[("callbridge_stt_seconds_sum", frozenset())] == pytest.approx(0.3)
     assert s[("callbridge_llm_seconds_sum", frozenset())] == pytest.approx(0.2)
     assert s[("callbridge_tts_seconds_sum", frozenset())] == pytest.approx(0.012)
@@ -724,6 +727,80 @@ def test_metric_labels_stay_bounded_whatever_is_dialled_or_called() -> None:
     tools = {k[1] for k in s if k[0] == "callbridge_assistant_tool_calls_total"}
     assert tools == {frozenset({("tool", "other")})}
     assert s[("callbridge_assistant_tool_calls_total", frozenset({("tool", "other")}))] == 50
+
+
+def test_the_call_to_assistant_map_is_bounded_and_let_go_at_a_terminal_status() -> None:
+    """Metrics keep each call's assistant until its call.ended; a call that never records one
+    in this process must not stay for ever: gone at an ended status, and capped."""
+    m = Metrics("asterisk", max_tracked=5, max_ending=3)
+    now = utcnow()
+
+    def started(n: int) -> Call:
+        call = make_call(n, assistant=f"asst-{n % 2}")
+        started = CallEvent("call.started", now, {"assistant_id": call.assistant_id})
+        m.on_change(StoreChange(call.id, call, events=(started,)))
+        return call
+
+    # Saved as ended, its call.ended in a later commit (as admission does): still labelled.
+    call = started(1)
+    call.status = CallStatus.ENDED
+    m.on_change(StoreChange(call.id, call))
+    assert m.tracked_calls() == 1  # held for its call.ended only
+    ended = CallEvent("call.ended", now, {"reason": "caller hung up"})
+    m.on_change(StoreChange(call.id, events=(ended,)))
+    assert m.tracked_calls() == 0
+    labels = frozenset({("assistant", "asst-1"), ("reason", "caller_hung_up")})
+    assert samples(m)[("callbridge_calls_ended_total", labels)] == 1
+
+    # Ended elsewhere (another instance recorded call.ended): the terminal status lets go,
+    # and the short list of ended calls is capped too.
+    for n in range(10, 20):
+        call = started(n)
+        call.status = CallStatus.ENDED
+        m.on_change(StoreChange(call.id, call))
+        m.on_change(StoreChange(call.id, call))  # a later save of the ended call: not re-added
+    assert m.tracked_calls() == 3
+
+    # Calls that never end in this process (no terminal status seen): capped, oldest out.
+    for n in range(100, 150):
+        started(n)
+    assert m.tracked_calls() == 5 + 3
+    ended = CallEvent("call.ended", now, {"reason": "caller hung up"})
+    m.on_change(StoreChange("c149", events=(ended,)))  # the newest is still labelled
+    labels = frozenset({("assistant", "asst-1"), ("reason", "caller_hung_up")})
+    assert samples(m)[("callbridge_calls_ended_total", labels)] == 2
+
+
+async def test_refused_transfers_are_counted_by_source_and_a_bounded_rule(db: Database) -> None:
+    """`transfer.refused` (recorded by the call when TransferPolicy.authorize refuses) is the
+    toll-fraud alerting signal: counted by source and rule, the rule one of the policy's
+    names (a trunk's own prefixes one value whatever the trunk id)."""
+    m = Metrics("asterisk")
+    store = CallStore(db)
+    store.subscribe(m.on_change)  # as the daemon wires it (contract 1)
+    refusals = [
+        ("assistant", RULE_PREFIXES),
+        ("api", RULE_PREFIXES),
+        ("api", RULE_PREFIXES),
+        ("api", trunk_rule("trk_1")),
+        ("api", trunk_rule("trk_2")),
+        ("made_up", "invented.rule"),
+    ]
+    for n, (source, rule) in enumerate(refusals):
+        call = make_call(n)
+        await store.save(call)
+        data = {"rule": rule, "destination": f"+1900555{n:04d}", "source": source}
+        await store.add_event(call.id, CallEvent("transfer.refused", utcnow(), data))
+    s = samples(m)
+    refused = {
+        tuple(sorted(k[1])): v for k, v in s.items() if k[0] == "callbridge_transfers_refused_total"
+    }
+    assert refused == {
+        (("rule", RULE_PREFIXES), ("source", "assistant")): 1,
+        (("rule", RULE_PREFIXES), ("source", "api")): 2,
+        (("rule", "sip_trunks.allowed_prefixes"), ("source", "api")): 2,
+        (("rule", "other"), ("source", "other")): 1,
+    }
 
 
 async def test_analytics_range_is_utc_whatever_the_offset_and_must_be_ordered(

@@ -71,6 +71,40 @@ async def test_flush_drops_interruptible_but_keeps_uninterruptible() -> None:
     await clock.close()
 
 
+async def test_on_start_runs_when_the_first_frame_goes_out_and_never_for_flushed_audio() -> None:
+    """The turn-latency hook: called once, as a playout's first frame is sent (after what was
+    queued before it), never for audio flushed before it started; a failing hook does not
+    stop the pacing."""
+    clock = MediaClock()
+    stream = RtpStream("ulaw")
+    await stream.open("127.0.0.1", clock)
+    transport, _sink, port = await open_sink()
+    stream.set_remote("127.0.0.1", port)
+    starts: list[tuple[str, int]] = []
+
+    def failing() -> None:
+        starts.append(("b", stream.packets_out))
+        raise RuntimeError("a listener's bug")
+
+    dropped = stream.play(bytes(PCM_FRAME_BYTES), on_start=lambda: starts.append(("x", 0)))
+    assert stream.flush() == 1  # before any tick: never started
+    first = stream.play(
+        bytes(PCM_FRAME_BYTES * 3),
+        interruptible=False,
+        on_start=lambda: starts.append(("a", stream.packets_out)),
+    )
+    second = stream.play(bytes(PCM_FRAME_BYTES * 2), on_start=failing)
+    assert await first.done is True
+    assert await second.done is True
+    assert await dropped.done is False
+    (a, before), (b, at) = starts
+    assert (a, b) == ("a", "b")
+    assert at == before + 3  # b's first frame went out right after a's three
+    stream.close()
+    transport.close()
+    await clock.close()
+
+
 async def test_inbound_rtp_is_decoded_and_foreign_payloads_ignored() -> None:
     clock = MediaClock()
     heard: list[bytes] = []
