@@ -71,6 +71,30 @@ TRANSITIONS: dict[tuple[TransferState, TransferEvent], TransferState] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """The typed result of a transfer once it is final: what the session, the conversation
+    (tool result) and later steps (warm transfer, fallback chains) decide on."""
+
+    transfer_id: str
+    state: TransferState
+    outcome: LegOutcome | None
+    reason: str | None
+    sip_code: int | None = None
+    cause: int | None = None
+    local_fault: bool = False
+
+    @property
+    def transferred(self) -> bool:
+        """The caller left the assistant: bridged to the destination or handed to the PBX."""
+        return self.state in (TransferState.BRIDGED, TransferState.HANDED_OFF)
+
+    @property
+    def caller_back(self) -> bool:
+        """The caller stays with (returns to) the assistant."""
+        return self.state is TransferState.FAILED
+
+
 class IllegalTransition(Exception):
     def __init__(self, state: TransferState, event: TransferEvent) -> None:
         super().__init__(f"transfer event {event.value!r} is illegal in state {state.value!r}")
@@ -141,6 +165,18 @@ class Transfer:
     def local_fault(self) -> bool:
         """Failed inside our own PBX or daemon: never counted against the destination."""
         return self.outcome is LegOutcome.FAILED and is_local(self.reason)
+
+    def result(self) -> TransferResult:
+        """The typed result; only meaningful once `final`."""
+        return TransferResult(
+            transfer_id=self.id,
+            state=self.state,
+            outcome=self.outcome,
+            reason=self.reason,
+            sip_code=self.sip_code,
+            cause=self.cause,
+            local_fault=self.local_fault,
+        )
 
     @property
     def ringback_id(self) -> str:
