@@ -107,7 +107,7 @@ class Transfer:
     id: str
     call_id: str
     source: str  # "api" | "assistant"
-    destination: str  # as requested: E.164 number or SIP URI
+    destination: str  # as requested: E.164 number, SIP URI or an internal address
     target: DialTarget
     mode: str  # "bridge" | "blind"
     ring_timeout: float
@@ -230,6 +230,10 @@ def transfer_to_doc(t: Transfer) -> dict[str, Any]:
             "trunk_id": t.target.trunk_id,
             "route": t.target.route,
             "sip_uri": t.target.sip_uri,
+            "endpoint": t.target.endpoint,
+            "queue": t.target.queue,
+            "context": t.target.context,
+            "exten": t.target.exten,
         },
     )
     return doc

@@ -135,19 +135,37 @@ EventSink = Callable[[PbxEvent], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class DialTarget:
-    """Where an outbound leg goes. Exactly one of the two forms is used:
+    """Where an outbound leg goes. Exactly one of these forms is used:
 
     - `number` through `trunk_id` (a trunk the adapter provisioned), or through `route`
       (a PBX dial string template with `{number}`) when there is no trunk;
-    - `sip_uri` dialled directly.
+    - `sip_uri` dialled directly;
+    - inside the PBX (issue 9): `endpoint` (an extension: `PJSIP/<endpoint>` /
+      `user/<endpoint>`), `queue` (through the `callbridge-queue` context), or `context` +
+      `exten` (any dialplan target: ring groups, IVRs).
     """
 
     number: str | None = None
     trunk_id: str | None = None
     route: str | None = None
     sip_uri: str | None = None
+    endpoint: str | None = None
+    queue: str | None = None
+    context: str | None = None
+    exten: str | None = None
+
+    @property
+    def internal(self) -> bool:
+        """A target inside the PBX (no trunk, no carrier)."""
+        return bool(self.endpoint or self.queue or self.context)
 
     def describe(self) -> str:
+        if self.endpoint:
+            return f"extension {self.endpoint}"
+        if self.queue:
+            return f"queue {self.queue}"
+        if self.context:
+            return f"dialplan {self.exten}@{self.context}"
         if self.sip_uri:
             return self.sip_uri
         via = f"trunk {self.trunk_id}" if self.trunk_id else f"route {self.route}"

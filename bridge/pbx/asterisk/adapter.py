@@ -38,6 +38,7 @@ from bridge.pbx.asterisk.dialing import (
     OUTBOUND_ONLY_CONTEXT,
     blind_variables,
     dial_string,
+    dialplan_target,
 )
 from bridge.pbx.ports import (
     CallArrived,
@@ -507,6 +508,11 @@ class AsteriskAdapter:
     ) -> None:
         """The destination's parts in separate variables (never a dial string that `Dial()`
         would re-parse); `[callbridge-blind-transfer]` filters them and dials."""
+        if target.queue or target.context:  # inside the PBX: its dialplan takes the caller
+            context, exten = dialplan_target(target)  # UnsafeDialString first
+            await self.detach_media(channel_id)
+            await self.continue_in_dialplan(channel_id, context, exten)
+            return
         variables = blind_variables(target)  # UnsafeDialString before anything is changed
         await self.detach_media(channel_id)
         for name, value in variables.items():
