@@ -101,6 +101,8 @@ class TransferCommand(_Command):
     message: str | None = Field(default=None, max_length=1000)
     mode: Literal["bridge", "blind"] | None = None
     ring_timeout: float | None = Field(default=None, gt=0, le=300)
+    # Why the caller is coming (issue 9 §6): on the leg's variables and SIP headers.
+    summary: str | None = Field(default=None, max_length=300)
 
     _destination = field_validator("destination")(check_destination)
 

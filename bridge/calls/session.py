@@ -95,6 +95,7 @@ class CallSession:
             track_leg=lambda leg: service.track_leg(leg, self),
             untrack_leg=lambda leg, keep: service.untrack_leg(leg, keep=keep),
             caller_id=service.caller_id_for(self.call),
+            sip_headers=dict(service.settings.transfer.sip_headers),
         )
 
     def _new_transfer_id(self) -> str:

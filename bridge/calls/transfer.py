@@ -113,6 +113,7 @@ class Transfer:
     ring_timeout: float
     message: str | None = None
     label: str | None = None  # the destination's description, for assistant transfers
+    summary: str | None = None  # why the caller is coming (into the PBX's artefacts)
     leg_id: str | None = None
     state: TransferState = TransferState.ANNOUNCING
     outcome: LegOutcome | None = None
@@ -195,6 +196,7 @@ class Transfer:
             "trunk_id": self.target.trunk_id,
             "mode": self.mode,
             "message": self.message,
+            "summary": self.summary,
             "state": self.state.value,
             "outcome": self.outcome.value if self.outcome else None,
             "sip_code": self.sip_code,
@@ -250,6 +252,7 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
         ring_timeout=doc["ring_timeout"],
         message=doc.get("message"),
         label=doc.get("label"),
+        summary=doc.get("summary"),
         leg_id=doc.get("leg_id"),
         state=TransferState(doc["state"]),
         outcome=LegOutcome(doc["outcome"]) if doc.get("outcome") else None,

@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bridge.calls.context import leg_headers, leg_variables, outcome_fields
 from bridge.calls.items import SpeechDone
 from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
@@ -113,6 +114,7 @@ class TransferDeps:
     track_leg: Callable[[str], None]  # route the leg's events to this call
     untrack_leg: Callable[[str, bool], None]  # (leg, keep: still bridged)
     caller_id: str | None
+    sip_headers: dict[str, str] = field(default_factory=dict)  # transfer.sip_headers
 
 
 async def open_transfer(
@@ -157,6 +159,7 @@ async def open_transfer(
         ring_timeout=command.ring_timeout or settings.ring_timeout,
         message=command.message,
         label=label,
+        summary=command.summary,
     )
     return TransferRun(host, deps, transfer)
 
@@ -226,6 +229,13 @@ class TransferRun:
 
     async def _blind(self) -> None:
         transfer = self.transfer
+        # Recorded first: once handed off, the caller is the dialplan's.
+        await self.host.quietly(
+            "record_outcome",
+            self.deps.pbx.record_outcome(
+                self.host.call.channel_id, outcome_fields(transfer) | {"outcome": "handed_off"}
+            ),
+        )
         try:
             await self.deps.pbx.blind_transfer(
                 self.host.call.channel_id, transfer.target, transfer.ring_timeout
@@ -272,10 +282,8 @@ class TransferRun:
                 transfer.target,
                 caller_number=self.deps.caller_id,
                 ring_timeout=max(1.0, remaining) if retry else transfer.ring_timeout,
-                variables={
-                    "CALLBRIDGE_CALL_ID": host.call.id,
-                    "CALLBRIDGE_TRANSFER_ID": transfer.id,
-                },
+                variables=leg_variables(host.call, transfer),
+                headers=leg_headers(host.call, transfer, self.deps.sip_headers),
             )
         except PbxUnavailable as exc:
             self._release_claim()
@@ -405,6 +413,7 @@ class TransferRun:
         host.call.status = CallStatus.TRANSFERRED
         await host.save(transfer, call=True, event=settled)  # together: one commit
         host.log.info("transfer.bridged", transfer_id=transfer.id, leg=transfer.leg_id)
+        await self._record_outcome()
         await host.transfer_done(transfer)
 
     # --- timers and resume ------------------------------------------------------------------
@@ -535,7 +544,15 @@ class TransferRun:
         if hangup_leg and leg:
             await host.quietly("hangup_leg", self.deps.pbx.hangup(leg))
         await self.stop_ringback()
+        await self._record_outcome()
         await host.transfer_done(transfer)
+
+    async def _record_outcome(self) -> None:
+        """The outcome into the caller's CDR (never fails the transfer)."""
+        await self.host.quietly(
+            "record_outcome",
+            self.deps.pbx.record_outcome(self.host.call.channel_id, outcome_fields(self.transfer)),
+        )
 
     async def close(self, reason: str) -> CallEvent | None:
         """The call ends: settle an open transfer (cancelled), hang up its leg (open or

@@ -240,9 +240,13 @@ class PbxAdapter(Protocol):
         caller_number: str | None,
         ring_timeout: float,
         variables: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Place an outbound leg with channel id `leg_id`; what happens arrives as events
-        (LegProgress, LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered)."""
+        (LegProgress, LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered).
+        `variables` are set on the leg; `headers` are added to its INVITE when the leg is a
+        SIP channel (not through a dialplan or queue target). Values are checked text
+        (`bridge.calls.context`)."""
         ...
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
@@ -265,6 +269,12 @@ class PbxAdapter(Protocol):
         ...
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+
+    async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
+        """Put a transfer's outcome into the call's own record in the PBX (issue 9 §6):
+        Asterisk `CDR(userfield)` and `CDR(callbridge_<key>)`, FreeSWITCH channel variables
+        `callbridge_<key>` (in its CDR). Keys: transfer_id, outcome, destination."""
+        ...
 
     async def release(self, channel_id: str) -> None:
         """The call is over for us: free what the adapter made for it (bridge, media)."""

@@ -85,6 +85,17 @@ async def test_internal_destination_is_bridged(
     (command,) = originates(backend)
     assert re.search(r"\}" + re.escape(dial) + r" &park\(\)$", command), command
     assert "CALLBRIDGE_TRANSFER_ID=" + t["id"] in command
+    # Context into FreeSWITCH's artefacts (issue 9 §6): INVITE headers on SIP legs only,
+    # the outcome as the caller's channel variables (its CDR).
+    assert ("sip_h_X-CallBridge-Call-Id=" + call["id"] in command) == dial.startswith("user/")
+    assert backend.server is not None and caller.chan is not None
+    await wait_for(
+        lambda: (
+            f"api uuid_setvar {caller.chan.uuid} callbridge_outcome answered"  # type: ignore[union-attr]
+            in backend.server.commands
+        ),  # type: ignore[union-attr]
+        "the outcome in the caller's variables",
+    )
     assert caller.chan is not None and backend.server is not None
     leg = backend.server.channels.get(caller.chan.bridged_with or "")
     assert leg is not None and leg.direction == "outbound" and leg.answered

@@ -25,12 +25,15 @@ from tests.support.flows import DID, active_call, heard_speech, transfer_settled
 
 pytestmark = pytest.mark.asterisk
 
-EXT = str(random.randrange(1000, 9999))  # this run's lab extension: endpoint lab-<EXT>
-DESTINATIONS = [
-    {"type": "extension", "extension": f"lab-{EXT}", "description": "Alice's desk phone"},
-    {"type": "dialplan", "context": "lab-extensions", "extension": EXT, "description": "Sales"},
-    {"type": "queue", "queue": "lab-support", "description": "The support queue"},
-]
+EXT = ""  # each test's own lab extension (endpoint lab-<EXT>), set by the `api` fixture
+
+
+def destinations() -> list[dict[str, str]]:
+    return [
+        {"type": "extension", "extension": f"lab-{EXT}", "description": "Alice's desk phone"},
+        {"type": "dialplan", "context": "lab-extensions", "extension": EXT, "description": "Sales"},
+        {"type": "queue", "queue": "lab-support", "description": "The support queue"},
+    ]
 
 
 @contextlib.contextmanager
@@ -67,6 +70,8 @@ def lab_extension(lab: Any, uas: SippUas) -> Iterator[str]:
 @pytest.fixture
 async def api(asterisk_lab: Any, tmp_path: Path) -> AsyncIterator[Api]:
     # allow_any is on: internal destinations must still be configured on the assistant.
+    global EXT
+    EXT = str(random.randrange(1000, 9999))  # never the previous test's extension
     daemon, client = await start_daemon(asterisk_lab, tmp_path, transfer={"allow_any": True})
     try:
         assistant = await client.ok(
@@ -76,7 +81,7 @@ async def api(asterisk_lab: Any, tmp_path: Path) -> AsyncIterator[Api]:
                 "name": "Front desk",
                 "first_message": "Welcome to Acme, how can I help you?",
                 "llm_config": {
-                    "tools": [{"type": "transfer_call", "destinations": DESTINATIONS}],
+                    "tools": [{"type": "transfer_call", "destinations": destinations()}],
                 },
             },
         )
@@ -88,7 +93,11 @@ async def api(asterisk_lab: Any, tmp_path: Path) -> AsyncIterator[Api]:
 
 
 async def bridged_with_audio(
-    asterisk_lab: Any, api: Api, destination: str, uas_scenario: str = "uas_answer.xml"
+    asterisk_lab: Any,
+    api: Api,
+    destination: str,
+    uas_scenario: str = "uas_answer.xml",
+    summary: str | None = None,
 ) -> tuple[dict[str, Any], SippUas]:
     """Call in, transfer to `destination`, check the bridge carries audio both ways."""
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
@@ -104,20 +113,36 @@ async def bridged_with_audio(
             await api.ok(
                 "POST",
                 f"/calls/{call['id']}/control",
-                {"type": "transfer", "destination": destination, "ring_timeout": 15},
+                {
+                    "type": "transfer",
+                    "destination": destination,
+                    "ring_timeout": 15,
+                    **({"summary": summary} if summary else {}),
+                },
             )
             done = await transfer_settled(api, call["id"])
             transfer = done["transfers"][-1]
             assert (transfer["state"], transfer["outcome"]) == ("bridged", "answered"), transfer
             assert transfer["destination"] == destination
-            # Both sides talk continuously, as phones do (RTP with no gaps in its clock).
-            talking = asyncio.create_task(caller_rtp.send_tone(440, 3.0))
-            assert await dest_rtp.wait_for_packet(timeout=5), "no audio reached the destination"
-            await dest_rtp.send_tone(1000, 1.0)
-            t0 = asyncio.get_running_loop().time()
-            await asyncio.gather(talking, dest_rtp.send_tone(1000, 1.0))
-            assert abs(dominant_frequency(dest_rtp.received_pcm(since=t0)) - 440) < 20
-            assert abs(dominant_frequency(caller_rtp.received_pcm(since=t0)) - 1000) < 20
+            # Both sides talk continuously, as phones do (RTP with no gaps in its clock), until
+            # each has heard the other for a second.
+            talking = asyncio.create_task(caller_rtp.send_tone(440, 30.0))
+            try:
+                assert await dest_rtp.wait_for_packet(timeout=5), "no audio at the destination"
+                answering = asyncio.create_task(dest_rtp.send_tone(1000, 30.0))
+                try:
+                    t0 = asyncio.get_running_loop().time()
+
+                    def heard(peer: RtpPeer, hz: int) -> bool:
+                        pcm = peer.received_pcm(since=t0)
+                        return len(pcm) >= 16000 and abs(dominant_frequency(pcm[-16000:]) - hz) < 20
+
+                    await wait_for(lambda: heard(dest_rtp, 440), "the caller at the destination")
+                    await wait_for(lambda: heard(caller_rtp, 1000), "the destination at the caller")
+                finally:
+                    answering.cancel()
+            finally:
+                talking.cancel()
             await hang_up(api, call["id"], uas)
             return done, uas
         finally:
@@ -132,11 +157,28 @@ async def hang_up(api: Api, call_id: str, uas: SippUas) -> None:
     await wait_for(lambda: uas.received_requests("BYE"), "the BYE at the destination", 10)
 
 
-async def test_transfer_to_an_extension_bridges(asterisk_lab: Any, api: Api) -> None:
-    done, uas = await bridged_with_audio(asterisk_lab, api, f"extension:lab-{EXT}")
-    assert done["transfers"][-1]["route"] == f"extension lab-{EXT}"
+async def test_transfer_to_an_extension_bridges_with_context_on_the_invite(
+    asterisk_lab: Any, api: Api
+) -> None:
+    """Issue 9 §6 too: the INVITE carries X-CallBridge-* headers (SIPp logs them) and the
+    caller's CDR(userfield) records the outcome."""
+    summary = "Caller wants a refund for order 1234"
+    done, uas = await bridged_with_audio(asterisk_lab, api, f"extension:lab-{EXT}", summary=summary)
+    transfer = done["transfers"][-1]
+    assert transfer["route"] == f"extension lab-{EXT}" and transfer["summary"] == summary
     (invite, *_) = uas.received_requests("INVITE")
     assert (invite.request_uri or "").startswith(f"sip:{EXT}@"), invite.request_uri
+    assert invite.header("X-CallBridge-Call-Id") == done["id"], invite
+    assert invite.header("X-CallBridge-Transfer-Id") == transfer["id"]
+    assert invite.header("X-CallBridge-Summary") == summary
+    # The caller's CDR (the lab's CSV backend, written when the call ends) has the outcome.
+    expected = f'"callbridge:answered:extension:lab-{EXT}"'
+    await wait_for(lambda: expected in cdr_csv(asterisk_lab), "the outcome in the CDR", 10)
+
+
+def cdr_csv(lab: Any) -> str:
+    path = Path(lab.instance_dir) / "log" / "cdr-csv" / "Master.csv"
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 async def test_transfer_to_a_dialplan_target_bridges(asterisk_lab: Any, api: Api) -> None:

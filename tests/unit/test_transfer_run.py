@@ -89,6 +89,7 @@ def make_run(mode: str = "bridge") -> tuple[TransferRun, Host, FakePbx, list[str
         track_leg=tracked.append,
         untrack_leg=lambda leg, keep: None if keep else tracked.remove(leg),
         caller_id="+31201234567",
+        sip_headers={"X-CallBridge-Call-Id": "call_id", "X-Why": "summary"},
     )
     transfer = Transfer(
         id="t1",
@@ -99,6 +100,7 @@ def make_run(mode: str = "bridge") -> tuple[TransferRun, Host, FakePbx, list[str
         mode=mode,
         ring_timeout=20,
         message="Connecting you now.",
+        summary="Caller wants a refund, order 12\n{x},'y' – café",
     )
     return TransferRun(host, deps, transfer), host, pbx, tracked
 
@@ -123,6 +125,14 @@ async def test_bridged_transfer_yields_a_typed_result() -> None:
     assert result.transferred and result.outcome is LegOutcome.ANSWERED and not result.caller_back
     assert host.call.status is CallStatus.TRANSFERRED and host.media_dropped
     assert host.done == [run.transfer] and "ring_guard" not in host.timers
+    # Context into the PBX's artefacts: leg variables, INVITE headers, the CDR's outcome.
+    variables, headers = pbx.leg_context[leg]
+    assert variables["CALLBRIDGE_CALL_ID"] == "c1" and variables["CALLBRIDGE_TRANSFER_ID"] == "t1"
+    assert variables["CALLBRIDGE_SUMMARY"] == "Caller wants a refund order 12 x y cafe"
+    assert headers == {"X-CallBridge-Call-Id": "c1", "X-Why": variables["CALLBRIDGE_SUMMARY"]}
+    assert pbx.verbs("record_outcome") == [
+        ("ch1", {"transfer_id": "t1", "outcome": "answered", "destination": "+31612345678"})
+    ]
     assert [k for k, _, _ in host.saved if k] == [
         "transfer.requested",
         "transfer.dialing",
@@ -140,6 +150,7 @@ async def test_busy_gives_the_caller_back_with_a_typed_outcome() -> None:
     result = run.transfer.result()
     assert result.caller_back and not result.transferred
     assert result.outcome is LegOutcome.BUSY and result.sip_code == 486
+    assert pbx.verbs("record_outcome")[0][1]["outcome"] == "busy"
     assert host.call.status is CallStatus.ACTIVE and tracked == [] and host.done
     assert ("stop_playback", "cbring-t1") in pbx.calls
 

@@ -20,6 +20,7 @@ already went to the fallback.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -450,6 +451,7 @@ class AsteriskAdapter:
         caller_number: str | None,
         ring_timeout: float,
         variables: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Create the leg in our application, then dial it. A leg created this way is in
         Stasis before it rings, so an answer while the ARI connection is down keeps it up (an
@@ -457,7 +459,14 @@ class AsteriskAdapter:
         Asterisk hangs the destination up 2 ms after its 200 OK). Its hangup handler records
         how it ended, for a leg that ends while we are away."""
         assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
-        channel_vars = dict(variables or {})
+        # Inheritable (`__`): a queue or dialplan target's own legs (Local/...;2 and what it
+        # dials) carry them too, for the dialplan and the agent's phone to use.
+        channel_vars = {
+            f"__{k}" if k.startswith("CALLBRIDGE_") else k: v for k, v in (variables or {}).items()
+        }
+        if not (target.queue or target.context):  # a SIP channel: headers on its INVITE
+            for name, value in (headers or {}).items():
+                channel_vars[f"PJSIP_HEADER(add,{_header_name(name)})"] = value
         channel_vars["CHANNEL(hangup_handler_push)"] = f"{LEG_END_CONTEXT},s,1"
         if caller_number:
             # PJSIP builds an outbound From from the connected line (measured: CALLERID alone
@@ -525,6 +534,14 @@ class AsteriskAdapter:
     def dial_string(self, target: DialTarget) -> str:
         """The final dial string, checked whole (UnsafeDialString): see `dialing`."""
         return dial_string(target)
+
+    async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
+        """`CDR(userfield)` = `callbridge:<outcome>:<destination>` and `CDR(callbridge_<key>)`
+        for each field (custom CDR variables, in every CDR backend that logs variables)."""
+        outcome, destination = fields.get("outcome", ""), fields.get("destination", "")
+        await self.set_variable(channel_id, "CDR(userfield)", f"callbridge:{outcome}:{destination}")
+        for key, value in fields.items():
+            await self.set_variable(channel_id, f"CDR(callbridge_{key})", value)
 
     # --- trunks -----------------------------------------------------------------------------
 
@@ -703,3 +720,9 @@ def _leg_record(value: str) -> tuple[int | None, int | None, str]:
 
     sip = number(parts[1])
     return number(parts[0]), sip if sip is not None and sip >= 300 else None, parts[2]
+
+
+def _header_name(name: str) -> str:
+    if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
+        raise PbxCommandFailed(f"refusing SIP header name {name!r}")
+    return name
