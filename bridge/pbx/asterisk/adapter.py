@@ -509,8 +509,11 @@ class AsteriskAdapter:
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
         await self._add_to_bridge(bid, channel_id)
-        await self._add_to_bridge(bid, leg_id)
+        # The media channel leaves first: the bridge goes from the caller alone to caller +
+        # leg, never through a three-party softmix that then shrinks (seen to leave a Local
+        # channel leg deaf to the caller).
         await self.detach_media(channel_id)
+        await self._add_to_bridge(bid, leg_id)
 
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
