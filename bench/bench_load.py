@@ -223,7 +223,9 @@ class Caller:
 class Daemon:
     """`callbridge run` as its own process on the lab."""
 
-    def __init__(self, lab: AsteriskLab, work: Path, overrides: dict[str, Any]) -> None:
+    def __init__(
+        self, lab: AsteriskLab, work: Path, overrides: dict[str, Any], extra: str = ""
+    ) -> None:
         self.lab = lab
         self.work = work
         self.port = free_port(socket.SOCK_STREAM)
@@ -250,6 +252,7 @@ allowed_sip_domains = ["127.0.0.1"]
 
 [calls]
 {calls}
+{extra}
 """
         )
         self.proc: asyncio.subprocess.Process | None = None
@@ -303,10 +306,44 @@ allowed_sip_domains = ["127.0.0.1"]
                 self.proc.kill()
                 await self.proc.wait()
         stats: dict[str, Any] = {}
+        behind: list[float] = []
+        take: list[float] = []
+        slow: dict[str, list[float]] = {}
+        holds = 0
         for line in self.log.read_text(errors="replace").splitlines():
-            if '"loop.lag_stats"' in line:
-                with contextlib.suppress(ValueError):
-                    stats = json.loads(line)
+            if not line.startswith("{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            event = entry.get("event")
+            if event == "loop.lag_stats":
+                stats.update(entry)
+            elif event == "stt.stats":
+                stats["stt"] = {k: v for k, v in entry.items() if k not in ("event", "level")}
+            elif event == "asterisk.arrival":
+                if entry.get("behind_ms") is not None:
+                    behind.append(float(entry["behind_ms"]))
+                take.append(float(entry.get("take_ms") or 0))
+            elif event == "ari.slow_event":
+                slow.setdefault(str(entry.get("type")), []).append(float(entry["ms"]))
+            elif event == "agent.stt_hold":
+                holds += 1
+
+        def dist(values: list[float]) -> dict[str, float | None]:
+            return {
+                "p50": percentile(values, 0.5),
+                "p95": percentile(values, 0.95),
+                "max": max(values) if values else None,
+            }
+
+        # Arrival: how long a caller was in Stasis before the daemon saw its StasisStart
+        # (behind other ARI events), and the take's round trip; slow ARI event handlers.
+        stats["arrival_behind_ms"] = dist(behind)
+        stats["arrival_take_ms"] = dist(take)
+        stats["slow_ari_events"] = {k: (len(v), round(max(v))) for k, v in slow.items()}
+        stats["stt_holds"] = holds
         return stats
 
 
@@ -572,6 +609,11 @@ def summarise(
         "transfer_settle_s_p50": (round(statistics.median(settle), 1) if settle else None),
         "loop_lag_ms": {k: lag.get(k) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
         "admission_refused": lag.get("refused"),
+        "arrival_behind_ms": lag.get("arrival_behind_ms"),
+        "arrival_take_ms": lag.get("arrival_take_ms"),
+        "slow_ari_events": lag.get("slow_ari_events"),
+        "stt": lag.get("stt"),
+        "stt_holding_phrases": lag.get("stt_holds"),
         "end_reasons": ends,
         **resources,
     }
@@ -631,6 +673,13 @@ async def main() -> None:
             result = await one_run(lab, n, args, question)
             results.append(result)
             print_row(result)
+            print(
+                f"#   arrival (ms): behind {result['arrival_behind_ms']}, take "
+                f"{result['arrival_take_ms']}; slow ARI events (count, max ms): "
+                f"{result['slow_ari_events']}; STT: {result['stt']}; holding phrases: "
+                f"{result['stt_holding_phrases']}",
+                flush=True,
+            )
             if result["lost"] or result["sent_to_fallback"]:
                 for line in result["lost_detail"] + result["fallback_reasons"]:
                     print(f"#   {line}")

@@ -9,8 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.agent.chat import ChatConsole
 from bridge.agent.factory import AgentFactory
 from bridge.agent.providers import AgentProviders
+from bridge.api.ops import OpsContext
 from bridge.api.server import create_api_app
 from bridge.calls.admission import Admission, LoopLagMonitor
 from bridge.calls.service import CallService, trunk_spec
@@ -19,12 +21,15 @@ from bridge.config import Settings
 from bridge.directory.models import Trunk
 from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
+from bridge.ops.metrics import Metrics
+from bridge.ops.trunks import trunk_states
+from bridge.ops.webhooks import WebhookService, WebhookWorker, outbox_statements
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
 from bridge.pbx.ports import PbxAdapter
 from bridge.sip import configure_uri_params
-from bridge.speech.tts import TtsProvider, make_tts
+from bridge.speech.tts import CachedTts, TtsProvider, assistant_phrases, make_tts
 from bridge.store.db import Database
 from bridge.trunks.reconciler import TrunkReconciler
 
@@ -44,6 +49,10 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.trunks: TrunkReconciler | None = None
+        self.metrics: Metrics | None = None
+        self.webhooks: WebhookWorker | None = None
+        self.tts_cache: CachedTts | None = None  # speed: TTS cache
+        self._priming: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -52,15 +61,20 @@ class Daemon:
         self.directory = DirectoryService(
             self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
         )
-        tts = self._build_tts()
+        # speed: what assistants say word for word is synthesised once (TTS cache), when
+        # the daemon starts and when an assistant is saved.
+        tts = self.tts_cache = CachedTts(self._build_tts())
+        self.directory.on_assistant_saved = self._prime_assistant
+        store = CallStore(self.db)
         self.calls = CallService(
             settings=s,
             pbx=pbx,
             pbx_name=s.pbx,
-            store=CallStore(self.db),
+            store=store,
             directory=self.directory,
             tts=tts,
         )
+        ops = self._start_ops(store)
         # The toll-fraud policy in force, logged once (allow_any loudly); the URI parameters it
         # allows also hold for API input and stored destinations.
         configure_uri_params(s.transfer.allowed_uri_params)
@@ -75,8 +89,16 @@ class Daemon:
                     await warm_tts()
             self.calls.conversation_factory = AgentFactory(self.providers, s.agent)
         self._start_admission()
+        self._prime_all()
         await self.calls.start()
-        app = create_api_app(self.directory, self.calls, self.db, health=self._health)
+        chat = (
+            ChatConsole(self.directory.get_assistant, self.providers.llm_for, s.agent)
+            if self.providers is not None
+            else None
+        )
+        app = create_api_app(
+            self.directory, self.calls, self.db, health=self._health, chat=chat, ops=ops
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.api.host, s.api.port)
@@ -89,6 +111,47 @@ class Daemon:
             api=f"http://{s.api.host}:{self.api_port}",
             pbx=s.pbx,
             database=str(s.database),
+        )
+
+    def _start_ops(self, store: CallStore) -> OpsContext:
+        """Issue 10: metrics and webhooks, both fed by the call store's commits."""
+        assert self.db is not None
+        s = self.settings
+        calls = self.calls
+        if s.metrics.enabled:
+
+            def active() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for session in calls.sessions() if calls is not None else []:
+                    key = session.call.assistant_id or "none"
+                    counts[key] = counts.get(key, 0) + 1
+                return counts
+
+            self.metrics = Metrics(
+                s.pbx, active=active, connected=lambda: bool(calls and calls.connected)
+            )
+            store.subscribe(self.metrics.on_change)
+        service = None
+        if s.webhooks.enabled:
+            attempts = self.metrics.webhook_attempt if self.metrics is not None else None
+            self.webhooks = WebhookWorker(self.db, s.webhooks, on_attempt=attempts)
+            store.subscribe(self.webhooks.on_change, in_transaction=outbox_statements)
+            self.webhooks.start()  # sends what a previous run left in the outbox
+            service = WebhookService(self.db, on_change=self.webhooks.kick)
+        token = s.metrics.token.get_secret_value() if s.metrics.token else None
+        directory = self.directory
+
+        async def trunks() -> dict[str, Any]:
+            assert calls is not None and directory is not None
+            listed = await directory.list_trunks()
+            return await trunk_states(listed, calls.connected, calls.pbx.provisioned_trunks)
+
+        return OpsContext(
+            self.metrics,
+            service,
+            metrics_token=token,
+            metrics_allow_loopback=s.metrics.allow_loopback,
+            trunk_states=trunks,
         )
 
     def _start_admission(self) -> None:
@@ -139,8 +202,43 @@ class Daemon:
         )
 
     def _pbx_connected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pbx_connected()
         if self.trunks is not None:
             self.trunks.kick()
+
+    # --- speed: TTS cache priming ---
+    def _prime_assistant(self, assistant: Any) -> None:
+        self._prime(assistant_phrases(assistant))
+
+    def _prime_all(self) -> None:
+        async def every() -> None:
+            assert self.directory is not None
+            a = self.settings.agent
+            texts = [a.stt_hold_message, a.stt_failure_message, a.llm_failure_message]
+            texts += [a.goodbye_message, self.settings.calls.default_greeting]
+            for assistant in await self.directory.list_assistants():
+                texts += assistant_phrases(assistant)
+            if self.tts_cache is not None:
+                await self.tts_cache.prime(texts)
+
+        self._spawn_prime(every())
+
+    def _prime(self, texts: list[str]) -> None:
+        if self.tts_cache is not None:
+            self._spawn_prime(self.tts_cache.prime(texts))
+
+    def _spawn_prime(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._priming.add(task)
+        task.add_done_callback(self._primed)
+
+    def _primed(self, task: asyncio.Task[Any]) -> None:
+        self._priming.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("tts.prime_failed", error=str(task.exception()))
+
+    # --- end speed ---
 
     def _build_tts(self) -> TtsProvider:
         t = self.settings.tts
@@ -203,18 +301,25 @@ class Daemon:
         return health
 
     async def stop(self) -> None:
+        for task in list(self._priming):  # speed: TTS cache priming
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.trunks is not None:
             await self.trunks.close()
         if self.calls is not None:
             await self.calls.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()  # undelivered rows stay in the outbox for the next run
         if self.loop_lag is not None:
             await self.loop_lag.stop()
             admission = self.calls.admission if self.calls is not None else None
             refused = dict(admission.refused) if admission is not None else {}
             log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
         if self.providers is not None:
+            stt_stats = getattr(self.providers.stt, "stats", None)  # speed: STT throughput
+            if stt_stats is not None:
+                log.info("stt.stats", **stt_stats())
             await self.providers.aclose()
         if self.db is not None:
             await self.db.close()

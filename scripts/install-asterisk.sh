@@ -48,6 +48,8 @@ chroot "$ROOT" apt-get update -qq
 chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   asterisk asterisk-modules asterisk-core-sounds-en >/dev/null
 chroot "$ROOT" apt-get clean
+# Asterisk looks its host name up for every new RTP instance: resolve it locally, never by DNS.
+[ -e "$ROOT/etc/hosts" ] || printf '127.0.0.1 localhost\n127.0.0.1 %s\n::1 localhost\n' "$(hostname)" > "$ROOT/etc/hosts"
 chroot "$ROOT" /usr/sbin/asterisk -V
 touch "$STAMP"
 log "Asterisk root ready at $ROOT"

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 need=()
-for p in python3-venv flite espeak-ng sox sip-tester debootstrap; do
+# chromium + chromium-driver: the ops page's browser test (tests/browser, Selenium).
+for p in python3-venv flite espeak-ng sox sip-tester debootstrap chromium chromium-driver; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ "${#need[@]}" -gt 0 ]; then

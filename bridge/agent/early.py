@@ -1,35 +1,73 @@
 """Early transcription: start STT at a pause, before the turn detector is sure the turn ended.
 
 The detector waits `silence_ms` (500) of silence before it ends a turn, so a caller who has
-finished is not cut off at every breath. Whisper then needs ~0.3 s more. Started at the first
-`pause_ms` (200) of silence instead, the transcript is usually ready when the turn ends, and
-the caller hears the reply ~0.3 s sooner. If the caller speaks again, the early result is
-thrown away (the decode still runs on the STT thread: a wasted ~0.3 s of one core, not of the
-caller's time). With a paid cloud STT this costs an extra request per mid-sentence pause:
-set `agent.early_stt_ms = 0` to turn it off.
+finished is not cut off at every breath. Started at the first `pause_ms` (120) of silence
+instead, the transcript is usually ready before the turn ends. If the caller speaks again,
+the early result is thrown away (the decode still runs on the STT thread: ~0.2 s of one core
+wasted, not the caller's time; under load no early decode starts while every worker is busy).
+With a paid cloud STT this costs an extra request per mid-sentence pause: set
+`agent.early_stt_ms = 0` to turn it off (the turn then always waits `silence_ms`).
+
+The early transcript also decides the end of the turn (`agent.end_turn_on_transcript`): when
+it is a complete sentence ("What are your opening hours?"), the turn ends as soon as it is in,
+without waiting for the rest of `silence_ms`; when it stops on a word that announces more
+("and", "um", "because", "to"), the detector waits `hold_ms` longer than `silence_ms` before
+it ends the turn. Anything else (no punctuation, nothing heard) keeps the silence rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 
 from bridge.speech.stt import SttProvider, Transcript
 from bridge.speech.vad import SpeechStarted, TurnDetector, TurnEvent
 
 SAMPLE_RATE = 8000
+# A turn whose last word is one of these is not over ("I'd like to talk to ... um").
+# Not words a question can end on ("Where is your office?", "Where are you from?").
+TRAILING = frozenset(
+    "and or but because cause um uh er erm hmm mm the a an to of for with about my your our "
+    "if than".split()
+)
+
+
+def turn_complete(text: str) -> bool | None:
+    """What a transcript says about the end of the turn: True (a complete sentence), False
+    (it stops on a word that announces more, or trails off with "..."), None (no opinion:
+    nothing heard, or no closing punctuation)."""
+    text = text.strip()
+    words = re.findall(r"[a-z']+", text.lower())
+    if not words:
+        return None
+    if words[-1] in TRAILING or text.endswith(("...", "…", ",", "-")):
+        return False
+    if text.endswith((".", "?", "!")):
+        return True
+    return None
 
 
 class EarlyTranscriber:
     """Watches the frames the detector scored; `take()` at TurnEnded gives the early STT."""
 
     def __init__(
-        self, stt: SttProvider, prompt: str | None, detector: TurnDetector, pause_ms: int
+        self,
+        stt: SttProvider,
+        prompt: str | None,
+        detector: TurnDetector,
+        pause_ms: int,
+        *,
+        end_on_transcript: bool = False,
+        hold_ms: int = 500,
     ) -> None:
         self.stt = stt
         self.prompt = prompt
         self.detector = detector
         self.pause_ms = pause_ms
+        self.end_on_transcript = end_on_transcript
+        self.hold_ms = hold_ms
+        self._judged: asyncio.Task[Transcript] | None = None
         cfg = detector.config
         # Enough audio from before SpeechStarted: the onset (min_speech_ms) and the pre-roll.
         self._recent: collections.deque[bytes] = collections.deque(
@@ -65,6 +103,27 @@ class EarlyTranscriber:
                         transcribe(audio, SAMPLE_RATE, self.prompt)
                     )
         self._recent.append(frame)
+
+    def turn_over(self) -> bool:
+        """Call after `observe`: True when the early transcript is in and is a complete
+        sentence, the caller still silent (the agent then ends the turn: `detector.end_now`).
+        A transcript that stops on "and"/"um" makes the detector wait longer, once."""
+        task = self._task
+        if (
+            not self.end_on_transcript
+            or task is None
+            or not task.done()
+            or task is self._judged
+            or not self.detector.in_speech
+        ):
+            return False
+        self._judged = task
+        if task.cancelled() or task.exception() is not None:
+            return False
+        verdict = turn_complete(task.result().text)
+        if verdict is False:
+            self.detector.hold(self.hold_ms)
+        return verdict is True
 
     def take(self) -> asyncio.Task[Transcript] | None:
         """At TurnEnded: the transcription started at the pause (still valid: any speech

@@ -29,54 +29,19 @@ def _secret(value: Any) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-class AgentProviders:
-    """Builds providers from the settings; `llm_for(provider, model)` per assistant."""
+class LlmProviders:
+    """The LLM providers alone (what the chat console needs): `llm_for(provider, model)`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.router = LocalRouter()
         self._http: aiohttp.ClientSession | None = None
         self._llms: dict[tuple[str, str], OpenAICompatLlm] = {}
-        self.stt: SttProvider = self._build_stt()
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession()
         return self._http
-
-    def _build_stt(self) -> SttProvider:
-        s = self.settings.stt
-        if s.engine == "whisper":
-            workers = s.workers or default_workers()
-            whisper = WhisperStt(
-                compute_type=s.compute_type,
-                cpu_threads=s.cpu_threads,
-                workers=workers,
-                nice=s.nice,
-            )
-            return QueuedStt(whisper, workers)
-        base_url = s.base_url or self.settings.llm.base_url
-        api_key = _secret(s.api_key) or _secret(self.settings.llm.api_key)
-        # The aiohttp session is made lazily by the provider (no event loop needed here).
-        return OpenAiStt(
-            base_url=base_url,
-            api_key=api_key,
-            model=s.model,
-            language=s.language,
-            timeout=s.timeout,
-        )
-
-    def turn_detector(self) -> TurnDetector:
-        """A fresh detector (its own VAD state) for one call."""
-        v = self.settings.vad
-        config = TurnConfig(
-            threshold=v.threshold,
-            neg_threshold=max(0.05, v.threshold - 0.15),
-            min_speech_ms=v.min_speech_ms,
-            silence_ms=v.silence_ms,
-            max_turn_ms=v.max_turn_ms,
-        )
-        return TurnDetector(make_vad(v.engine, 8000), config)
 
     def llm_for(self, provider: str, model: str | None) -> LlmProvider:
         """ "local" → the deterministic router (not an LLM); any other name → the
@@ -106,6 +71,55 @@ class AgentProviders:
             self._llms[key] = llm
         return llm
 
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self._llms.clear()
+
+
+class AgentProviders(LlmProviders):
+    """Builds providers from the settings; `llm_for(provider, model)` per assistant."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.stt: SttProvider = self._build_stt()
+
+    def _build_stt(self) -> SttProvider:
+        s = self.settings.stt
+        if s.engine == "whisper":
+            workers = s.workers or default_workers()
+            whisper = WhisperStt(
+                compute_type=s.compute_type,
+                cpu_threads=s.cpu_threads,
+                workers=workers,
+                nice=s.nice,
+                short_window_s=s.short_window_s,
+            )
+            return QueuedStt(whisper, workers, max_wait_s=s.max_wait_s)
+        base_url = s.base_url or self.settings.llm.base_url
+        api_key = _secret(s.api_key) or _secret(self.settings.llm.api_key)
+        # The aiohttp session is made lazily by the provider (no event loop needed here).
+        return OpenAiStt(
+            base_url=base_url,
+            api_key=api_key,
+            model=s.model,
+            language=s.language,
+            timeout=s.timeout,
+        )
+
+    def turn_detector(self) -> TurnDetector:
+        """A fresh detector (its own VAD state) for one call."""
+        v = self.settings.vad
+        config = TurnConfig(
+            threshold=v.threshold,
+            neg_threshold=max(0.05, v.threshold - 0.15),
+            min_speech_ms=v.min_speech_ms,
+            silence_ms=v.silence_ms,
+            max_turn_ms=v.max_turn_ms,
+        )
+        return TurnDetector(make_vad(v.engine, 8000), config)
+
     async def warm_up(self) -> None:
         """Load every local model now, so the first call does not wait ~1.5 s for them."""
         try:
@@ -123,7 +137,4 @@ class AgentProviders:
     async def aclose(self) -> None:
         if isinstance(self.stt, OpenAiStt):
             await self.stt.aclose()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-        self._llms.clear()
+        await super().aclose()

@@ -20,19 +20,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bridge.agent.dialogue import DEFAULT_PROMPT, Dialogue
 from bridge.agent.early import EarlyTranscriber
 from bridge.agent.history import history_from_transcript
-from bridge.agent.sentences import SentenceSplitter
 from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
 from bridge.calls.transfer import Transfer, TransferState
 from bridge.config import AgentSettings
 from bridge.errors import BridgeError
-from bridge.llm.base import ChatMessage, LlmProvider, TextDelta, ToolCall, ToolCallEvent
-from bridge.llm.tools import Destination, EndCallIntent, ToolError, Toolset, TransferIntent
+from bridge.llm.base import ChatMessage, LlmProvider, ToolCall
+from bridge.llm.tools import Destination, Toolset, TransferIntent
 from bridge.log import get_logger
 from bridge.speech.stt import SttProvider, Transcript, vocabulary_prompt
 from bridge.speech.vad import SpeechStarted, TurnDetector, TurnEnded
@@ -48,7 +48,7 @@ SAMPLE_RATE = 8000
 GAP_CHECK_S = 0.1  # how often to look for a gap in the caller's audio
 GAP_S = 0.25  # no caller audio this long (DTX, a silent peer): feed silence to the VAD
 MAX_QUEUED_FRAMES = 500  # 10 s of audio: beyond this the agent is stuck; drop, do not grow
-DEFAULT_PROMPT = "You are a friendly phone assistant. Answer in one or two short spoken sentences."
+__all__ = ["DEFAULT_PROMPT", "AgentSession", "VoiceAgent"]
 
 
 class AgentSession(Protocol):
@@ -102,15 +102,20 @@ class VoiceAgent:
         self.stt = stt
         self.detector = detector
         self.settings = settings
-        assistant = session.assistant
-        config = assistant.llm_config if assistant is not None else None
-        self.toolset = Toolset.from_assistant_tools(config.tools if config else [])
-        self.system = [
-            ChatMessage(m.role, m.content) for m in (config.messages if config else [])
-        ] or [ChatMessage.system(DEFAULT_PROMPT)]
+        # The text of the conversation (history, model, tools): the same code as the chat
+        # console's; this class adds the audio and carries the actions out on the call.
+        self.dialogue = Dialogue(session.assistant, llm, max_tool_rounds=settings.max_tool_rounds)
         self.stt_prompt = vocabulary_prompt(d.description for d in self.destinations)
-        self.early = EarlyTranscriber(stt, self.stt_prompt, detector, settings.early_stt_ms)
-        self.history: list[ChatMessage] = []
+        # --- speed: turn detection (end of turn by silence and transcript) ---
+        self.early = EarlyTranscriber(
+            stt,
+            self.stt_prompt,
+            detector,
+            settings.early_stt_ms,
+            end_on_transcript=settings.end_turn_on_transcript,
+            hold_ms=settings.turn_hold_ms,
+        )
+        # --- end speed ---
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[None] | None = None
@@ -132,7 +137,23 @@ class VoiceAgent:
 
     @property
     def destinations(self) -> list[Destination]:
-        return list(self.toolset.destinations.values())
+        return self.dialogue.destinations
+
+    @property
+    def toolset(self) -> Toolset:
+        return self.dialogue.toolset
+
+    @property
+    def system(self) -> list[ChatMessage]:
+        return self.dialogue.system
+
+    @property
+    def history(self) -> list[ChatMessage]:
+        return self.dialogue.history
+
+    @history.setter
+    def history(self, messages: list[ChatMessage]) -> None:
+        self.dialogue.history = messages
 
     # --- Conversation protocol --------------------------------------------------------------
 
@@ -254,6 +275,12 @@ class VoiceAgent:
                 continue
             if self._listening:
                 self.early.observe(frame, events)
+                # --- speed: the transcript says the turn is over: end it now ---
+                if not any(isinstance(e, TurnEnded) for e in events) and self.early.turn_over():
+                    ended = self.detector.end_now()
+                    if ended is not None:
+                        events.append(ended)
+                # --- end speed ---
             for event in events:
                 if isinstance(event, SpeechStarted):
                     self._on_speech_started()
@@ -341,10 +368,7 @@ class VoiceAgent:
                 return
         self._current = turn
         try:
-            if early is not None:
-                transcript = await early  # started at the pause, usually done by now
-            else:
-                transcript = await self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+            transcript = await self._transcribe_turn(turn, early)  # speed: holding phrase
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -364,92 +388,39 @@ class VoiceAgent:
             text,
             confidence=transcript.confidence,
             speech_ms=event.speech_ms,
+            turn_end="transcript" if event.by_transcript else None,  # speed: turn detection
             stt_ms=turn.latencies_ms().get("stt"),
         )
         await self._reply(turn)
 
-    async def _reply(self, turn: _Turn) -> None:
-        for _ in range(self.settings.max_tool_rounds):
-            if self._suspended:
-                return  # a transfer took the caller meanwhile
-            spoken: list[str] = []
-            try:
-                text, calls = await self._generate(turn, spoken)
-            except asyncio.CancelledError:
-                if spoken:  # barge-in: the model should know what the caller heard of it
-                    said = " ".join(spoken)
-                    self.history.append(ChatMessage.assistant(said))
-                    self._spawn(self._transcript("assistant", said, interrupted=True))
-                raise
-            except Exception as exc:  # LlmError subclasses, and anything a provider leaks
-                await self._llm_failed(exc)
-                return
-            self.history.append(ChatMessage.assistant(text or None, calls))
-            if text:
-                await self._transcript("assistant", text, latency_ms=turn.latencies_ms())
-            if not calls:
-                return
-            if not await self._run_tools(calls, spoke=bool(text)):
-                return
-        await self._llm_failed(RuntimeError("too many invalid tool calls in one turn"))
-
-    async def _generate(self, turn: _Turn, spoken: list[str]) -> tuple[str, list[ToolCall]]:
-        splitter = SentenceSplitter()
-        parts: list[str] = []
-        calls: list[ToolCall] = []
-        async for event in self.llm.stream(self.system + self.history, self.toolset.specs):
-            if isinstance(event, TextDelta):
-                turn.mark("llm")
-                parts.append(event.text)
-                for sentence in splitter.push(event.text):
-                    turn.mark("say")
-                    spoken.append(sentence)
-                    self._speak(sentence)
-            elif isinstance(event, ToolCallEvent):
-                turn.mark("llm")
-                calls.append(event.call)
-        for sentence in splitter.flush():
-            turn.mark("say")
-            spoken.append(sentence)
-            self._speak(sentence)
-        return "".join(parts).strip(), calls
-
-    async def _run_tools(self, calls: Sequence[ToolCall], *, spoke: bool) -> bool:
-        """Run the model's calls; True if the model must be asked again (a refused call).
-
-        Whatever fails or cancels the turn here, every call gets a tool message: a history
-        with an unanswered tool call is refused by OpenAI-compatible servers (400) for the
-        rest of the call."""
+    # --- speed: STT under load: a holding phrase, never silence ---
+    async def _transcribe_turn(
+        self, turn: _Turn, early: asyncio.Task[Transcript] | None
+    ) -> Transcript:
+        """The turn's transcript (the early one if it was started at the pause). When it is
+        not in `agent.stt_hold_ms` after the turn ended (the STT queue is long), the caller
+        hears `agent.stt_hold_message` meanwhile; past the queue's time budget STT fails
+        with SttTimeout and the caller is asked to say it again."""
+        work = early or asyncio.ensure_future(
+            self.stt.transcribe(turn.audio, SAMPLE_RATE, self.stt_prompt)
+        )
         try:
-            return await self._run_tool_calls(calls, spoke=spoke)
-        finally:
-            self._answer_unanswered(calls)
+            hold = self.settings.stt_hold_ms / 1000
+            if hold > 0 and self.settings.stt_hold_message:
+                done, _ = await asyncio.wait({work}, timeout=hold)
+                if not done:
+                    self._speak(self.settings.stt_hold_message)
+                    self.log.info("agent.stt_hold", waited_ms=round(hold * 1000))
+                    self._spawn(self.session.record("agent.stt_hold", waited_ms=round(hold * 1000)))
+            return await work
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
 
-    def _answer_unanswered(self, calls: Sequence[ToolCall]) -> None:
-        answered = {m.tool_call_id for m in self.history if m.role == "tool"}
-        waiting = {c.id for c in self._pending.values()}  # a transfer's result comes later
-        for call in calls:
-            if call.id not in answered and call.id not in waiting:
-                self._tool_result(call, {"error": "not run: the turn was interrupted"})
+    # --- end speed ---
 
-    async def _run_tool_calls(self, calls: Sequence[ToolCall], *, spoke: bool) -> bool:
-        again = False
-        for i, call in enumerate(calls):
-            await self._transcript("tool_call", call.arguments, tool=call.name, call_id=call.id)
-            try:
-                intent = self.toolset.parse(call)
-            except ToolError as err:
-                self._tool_result(call, {"error": str(err)})
-                again = True
-                continue
-            for skipped in calls[i + 1 :]:  # one action per turn; answer every call id
-                self._tool_result(skipped, {"error": "not run: another action was taken"})
-            if isinstance(intent, TransferIntent):
-                return await self._transfer(intent, call)
-            if isinstance(intent, EndCallIntent):
-                await self._end_call(call, spoke=spoke)
-            return False
-        return again
+    async def _reply(self, turn: _Turn) -> None:
+        await self.dialogue.reply(_CallHost(self, turn))
 
     def _tool_result(self, call: ToolCall, result: dict[str, Any]) -> None:
         content = json.dumps(result)
@@ -555,3 +526,43 @@ class VoiceAgent:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _CallHost:
+    """A `DialogueHost` for one turn of a call: sentences are spoken, actions are commands
+    on the call's session, every step a transcript event with the turn's latencies."""
+
+    def __init__(self, agent: VoiceAgent, turn: _Turn) -> None:
+        self.agent = agent
+        self.turn = turn
+
+    @property
+    def suspended(self) -> bool:
+        return self.agent._suspended
+
+    def on_token(self) -> None:
+        self.turn.mark("llm")
+
+    def say(self, sentence: str) -> None:
+        self.turn.mark("say")
+        self.agent._speak(sentence)
+
+    async def transcript(self, role: str, text: str, **data: Any) -> None:
+        if role == "assistant" and not data.get("interrupted"):
+            data["latency_ms"] = self.turn.latencies_ms()
+        await self.agent._transcript(role, text, **data)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        self.agent._spawn(coro)
+
+    def waiting(self) -> set[str]:
+        return {c.id for c in self.agent._pending.values()}
+
+    async def transfer(self, intent: TransferIntent, call: ToolCall | None) -> bool:
+        return await self.agent._transfer(intent, call)
+
+    async def end_call(self, call: ToolCall, *, spoke: bool) -> None:
+        await self.agent._end_call(call, spoke=spoke)
+
+    async def llm_failed(self, exc: BaseException) -> None:
+        await self.agent._llm_failed(exc)

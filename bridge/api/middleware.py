@@ -7,6 +7,8 @@ answered with a bare `internal-error`: no trace reaches the client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from bridge.api.errors import (
@@ -24,7 +26,29 @@ from bridge.log import get_logger
 log = get_logger(__name__)
 
 PUBLIC_PATHS = web.AppKey("public_paths", frozenset)
+# Counts every request by route template, method and final status (bridge.ops.metrics).
+REQUEST_OBSERVER: web.AppKey[Callable[[str, str, int], None]] = web.AppKey("request_observer")
 _REALM = 'Bearer realm="callbridge"'
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: sees the status the client gets (errors already rendered below)."""
+    observe = request.app.get(REQUEST_OBSERVER)
+    if observe is None:
+        return await handler(request)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # redirects pass through the error middleware
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        observe(route, request.method, status)
 
 
 @web.middleware

@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from bridge.api import http
+from bridge.api import chat, http
+from bridge.api.ops import ops_routes
 from bridge.api.schemas import (
     AssistantOut,
     CallDetail,
@@ -28,6 +29,7 @@ from bridge.api.schemas import (
     TrunkOut,
     patch_model,
 )
+from bridge.api.webhooks import webhook_routes
 from bridge.directory.models import AssistantIn, NumberIn, TrunkIn
 from bridge.directory.service import DirectoryService as D
 
@@ -125,8 +127,13 @@ ROUTES: list[Route] = [
     Route("GET", "/transfers/stats", http.transfer_stats, "transfer_stats",
           "Transfer monitoring: rates and outcomes, per destination", "calls",
           response=TransferStats, query=TransferStatsQuery),
+    Route("POST", "/assistants/{id}/chat", chat.chat, "chat_with_assistant",
+          "Text test console: one caller message, the replies and actions (not executed)",
+          "assistants", request=chat.ChatRequest, response=chat.ChatReply, errors=(409,)),
     Route("GET", "/health", http.health, "health", "Liveness and PBX connection state",
           "service", response=Health, public=True),
     Route("GET", "/openapi.json", http.openapi, "openapi", "This API as OpenAPI 3.1",
           "service", public=True),
 ]  # fmt: skip
+ROUTES += ops_routes()  # issue 10: analytics (bridge.api.ops)
+ROUTES += webhook_routes()  # issue 10: /webhooks (bridge.api.webhooks)

@@ -35,3 +35,15 @@ class Resume:
 
     live_legs: frozenset[str]
     answered_legs: frozenset[str]
+    undialled_legs: frozenset[str] = frozenset()  # created by our predecessor, never dialled
+
+
+@dataclass(frozen=True)
+class LegAbandoned:
+    """After a restart: a leg placed for this call by a daemon that stopped before recording
+    it was hung up (by the reconciler). The session records the attempt and tells the
+    caller, who never heard the transfer start."""
+
+    leg_id: str
+    transfer_id: str
+    dialled: bool

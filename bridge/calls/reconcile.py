@@ -9,13 +9,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bridge.calls.items import Resume
+from bridge.calls.items import LegAbandoned, Resume
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
 from bridge.calls.session import CallSession
 from bridge.calls.transfer import TransferEvent
+from bridge.calls.transferring import leg_for
 from bridge.errors import NotFound
 from bridge.log import get_logger
-from bridge.pbx.ports import CallArrived, ChannelHungUp, ConnectionRestored, LegOutcome
+from bridge.pbx.ports import (
+    CallArrived,
+    ChannelHungUp,
+    ConnectionRestored,
+    LegFacts,
+    LegOutcome,
+)
 
 if TYPE_CHECKING:
     from bridge.calls.service import CallService
@@ -34,7 +41,9 @@ class Reconciler:
         live_callers = {c.channel_id: c for c in restored.callers}
         live_legs = frozenset(leg for leg, _ in restored.legs)
         answered = frozenset(leg for leg, up in restored.legs if up)
-        resume = Resume(live_legs, answered)
+        facts = {f.leg_id: f for f in restored.leg_facts}
+        undialled = frozenset(leg for leg, f in facts.items() if not f.dialled)
+        resume = Resume(live_legs, answered, undialled)
         known: set[str] = set()
         try:
             unfinished = await self.service.store.unfinished(self.service.pbx_name)
@@ -58,10 +67,47 @@ class Reconciler:
                 await self._adopt(arrival)
             except Exception:
                 log.exception("call.reconcile_failed", channel=channel_id)
-        owned = {s.transfer.leg_id for s in self.service.sessions() if s.transfer}
-        for leg in live_legs - owned:
+        # A transfer not placed yet on our record may own a leg our predecessor placed just
+        # before it stopped: its id is derived from the transfer (`leg_for`).
+        owned = {
+            leg_for(s.transfer)
+            for s in self.service.sessions()
+            if s.transfer and (s.transfer.leg_id or not s.transfer.final)
+        }
+        for leg in live_legs - owned - self.service.probe.legs:
             log.warning("call.orphan_leg", leg=leg)
             await self.service.safe_hangup(leg)
+            fact = facts.get(leg)
+            if fact is None or not fact.call_id or not fact.transfer_id:
+                continue
+            session = self.service.session(fact.call_id)
+            if session is not None:  # it records the attempt and tells the caller
+                session.post(LegAbandoned(leg, fact.transfer_id, fact.dialled))
+                continue
+            try:
+                await self._record_unrecorded_leg(fact)
+            except Exception:
+                log.exception("call.reconcile_failed", leg=leg)
+
+    async def _record_unrecorded_leg(self, fact: LegFacts) -> None:
+        """A leg placed for a transfer our records do not have (the daemon stopped between
+        the originate and its record) and no session took: it was hung up; say so on its
+        call, so that no attempt goes unrecorded."""
+        assert fact.call_id is not None
+        store = self.service.store
+        if any(t.id == fact.transfer_id for t in await store.transfers(fact.call_id)):
+            return  # recorded (e.g. cancelled with its call): the hangup is all it needed
+        event = CallEvent(
+            "transfer.abandoned",
+            utcnow(),
+            {
+                "transfer_id": fact.transfer_id,
+                "leg": fact.leg_id,
+                "dialled": fact.dialled,
+                "reason": "placed by a daemon that stopped before recording it; hung up",
+            },
+        )
+        await store.save_state(None, None, [event], call_id=fact.call_id)
 
     async def _reconcile_call(
         self, call: Call, live_callers: dict[str, CallArrived], resume: Resume

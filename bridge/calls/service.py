@@ -1,5 +1,8 @@
-"""The call service: routes PBX events to call sessions, executes control commands, and
-reconciles calls with the PBX after a reconnect or a daemon restart.
+"""The call service: the one facade the API and the daemon talk to. It takes new callers,
+hands PBX events to the call sessions (which session owns which channel: `CallRouter`),
+executes control commands, and holds the policies sessions use. Its other roles have their
+own rooms: the reconcile after a reconnect or restart (`Reconciler`), destination tests
+(`DestinationProbe`), the toll-fraud policy (`TransferPolicy`).
 
 The control API and the assistant's transfer tool both arrive here; this is the only caller
 of the adapter's transfer verbs.
@@ -7,7 +10,6 @@ of the adapter's transfer verbs.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
@@ -15,15 +17,14 @@ from typing import Any
 from bridge.calls.admission import Admission, turn_away
 from bridge.calls.conversation import ConversationFactory
 from bridge.calls.model import Call, CallEvent, CallStatus, utcnow
-from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.policy import TransferPolicy
+from bridge.calls.probe import DestinationProbe
 from bridge.calls.reconcile import Reconciler
+from bridge.calls.router import CallRouter
 from bridge.calls.session import CallSession
 from bridge.calls.store import CallStore
-from bridge.calls.transfer import TransferState
 from bridge.config import Settings
 from bridge.errors import (
-    BridgeError,
     Conflict,
     NotFound,
 )
@@ -36,10 +37,7 @@ from bridge.pbx.ports import (
     ConnectionLost,
     ConnectionRestored,
     LegAnswered,
-    LegFailed,
     LegOutcome,
-    LegProgress,
-    LegRinging,
     PbxAdapter,
     PbxEvent,
     TrunkSpec,
@@ -68,14 +66,16 @@ class CallService:
         self.directory = directory
         self.tts = tts
         self.clock = clock or MediaClock()
-        self._by_id: dict[str, CallSession] = {}
-        self._by_channel: dict[str, CallSession] = {}
+        self.router = CallRouter()
+        # The router's maps, under the names the unit tests read.
+        self._by_id = self.router.by_id
+        self._by_channel = self.router.by_channel
         # Builds each call's conversation (the assistant's voice pipeline); None: greet only.
         self.conversation_factory: ConversationFactory | None = None
         self.connected = False
-        self._probes: dict[str, asyncio.Queue[PbxEvent]] = {}
         # Where a transfer may go (fail-closed); every transfer and destination test asks it.
         self.policy = TransferPolicy(settings.transfer, directory)
+        self.probe = DestinationProbe(pbx=pbx, policy=self.policy, directory=directory)
         self.reconciler = Reconciler(self)
         # Admission control for arriving calls (set by the composition root); None: no limit.
         self.admission: Admission | None = None
@@ -86,7 +86,7 @@ class CallService:
         await self.pbx.start(self.on_pbx_event)
 
     async def stop(self) -> None:
-        for session in list(self._by_id.values()):
+        for session in self.router.sessions():
             await session.detach()
         await self.pbx.stop()
         await self.clock.close()
@@ -102,7 +102,7 @@ class CallService:
             await self._record_missed(event)
             return
         if isinstance(event, CallArrived):
-            if event.channel_id not in self._by_channel:
+            if event.channel_id not in self.router.by_channel:
                 await self.arrive(event)
             return
         if isinstance(event, ConnectionRestored):
@@ -112,51 +112,44 @@ class CallService:
         if isinstance(event, ConnectionLost):
             self.connected = False
             return
-        session = self._by_channel.get(event.channel_id)
-        probe = self._probes.get(event.channel_id)
+        session = self.router.for_channel(event.channel_id)
         if session is not None:
             session.post(event)
-        elif probe is not None:
-            probe.put_nowait(event)
+        elif self.probe.deliver(event):
+            pass
         elif isinstance(event, LegAnswered):
             log.warning("call.orphan_leg_answered", leg=event.channel_id)
             await self.safe_hangup(event.channel_id)
 
+    # Routing lives in `CallRouter`; these delegate (sessions and the reconciler use them).
+
     def session(self, call_id: str) -> CallSession | None:
-        return self._by_id.get(call_id)
+        return self.router.session(call_id)
 
     def sessions(self) -> list[CallSession]:
-        return list(self._by_id.values())
+        return self.router.sessions()
 
     @property
     def routes(self) -> dict[str, CallSession]:
         """Channel id (caller or leg) -> the session its events go to (read only)."""
-        return self._by_channel
+        return self.router.by_channel
 
     def track_leg(self, leg_id: str, session: CallSession) -> None:
-        self._by_channel[leg_id] = session
+        self.router.track_leg(leg_id, session)
 
     def untrack_leg(self, leg_id: str, *, keep: bool) -> None:
-        """Stop routing a leg's events, unless it stays bridged (its hangup still matters)."""
-        if not keep:
-            self._by_channel.pop(leg_id, None)
+        self.router.untrack_leg(leg_id, keep=keep)
 
     @property
     def active_calls(self) -> int:
         """Calls this daemon serves now (admission control counts them)."""
-        return len(self._by_id)
+        return len(self.router)
 
     def forget(self, session: CallSession) -> None:
-        self._by_id.pop(session.call.id, None)
-        for key in [k for k, v in self._by_channel.items() if v is session]:
-            del self._by_channel[key]
+        self.router.forget(session)
 
     def register(self, session: CallSession) -> None:
-        self._by_id[session.call.id] = session
-        self._by_channel[session.call.channel_id] = session
-        transfer = session.transfer
-        if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
-            self._by_channel[transfer.leg_id] = session
+        self.router.register(session)
 
     async def arrive(self, event: CallArrived) -> None:
         """A new caller. Whatever fails while taking it (a locked database, the directory),
@@ -165,7 +158,7 @@ class CallService:
             await self._new_call(event)
         except Exception as exc:
             log.exception("call.arrival_failed", channel=event.channel_id, error=str(exc))
-            session = self._by_channel.get(event.channel_id)
+            session = self.router.for_channel(event.channel_id)
             if session is not None and not session.started:
                 self.forget(session)  # registered but never started
             elif session is not None:
@@ -327,81 +320,14 @@ class CallService:
     async def test_destination(
         self, destination: str, number_id: str | None, ring_timeout: float
     ) -> dict[str, Any]:
-        """Place a short test call to a destination by the route a transfer would take; hang
-        up as soon as it answers. Returns the typed outcome (the seed's "test destinations")."""
-        if number_id is not None:
-            await self.directory.get_number(number_id)  # NotFound names the field
-        # The toll-fraud policy (bridge.calls.policy); a refusal is logged there with its rule.
-        target = await self.policy.authorize(
-            destination, number_id=number_id, assistant=None, source="test", transfers_in_call=0
-        )
-        leg = f"cbleg-probe-{uuid.uuid4()}"
-        events: asyncio.Queue[PbxEvent] = asyncio.Queue()
-        self._probes[leg] = events
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        rang_at: float | None = None
-        progressed = False
-        result: dict[str, Any] = {"destination": destination, "route": target.describe()}
-        policy = getattr(self, "policy", None)
-        claimed = False
-        try:
-            if policy is not None:
-                policy.claim_leg(target)
-                claimed = True
-            await self.pbx.originate(
-                leg,
-                target,
-                caller_number=None,
-                ring_timeout=ring_timeout,
-                variables={"CALLBRIDGE_PROBE": "1"},
-            )
-            async with asyncio.timeout(ring_timeout + 10):
-                while True:
-                    event = await events.get()
-                    if isinstance(event, LegRinging) and rang_at is None:
-                        rang_at = loop.time()
-                    elif isinstance(event, LegProgress):
-                        progressed = True
-                    elif isinstance(event, LegAnswered):
-                        await self.safe_hangup(leg)
-                        result.update(outcome=LegOutcome.ANSWERED.value, sip_code=200)
-                        break
-                    elif isinstance(event, LegFailed):
-                        outcome, reason = classify_leg_failure(
-                            event, rang=rang_at is not None, progressed=progressed
-                        )
-                        result.update(
-                            outcome=outcome.value,
-                            sip_code=event.sip_code,
-                            cause=event.cause,
-                            cause_text=event.cause_text,
-                            reason=reason,
-                        )
-                        break
-        except TimeoutError:
-            await self.safe_hangup(leg)
-            outcome, reason = timeout_outcome(rang=rang_at is not None, progressed=progressed)
-            result.update(outcome=outcome.value, cause_text="no final answer", reason=reason)
-        except (ChannelGone, BridgeError, ValueError) as exc:
-            # The PBX could not place it (unreachable, refused, bad route): our fault.
-            result.update(
-                outcome=LegOutcome.FAILED.value, cause_text=str(exc), reason=local_reason(str(exc))
-            )
-        finally:
-            self._probes.pop(leg, None)
-            if claimed and policy is not None:
-                policy.release_leg(target)
-        result["ring_ms"] = round((rang_at - started) * 1000) if rang_at else None
-        result["duration_ms"] = round((loop.time() - started) * 1000)
-        log.info("destination.tested", **result)
-        return result
+        """The API's destination test (`bridge.calls.probe`)."""
+        return await self.probe.test(destination, number_id, ring_timeout)
 
     async def transfer_stats(self, since: datetime | None) -> dict[str, Any]:
         return await self.store.transfer_stats(since)
 
     async def control(self, call_id: str, command: Any) -> dict[str, Any]:
-        session = self._by_id.get(call_id)
+        session = self.router.session(call_id)
         if session is None:
             if await self.store.get(call_id) is None:
                 raise NotFound(f"no call {call_id}", field="id")

@@ -8,11 +8,12 @@ things: speech and timers report back through the queue.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from bridge.calls.items import CommandEnvelope, Resume, SpeechDone, TimerFired
+from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
 from bridge.calls.model import (
     Call,
     CallEvent,
@@ -135,13 +136,16 @@ class CallSession:
         return self.media is not None
 
     async def save(
-        self, transfer: Transfer, *, call: bool = False, event: CallEvent | None = None
+        self,
+        transfer: Transfer,
+        *,
+        call: bool = False,
+        event: CallEvent | None = None,
+        events: list[CallEvent] | None = None,
     ) -> None:
+        batch = [*([event] if event is not None else []), *(events or [])]
         await self.service.store.save_state(
-            self.call if call else None,
-            transfer,
-            [event] if event is not None else None,
-            call_id=self.call.id,
+            self.call if call else None, transfer, batch or None, call_id=self.call.id
         )
 
     def set_timer(self, name: str, delay: float, ref: str) -> None:
@@ -227,6 +231,10 @@ class CallSession:
                 try:
                     await self._handle(item)
                 except asyncio.CancelledError:
+                    # This process stops in the middle of a command: answer it (an API
+                    # request must not wait for the server's shutdown timeout).
+                    if isinstance(item, CommandEnvelope) and not item.reply.done():
+                        item.reply.set_exception(Conflict("callbridge is stopping", field="id"))
                     raise
                 except Exception as exc:  # one bad event must not orphan the call
                     self.log.exception("call.handler_failed", item=repr(item)[:200])
@@ -299,6 +307,8 @@ class CallSession:
                 await self.run.on_timer(item)
         elif isinstance(item, Resume):
             await self._on_resume(item)
+        elif isinstance(item, LegAbandoned):
+            await self._on_leg_abandoned(item)
         elif item == "greet":
             await self._greet()
         elif isinstance(item, PbxEvent):
@@ -417,13 +427,15 @@ class CallSession:
         try:
             # Synthesis runs one utterance at a time so sentences play in the order said.
             async with self._speech_order:
+                synth_started = time.monotonic()
                 pcm = await self.service.tts.synthesize(text)
+                tts_ms = round((time.monotonic() - synth_started) * 1000)
                 media = self.media
                 if media is None:
                     self.post(SpeechDone(token, False, "no media"))
                     return
                 playout = media.play(pcm, interruptible=interruptible)
-            await self.record("assistant.said", text=text)
+            await self.record("assistant.said", text=text, tts_ms=tts_ms)
             # Shielded: cancelling this waiter (barge-in) must not destroy the playout's own
             # state (played or flushed), which the media and others still report.
             played = await asyncio.shield(playout.done)
@@ -590,3 +602,14 @@ class CallSession:
                 self.post(SpeechDone(self.run.token, True))
             elif transfer is not None and self._untold is transfer:
                 self._tell_result(transfer)  # a failed transfer waited for the media
+
+    async def _on_leg_abandoned(self, item: LegAbandoned) -> None:
+        await self.record(
+            "transfer.abandoned",
+            transfer_id=item.transfer_id,
+            leg=item.leg_id,
+            dialled=item.dialled,
+            reason="placed by a daemon that stopped before recording it; hung up",
+        )
+        if self.call.status is CallStatus.ACTIVE and self.media is not None:
+            self.say(self.service.failure_message(LegOutcome.FAILED), token="transfer_failed")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from bridge.calls.model import Call, CallEvent, CallStatus, _iso
 from bridge.calls.transfer import FINAL_STATES, Transfer, transfer_from_doc, transfer_to_doc
+from bridge.log import get_logger
 from bridge.store.db import Database
 
 _CALL_COLUMNS = (
@@ -89,12 +92,59 @@ def _row_to_call(row: Any) -> Call:
     )
 
 
+Statement = tuple[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class StoreChange:
+    """What one commit of the store writes: a call, a transfer and/or events of one call."""
+
+    call_id: str | None
+    call: Call | None = None
+    transfer: Transfer | None = None
+    events: tuple[CallEvent, ...] = field(default_factory=tuple)
+
+
+# In-transaction subscribers return extra statements committed WITH the change (an outbox row
+# exists exactly when its event does); after-commit subscribers see changes that are durable.
+InTransaction = Callable[[StoreChange], list[Statement]]
+AfterCommit = Callable[[StoreChange], None]
+
+_log = get_logger(__name__)
+
+
 class CallStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._in_transaction: list[InTransaction] = []
+        self._after_commit: list[AfterCommit] = []
+
+    # --- the single funnel of call writes (contract 1): every write below goes through
+    # `_commit`, which lets subscribers add statements to its transaction and see it after.
+
+    def subscribe(
+        self,
+        after_commit: AfterCommit | None = None,
+        *,
+        in_transaction: InTransaction | None = None,
+    ) -> None:
+        if in_transaction is not None:
+            self._in_transaction.append(in_transaction)
+        if after_commit is not None:
+            self._after_commit.append(after_commit)
+
+    async def _commit(self, statements: list[Statement], change: StoreChange) -> None:
+        for hook in self._in_transaction:
+            statements.extend(hook(change))
+        await self.db.transaction(statements)
+        for seen in self._after_commit:
+            try:
+                seen(change)
+            except Exception:  # an observer (metrics) never fails a call's write
+                _log.exception("store.subscriber_failed")
 
     async def save(self, call: Call) -> None:
-        await self.db.execute(*_save_call(call))
+        await self._commit([_save_call(call)], StoreChange(call.id, call=call))
 
     async def save_state(
         self,
@@ -112,10 +162,13 @@ class CallStore:
         if transfer is not None:
             statements.append(_save_transfer(transfer))
         owner = call.id if call is not None else call_id
+        if owner is None and transfer is not None:
+            owner = transfer.call_id
         for event in events or ():
             assert owner is not None, "events need a call id"
             statements.append(_add_event(owner, event))
-        await self.db.transaction(statements)
+        change = StoreChange(owner, call, transfer, tuple(events or ()))
+        await self._commit(statements, change)
 
     async def snapshot(self, call_id: str) -> tuple[Call, list[CallEvent], list[Transfer]] | None:
         """A call with its events and transfers, read together (one consistent state)."""
@@ -160,7 +213,7 @@ class CallStore:
         return [_row_to_call(r) for r in rows]
 
     async def add_event(self, call_id: str, event: CallEvent) -> None:
-        await self.db.execute(*_add_event(call_id, event))
+        await self._commit([_add_event(call_id, event)], StoreChange(call_id, events=(event,)))
 
     async def events(self, call_id: str) -> list[CallEvent]:
         rows = await self.db.fetchall(
@@ -172,7 +225,9 @@ class CallStore:
         ]
 
     async def save_transfer(self, transfer: Transfer) -> None:
-        await self.db.execute(*_save_transfer(transfer))
+        await self._commit(
+            [_save_transfer(transfer)], StoreChange(transfer.call_id, transfer=transfer)
+        )
 
     async def count_transfers(self, call_id: str) -> int:
         """How many transfers a call has had (the per-call cap is the policy's)."""

@@ -20,19 +20,21 @@ Guarantees kept here:
 - a local fault (PBX unreachable, PBX refused the originate, bad route) is `failed` with a
   local reason, never counted against the destination; an originate that finds the PBX
   unreachable waits for the connection and retries within the ring timeout;
-- the ringback's playback id is derived from the transfer, so a restarted daemon stops it.
+- the ringback's playback id is derived from the transfer, so a restarted daemon stops it;
+- the leg is originated before anything that can follow it is recorded or played (issue 8
+  section 4); its id is derived from the transfer (`leg_for`), so a restarted daemon finds a
+  leg nothing recorded (`on_resume` adopts it, dials it once if it was never dialled).
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bridge import faults
 from bridge.calls.context import leg_headers, leg_variables, outcome_fields
-from bridge.calls.items import SpeechDone
 from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
@@ -61,6 +63,12 @@ RING_GUARD_MARGIN_S = 10.0
 LegEvent = LegRinging | LegProgress | LegAnswered | LegFailed
 
 
+def leg_for(transfer: Transfer) -> str:
+    """The id of a transfer's leg, derived from the transfer (as its ringback's is): a
+    restarted daemon finds the leg its predecessor placed even when nothing recorded it."""
+    return transfer.leg_id or f"cbleg-{transfer.id}"
+
+
 class TransferHost(Protocol):
     """What a transfer needs of its call: the explicit dependency list (`CallSession`)."""
 
@@ -76,9 +84,15 @@ class TransferHost(Protocol):
     def post(self, item: Any) -> None: ...
     async def record(self, kind: str, **data: Any) -> None: ...
     async def save(
-        self, transfer: Transfer, *, call: bool = False, event: CallEvent | None = None
+        self,
+        transfer: Transfer,
+        *,
+        call: bool = False,
+        event: CallEvent | None = None,
+        events: list[CallEvent] | None = None,
     ) -> None:
-        """The transfer (and the call when asked) and an event, in one transaction."""
+        """The transfer (and the call when asked) and an event (`event`, then `events`), in
+        one transaction."""
         ...
 
     def set_timer(self, name: str, delay: float, ref: str) -> None: ...
@@ -184,8 +198,10 @@ class TransferRun:
     # --- start ------------------------------------------------------------------------------
 
     async def begin(self) -> None:
-        """Record the request, then the assistant stops; the message (not interruptible) is
-        spoken, then `on_announced` runs (the session routes the `SpeechDone` back)."""
+        """The assistant stops; with a message (not interruptible), the request is recorded
+        and the message spoken, then `on_announced` runs (the session routes the `SpeechDone`
+        back). Without one the leg is placed at once and the request recorded with it, after
+        the originate (issue 8 section 4)."""
         transfer, host = self.transfer, self.host
         host.call.status = CallStatus.TRANSFERRING
         requested = CallEvent(
@@ -199,37 +215,44 @@ class TransferRun:
                 "mode": transfer.mode,
             },
         )
-        await host.save(transfer, call=True, event=requested)
         host.log.info(
             "transfer.requested", transfer_id=transfer.id, route=transfer.target.describe()
         )
-        self.host.transfer_started()
-        message = self.transfer.message
-        if message and self.host.has_media:
-            self.host.say(message, token=self.token, interruptible=False)
+        host.transfer_started()
+        if transfer.message and host.has_media:
+            await host.save(transfer, call=True, event=requested)
+            host.say(transfer.message, token=self.token, interruptible=False)
         else:
-            self.host.post(SpeechDone(self.token, True))
+            # Nothing that can follow the originate sits before it: the request is recorded
+            # with the dial, in one commit, right after the originate.
+            await self.on_announced(pending=[requested])
 
-    async def on_announced(self) -> None:
+    async def on_announced(self, pending: list[CallEvent] | None = None) -> None:
+        """Place the transfer. `pending`: its events not recorded yet (recorded right after
+        the PBX request, with what it changed, in one commit)."""
         transfer = self.transfer
         if transfer.state is not TransferState.ANNOUNCING:
             return
+        pending = list(pending or [])
         if transfer.mode == "blind":
-            await self._blind()
+            await self._blind(pending)
             return
         transfer.apply(TransferEvent.MESSAGE_DONE)
-        transfer.leg_id = f"cbleg-{uuid.uuid4()}"
+        transfer.leg_id = leg_for(transfer)
         self.deps.track_leg(transfer.leg_id)
         dialing = CallEvent(
             "transfer.dialing", utcnow(), {"transfer_id": transfer.id, "leg": transfer.leg_id}
         )
-        await self.host.save(transfer, event=dialing)
         self._dial_deadline = asyncio.get_running_loop().time() + transfer.ring_timeout
-        await self.dial()
+        await self.dial(pending=[*pending, dialing])
 
-    async def _blind(self) -> None:
+    async def _save_pending(self, pending: list[CallEvent]) -> None:
+        """The call, its transfer and the events not recorded yet, in one commit."""
+        await self.host.save(self.transfer, call=True, events=pending)
+
+    async def _blind(self, pending: list[CallEvent]) -> None:
         transfer = self.transfer
-        # Recorded first: once handed off, the caller is the dialplan's.
+        # The outcome into the CDR first: once handed off, the caller is the dialplan's.
         await self.host.quietly(
             "record_outcome",
             self.deps.pbx.record_outcome(
@@ -241,18 +264,23 @@ class TransferRun:
                 self.host.call.channel_id, transfer.target, transfer.ring_timeout
             )
         except ChannelGone:
+            await self._save_pending(pending)
             await self.host.end("caller hung up")
             return
         except BridgeError as exc:
+            await self._save_pending(pending)
             await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
             return
         settled = self._settle(TransferEvent.HANDED_OFF, None)
-        await self.host.save(transfer, event=settled)
+        await self._save_pending([*pending, *([settled] if settled else [])])
         self.host.drop_media()
         await self.host.end("handed off to the PBX (blind transfer)")
 
-    async def dial(self, *, retry: bool = False) -> None:
-        """Start the ringback and place the leg. A PBX that cannot be reached is our fault,
+    async def dial(self, *, retry: bool = False, pending: list[CallEvent] | None = None) -> None:
+        """Place the leg, then record it (`pending`, one commit), then start the ringback:
+        nothing that can follow the originate sits before it (issue 8 section 4). A daemon
+        that dies in between leaves a leg the next one recognises (`leg_for`, its
+        CALLBRIDGE_* variables: see `Reconciler`). A PBX that cannot be reached is our fault,
         not the destination's: wait for the connection (a `Resume` comes) and retry while
         the ring timeout lasts."""
         transfer, host, pbx = self.transfer, self.host, self.deps.pbx
@@ -264,19 +292,12 @@ class TransferRun:
         self.redial = False
         if retry:
             await host.record("transfer.redialing", transfer_id=transfer.id)
-        try:
-            await pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id)
-            self.ringback = transfer.ringback_id
-        except ChannelGone:
-            await host.end("caller hung up")
-            return
-        except BridgeError as exc:
-            host.log.warning("transfer.ringback_failed", error=str(exc))
         policy = self.deps.policy
         try:
             if policy is not None:
                 policy.claim_leg(transfer.target)
                 self._claimed = transfer.target
+            await faults.point("before_originate")
             await pbx.originate(
                 transfer.leg_id,
                 transfer.target,
@@ -285,8 +306,29 @@ class TransferRun:
                 variables=leg_variables(host.call, transfer),
                 headers=leg_headers(host.call, transfer, self.deps.sip_headers),
             )
-        except PbxUnavailable as exc:
-            self._release_claim()
+            await faults.point("after_originate")
+        except (BridgeError, ChannelGone, ValueError) as exc:
+            if pending:
+                await self._save_pending(pending)
+            await self._dial_failed(exc, remaining)
+            return
+        if pending:
+            await self._save_pending(pending)
+        try:
+            await pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id)
+            self.ringback = transfer.ringback_id
+        except ChannelGone:
+            await host.end("caller hung up")
+            return
+        except BridgeError as exc:
+            host.log.warning("transfer.ringback_failed", error=str(exc))
+        # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
+        host.set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
+
+    async def _dial_failed(self, exc: BaseException, remaining: float) -> None:
+        transfer, host = self.transfer, self.host
+        self._release_claim()
+        if isinstance(exc, PbxUnavailable):
             if remaining > 1.0:
                 self.redial = True
                 host.log.warning("transfer.pbx_unavailable", transfer_id=transfer.id)
@@ -301,12 +343,7 @@ class TransferRun:
                 reason=local_reason(f"the PBX is unreachable: {exc}"),
             )
             return
-        except (BridgeError, ChannelGone, ValueError) as exc:
-            self._release_claim()
-            await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
-            return
-        # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
-        host.set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
+        await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
 
     def _release_claim(self) -> None:
         target, self._claimed = self._claimed, None
@@ -453,10 +490,18 @@ class TransferRun:
             if leg is None or leg not in resume.live_legs:
                 await host.hang_up("destination left while callbridge was disconnected")
             return True
-        if transfer.final or transfer.state is TransferState.ANNOUNCING:
+        if transfer.final:
             return False
+        if transfer.state is TransferState.ANNOUNCING:
+            if leg_for(transfer) in resume.live_legs:
+                await self._adopt_leg(leg_for(transfer), resume)
+                return True
+            return False  # the host attaches media and announces again (or dials)
         # The ringback may be playing (ours, or our predecessor's): its id is derived.
         self.ringback = transfer.ringback_id
+        if leg in resume.undialled_legs:
+            await self.dial(retry=True)  # created, never dialled: dial it now, once
+            return True
         if self.redial and transfer.state is TransferState.DIALING:
             await self.dial(retry=True)  # the PBX is back: place the leg now
             return True
@@ -472,6 +517,35 @@ class TransferRun:
         # late LegFailed with the real cause): wait a moment for it, then fail back.
         host.set_timer("leg_lost", grace_s, transfer.id)
         return True
+
+    async def _adopt_leg(self, leg: str, resume: Resume) -> None:
+        """Our predecessor placed this transfer's leg and stopped before recording it (the
+        originate goes first, issue 8 section 4). Record it now and carry on: dial it if it
+        was never dialled, connect it if it answered meanwhile, else wait for its events."""
+        transfer, host = self.transfer, self.host
+        transfer.apply(TransferEvent.MESSAGE_DONE)
+        transfer.leg_id = leg
+        self.deps.track_leg(leg)
+        dialled = leg not in resume.undialled_legs
+        dialing = CallEvent(
+            "transfer.dialing",
+            utcnow(),
+            {"transfer_id": transfer.id, "leg": leg, "adopted": True, "dialled": dialled},
+        )
+        if not dialled:
+            await self.dial(pending=[dialing])  # the adapter dials the existing leg
+            return
+        await self._save_pending([dialing])
+        if leg in resume.answered_legs:
+            transfer.apply(TransferEvent.LEG_ANSWERED)
+            await self.connect_leg()
+            return
+        await host.quietly(
+            "ringback",
+            self.deps.pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id),
+        )
+        self.ringback = transfer.ringback_id
+        host.set_timer("ring_guard", transfer.ring_timeout + RING_GUARD_MARGIN_S, transfer.id)
 
     # --- the end ----------------------------------------------------------------------------
 

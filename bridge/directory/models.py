@@ -341,10 +341,23 @@ class LlmConfig(_Strict):
     tools: list[Tool] = Field(default_factory=list, max_length=10)
 
 
+# --- assistant knowledge (issue 8 §2): what the assistant answers itself ---------------------
+
+
+class KnowledgeItem(_Strict):
+    """A question the assistant answers itself, and its answer; or a fact alone (`answer`
+    only). The local provider answers from the closest entry; a language model gets the list
+    in its system prompt (docs/conversation.md)."""
+
+    question: str | None = Field(default=None, min_length=1, max_length=500)
+    answer: Speakable = Field(min_length=1, max_length=1000)
+
+
 class AssistantIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
     first_message: Speakable | None = Field(default=None, max_length=2000)
     llm_config: LlmConfig = Field(default_factory=LlmConfig)
+    knowledge: list[KnowledgeItem] = Field(default_factory=list, max_length=200)
 
 
 class Assistant(AssistantIn):

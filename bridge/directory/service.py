@@ -176,6 +176,9 @@ class DirectoryService:
         self._store = DirectoryStore(db)
         self._on_trunk_saved = on_trunk_saved
         self._on_trunk_deleted = on_trunk_deleted
+        # speed: called with every assistant created or changed (the TTS cache primes its
+        # first_message and destination messages); must not block.
+        self.on_assistant_saved: Callable[[Assistant], None] | None = None
         self._hook_timeout = hook_timeout
         self._lock = asyncio.Lock()
 
@@ -184,7 +187,7 @@ class DirectoryService:
     async def create_assistant(self, data: AssistantIn) -> Assistant:
         async with self._lock:
             row = await self._insert("assistants", data)
-        return _stored(Assistant, row.fields())
+        return self._assistant_saved(_stored(Assistant, row.fields()))
 
     async def get_assistant(self, assistant_id: str) -> Assistant:
         return _stored(Assistant, (await self._require("assistants", assistant_id)).fields())
@@ -197,7 +200,12 @@ class DirectoryService:
             row = await self._require("assistants", assistant_id)
             data = validate(AssistantIn, merge_patch(row.doc, _object(patch, AssistantIn)))
             row = await self._update("assistants", row, data)
-        return _stored(Assistant, row.fields())
+        return self._assistant_saved(_stored(Assistant, row.fields()))
+
+    def _assistant_saved(self, assistant: Assistant) -> Assistant:
+        if self.on_assistant_saved is not None:
+            self.on_assistant_saved(assistant)
+        return assistant
 
     async def delete_assistant(self, assistant_id: str) -> None:
         async with self._lock:

@@ -225,6 +225,7 @@ class AsteriskLab:
         self.sip_port = free_port(avoid=used)
         used.add(self.sip_port)
         self.uas_port = free_port(avoid=used)
+        self._ensure_hosts()
         self._render()
         self._mount_proc()
         log = open(self.instance_dir / "log" / "console.log", "wb")
@@ -290,6 +291,19 @@ class AsteriskLab:
             (etc / "modules.conf").write_text((etc / self.modules_conf).read_text())
         for path in [self.instance_dir, *self.instance_dir.rglob("*")]:
             os.chown(path, uid, gid)
+
+    def _ensure_hosts(self) -> None:
+        """The chroot resolves this machine's name and localhost from its own /etc/hosts.
+        Asterisk looks its host name (then A.ROOT-SERVERS.NET) up for every new RTP instance
+        (acl.c ast_find_ourip); without the file that goes to DNS, and a resolver that does not
+        answer held 4 of 60 transfer legs' INVITEs for 5.0 s (bench/bench_invite.py)."""
+        hosts = self.root / "etc" / "hosts"
+        if hosts.exists():
+            return
+        with _locked(self._lock_path()):
+            if not hosts.exists():
+                name = socket.gethostname()
+                hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {name}\n::1 localhost\n")
 
     def _lock_path(self) -> Path:
         return self.root / LAB_DIR_IN_ROOT.lstrip("/") / ".lock"

@@ -33,11 +33,23 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class Knowledge:
+    """One entry of an assistant's knowledge: an answer, and the question it answers (a fact
+    alone has none)."""
+
+    answer: str
+    question: str | None = None
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: Role
     content: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None  # role "tool": which call this result answers
+    # A system message carrying the assistant's knowledge also holds it as entries, for
+    # providers that do not read prose (the local router); a remote model gets `content`.
+    knowledge: tuple[Knowledge, ...] = ()
 
     @classmethod
     def system(cls, text: str) -> ChatMessage:

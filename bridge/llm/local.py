@@ -1,18 +1,35 @@
-"""`provider: "local"`: a deterministic router that works offline. It is NOT an LLM.
+"""`provider: "local"`: a deterministic assistant that works offline. It is NOT an LLM.
 
-No usable chat model can be had offline here, so the local provider does the one job an
-assistant with transfer tools must do: send the caller to the right destination, or end the
-call. Rules, in order, on the caller's last words:
+No usable chat model can be had offline here, so the local provider does what an assistant
+with transfer tools and a knowledge list must do, following the product doc's rules ("avoid
+over-transferring"; "transfer only if the customer explicitly asks for a human, after 2
+failed attempts, or for a complaint"). On the caller's last words, in order:
 
-1. goodbye / bye / that's all → `end_call` (with a short goodbye as text);
-2. asking for a human, an agent, someone, a person → `transfer_call` to the first destination
-   whose description sounds human (person, agent, colleague, reception, ...);
-3. the destination whose description is most similar to the words (MiniLM sentence
-   embeddings, cosine) if score >= `min_score` and it beats the runner-up by `min_margin`;
-4. otherwise a short clarifying question that names the destinations.
+1. goodbye / that's all → `end_call` with a goodbye (a goodbye alone without `end_call`);
+2. after its own offer ("Would you like me to put you through to X?"): yes → X;
+3. nothing said (hmm, yes, hello) → a clarifying question naming the destinations;
+4. a complaint or escalation (complaint, manager, supervisor, unacceptable) → the destination
+   whose description names a person (human, person, agent, colleague, reception, ...), else a
+   question;
+5. asking for a human / a person / an agent / an operator → that destination, unless the rest
+   names a department ("someone in billing" → billing); with no such destination, a question;
+6. the closest knowledge entry (MiniLM cosine >= `min_knowledge`) if it is closer than every
+   destination → its answer;
+7. a destination named and asked for ("sales please", "put me through to billing") → it;
+8. a question *about the business* ("do you...?", "is this...?", "are you open...?") or one
+   closer to common general-information topics (opening hours, address, warranty, returns,
+   delivery, contact details) than to any destination → never a transfer: "I don't have
+   that information", and from the second unanswered question in a row, an offer to put the
+   caller through to the person-like destination;
+9. the destination whose description (its head, its "for ..." part, and any line of the
+   system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
+   if cosine >= `min_score` and it beats the runner-up by `min_margin`;
+10. otherwise a clarifying question naming the destinations (counted as unanswered if the
+    caller asked something).
 
-If the embedding model cannot load, rule 3 falls back to word overlap. It reads destinations
-from the same `FunctionTool` specs a remote model gets (`choices`), and emits the same events,
+If the embedding model cannot load, similarity falls back to word overlap. It reads
+destinations from the same `FunctionTool` specs a remote model gets (`choices`), knowledge
+from the system message that carries it (`ChatMessage.knowledge`), and emits the same events,
 so the conversation code cannot tell the providers apart.
 """
 
@@ -24,7 +41,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +49,7 @@ from bridge.llm.base import (
     ChatMessage,
     Finished,
     FunctionTool,
+    Knowledge,
     LlmEvent,
     TextDelta,
     ToolCall,
@@ -46,31 +64,121 @@ _GOODBYE = re.compile(r"\b(good ?bye|bye|that'?s all|hang up|have a (nice|good) 
 # Only a short utterance made of these ends the call: "no thanks, I want sales" does not.
 _DONE = re.compile(r"\b(no,? thanks?( you)?|nothing else|that'?s it|i'?m done|all done)\b")
 _HUMAN_ASK = re.compile(
-    r"\b(an? )?(human|agent|someone|somebody|person|operator|representative|receptionist|"
-    r"staff member|colleague)\b"
+    r"\b(an? )?(human( being)?|real person|agent|someone|somebody|person|operator|"
+    r"representative|receptionist|staff member|colleagues?|live person)\b"
 )
 _HUMAN_DEST = re.compile(
-    r"\b(human|agent|person|people|colleague|operator|representative|reception\w*|staff)\b"
+    r"\b(human|agent|person|people|colleague|operator|representative|reception\w*|staff|"
+    r"front desk)\b"
 )
+_COMPLAINT = re.compile(
+    r"\b(complain\w*|escalat\w*|unacceptable|manager|supervisor|outrageous|disgusted|"
+    r"furious|very unhappy|so unhappy|terrible service)\b"
+)
+# Asking to be put through: with a destination's name it is a transfer.
+_EXPLICIT = re.compile(
+    r"\b(transfer|connect|put (me )?through|speak|talk|get me|reach|forward|redirect|"
+    r"switch me|go to)\b"
+)
+_PLEASE = re.compile(r"\bplease\b")
+# A stated problem ("it's not working") goes to the one destination for problems.
+_PROBLEM = re.compile(
+    r"\b(not working|(doesn'?t|does not|won'?t|will not|can'?t|cannot) (work|turn|start|"
+    r"connect|load|log)|broken|broke|error|crash\w*|freez\w*|stopped working|keeps? "
+    r"(crashing|dropping|disconnecting|freezing)|is down|no (internet|signal|connection)|"
+    r"fault\w*|bug|problem with|issue with|fail\w*)\b"
+)
+# Asking about prices or wanting to buy goes to the one destination for prices or sales.
+_BUYING = re.compile(
+    r"\b(how much|price\w*|pricing|cost\w*|quote\w*|discount\w*|buy\w*|purchas\w*|"
+    r"order\w*|subscri\w*|sign up)\b"
+)
+_SALES_DEST = re.compile(
+    r"\b(sales|pric\w*|quotes?|buy\w*|purchas\w*|orders?|shop|subscriptions?)\b"
+)
+# Money owed or paid goes to the one destination for invoices and payments.
+_PAYING = re.compile(
+    r"\b(charged|invoices?|bills?|billed|billing|payments?|paid|pay|refund\w*|credit card|"
+    r"direct debit|overcharged)\b"
+)
+_PAYING_DEST = re.compile(r"\b(billing|invoices?|payments?|accounts?|finance)\b")
+_QUESTION = re.compile(
+    r"\?\s*$|^(what|when|where|who|why|how|which|do|does|did|is|are|can|could|will|would|"
+    r"have|has)\b"
+)
+_TROUBLE_DEST = re.compile(
+    r"\b(issues?|problems?|troubleshoot\w*|faults?|repairs?|broken|outages?|technical|"
+    r"errors?|not working)\b"
+)
+# A yes/no question about the business: answered or clarified, never a transfer by itself.
+_BUSINESS_QUESTION = re.compile(
+    r"^(do|does|did) (you|they|acme|your)\b|^(is|are) (this|that|you|it|there)\b|"
+    r"^can (i|we) (bring|park|pay by|come)\b"
+)
+_YES = re.compile(
+    r"^(yes|yeah|yep|sure|ok(ay)?|please|yes please|please do|go ahead|"
+    r"that would be (great|good|nice)|i would|i'?d like that)\b"
+)
+_NO = re.compile(r"^(no|nope|no thanks?|not now)\b")
 _STOPWORDS = frozenset(
     "a an and the to for of on in with about my me i i'd i'm would like want need please "
     "can could you your is are it this that be speak talk questions question or".split()
 )
 # Words that carry no request: "hmm", "yes", "hello" alone must not pick a destination.
 _FILLERS = frozenset(
-    "hmm hm uh um er erm ah oh yes yeah yep no nope ok okay hello hi hey so well".split()
+    "hmm hm uh um er erm ah oh yes yeah yep no nope ok okay hello hi hey so well there sorry "
+    "what thanks thank".split()
 )
+# Words of a destination's name that do not name it ("Sales team", "Billing department").
+_GENERIC_NAME = frozenset(
+    "team department dept desk service services line office our the a of and group unit".split()
+)
+# Common general-information topics (the product doc: "handle common questions"): an
+# utterance closer to one of these than to any destination is a question to answer, not a
+# request to be transferred.
+GENERAL_TOPICS: dict[str, tuple[str, ...]] = {
+    "hours": ("opening hours", "when are you open", "what time do you close"),
+    "location": ("our address", "where is your office", "where are you located", "directions"),
+    "warranty": ("warranty", "guarantee on a product"),
+    "returns": ("return a product", "refund policy", "send an order back"),
+    "delivery": ("delivery time", "when will my package arrive", "shipping"),
+    "contact": ("phone number", "email address", "website"),
+    "identity": ("who are you", "what company is this"),
+    "small talk": ("how are you", "the weather"),
+    "parking": ("parking", "public transport"),
+}
+_TOPIC_PHRASES = [p for phrases in GENERAL_TOPICS.values() for p in phrases]
+# A knowledge entry and the caller's words both clearly about the same general topic
+# ("what is your address?" / "where is your office?"): the entry answers.
+BRIDGE_MIN = 0.5
+DONT_KNOW = "I'm sorry, I don't have that information."
+OFFER = "Would you like me to put you through to {name}?"
+GOODBYE = "Thank you for calling. Goodbye."
 
 
 @dataclass(frozen=True)
 class Route:
     """What the router decided, and why (for logs and tests)."""
 
-    action: str  # "transfer", "end", "clarify"
+    action: str  # "transfer", "end", "answer", "clarify", "unknown", "offer", "goodbye"
     destination: str | None = None
     score: float | None = None
     margin: float | None = None
     rule: str = ""
+    answer: str | None = None
+
+
+@dataclass
+class Context:
+    """What the router knows beyond the last words: knowledge, the system prompt, and what
+    it said before in this conversation."""
+
+    knowledge: tuple[Knowledge, ...] = ()
+    prompt: str = ""
+    unanswered: int = 0  # questions in a row it could not answer
+    question: bool = False  # the caller's last words are a question
+    offered: str | None = None  # the destination it just offered
+    extra: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _words(text: str) -> set[str]:
@@ -82,8 +190,54 @@ def _short_name(description: str) -> str:
     return head[:1].lower() + head[1:] if head else description
 
 
+def _name_words(description: str) -> set[str]:
+    return {
+        w
+        for w in re.findall(r"[a-z]+", _short_name(description).lower())
+        if w not in _GENERIC_NAME and len(w) > 2
+    }
+
+
+def _names(said_words: list[str], name: set[str]) -> int:
+    """How many words of a destination's name the caller said ("tech" names "technical")."""
+    hits = 0
+    for n in name:
+        if any(w.startswith(n[:5]) or (len(w) >= 4 and n.startswith(w)) for w in said_words):
+            hits += 1
+    return hits
+
+
+def _parts(description: str) -> list[str]:
+    parts = [description]
+    pieces = re.split(r"\s+[-–—]\s+|[:;(]", description, maxsplit=1)
+    parts += [p.strip() for p in pieces if p.strip() and p.strip() != description]
+    return parts
+
+
+def _prompt_lines(prompt: str, choices: dict[str, str]) -> dict[str, list[str]]:
+    """Lines of the system prompt that describe a destination by its name ("- Sales: for
+    questions about pricing, quotes, or new products")."""
+    out: dict[str, list[str]] = {}
+    for line in prompt.splitlines():
+        m = re.match(r"^\s*(?:[-*•]|\d+[.)])?\s*([A-Za-z][\w &/]{0,40}?)\s*[:–—-]\s*(.+)$", line)
+        if not m:
+            continue
+        label = [w for w in re.findall(r"[a-z]+", m.group(1).lower()) if w not in _GENERIC_NAME]
+        for key, description in choices.items():
+            if label and _names(label, _name_words(description)):
+                out.setdefault(key, []).append(f"{m.group(1)}: {m.group(2)}")
+    return out
+
+
+def _human_destination(choices: dict[str, str]) -> str | None:
+    for key, description in choices.items():
+        if _HUMAN_DEST.search(description.lower()):
+            return key
+    return None
+
+
 class LocalRouter:
-    """Offline deterministic routing behind the `LlmProvider` interface."""
+    """Offline deterministic assistant behind the `LlmProvider` interface."""
 
     name = "local"
 
@@ -92,13 +246,15 @@ class LocalRouter:
         *,
         embedder: MiniLmEmbedder | None = None,
         use_embeddings: bool = True,
-        min_score: float = 0.15,
+        min_score: float = 0.30,
         min_margin: float = 0.05,
+        min_knowledge: float = 0.45,
     ) -> None:
         self._embedder = embedder
         self._use_embeddings = use_embeddings
         self.min_score = min_score
         self.min_margin = min_margin
+        self.min_knowledge = min_knowledge
         self._cache: dict[str, np.ndarray] = {}
         self._ids = itertools.count(1)
 
@@ -108,6 +264,8 @@ class LocalRouter:
     async def warm_up(self) -> None:
         """Load the embedding model off the event loop (first use would block ~0.2 s)."""
         await asyncio.to_thread(self._get_embedder)
+        if self._embedder is not None:
+            await asyncio.to_thread(self._vectors, _TOPIC_PHRASES)
 
     def _get_embedder(self) -> MiniLmEmbedder | None:
         if self._embedder is None and self._use_embeddings:
@@ -120,59 +278,186 @@ class LocalRouter:
 
     # --- decision -----------------------------------------------------------------------
 
-    def route(self, text: str, choices: dict[str, str], can_end: bool) -> Route:
+    def route(
+        self,
+        text: str,
+        choices: dict[str, str],
+        can_end: bool,
+        context: Context | None = None,
+    ) -> Route:
         """Decide for one utterance (sync, CPU: call it in a thread)."""
+        ctx = context or Context()
         said = text.lower().strip()
-        if can_end and (_GOODBYE.search(said) or (_DONE.search(said) and len(said.split()) <= 5)):
-            return Route("end", rule="goodbye")
-        if not choices:
-            return Route("clarify", rule="no destinations")
-        if not _words(said) - _FILLERS:
+        ctx.question = bool(_QUESTION.search(said))
+        words = re.findall(r"[a-z']+", said)
+        if _GOODBYE.search(said) or (_DONE.search(said) and len(words) <= 5):
+            return Route("end", rule="goodbye") if can_end else Route("goodbye", rule="goodbye")
+        if ctx.offered is not None and ctx.offered in choices:
+            if _YES.match(said) and len(words) <= 6:
+                return Route("transfer", ctx.offered, rule="offer accepted")
+            if _NO.match(said):
+                said = _NO.sub("", said, count=1).strip(" ,.")
+                words = re.findall(r"[a-z']+", said)
+        content = _words(said) - _FILLERS
+        if not content:
             return Route("clarify", rule="nothing said")
+        human = _human_destination(choices)
+        if _COMPLAINT.search(said):
+            if human is not None:
+                return Route("transfer", human, rule="complaint")
+            return Route("clarify", rule="complaint, no person to transfer to")
         if _HUMAN_ASK.search(said):
             # "someone in billing" is a billing request; "a human, please" is not.
             rest = _HUMAN_ASK.sub(" ", said)
-            if _words(rest):
-                route = self._similar(rest, choices)
-                if route.action == "transfer":
-                    return route
-            for key, description in choices.items():
-                if _HUMAN_DEST.search(description.lower()):
-                    return Route("transfer", key, rule="human")
-        return self._similar(said, choices)
+            rest_words = re.findall(r"[a-z']+", rest)
+            named = self._named(rest_words, choices, request=True)
+            if named is not None:
+                return named
+            if _words(rest) - _FILLERS and choices:  # "someone to help with my invoice"
+                about = self._by_meaning(rest, rest_words, choices, Context(), None)
+                if about.action == "transfer":
+                    return about
+            if human is not None:
+                return Route("transfer", human, rule="human")
+            if choices:
+                return Route("clarify", rule="human asked, none configured")
+        if not choices and not ctx.knowledge:
+            return Route("clarify", rule="no destinations")
+        return self._by_meaning(said, words, choices, ctx, human)
 
-    def _similar(self, said: str, choices: dict[str, str]) -> Route:
-        keys = list(choices)
+    def _named(self, words: list[str], choices: dict[str, str], *, request: bool) -> Route | None:
+        """The one destination whose name the caller said, when asking for it."""
+        if not request:
+            return None
+        hits = {k: _names(words, _name_words(d)) for k, d in choices.items()}
+        best = max(hits.values(), default=0)
+        winners = [k for k, n in hits.items() if n == best]
+        if best and len(winners) == 1:
+            return Route("transfer", winners[0], rule="named")
+        return None
+
+    def _by_meaning(
+        self,
+        said: str,
+        words: list[str],
+        choices: dict[str, str],
+        ctx: Context,
+        human: str | None,
+    ) -> Route:
         embedder = self._get_embedder()
-        if embedder is not None:
-            scores = self._similarities(embedder, said, [choices[k] for k in keys])
-            rule = "embedding"
-        else:
-            scores = self._overlaps(said, [choices[k] for k in keys])
-            rule = "overlap"
+        keys = list(choices)
+        extra = _prompt_lines(ctx.prompt, choices)
+        if embedder is None:
+            return self._by_overlap(said, choices, ctx, human)
+        query = embedder.embed([said])[0]
+        dest = np.array([self._best(query, [*_parts(choices[k]), *extra.get(k, [])]) for k in keys])
+        knowledge = [k.question or k.answer for k in ctx.knowledge]
+        kscore = self._scores(query, knowledge)
+        topics = self._topics(query)
+        general = float(topics.max())
+        best_dest = float(dest.max()) if len(keys) else -1.0
+        explicit = bool(_EXPLICIT.search(said) or _PLEASE.search(said))
+        named = self._named(words, choices, request=explicit or len(_words(said) - _FILLERS) <= 2)
+        if named is not None and not _BUSINESS_QUESTION.search(said):
+            return named
+        if len(knowledge):
+            # An entry answers a question about the same general topic too ("what is your
+            # address?" / "where is your office?"): the lower of the two closenesses.
+            j = int(np.argmax(topics))
+            for i, item in enumerate(ctx.knowledge):
+                texts = [item.question or item.answer, item.answer]
+                kscore[i] = self._best(query, texts)
+                own = self._topics(self._vectors([texts[0]])[0])
+                bridge = min(float(topics[j]), float(own[j]))
+                if int(np.argmax(own)) == j and bridge >= BRIDGE_MIN:
+                    kscore[i] = max(float(kscore[i]), bridge)
+            i = int(np.argmax(kscore))
+            if kscore[i] >= self.min_knowledge and kscore[i] >= best_dest:
+                return Route(
+                    "answer",
+                    score=float(kscore[i]),
+                    rule="knowledge",
+                    answer=ctx.knowledge[i].answer,
+                )
+        if not keys:
+            return self._unanswered(ctx, human, "no destinations")
+        order = np.argsort(-dest)
+        margin = best_dest - float(dest[order[1]]) if len(keys) > 1 else best_dest
+        if _BUSINESS_QUESTION.search(said) and not _EXPLICIT.search(said):
+            return self._unanswered(ctx, human, "business question", best_dest, margin)
+        trouble = [k for k in keys if k != human and _TROUBLE_DEST.search(choices[k].lower())]
+        if _PROBLEM.search(said) and len(trouble) == 1:
+            return Route("transfer", trouble[0], rule="problem")
+        paying = [k for k in keys if k != human and _PAYING_DEST.search(choices[k].lower())]
+        if _PAYING.search(said) and len(paying) == 1:
+            return Route("transfer", paying[0], rule="paying")
+        selling = [k for k in keys if k != human and _SALES_DEST.search(choices[k].lower())]
+        if _BUYING.search(said) and len(selling) == 1:
+            return Route("transfer", selling[0], rule="buying")
+        if general > best_dest:
+            return self._unanswered(ctx, human, "general question", best_dest, margin)
+        if best_dest >= self.min_score and margin >= self.min_margin:
+            return Route("transfer", keys[int(order[0])], best_dest, margin, "embedding")
+        return self._unanswered(ctx, human, "unclear", best_dest, margin)
+
+    def _unanswered(
+        self,
+        ctx: Context,
+        human: str | None,
+        rule: str,
+        score: float | None = None,
+        margin: float | None = None,
+    ) -> Route:
+        """Not answered: from the second time in a row, offer the person-like destination
+        (the seed's "transfer ... after 2 failed attempts")."""
+        if not ctx.question:
+            return Route("clarify", None, score, margin, rule)
+        if ctx.unanswered >= 1 and human is not None:
+            return Route("offer", human, score, margin, rule + ", offer after 2 attempts")
+        return Route("unknown", None, score, margin, rule)
+
+    def _by_overlap(
+        self, said: str, choices: dict[str, str], ctx: Context, human: str | None
+    ) -> Route:
+        words = _words(said)
+        for item in ctx.knowledge:
+            if item.question and len(words & _words(item.question)) >= 2:
+                return Route("answer", rule="overlap knowledge", answer=item.answer)
+        keys = list(choices)
+        scores = np.array([float(len(words & _words(choices[k]))) for k in keys])
         order = np.argsort(-scores)
         best = float(scores[order[0]])
         margin = best - float(scores[order[1]]) if len(keys) > 1 else best
         # Overlap scores count shared words: one is enough, if no other destination shares one.
-        min_score, min_margin = (
-            (self.min_score, self.min_margin) if rule == "embedding" else (1.0, 1.0)
-        )
-        if best >= min_score and margin >= min_margin:
-            return Route("transfer", keys[int(order[0])], best, margin, rule)
-        return Route("clarify", None, best, margin, rule)
+        if best >= 1.0 and margin >= 1.0:
+            return Route("transfer", keys[int(order[0])], best, margin, "overlap")
+        return self._unanswered(ctx, human, "overlap unclear", best, margin)
 
-    def _similarities(self, embedder: MiniLmEmbedder, said: str, texts: list[str]) -> np.ndarray:
-        missing = [t for t in texts if t not in self._cache]
+    def _topics(self, query: np.ndarray) -> np.ndarray:
+        """Closeness to each general topic: to its closest phrase."""
+        scores = self._scores(query, _TOPIC_PHRASES)
+        out, i = [], 0
+        for phrases in GENERAL_TOPICS.values():
+            out.append(float(scores[i : i + len(phrases)].max()))
+            i += len(phrases)
+        return np.array(out)
+
+    def _best(self, query: np.ndarray, texts: list[str]) -> float:
+        return float(self._scores(query, texts).max())
+
+    def _scores(self, query: np.ndarray, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        return np.array([float(v @ query) for v in self._vectors(texts)])
+
+    def _vectors(self, texts: list[str]) -> list[np.ndarray]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
+            embedder = self._get_embedder()
+            assert embedder is not None
             for t, vec in zip(missing, embedder.embed(missing), strict=True):
                 self._cache[t] = vec
-        query = embedder.embed([said])[0]
-        return np.array([float(self._cache[t] @ query) for t in texts])
-
-    @staticmethod
-    def _overlaps(said: str, texts: list[str]) -> np.ndarray:
-        words = _words(said)
-        return np.array([float(len(words & _words(t))) for t in texts])
+        return [self._cache[t] for t in texts]
 
     # --- provider interface ---------------------------------------------------------------
 
@@ -189,18 +474,59 @@ class LocalRouter:
             yield Finished("stop")
             return
         said = (last.content or "") if last is not None and last.role == "user" else ""
-        route = await asyncio.to_thread(self.route, said, choices, can_end)
+        ctx = self.context(messages, choices)
+        route = await asyncio.to_thread(self.route, said, choices, can_end, ctx)
         log.debug("local route %s for %r", route, said)
         if route.action == "end":
-            yield TextDelta("Thank you for calling. Goodbye.")
+            yield TextDelta(GOODBYE)
             yield self._call(END_CALL, {"reason": "caller said goodbye"})
             yield Finished("tool_calls")
         elif route.action == "transfer" and route.destination is not None:
             yield self._call(TRANSFER_CALL, {"destination": route.destination})
             yield Finished("tool_calls")
         else:
-            yield TextDelta(self._question(choices))
+            yield TextDelta(self._text(route, choices))
             yield Finished("stop")
+
+    @staticmethod
+    def context(messages: Sequence[ChatMessage], choices: dict[str, str]) -> Context:
+        """Knowledge and prompt from the system messages; from its own earlier replies, how
+        many questions in a row went unanswered and what it offered last."""
+        ctx = Context()
+        prompts: list[str] = []
+        for m in messages:
+            if m.role == "system":
+                if m.knowledge:
+                    ctx.knowledge += m.knowledge
+                elif m.content:
+                    prompts.append(m.content)
+        ctx.prompt = "\n".join(prompts)
+        replies = [m for m in messages if m.role == "assistant" and m.content]
+        for reply in reversed(replies):
+            if not reply.content or not reply.content.startswith(DONT_KNOW):
+                break
+            ctx.unanswered += 1
+        if replies and replies[-1].content:
+            for key, description in choices.items():
+                name = _short_name(description)
+                last = replies[-1].content
+                if OFFER.format(name=name) in last or (
+                    len(choices) == 1 and f"I can put you through to {name}." in last
+                ):
+                    ctx.offered = key
+        return ctx
+
+    def _text(self, route: Route, choices: dict[str, str]) -> str:
+        if route.action == "answer" and route.answer:
+            return route.answer
+        if route.action == "goodbye":
+            return GOODBYE
+        if route.action == "offer" and route.destination is not None:
+            name = _short_name(choices[route.destination])
+            return f"{DONT_KNOW} {OFFER.format(name=name)}"
+        if route.action == "unknown":
+            return f"{DONT_KNOW} {self._question(choices)}" if choices else DONT_KNOW
+        return self._question(choices)
 
     def _call(self, name: str, args: dict[str, str]) -> ToolCallEvent:
         return ToolCallEvent(ToolCall(f"local_{next(self._ids)}", name, json.dumps(args)))

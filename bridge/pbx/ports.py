@@ -125,6 +125,24 @@ class ConnectionRestored(PbxEvent):
 
     callers: tuple[CallArrived, ...] = ()
     legs: tuple[tuple[str, bool], ...] = ()
+    leg_facts: tuple[LegFacts, ...] = ()  # what the PBX knows of each leg (trust, issue 7)
+
+
+# --- restart safety of transfer legs (trust, issue 7 section 3) -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LegFacts:
+    """What a restarted daemon learns of a leg it finds in the PBX: the call and transfer it
+    was placed for (the leg's CALLBRIDGE_CALL_ID / CALLBRIDGE_TRANSFER_ID variables), and
+    whether its dial was sent. `dialled=False` only when the PBX can tell the leg was created
+    and never dialled (Asterisk: channels/create without the dial marker); such a leg is
+    dialled now, once. A leg with no facts is taken as dialled."""
+
+    leg_id: str
+    call_id: str | None = None
+    transfer_id: str | None = None
+    dialled: bool = True
 
 
 EventSink = Callable[[PbxEvent], Awaitable[None]]

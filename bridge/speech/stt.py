@@ -13,6 +13,7 @@ OpenAI, Groq, faster-whisper-server / speaches, LocalAI and vLLM serve.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import io
 import itertools
@@ -60,18 +61,29 @@ class QueuedStt:
 
     `backlog` (decoding + waiting) is what admission control bounds. A request cancelled while
     it waits leaves the queue; one cancelled while it decodes keeps its worker until the
-    decode is over (a thread cannot be stopped), so the bound is never exceeded."""
+    decode is over (a thread cannot be stopped), so the bound is never exceeded.
 
-    def __init__(self, inner: SttProvider, workers: int) -> None:
+    Time budget: a request that has waited `max_wait_s` for a worker leaves the queue with
+    `SttTimeout` (the caller is asked to say it again rather than left in silence for longer;
+    the agent speaks a holding phrase long before that). `stats()` gives utterances per
+    second and the wait distribution (logged as `stt.stats` when the daemon stops)."""
+
+    def __init__(self, inner: SttProvider, workers: int, max_wait_s: float | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self.workers = max(1, workers)
+        self.max_wait_s = max_wait_s
         self._running = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiting_tasks: dict[asyncio.Task[Any], tuple[int, int, asyncio.Future[None]]] = {}
         self._seq = itertools.count()
         self.max_wait_ms = 0.0
         self.done = 0
+        self.over_budget = 0
+        self._waits: collections.deque[float] = collections.deque(maxlen=20000)  # turns, ms
+        self._decodes: collections.deque[float] = collections.deque(maxlen=20000)  # ms
+        self._first_done: float | None = None
+        self._last_done = 0.0
 
     @property
     def backlog(self) -> int:
@@ -114,14 +126,47 @@ class QueuedStt:
         if close is not None:
             await close()
 
+    def stats(self) -> dict[str, Any]:
+        """Utterances decoded, per second (first to last), turns' waits for a worker, decode
+        times, and how many requests left the queue over budget."""
+        waits = sorted(self._waits)
+        decodes = sorted(self._decodes)
+
+        def pct(values: list[float], p: float) -> float:
+            return round(values[min(len(values) - 1, int(p * len(values)))], 1) if values else 0.0
+
+        span = self._last_done - self._first_done if self._first_done is not None else 0.0
+        return {
+            "done": self.done,
+            "per_s": round((self.done - 1) / span, 2) if span > 0 else None,
+            "wait_p50_ms": pct(waits, 0.5),
+            "wait_p95_ms": pct(waits, 0.95),
+            "wait_max_ms": round(self.max_wait_ms, 1),
+            "decode_p50_ms": pct(decodes, 0.5),
+            "decode_p95_ms": pct(decodes, 0.95),
+            "over_budget": self.over_budget,
+        }
+
     async def _submit(
         self, priority: int, pcm: bytes, sample_rate: int, prompt: str | None
     ) -> Transcript:
         queued = time.monotonic()
-        await self._acquire(priority)
-        self.max_wait_ms = max(self.max_wait_ms, (time.monotonic() - queued) * 1000)
+        try:
+            async with asyncio.timeout(self.max_wait_s):
+                await self._acquire(priority)
+        except TimeoutError:
+            self.over_budget += 1
+            raise SttTimeout(
+                f"no STT worker free within {self.max_wait_s:g} s ({self.backlog} in the queue)"
+            ) from None
+        started = time.monotonic()
+        wait_ms = (started - queued) * 1000
+        self.max_wait_ms = max(self.max_wait_ms, wait_ms)
+        if priority == 0:
+            self._waits.append(wait_ms)
         work = asyncio.ensure_future(self.inner.transcribe(pcm, sample_rate, prompt))
         work.add_done_callback(self._finished)
+        work.add_done_callback(lambda _: self._decodes.append((time.monotonic() - started) * 1000))
         return await asyncio.shield(work)
 
     async def _acquire(self, priority: int) -> None:
@@ -152,6 +197,9 @@ class QueuedStt:
         if not work.cancelled():
             work.exception()  # retrieved: a cancelled caller's failure is not an error
         self.done += 1
+        self._last_done = time.monotonic()
+        if self._first_done is None:
+            self._first_done = self._last_done
         self._release()
 
     def _release(self) -> None:

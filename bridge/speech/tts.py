@@ -8,21 +8,25 @@ never blocks on synthesis.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import importlib.metadata
 import io
 import shutil
 import threading
 import wave
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
+from bridge.log import get_logger
 from bridge.media.resample import resample
 
 DEFAULT_TIMEOUT = 10.0  # seconds; `[tts] timeout`
+log = get_logger(__name__)
 
 
 class TtsError(Exception):
@@ -285,3 +289,98 @@ def make_tts(
     if engine == "piper":
         return PiperTts(voice, sample_rate, timeout=timeout)
     raise TtsError(f"unknown TTS engine {engine!r} (flite, espeak-ng, piper, openai)")
+
+
+class CachedTts:
+    """Any provider, with the audio of texts it has said kept in memory (least recently
+    used dropped past `max_bytes`). An assistant's `first_message` and each destination's
+    `message` are said again and again, word for word: `prime()` synthesises them once, when
+    the assistant is saved or the daemon starts, so a greeting or a transfer announcement
+    starts at once. Two calls asking for the same text while it is synthesised share one
+    synthesis. `hits`/`misses` count what was served."""
+
+    def __init__(self, inner: TtsProvider, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.sample_rate = inner.sample_rate
+        self.max_bytes = max_bytes
+        self._audio: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._size = 0
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def cached(self, text: str) -> bool:
+        return text in self._audio
+
+    async def synthesize(self, text: str) -> bytes:
+        pcm = self._audio.get(text)
+        if pcm is not None:
+            self._audio.move_to_end(text)
+            self.hits += 1
+            return pcm
+        self.misses += 1
+        return await self._synthesize_once(text)
+
+    async def _synthesize_once(self, text: str) -> bytes:
+        pending = self._pending.get(text)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fill(text))
+            self._pending[text] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(text, None))
+        return await asyncio.shield(pending)  # one caller's barge-in does not cancel it
+
+    async def _fill(self, text: str) -> bytes:
+        pcm = await self.inner.synthesize(text)
+        self.sample_rate = self.inner.sample_rate  # espeak-ng at its own rate learns it here
+        if len(pcm) <= self.max_bytes:
+            self._audio[text] = pcm
+            self._size += len(pcm)
+            while self._size > self.max_bytes:
+                _, dropped = self._audio.popitem(last=False)
+                self._size -= len(dropped)
+        return pcm
+
+    async def prime(self, texts: Iterable[str]) -> int:
+        """Synthesise the texts not cached yet, one at a time; how many were added. A text
+        that fails is skipped (it is synthesised again when said)."""
+        added = 0
+        for text in dict.fromkeys(t.strip() for t in texts if t and t.strip()):
+            if text in self._audio:
+                continue
+            try:
+                await self._synthesize_once(text)  # not a caller's miss
+                added += 1
+            except TtsError as exc:
+                log.warning("tts.prime_failed", text=text[:60], error=str(exc))
+        return added
+
+    async def warm_up(self) -> None:
+        warm = getattr(self.inner, "warm_up", None)
+        if warm is not None:
+            await warm()
+
+    async def aclose(self) -> None:
+        close = getattr(self.inner, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def assistant_phrases(assistant: Any) -> list[str]:
+    """What an assistant says word for word: its `first_message` and every transfer
+    destination's `message` (and a tool's `message`, for end_call)."""
+    texts: list[str] = []
+    first = getattr(assistant, "first_message", None)
+    if first:
+        texts.append(first)
+    config = getattr(assistant, "llm_config", None)
+    for tool in getattr(config, "tools", None) or []:
+        data = tool.model_dump() if hasattr(tool, "model_dump") else tool
+        if not isinstance(data, dict):
+            continue
+        if isinstance(data.get("message"), str):
+            texts.append(data["message"])
+        for dest in data.get("destinations") or []:
+            if isinstance(dest, dict) and isinstance(dest.get("message"), str):
+                texts.append(dest["message"])
+    return texts

@@ -15,7 +15,9 @@ recurrent state lives in each `SileroVad`, so use one `SileroVad` per audio stre
 
 `TurnDetector` turns the probabilities into events: `SpeechStarted` once the caller has spoken
 for `min_speech_ms` (the barge-in signal: a cough or a click is shorter), and `TurnEnded`
-with the utterance audio after `silence_ms` of silence.
+with the utterance audio after `silence_ms` of silence, or sooner when the words say the
+caller is done (`end_now`, decided by `bridge.agent.early` from the early transcript; a
+trailing "and" or "um" makes it wait longer instead: `hold`).
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class TurnEnded:
     speech_ms: int
     at_ms: int  # stream time at which the end was decided
     forced: bool = False  # cut at `max_turn_ms` rather than ended by silence
+    by_transcript: bool = False  # ended before `silence_ms`: its transcript was complete
 
 
 TurnEvent = SpeechStarted | TurnEnded
@@ -207,6 +210,7 @@ class TurnDetector:
         self._voiced = 0  # voiced samples in the current utterance
         self._silent_run = 0  # consecutive silent samples
         self._last_voiced_len = 0  # utterance length (windows) at the last voiced window
+        self._extra_silence = 0  # samples more to wait for this utterance (`hold`)
 
     @property
     def in_speech(self) -> bool:
@@ -253,7 +257,7 @@ class TurnDetector:
                 self._back_to_silence()  # a blip, not speech
                 return None
             return self._maybe_confirm()
-        if self._silent_run >= self._samples(cfg.silence_ms):
+        if self._silent_run >= self._samples(cfg.silence_ms) + self._extra_silence:
             return self._end_turn(forced=False)
         if self._t - self._onset_t >= self._samples(cfg.max_turn_ms):
             return self._end_turn(forced=True)
@@ -265,12 +269,35 @@ class TurnDetector:
             return SpeechStarted(at_ms=self._ms(self._onset_t))
         return None
 
-    def _end_turn(self, forced: bool) -> TurnEnded:
+    @property
+    def silent_ms(self) -> int:
+        """How long the caller has been silent in the utterance under way (0 outside one)."""
+        return self._ms(self._silent_run) if self._state == "speech" else 0
+
+    def end_now(self) -> TurnEnded | None:
+        """End the utterance under way now, before `silence_ms` (its transcript says the
+        caller is done: `bridge.agent.early`). None if the caller is not in a pause of an
+        utterance."""
+        if self._state != "speech" or self._silent_run == 0:
+            return None
+        return self._end_turn(forced=False, by_transcript=True)
+
+    def hold(self, ms: int) -> None:
+        """Wait `ms` more silence than `silence_ms` before ending this utterance (the caller
+        stopped on "and" or "um": more is coming)."""
+        if self._state == "speech":
+            self._extra_silence = max(self._extra_silence, self._samples(ms))
+
+    def _end_turn(self, forced: bool, by_transcript: bool = False) -> TurnEnded:
         n = self.vad.window_samples
         keep = self._last_voiced_len + -(-self._samples(self.config.trail_ms) // n)
         audio = b"".join(self._utterance[:keep] if not forced else self._utterance)
         event = TurnEnded(
-            audio=audio, speech_ms=self._ms(self._voiced), at_ms=self._ms(self._t), forced=forced
+            audio=audio,
+            speech_ms=self._ms(self._voiced),
+            at_ms=self._ms(self._t),
+            forced=forced,
+            by_transcript=by_transcript,
         )
         self._back_to_silence()
         return event
@@ -279,3 +306,4 @@ class TurnDetector:
         self._state = "silence"
         self._utterance = []
         self._voiced = self._silent_run = 0
+        self._extra_silence = 0

@@ -86,6 +86,40 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX transfers_call ON transfers(call_id);
     """,
+    # 2 (ops, issue 10): webhook subscriptions and their outbox. A delivery row is written in
+    # the transaction of the call event it carries (bridge.ops.webhooks), so an event is never
+    # lost nor sent before it is stored. The analytics read transfers by time.
+    """
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        description TEXT,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        webhook_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        call_id TEXT,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        last_status INTEGER,
+        last_error TEXT,
+        log TEXT NOT NULL DEFAULT '[]',
+        created_at TEXT NOT NULL,
+        delivered_at TEXT
+    );
+    CREATE INDEX webhook_deliveries_pending ON webhook_deliveries(status, webhook_id, created_at);
+    CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, created_at);
+    CREATE INDEX transfers_created ON transfers(created_at);
+    """,
 ]
 
 

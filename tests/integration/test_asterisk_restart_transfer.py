@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bridge import faults
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippCall, SippUas
 from tests.support.daemon import start_daemon, wait_for
@@ -174,3 +175,101 @@ async def test_a_transfer_asked_while_ari_is_down_is_placed_when_it_is_back(
             await api.close()
             await daemon.stop()
             await proxy.close()
+
+
+# --- the daemon dies at each point of placing the leg (issue 7 section 3, issue 8 section 4) -
+#
+# In-process, "dying" at a point (bridge.faults) stops the coroutine there for good; the call
+# service is then stopped (ARI connection closed, nothing else sent) and a new daemon starts
+# on the same database. The destination must be INVITEd exactly once, and the caller must
+# not be left on ringback: bridged, or back with the assistant with the attempt recorded.
+
+
+@pytest.mark.parametrize(
+    ("point", "message", "scenario", "expect", "invites"),
+    [
+        # A message recorded the request first; the leg was never created: dialled now.
+        ("before_originate", "One moment please.", "uas_answer.xml", "bridged", 1),
+        # The leg exists in our ARI application, never dialled (no marker): dialled now, once.
+        ("before_dial", "One moment please.", "uas_answer.xml", "bridged", 1),
+        # Dialled, the record says only "requested": the leg is adopted, not dialled again.
+        ("after_originate", "One moment please.", "uas_answer.xml", "bridged", 1),
+        # No message: the originate goes first, so nothing is recorded yet. The leg nobody
+        # recorded is hung up (a CANCEL if it was dialled), the attempt recorded from its
+        # CALLBRIDGE_* variables, and the caller stays with the assistant.
+        ("before_dial", None, "uas_answer.xml", "abandoned", 0),
+        ("after_originate", None, "uas_noanswer.xml", "abandoned", 1),
+    ],
+)
+async def test_daemon_dying_while_placing_the_leg_never_dials_twice_nor_strands_the_caller(
+    asterisk_lab: Any,
+    tmp_path: Path,
+    point: str,
+    message: str | None,
+    scenario: str,
+    expect: str,
+    invites: int,
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas(scenario, rtp_port=dest_rtp.port, ring_ms=1000)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            await heard_speech(caller_rtp, since=0)
+            reached = faults.arm(point)
+            body: dict[str, Any] = {"type": "transfer", "destination": DESTINATION}
+            if message:
+                body["message"] = message
+            post = asyncio.create_task(api.request("POST", f"/calls/{call['id']}/control", body))
+            await asyncio.wait_for(reached.wait(), 15)
+            if point != "after_originate":
+                assert uas.received_requests("INVITE") == []  # nothing was dialled
+            else:
+                await wait_for(lambda: uas.invite is not None, "the INVITE at the destination")
+            # The daemon "dies" here: its sessions stop where they are, ARI is closed.
+            assert daemon.calls is not None
+            await daemon.calls.stop()
+            status, _ = await asyncio.wait_for(post, 5)  # answered, never left hanging
+            assert status == (202 if message else 409)
+            await api.close()
+            await daemon.stop()
+            daemon, api = await start_daemon(asterisk_lab, tmp_path)
+
+            if expect == "bridged":
+                done = await transfer_settled(api, call["id"])
+                last = done["transfers"][-1]
+                assert (done["status"], last["state"], last["outcome"]) == (
+                    "transferred",
+                    "bridged",
+                    "answered",
+                ), last
+            else:
+                if invites:
+                    await wait_for(
+                        lambda: uas.received_requests("CANCEL"), "the unrecorded leg cancelled"
+                    )
+
+                async def abandoned() -> dict[str, Any] | None:
+                    data = await api.ok("GET", f"/calls/{call['id']}")
+                    kinds = [e["type"] for e in data["events"]]
+                    return data if "transfer.abandoned" in kinds else None
+
+                data = await wait_for(abandoned, "the attempt recorded")
+                assert data["status"] == "active" and data["transfers"] == []
+                t0 = asyncio.get_running_loop().time()
+                await heard_speech(caller_rtp, since=t0)  # the assistant is back
+            assert len(uas.received_requests("INVITE")) == invites  # never twice
+            calls = (await api.ok("GET", "/calls"))["data"]
+            assert [c["id"] for c in calls] == [call["id"]]
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            assert await asyncio.wait_for(caller.wait(), 10) == 0 and caller.got_bye()
+        finally:
+            faults.disarm()
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()

@@ -412,3 +412,35 @@ async def test_llm_failure_apologises_and_transfers_to_the_first_destination(
         assert transfer["message"].startswith("Sorry, I'm having trouble right now.")
         failed = [e for e in done["events"] if e["type"] == "agent.llm_failed"]
         assert failed and failed[0]["error_type"] == "LlmServerError"
+
+
+async def test_local_assistant_answers_opening_hours_without_transfer(
+    asterisk_lab: Any, lab_daemon: Any
+) -> None:
+    """Issue 8: with the product doc's sales / support / billing setup, the spoken "What are
+    your opening hours?" was transferred to sales in 7 of 7 calls. The offline assistant now
+    answers it from its knowledge, and nothing is dialled."""
+    _, api = lab_daemon
+    hours = "We are open Monday to Friday from nine to five."
+    body = assistant_body("local", "Acme, how can I help?")
+    body["knowledge"] = [{"question": "What are your opening hours?", "answer": hours}]
+    async with Call(asterisk_lab, api, "uas_answer.xml") as call:
+        assistant = await api.ok("POST", "/assistants", body)
+        await api.ok("POST", "/numbers", {"number": DID, "assistant_id": assistant["id"]})
+        await call.dial()
+        info = {"id": call.id}
+        await greeting_done(call.caller_rtp)
+        call.caller_rtp.clear()
+        await say(call.caller_rtp, "What are your opening hours?")
+        rows = await wait_transcript(api, info["id"], "assistant", count=2)
+        assert rows[-1]["text"] == hours
+        await greeting_done(call.caller_rtp)  # the answer is heard, then silence
+        data = await api.ok("GET", f"/calls/{info['id']}")
+        caller = [e for e in data["events"] if e["type"] == "transcript" and e["role"] == "caller"]
+        assert "hours" in caller[-1]["text"].lower()
+        assert not [e for e in data["events"] if e["type"] == "transcript"
+                    and e["role"] == "tool_call"]  # fmt: skip
+        assert data["transfers"] == [] and data["status"] == "active"
+        assert not call.uas.received_requests("INVITE")
+        said = [e["text"] for e in data["events"] if e["type"] == "assistant.said"]
+        assert said[-1] == hours

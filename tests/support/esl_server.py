@@ -715,6 +715,11 @@ class FakeEslServer:
             return "+OK\n"
         if cmd == "hash":
             return self._hash(arg.strip())
+        if cmd == "hash_dump":  # (trust) mod_hash's hash_dump_function, "db [<realm>]" only
+            if words[:1] != ["db"]:
+                return "Usage: all|limit|db [<realm>]\n"
+            realm = f"{words[1]}_" if len(words) > 1 else ""
+            return "".join(f"D/{k}/{v}\n" for k, v in self.hash.items() if realm in k)
         if cmd == "reloadxml":
             return "+OK [Success]\n\n"
         if cmd == "sofia":

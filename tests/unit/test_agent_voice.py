@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
 from bridge.llm.base import Finished, LlmServerError, LlmTimeout, TextDelta, ToolCall, ToolCallEvent
@@ -296,4 +297,54 @@ async def test_words_of_a_turn_cut_off_while_transcribing_are_kept() -> None:
     assert len(stt.lengths) == 2 and stt.lengths[1] > stt.lengths[0] * 1.5
     assert [m.content for m in llm.requests[0] if m.role == "user"] == ["first half and the rest"]
     assert len(llm.requests) == 1
+    await agent.close()
+
+
+class GateStt:
+    """A transcription that is not in until the test says so (a long STT queue)."""
+
+    name = "gate"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.gate = asyncio.Event()
+
+    async def transcribe(self, pcm: bytes, sample_rate: int, prompt: str | None = None) -> Any:
+        from bridge.speech.stt import Transcript
+
+        await self.gate.wait()
+        return Transcript(self.text, 0.9)
+
+
+async def test_a_turn_waiting_for_stt_hears_a_holding_phrase_then_the_reply() -> None:
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm(Step([*text("We open at nine."), Finished("stop")]))
+    stt = GateStt("When do you open?")
+    agent = make_agent(session, llm, stt, stt_hold_ms=50, early_stt_ms=0)  # type: ignore[arg-type]
+    await agent.start(resumed=False)
+    await speak(agent)
+    await until(lambda: session.said, "the holding phrase")
+    assert session.said == [("One moment, please.", True)] and not llm.requests
+    await until(
+        lambda: any(kind == "agent.stt_hold" for kind, _ in session.events), "the hold recorded"
+    )
+    stt.gate.set()
+    await until(lambda: len(session.said) == 2, "the reply")
+    assert session.said[1] == ("We open at nine.", True)
+    assert [m.content for m in llm.requests[0] if m.role == "user"] == ["When do you open?"]
+    await agent.close()
+
+
+async def test_a_turn_over_the_stt_budget_is_asked_again_not_left_in_silence() -> None:
+    from bridge.speech.stt import SttTimeout
+
+    session = FakeSession(make_assistant(first_message=None))
+    llm = ScriptedLlm()
+    stt = ScriptedStt(SttTimeout("no STT worker free within 8 s"))
+    agent = make_agent(session, llm, stt, early_stt_ms=0)
+    await agent.start(resumed=False)
+    await speak(agent)
+    await until(lambda: session.said, "an answer")
+    assert session.said == [("Sorry, I didn't catch that. Could you say it again?", True)]
+    assert not llm.requests
     await agent.close()

@@ -226,3 +226,14 @@ def test_run_with_a_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> N
         " [transfer] allowed_prefix: unknown key"
     ]
     assert "s3cret" not in proc.stderr
+
+
+def test_a_short_metrics_token_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    """The scrape token is a bearer: a short one would be guessed."""
+    conf = _toml(tmp_path, "[metrics]\ntoken = 'abc123'\n")
+    with pytest.raises(ConfigError, match=r"\[metrics\] token: .*at least 16") as info:
+        load_settings(conf)
+    assert "abc123" not in str(info.value)
+    long_enough = _toml(tmp_path, "[metrics]\ntoken = 'a-long-random-scrape-token'\n")
+    token = load_settings(long_enough).metrics.token
+    assert token is not None and token.get_secret_value() == "a-long-random-scrape-token"

@@ -30,6 +30,7 @@ from bridge.pbx.ports import (
     ConnectionRestored,
     DialTarget,
     LegAnswered,
+    LegFacts,
     LegFailed,
     LegOutcome,
     LegProgress,
@@ -886,3 +887,79 @@ async def test_early_media_leg_stays_up_until_we_hang_it_up(
     await adapter.hangup("cbleg-em")
     failed = await sink.wait(LegFailed, "cbleg-em")
     assert isinstance(failed, LegFailed) and failed.cause_text == "NORMAL_CLEARING"
+
+
+async def test_a_restarted_daemon_learns_whose_leg_it_finds(server: FakeEslServer) -> None:
+    """Issue 7 section 3: a leg placed by a daemon that died before recording it is reported
+    with the call and transfer it was placed for (its CALLBRIDGE_* variables), as dialled
+    (originate is one request here)."""
+    first_sink, second_sink = Sink(), Sink()
+    first = await _adapter(server.port, first_sink, instance="cb1")
+    await first.originate(
+        "cbleg-t7",
+        DialTarget(sip_uri="sip:5555@h"),
+        caller_number=None,
+        ring_timeout=30,
+        variables={"CALLBRIDGE_CALL_ID": "call-7", "CALLBRIDGE_TRANSFER_ID": "t7"},
+    )
+    await first.stop()  # the daemon dies with the leg up or ringing
+    second = await _adapter(server.port, second_sink, instance="cb1")
+    try:
+        restored = second_sink.events[0]
+        assert isinstance(restored, ConnectionRestored)
+        assert [leg for leg, _ in restored.legs] == ["cbleg-t7"]
+        assert restored.leg_facts == (
+            LegFacts("cbleg-t7", call_id="call-7", transfer_id="t7", dialled=True),
+        )
+    finally:
+        await second.stop()
+
+
+# --- claims of dead daemons (trust, issue 7) ------------------------------------------------
+
+
+async def test_a_claim_is_deleted_when_its_call_ends(server: FakeEslServer) -> None:
+    sink = Sink()
+    adapter = await _adapter(server.port, sink, instance="cb1")
+    try:
+        uuid = await server.hook_call("+31201234567")
+        await sink.wait(CallArrived, uuid)
+        assert server.hash[f"callbridge_owner_{uuid}"] == "cb1"
+        await server.hangup(uuid)
+        await sink.wait(ChannelHungUp, uuid)
+        await wait_for(lambda: f"callbridge_owner_{uuid}" not in server.hash, "claim deleted", 2)
+    finally:
+        await adapter.stop()
+
+
+async def test_claims_of_calls_that_ended_while_no_daemon_watched_are_swept_at_connect(
+    server: FakeEslServer,
+) -> None:
+    """A daemon that dies leaves its claims; the callers hang up meanwhile. The next daemon
+    to connect (whatever its name) deletes the claims of calls that no longer exist, and
+    keeps those of live calls (its own, and another live daemon's)."""
+    dead_sink, other_sink, next_sink = Sink(), Sink(), Sink()
+    dead = await _adapter(server.port, dead_sink, instance="dead")
+    gone = await server.hook_call("+31201234567")
+    await dead_sink.wait(CallArrived, gone)
+    kept = await server.hook_call("+31201234567")
+    await dead_sink.wait(CallArrived, kept)
+    await dead.stop()  # dies: nobody deletes its claims when its callers leave
+    await server.hangup(gone)
+    assert f"callbridge_owner_{gone}" in server.hash
+    other = await _adapter(server.port, other_sink, instance="other")
+    try:
+        assert f"callbridge_owner_{gone}" not in server.hash  # swept at its connect
+        assert server.hash[f"callbridge_owner_{kept}"] == "dead"
+        live_elsewhere = await server.hook_call("+31201234567")
+        await other_sink.wait(CallArrived, live_elsewhere)
+        server.hash["callbridge_owner_vanished-uuid"] = "someone"  # a call long gone
+        following = await _adapter(server.port, next_sink, instance="next")
+        try:
+            assert "callbridge_owner_vanished-uuid" not in server.hash
+            assert server.hash[f"callbridge_owner_{kept}"] == "dead"  # live: still claimed
+            assert server.hash[f"callbridge_owner_{live_elsewhere}"] == "other"
+        finally:
+            await following.stop()
+    finally:
+        await other.stop()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.speech.stt import OpenAiStt, SttError, SttTimeout, vocabulary_prompt
-from bridge.speech.whisper import WhisperStt, whisper_model_dir
+from bridge.speech.whisper import WhisperStt, collapse_repeats, whisper_model_dir
 from tests.support.fake_openai import FakeOpenAI, Transcription
 from tests.support.speech import silence, through_ulaw, utterance
 
@@ -61,6 +61,35 @@ async def test_whisper_on_silence_says_nothing_much(whisper: WhisperStt) -> None
 async def test_whisper_accepts_16khz(whisper: WhisperStt) -> None:
     transcript = await whisper.transcribe(utterance("Let me speak to a human.", 16000), 16000)
     assert {"speak", "human"} <= words(transcript.text)
+
+
+async def test_short_turns_take_the_short_window_long_ones_the_standard_path(
+    whisper: WhisperStt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short utterance is decoded in the 10 s window; one longer than the window still
+    goes through faster-whisper's 30 s path, and both are heard."""
+    paths: list[str] = []
+    short = whisper._transcribe_short
+
+    def spy(audio: object, prompt: str | None, window: float) -> object:
+        paths.append("short")
+        return short(audio, prompt, window)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(whisper, "_transcribe_short", spy)
+    phrase = "Can you put me through to technical support, my router is broken."
+    heard = await whisper.transcribe(through_ulaw(utterance(phrase)), 8000, prompt=PROMPT)
+    assert paths == ["short"] and {"support", "router"} <= words(heard.text)
+    long = utterance(phrase) + silence(4000) + utterance("Let me speak to a human.")
+    assert len(long) / 2 / 8000 > (whisper.short_window_s or 0) - 2
+    heard = await whisper.transcribe(long, 8000, prompt=PROMPT)
+    assert paths == ["short"] and {"router", "human"} <= words(heard.text), heard.text
+
+
+def test_a_sentence_said_again_into_the_padding_is_dropped() -> None:
+    assert collapse_repeats("Yes? Yes? Yes?") == "Yes?"
+    assert collapse_repeats("Goodbye. Goodbye.") == "Goodbye."
+    assert collapse_repeats("Sales. Billing, please.") == "Sales. Billing, please."
+    assert collapse_repeats("I want sales. No, sales. Thanks") == "I want sales. No, sales. Thanks"
 
 
 @pytest.fixture

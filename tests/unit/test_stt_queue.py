@@ -121,3 +121,24 @@ async def test_an_early_transcription_that_became_the_turns_is_promoted() -> Non
         inner.open(name)
     await asyncio.gather(first, other_early, mine, later_turn)
     assert inner.started == ["first", "mine", "later turn", "other early"]
+
+
+async def test_a_turn_that_cannot_get_a_worker_within_budget_leaves_the_queue() -> None:
+    """The time budget: the second turn waits behind a decode that never ends, and leaves
+    with SttTimeout (the agent then asks the caller again) instead of waiting forever; the
+    worker goes to the next one once it is free."""
+    from bridge.speech.stt import SttTimeout
+
+    inner = GatedStt()
+    stt = QueuedStt(inner, workers=1, max_wait_s=0.05)
+    first = asyncio.ensure_future(stt.transcribe(b"", 8000, "first"))
+    await wait_for(lambda: inner.started == ["first"], "first decoding", every=0.005)
+    with pytest.raises(SttTimeout, match="no STT worker free"):
+        await stt.transcribe(b"", 8000, "second")
+    assert stt.backlog == 1 and stt.over_budget == 1 and inner.started == ["first"]
+    inner.open("first")
+    inner.open("third")
+    assert (await first).text == "first"
+    assert (await stt.transcribe(b"", 8000, "third")).text == "third"
+    stats = stt.stats()
+    assert stats["done"] == 2 and stats["over_budget"] == 1 and stats["per_s"] is not None

@@ -52,9 +52,16 @@ class Host:
         self.saved.append((kind, False, ""))
 
     async def save(
-        self, transfer: Transfer, *, call: bool = False, event: CallEvent | None = None
+        self,
+        transfer: Transfer,
+        *,
+        call: bool = False,
+        event: CallEvent | None = None,
+        events: list[CallEvent] | None = None,
     ) -> None:
-        self.saved.append((event.kind if event else None, call, transfer.state.value))
+        batch = [*([event] if event else []), *(events or [])]
+        for item in batch or [None]:
+            self.saved.append((item.kind if item else None, call, transfer.state.value))
 
     def set_timer(self, name: str, delay: float, ref: str) -> None:
         self.timers[name] = (delay, ref)
@@ -116,7 +123,8 @@ async def test_bridged_transfer_yields_a_typed_result() -> None:
     run, host, pbx, tracked = make_run()
     leg = await start(run)
     assert host.started and host.said == ["Connecting you now."]
-    assert tracked == [leg] and pbx.names() == ["play_tone", "originate"]
+    assert leg == "cbleg-t1"  # derived from the transfer: a restarted daemon finds it
+    assert tracked == [leg] and pbx.names() == ["originate", "play_tone"]
     await run.on_leg_event(LegRinging(leg))
     await run.on_leg_event(LegAnswered(leg))
     assert pbx.verbs("connect") == [("ch1", leg)]
@@ -190,3 +198,22 @@ async def test_blind_mode_hands_off_and_ends_the_call() -> None:
     assert pbx.verbs("blind_transfer")[0][0] == "ch1" and pbx.verbs("originate") == []
     assert run.transfer.result().transferred and run.transfer.state is TransferState.HANDED_OFF
     assert host.media_dropped and host.ended == ["handed off to the PBX (blind transfer)"]
+
+
+async def test_without_a_message_the_originate_goes_before_any_record() -> None:
+    """Issue 8 section 4 kept by the run: nothing recorded before the originate, then the
+    request and the dial in one commit, then the ringback."""
+    run, host, pbx, _ = make_run()
+    run.transfer.message = None
+    seen: list[tuple[str, int]] = []
+    originate = pbx.originate
+
+    async def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(("originate", len(host.saved)))
+        await originate(*args, **kwargs)
+
+    pbx.originate = spy  # type: ignore[method-assign]
+    await run.begin()
+    assert seen == [("originate", 0)]
+    assert [k for k, _, _ in host.saved] == ["transfer.requested", "transfer.dialing"]
+    assert pbx.names()[-1] == "play_tone" and "ring_guard" in host.timers

@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
+from bridge import faults
 from bridge.errors import PbxCommandFailed, PbxUnavailable
 from bridge.log import get_logger
 from bridge.pbx.asterisk.ari import (
@@ -52,6 +55,7 @@ from bridge.pbx.ports import (
     DtmfReceived,
     EventSink,
     LegAnswered,
+    LegFacts,
     LegFailed,
     LegProgress,
     LegRinging,
@@ -66,6 +70,7 @@ LEG_PREFIX = "cbleg-"
 MEDIA_PREFIX = "cbmedia-"
 LEG_END_CONTEXT = "callbridge-leg-end"  # the legs' hangup handler (extensions_callbridge.conf)
 LEG_RECORD_PREFIX = "CALLBRIDGE_LEG_"  # global variable it sets: cause,sip,state,epoch
+DIAL_MARKER = "CALLBRIDGE_DIALLED"  # set on a leg right before its dial (see _mark_and_dial)
 # Q.850 causes that say the failure is in our own PBX (no circuit/resource, no such endpoint,
 # channel unavailable) when no SIP response came back: not the destination's doing.
 LOCAL_CAUSES = frozenset({47, 58, 66, 81})
@@ -112,10 +117,12 @@ class AsteriskAdapter:
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
         self._pending_legs: set[str] = set()  # created and not yet destroyed
+        self._undialled: set[str] = set()  # found at a reconnect created and never dialled
         self._media_ready: dict[str, asyncio.Future[None]] = {}
         self._stasis_ready: dict[str, asyncio.Future[None]] = {}  # legs being created
         self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
         self._media: dict[str, str] = {}  # caller channel -> its media channel
+        self._arriving: dict[str, list[dict[str, Any]]] = {}  # speed: callers being taken
         self._task: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -169,6 +176,7 @@ class AsteriskAdapter:
         live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
+        facts: list[LegFacts] = []
         for ch in channels:
             cid = ch["id"]
             dialplan = ch.get("dialplan") or {}
@@ -184,6 +192,7 @@ class AsteriskAdapter:
                     self._answered_legs.add(cid)
                 self._pending_legs.add(cid)
                 legs.append((cid, up))
+                facts.append(await self._leg_facts(cid, up))
             elif dialplan.get("app_name") == "Stasis" and str(
                 dialplan.get("app_data", "")
             ).startswith(self.ari.app):
@@ -199,7 +208,31 @@ class AsteriskAdapter:
         # before ConnectionRestored, so the calls see the real outcome before they resume.
         for leg in sorted(self._pending_legs - live):
             await self._report_leg_record(leg)
-        await self._emit(ConnectionRestored("", callers=tuple(callers), legs=tuple(legs)))
+        await self._emit(
+            ConnectionRestored("", callers=tuple(callers), legs=tuple(legs), leg_facts=tuple(facts))
+        )
+
+    async def _leg_facts(self, leg: str, up: bool) -> LegFacts:
+        """The leg's owner (its CALLBRIDGE_* variables) and whether it was dialled."""
+
+        async def var(name: str) -> str | None:
+            try:
+                got = await self._call("GET", f"/channels/{leg}/variable", variable=name)
+            except (PbxCommandFailed, ChannelGone):
+                return None  # unset answers 404
+            return str((got or {}).get("value") or "") or None
+
+        dialled = up or await var(DIAL_MARKER) is not None
+        if dialled:
+            self._undialled.discard(leg)
+        else:
+            self._undialled.add(leg)
+        return LegFacts(
+            leg,
+            call_id=await var("CALLBRIDGE_CALL_ID"),
+            transfer_id=await var("CALLBRIDGE_TRANSFER_ID"),
+            dialled=dialled,
+        )
 
     async def _report_leg_record(self, leg: str) -> None:
         var = f"{LEG_RECORD_PREFIX}{leg}"
@@ -239,7 +272,47 @@ class AsteriskAdapter:
 
     # --- events -----------------------------------------------------------------------------
 
+    # --- speed (issue 7 §8): an arrival never waits behind another ---
     async def _on_event(self, event: dict[str, Any]) -> None:
+        """ARI delivers events one at a time, and a caller's arrival (the take, then the
+        service's records and admission) takes round trips to Asterisk and the database: run
+        inline, the next caller's take waited behind all of it, past the dialplan's 1 s take
+        guard at 40 calls. So each caller's arrival runs in its own task; the events of that
+        channel that come meanwhile wait for it and follow in order."""
+        channel = event.get("channel") or {}
+        cid = channel.get("id", "")
+        waiting = self._arriving.get(cid)
+        if waiting is not None:
+            waiting.append(event)
+            return
+        if (
+            event["type"] == "StasisStart"
+            and cid
+            and not cid.startswith((MEDIA_PREFIX, LEG_PREFIX))
+        ):
+            self._arriving[cid] = []
+            task = asyncio.get_running_loop().create_task(self._arrive(cid, event))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._handle_event(event)
+
+    async def _arrive(self, cid: str, event: dict[str, Any]) -> None:
+        try:
+            queue = [event]
+            while queue:
+                try:
+                    await self._handle_event(queue.pop(0))
+                except Exception:
+                    log.exception("asterisk.event_failed", channel=cid)
+                queue += self._arriving.get(cid, [])
+                self._arriving[cid] = []
+        finally:
+            self._arriving.pop(cid, None)
+
+    # --- end speed ---
+
+    async def _handle_event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         channel = event.get("channel") or {}
         cid = channel.get("id", "")
@@ -256,7 +329,17 @@ class AsteriskAdapter:
                 if leg_ready is not None and not leg_ready.done():
                     leg_ready.set_result(None)
                 return
+            started = time.monotonic()
             taken = await self._take(cid)
+            # speed (issue 7 §8): how long the caller waited in Stasis before we saw it, and
+            # the take's round trip (together they must stay under the take guard).
+            log.info(
+                "asterisk.arrival",
+                channel=cid,
+                behind_ms=_age_ms(event.get("timestamp")),
+                take_ms=round((time.monotonic() - started) * 1000, 1),
+                taken=taken,
+            )
             if taken is None:
                 return  # the caller left
             await self._emit(_arrival(channel) if taken else CallMissed.of(_arrival(channel)))
@@ -307,6 +390,7 @@ class AsteriskAdapter:
                 sip_code = requested[1]
             if cid.startswith(LEG_PREFIX):
                 self._pending_legs.discard(cid)
+                self._undialled.discard(cid)
                 self._forget_leg_record(cid)
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
                 local = sip_code is None and cause in LOCAL_CAUSES
@@ -459,6 +543,13 @@ class AsteriskAdapter:
         Asterisk hangs the destination up 2 ms after its 200 OK). Its hangup handler records
         how it ended, for a leg that ends while we are away."""
         assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
+        if leg_id in self._undialled:
+            # Created by a daemon that stopped before dialling it (its marker is unset):
+            # dial it now, once (issue 7, section 3).
+            self._undialled.discard(leg_id)
+            self._pending_legs.add(leg_id)
+            await self._mark_and_dial(leg_id, ring_timeout)
+            return
         # Inheritable (`__`): a queue or dialplan target's own legs (Local/...;2 and what it
         # dials) carry them too, for the dialplan and the agent's phone to use.
         channel_vars = {
@@ -496,7 +587,20 @@ class AsteriskAdapter:
             raise PbxCommandFailed("the new leg never entered Stasis") from exc
         finally:
             self._stasis_ready.pop(leg_id, None)
+        await faults.point("before_dial")
+        await self._mark_and_dial(leg_id, ring_timeout)
+
+    async def _mark_and_dial(self, leg_id: str, ring_timeout: float) -> None:
+        """Set the leg's dial marker, then dial it. ARI shows no difference between a
+        created leg and a dialled one before its 180 (both "Down", measured on 22.10.1), and a
+        second dial hangs the leg up: the marker is how a restarted daemon tells a leg its
+        predecessor never dialled (dial it now) from one that was (wait for its events). Set
+        before the dial, so a marked leg may (in the instant between the two requests) be
+        undialled: that one fails back at the ring guard, never rings twice."""
         try:
+            await self._call(
+                "POST", f"/channels/{leg_id}/variable", variable=DIAL_MARKER, value="1"
+            )
             await self._call(
                 "POST", f"/channels/{leg_id}/dial", timeout=max(1, round(ring_timeout))
             )
@@ -729,3 +833,12 @@ def _header_name(name: str) -> str:
     if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
         raise PbxCommandFailed(f"refusing SIP header name {name!r}")
     return name
+
+
+def _age_ms(timestamp: Any) -> float | None:
+    """Milliseconds since an ARI event's `timestamp` ("2026-11-30T04:47:50.123+0000")."""
+    try:
+        then = datetime.strptime(str(timestamp), "%Y-%m-%dT%H:%M:%S.%f%z")
+    except ValueError:
+        return None
+    return round(time.time() * 1000 - then.timestamp() * 1000, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import aiohttp
 from bridge.log import get_logger
 
 log = get_logger(__name__)
+SLOW_EVENT_MS = 50.0  # an event handled slower than this is logged (ari.slow_event)
 
 
 class AriError(Exception):
@@ -174,7 +176,13 @@ class AriClient:
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             log.error("ari.malformed_event", data=raw[:200])
             return
+        # speed (issue 7 §8): events are handled one at a time, so a slow handler delays
+        # every event behind it (a caller's take guard among them): log the slow ones.
+        started = time.monotonic()
         await _guard(on_event(event), f"event {event['type']}")
+        spent_ms = (time.monotonic() - started) * 1000
+        if spent_ms > SLOW_EVENT_MS:
+            log.info("ari.slow_event", type=event["type"], ms=round(spent_ms, 1))
 
     async def close(self) -> None:
         self._closing = True

@@ -44,6 +44,7 @@ from bridge.pbx.ports import (
     DtmfReceived,
     EventSink,
     LegAnswered,
+    LegFacts,
     LegFailed,
     LegProgress,
     LegRinging,
@@ -276,6 +277,7 @@ class FreeswitchAdapter:
         rows = {r["uuid"]: r for r in (json.loads(text or "{}").get("rows") or []) if "uuid" in r}
         callers = []
         legs: list[tuple[str, bool]] = []
+        facts: list[LegFacts] = []
         for uuid in sorted(set(rows) | self._callers | self._legs):
             row = rows.get(uuid)
             if row is None and not await self._exists(uuid):
@@ -287,6 +289,7 @@ class FreeswitchAdapter:
                     self._answered.add(uuid)
                 self._legs.add(uuid)
                 legs.append((uuid, up))
+                facts.append(await self._leg_facts(uuid))
             elif (row is None or row.get("direction") == "inbound") and await self._marked(uuid):
                 claim = await self._claim(uuid, guarded=await self._guarded(uuid))
                 if claim is not True:
@@ -299,7 +302,50 @@ class FreeswitchAdapter:
                 if await self._parked(uuid):
                     await self._lease(uuid, arrived.called_number)
                 callers.append(arrived)
-        return ConnectionRestored("", callers=tuple(callers), legs=tuple(legs))
+        await self._sweep_claims(set(rows))
+        return ConnectionRestored(
+            "", callers=tuple(callers), legs=tuple(legs), leg_facts=tuple(facts)
+        )
+
+    async def _sweep_claims(self, listed: set[str]) -> None:
+        """Delete the claims of callers that no longer exist: a claim is deleted when its
+        call ends, but not by a daemon that died (or lost its connection) meanwhile, and
+        mod_hash keeps entries until FreeSWITCH restarts. Any daemon's claim: the channel is
+        gone (`uuid_exists`, not the lagging `show channels`), so nobody can own it."""
+        if self._no_hash:
+            return
+        try:
+            dump = await self.client.api(f"hash_dump db {CLAIM_REALM}")
+        except EslError as exc:
+            log.warning("freeswitch.claim_sweep_failed", error=str(exc))
+            return
+        prefix = f"D/{CLAIM_REALM}_"
+        swept = 0
+        for line in dump.splitlines():
+            if not line.startswith(prefix):
+                continue
+            uuid, _, owner = line[len(prefix) :].partition("/")
+            if not uuid or uuid in listed or uuid in self._callers or await self._exists(uuid):
+                continue
+            with contextlib.suppress(EslError):
+                await self.client.api(f"hash delete_ifmatch/{CLAIM_REALM}/{uuid}/{owner}")
+                swept += 1
+        if swept:
+            log.info("freeswitch.stale_claims_deleted", count=swept)
+
+    async def _leg_facts(self, uuid: str) -> LegFacts:
+        """The leg's owner, from the variables it was originated with. An originate is one
+        atomic request here: a leg that exists was dialled."""
+
+        async def var(name: str) -> str | None:
+            value = (await self.client.api(f"uuid_getvar {uuid} {name}")).strip()
+            return None if not value or value == "_undef_" or value.startswith("-ERR") else value
+
+        return LegFacts(
+            uuid,
+            call_id=await var("CALLBRIDGE_CALL_ID"),
+            transfer_id=await var("CALLBRIDGE_TRANSFER_ID"),
+        )
 
     async def _exists(self, uuid: str) -> bool:
         return (await self.client.api(f"uuid_exists {uuid}")).strip() == "true"

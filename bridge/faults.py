@@ -1,0 +1,52 @@
+"""Test-only fault injection: stop the daemon at a named point of a transfer's dial, to prove
+what a restarted daemon does with what its predecessor left behind (issue 7, section 3).
+
+Never set in production. Two ways to arm a point:
+
+- `CALLBRIDGE_TEST_FAULT=<point>` in the environment: the process SIGKILLs itself there (a
+  daemon run as `callbridge run`);
+- `arm(<point>)` from an in-process test: the coroutine that reaches the point stops there for
+  good (nothing after it runs, as if the process had died), `reached(<point>)` is set, and
+  the test then stops the daemon and starts a new one.
+
+Points (in the order a transfer passes them):
+- `before_originate`: the transfer is decided (and, with a message, recorded and announced);
+  nothing is sent to the PBX yet;
+- `before_dial`: Asterisk only: the leg exists in our ARI application, not dialled (no
+  INVITE sent, its dial marker not set);
+- `after_originate`: the leg is dialled (INVITE sent); nothing about it is recorded yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+POINTS = ("before_originate", "before_dial", "after_originate")
+_ENV = "CALLBRIDGE_TEST_FAULT"
+_armed: dict[str, asyncio.Event] = {}
+
+
+def arm(point: str) -> asyncio.Event:
+    """In-process tests: the next coroutine reaching `point` stops there. Returns the event
+    set when it is reached."""
+    assert point in POINTS, point
+    event = _armed[point] = asyncio.Event()
+    return event
+
+
+def disarm() -> None:
+    _armed.clear()
+
+
+async def point(name: str) -> None:
+    """A fault point: a no-op unless a test armed it."""
+    if not _armed and not os.environ.get(_ENV):
+        return
+    if os.environ.get(_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    event = _armed.pop(name, None)
+    if event is not None:
+        event.set()
+        await asyncio.Event().wait()  # "dead": cancelled when the daemon stops

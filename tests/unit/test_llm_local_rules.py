@@ -1,0 +1,175 @@
+"""The offline assistant's rules beyond routing by meaning: knowledge, complaints, a person,
+business questions, the offer after two unanswered questions, prompt lines, no end_call."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.llm.base import ChatMessage, Knowledge, collect
+from bridge.llm.local import DONT_KNOW, GOODBYE, LocalRouter, _prompt_lines
+from bridge.llm.minilm import shared_embedder
+from bridge.llm.tools import EndCallIntent, Toolset, TransferIntent
+
+SEED_HUMAN = {
+    "type": "transfer_call",
+    "destinations": [
+        {
+            "number": "+31612345678",
+            "description": "Human support assistant for complex issues or when customer"
+            " explicitly requests a human",
+        }
+    ],
+}
+DEPARTMENTS = {
+    "type": "transfer_call",
+    "destinations": [
+        {"number": "+31612345678", "description": "Sales team - for pricing and quotes"},
+        {
+            "number": "+31687654321",
+            "description": "Technical support - for product issues and troubleshooting",
+        },
+        {
+            "number": "+31698765432",
+            "description": "Billing department - for invoice and payment questions",
+        },
+    ],
+}
+KNOWLEDGE = (
+    Knowledge("We are open Monday to Friday from nine to five.", "What are your opening hours?"),
+    Knowledge("Our office is at Keizersgracht 100 in Amsterdam.", "Where is your office?"),
+)
+
+
+@pytest.fixture(scope="module")
+def router() -> LocalRouter:
+    return LocalRouter(embedder=shared_embedder())
+
+
+async def turn(
+    router: LocalRouter, tools: list[dict], history: list[ChatMessage], knowledge=KNOWLEDGE
+):  # type: ignore[no-untyped-def]
+    toolset = Toolset.from_assistant_tools(tools)
+    system = [ChatMessage.system("Be helpful.")]
+    if knowledge:
+        system.append(ChatMessage("system", "facts", knowledge=tuple(knowledge)))
+    text, calls, _ = await collect(router.stream(system + history, toolset.specs))
+    return text, [toolset.parse(c) for c in calls]
+
+
+async def test_knowledge_is_answered_not_transferred(router: LocalRouter) -> None:
+    for said, answer in [
+        ("What are your opening hours?", KNOWLEDGE[0].answer),
+        ("When are you open?", KNOWLEDGE[0].answer),
+        ("What is your address?", KNOWLEDGE[1].answer),  # same topic as "where is your office"
+    ]:
+        text, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)])
+        assert (text, intents) == (answer, []), said
+
+
+async def test_without_knowledge_a_question_is_not_transferred(router: LocalRouter) -> None:
+    for said in ["What are your opening hours?", "Where is your office?",
+                 "Do you have a warranty?", "Can I return a product?"]:  # fmt: skip
+        text, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert intents == [] and text.startswith(DONT_KNOW), said
+
+
+async def test_a_complaint_goes_to_the_person_or_gets_a_question(router: LocalRouter) -> None:
+    said = [ChatMessage.user("I want to make a complaint")]
+    _, intents = await turn(router, [SEED_HUMAN], said)
+    assert len(intents) == 1 and isinstance(intents[0], TransferIntent)
+    text, intents = await turn(router, [DEPARTMENTS], said)
+    assert intents == [] and text.startswith("I can connect you with")
+
+
+@pytest.mark.parametrize(
+    "said", ["I want to speak to a human", "Can I talk to a real person?", "Operator"]
+)
+async def test_a_person_is_the_person_like_destination_else_a_question(
+    router: LocalRouter, said: str
+) -> None:
+    _, intents = await turn(router, [SEED_HUMAN], [ChatMessage.user(said)])
+    assert [i.destination.target for i in intents] == ["+31612345678"]  # type: ignore[union-attr]
+    text, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)])
+    assert intents == [] and "Which would you like?" in text
+
+
+async def test_someone_about_a_topic_is_that_topic(router: LocalRouter) -> None:
+    for said, key in [
+        ("Can someone help me with my invoice?", "billing_department"),
+        ("I need to talk to somebody about a quote", "sales_team"),
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
+async def test_two_unanswered_questions_offer_the_person_and_yes_transfers(
+    router: LocalRouter,
+) -> None:
+    history = [ChatMessage.user("How much does the premium plan cost?")]
+    first, intents = await turn(router, [SEED_HUMAN], history)
+    assert intents == [] and first.startswith(DONT_KNOW) and "Would you like me" not in first
+    history += [ChatMessage.assistant(first), ChatMessage.user("Is there a student discount?")]
+    second, intents = await turn(router, [SEED_HUMAN], history)
+    assert intents == []
+    assert second == f"{DONT_KNOW} Would you like me to put you through to human support assistant?"
+    history += [ChatMessage.assistant(second)]
+    _, intents = await turn(router, [SEED_HUMAN], [*history, ChatMessage.user("Yes please")])
+    assert len(intents) == 1 and isinstance(intents[0], TransferIntent)
+    text, intents = await turn(
+        router, [SEED_HUMAN], [*history, ChatMessage.user("No, what are your opening hours?")]
+    )
+    assert (text, intents) == (KNOWLEDGE[0].answer, [])
+
+
+async def test_greetings_do_not_count_as_unanswered(router: LocalRouter) -> None:
+    history: list[ChatMessage] = []
+    for said in ["Hello", "Hmm", "Um"]:
+        history.append(ChatMessage.user(said))
+        text, intents = await turn(router, [SEED_HUMAN], history)
+        assert intents == [] and not text.startswith(DONT_KNOW)
+        history.append(ChatMessage.assistant(text))
+    # The question for one destination is an offer: "yes" takes it.
+    assert text == "I can put you through to human support assistant. Would you like that?"
+    _, intents = await turn(router, [SEED_HUMAN], [*history, ChatMessage.user("Yes")])
+    assert len(intents) == 1 and isinstance(intents[0], TransferIntent)
+
+
+async def test_business_questions_are_not_transfers(router: LocalRouter) -> None:
+    for said in ["Is this the billing department?", "Do you sell thermostats?"]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert intents == [], said
+
+
+async def test_named_and_asked_for_is_a_transfer(router: LocalRouter) -> None:
+    for said, key in [
+        ("Sales please", "sales_team"),
+        ("Put me through to billing", "billing_department"),
+        ("uh, tech support", "technical_support"),
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
+def test_prompt_lines_that_name_a_destination_describe_it() -> None:
+    choices = {
+        "sales_team": "Sales team - for pricing and quotes",
+        "billing_department": "Billing department - for invoice and payment questions",
+    }
+    prompt = (
+        "You are a customer service agent. Transfer to:\n"
+        "- Sales: for questions about pricing, quotes, or new products\n"
+        "- Billing: for specific billing questions\n\nAlways try to help first."
+    )
+    assert _prompt_lines(prompt, choices) == {
+        "sales_team": ["Sales: for questions about pricing, quotes, or new products"],
+        "billing_department": ["Billing: for specific billing questions"],
+    }
+
+
+async def test_goodbye_ends_only_with_the_end_call_tool(router: LocalRouter) -> None:
+    text, intents = await turn(
+        router, [DEPARTMENTS, {"type": "end_call"}], [ChatMessage.user("bye")]
+    )
+    assert text == GOODBYE and isinstance(intents[0], EndCallIntent)
+    text, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user("bye")])
+    assert (text, intents) == (GOODBYE, [])
