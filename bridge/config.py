@@ -159,6 +159,28 @@ class TransferSettings(_Section):
     # Concurrent transfer legs through one trunk (or the default route, or one SIP host);
     # None: no cap.
     max_legs_per_trunk: int | None = Field(default=None, ge=1, le=10000)
+    # --- issue 9 §6: context into the PBX's artefacts ---
+    # SIP headers added to the INVITE of every SIP transfer leg: header name -> what it
+    # carries (call_id, transfer_id, summary, caller, destination). {} adds none.
+    sip_headers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "X-CallBridge-Call-Id": "call_id",
+            "X-CallBridge-Transfer-Id": "transfer_id",
+            "X-CallBridge-Summary": "summary",
+        },
+        max_length=10,
+    )
+
+    @field_validator("sip_headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        fields = ("call_id", "transfer_id", "summary", "caller", "destination")
+        for name, field in value.items():
+            if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
+                raise ValueError(f"sip_headers: {name!r} is not an X- header name")
+            if field not in fields:
+                raise ValueError(f"sip_headers: {field!r} is not one of {', '.join(fields)}")
+        return value
 
     @field_validator("default_route")
     @classmethod

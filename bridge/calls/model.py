@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bridge.calls.destinations import is_internal, parse_internal
 from bridge.directory.models import E164, check_sip_uri
 
 
@@ -75,11 +76,18 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def check_destination(value: str) -> str:
-    """A transfer destination: an E.164 number or a SIP URI."""
+    """A transfer destination: an E.164 number, a SIP URI, or a destination inside the PBX
+    (`extension:1001`, `queue:support`, `dialplan:100@ringgroups`; issue 9)."""
     if value.startswith(("sip:", "sips:")):
         return check_sip_uri(value)
+    if is_internal(value):
+        parse_internal(value)
+        return value
     if not E164.match(value):
-        raise ValueError("must be an E.164 number (+31612345678) or a SIP URI (sip:...)")
+        raise ValueError(
+            "must be an E.164 number (+31612345678), a SIP URI (sip:...), or extension:<name>,"
+            " queue:<name>, dialplan:<extension>@<context>"
+        )
     return value
 
 
@@ -93,6 +101,8 @@ class TransferCommand(_Command):
     message: str | None = Field(default=None, max_length=1000)
     mode: Literal["bridge", "blind"] | None = None
     ring_timeout: float | None = Field(default=None, gt=0, le=300)
+    # Why the caller is coming (issue 9 §6): on the leg's variables and SIP headers.
+    summary: str | None = Field(default=None, max_length=300)
 
     _destination = field_validator("destination")(check_destination)
 

@@ -6,6 +6,8 @@ Every transfer (control API, the assistant's tool, `POST /destinations/test`) as
 1. a call makes at most `transfer.max_per_call` transfers;
 2. a SIP URI must pass the grammar of `bridge.sip` (no dialplan or routing characters, no
    routing parameters unless `transfer.allowed_uri_params` names them);
+2b. a destination inside the PBX (`extension:`, `queue:`, `dialplan:`; issue 9) must be
+   configured on the assistant, always: `allow_any` and the allow-lists do not open them;
 3. with `transfer.allow_any = true`, anything that passes 1-2 may be dialled;
    with an allow-list (`allowed_prefixes`, `allowed_sip_domains`), every destination must match
    it: a number one of the prefixes, a SIP URI's host exactly one of the domains
@@ -26,7 +28,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from bridge.directory.models import E164
+from bridge.calls.destinations import is_internal, parse_internal
+from bridge.directory.models import E164, destination_address
 from bridge.errors import DestinationNotAllowed, InvalidInput, NotFound
 from bridge.log import get_logger
 from bridge.pbx.ports import DialTarget
@@ -47,6 +50,7 @@ RULE_PREFIXES = "transfer.allowed_prefixes"
 RULE_DOMAINS = "transfer.allowed_sip_domains"
 RULE_CONFIGURED = "assistant.destinations"
 RULE_MAX_LEGS = "transfer.max_legs_per_trunk"
+RULE_INTERNAL_GRAMMAR = "internal.grammar"
 
 
 def trunk_rule(trunk_id: str) -> str:
@@ -86,6 +90,8 @@ class TransferPolicy:
                     f"(transfer.max_per_call = {self.settings.max_per_call})",
                     RULE_MAX_PER_CALL,
                 )
+            if is_internal(destination):
+                return await self._authorize_internal(destination, number_id, assistant, source)
             if is_sip_uri(destination):
                 return await self._authorize_uri(destination, number_id, assistant, source)
             return await self._authorize_number(destination, number_id, assistant, source)
@@ -98,6 +104,24 @@ class TransferPolicy:
                 reason=exc.message,
             )
             raise
+
+    async def _authorize_internal(
+        self, destination: str, number_id: str | None, assistant: Assistant | None, source: str
+    ) -> DialTarget:
+        """A destination inside the PBX (extension, queue, dialplan target): only those
+        configured on the assistant, whatever `allow_any` and the allow-lists say (a dialplan
+        target may lead anywhere the PBX can dial, trunks included)."""
+        try:
+            target = parse_internal(destination)
+        except ValueError as exc:
+            raise self._refusal(str(exc), RULE_INTERNAL_GRAMMAR) from exc
+        if destination not in await self._configured(number_id, assistant, source):
+            raise self._refusal(
+                "destinations inside the PBX must be configured on the assistant "
+                "(allow_any and the allow-lists do not open them)",
+                RULE_CONFIGURED,
+            )
+        return target
 
     async def _authorize_uri(
         self, destination: str, number_id: str | None, assistant: Assistant | None, source: str
@@ -200,11 +224,7 @@ class TransferPolicy:
         assistants = [assistant] if assistant is not None else []
         if assistant is None and number_id is None and source == "test":
             assistants = await self.directory.list_assistants()
-        return [
-            d.number if d.type == "number" else d.sip_uri
-            for a in assistants
-            for d in a.destinations()
-        ]
+        return [destination_address(d) for a in assistants for d in a.destinations()]
 
     def _not_configured(self) -> DestinationNotAllowed:
         return self._refusal(
@@ -291,6 +311,8 @@ def _same_uri(uri: Any, configured: str) -> bool:
 def _leg_key(target: DialTarget) -> str:
     if target.trunk_id:
         return f"trunk:{target.trunk_id}"
+    if target.internal:
+        return "internal"
     if target.sip_uri:
         try:
             return f"sip:{parse_sip_uri(target.sip_uri.split(';', 1)[0]).host}"

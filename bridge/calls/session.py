@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from bridge.calls.model import (
 )
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.calls.transferring import RING_GUARD_MARGIN_S, TransferSteps, leg_for
+from bridge.calls.transferring import TransferDeps, TransferRun, open_transfer
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
 from bridge.log import get_logger
 from bridge.media.rtp import RtpStream
@@ -55,25 +56,146 @@ LEG_LOST_GRACE_S = 2.0
 MEDIA_WAIT_S = 10.0
 
 
-class CallSession(TransferSteps):
+class CallSession:
+    """Implements `bridge.calls.transferring.TransferHost` for the transfer it runs."""
+
     def __init__(self, service: CallService, call: Call, assistant: Assistant | None) -> None:
         self.service = service
         self.call = call
         self.assistant = assistant
-        self.transfer: Transfer | None = None
+        self.run: TransferRun | None = None  # the call's last transfer, as it runs
+        self.transfers_in_call = 0
         self.media: RtpStream | None = None
         self.conversation: Conversation | None = None
         self._speech_order = asyncio.Lock()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._ringback: str | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._shut = False
         self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
         self.greeted = False  # the conversation started once (a resume must not greet again)
-        self._redial = False  # an originate failed with the PBX unreachable: retry on resume
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
+
+    # --- the transfer -----------------------------------------------------------------------
+
+    @property
+    def transfer(self) -> Transfer | None:
+        return self.run.transfer if self.run is not None else None
+
+    @transfer.setter
+    def transfer(self, transfer: Transfer | None) -> None:
+        """Adopt a stored transfer (after a restart): it runs from where it was."""
+        self.run = TransferRun(self, self._transfer_deps(), transfer) if transfer else None
+
+    def _transfer_deps(self) -> TransferDeps:
+        service = self.service
+        return TransferDeps(
+            pbx=service.pbx,
+            policy=getattr(service, "policy", None),
+            track_leg=lambda leg: service.track_leg(leg, self),
+            untrack_leg=lambda leg, keep: service.untrack_leg(leg, keep=keep),
+            caller_id=service.caller_id_for(self.call),
+            sip_headers=dict(service.settings.transfer.sip_headers),
+        )
+
+    def _new_transfer_id(self) -> str:
+        return str(uuid.uuid4())
+
+    async def start_transfer(
+        self,
+        command: TransferCommand,
+        *,
+        source: str,
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        if self.call.status is not CallStatus.ACTIVE:
+            raise Conflict(
+                f"cannot transfer while the call is {self.call.status.value}", field="type"
+            )
+        run = await open_transfer(
+            self,
+            self._transfer_deps(),
+            command,
+            transfer_id=self._new_transfer_id(),
+            settings=self.service.settings.transfer,
+            assistant=self.assistant,
+            source=source,
+            label=label,
+            transfers_in_call=self.transfers_in_call,
+        )
+        self.run = run
+        self.transfers_in_call += 1
+        await run.begin()
+        return {"id": self.call.id, "accepted": "transfer", "transfer_id": run.transfer.id}
+
+    # TransferHost: what the transfer uses of its call.
+
+    @property
+    def has_media(self) -> bool:
+        return self.media is not None
+
+    async def save(
+        self,
+        transfer: Transfer,
+        *,
+        call: bool = False,
+        event: CallEvent | None = None,
+        events: list[CallEvent] | None = None,
+    ) -> None:
+        batch = [*([event] if event is not None else []), *(events or [])]
+        await self.service.store.save_state(
+            self.call if call else None, transfer, batch or None, call_id=self.call.id
+        )
+
+    def set_timer(self, name: str, delay: float, ref: str) -> None:
+        self._set_timer(name, delay, ref)
+
+    def cancel_timer(self, name: str) -> None:
+        self._cancel_timer(name)
+
+    async def quietly(self, what: str, step: Awaitable[Any]) -> None:
+        await self._quietly(what, step)
+
+    async def end(self, reason: str) -> None:
+        await self._end(reason)
+
+    async def hang_up(self, reason: str) -> None:
+        await self._hangup(reason)
+
+    def transfer_started(self) -> None:
+        started = getattr(self.conversation, "on_transfer_started", None)
+        if started is not None:
+            started()  # the assistant stops its turn and stops listening until the result
+        if self.media is not None:
+            self.media.flush()  # the assistant stops talking; the message is not interruptible
+
+    def drop_media(self) -> None:
+        self._close_media()
+
+    async def transfer_done(self, transfer: Transfer) -> None:
+        if transfer.state is not TransferState.FAILED:
+            if transfer.state is TransferState.BRIDGED and self.conversation is not None:
+                self.conversation.on_transfer_result(transfer)
+            return
+        if self.media is None:  # e.g. after a daemon restart during the transfer
+            if not await self._attach_media():
+                # Sent to the fallback, or the caller left, or the media waits for the PBX:
+                # then the result is told once it is attached (on the `Resume`).
+                self._untold = transfer
+                return
+            if self.conversation is None:
+                await self._start_conversation(resumed=True)
+        self._tell_result(transfer)
+
+    def _tell_result(self, transfer: Transfer) -> None:
+        """The caller is ACTIVE with media: say why, then hand the typed result to the
+        conversation, which listens again from now on."""
+        self._untold = None
+        assert transfer.outcome is not None
+        self.say(self.service.failure_message(transfer.outcome), token="transfer_failed")
+        if self.conversation is not None:
+            self.conversation.on_transfer_result(transfer)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -139,15 +261,15 @@ class CallSession(TransferSteps):
         """After an unexpected error, leave the caller somewhere sensible: a transfer in
         flight fails back to the assistant (its leg hung up); a caller without media goes to
         the fallback. If even that fails, the call ends (never half alive)."""
-        transfer = self.transfer
+        run = self.run
         if self.ended:
             return
         try:
-            if transfer is None or transfer.final:
+            if run is None or run.transfer.final:
                 if self.call.status is CallStatus.ACTIVE and self.media is None:
                     await self._to_fallback(f"internal error: {exc}")
                 return
-            await self._transfer_failed(
+            await run.fail(
                 TransferEvent.ERROR,
                 LegOutcome.FAILED,
                 reason=local_reason(f"internal error: {exc}"),
@@ -172,13 +294,17 @@ class CallSession(TransferSteps):
         elif isinstance(item, ChannelHungUp):
             await self._on_hangup(item)
         elif isinstance(item, LegRinging | LegProgress | LegAnswered | LegFailed):
-            await self._on_leg_event(item)
+            if self.run is not None:
+                await self.run.on_leg_event(item)
+            elif isinstance(item, LegAnswered):  # a leg nobody waits for: do not leave it up
+                await self._quietly("hangup_leg", self.service.pbx.hangup(item.channel_id))
         elif isinstance(item, SpeechDone):
             await self._on_speech_done(item)
         elif isinstance(item, TimerFired) and item.name == "media_wait":
             await self._on_media_wait()
         elif isinstance(item, TimerFired):
-            await self._on_timer(item)
+            if self.run is not None:
+                await self.run.on_timer(item)
         elif isinstance(item, Resume):
             await self._on_resume(item)
         elif isinstance(item, LegAbandoned):
@@ -193,10 +319,6 @@ class CallSession(TransferSteps):
 
     async def _save(self) -> None:
         await self.service.store.save(self.call)
-
-    async def _save_transfer(self) -> None:
-        if self.transfer is not None:
-            await self.service.store.save_transfer(self.transfer)
 
     async def _persist(
         self, *, call: bool = False, transfer: bool = False, event: CallEvent | None = None
@@ -343,8 +465,8 @@ class CallSession(TransferSteps):
             await self.record("speech.failed", token=done.token, error=done.error)
         if done.token == "end_call":
             await self._hangup("ended by command")
-        elif self.transfer is not None and done.token == f"transfer:{self.transfer.id}":
-            await self._after_announcement()
+        elif self.run is not None and done.token == self.run.token:
+            await self.run.on_announced()
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -372,26 +494,12 @@ class CallSession(TransferSteps):
     # --- hangups and the end ----------------------------------------------------------------
 
     async def _on_hangup(self, event: ChannelHungUp) -> None:
-        transfer = self.transfer
-        leg = transfer.leg_id if transfer else None
+        run = self.run
         if event.channel_id == self.call.channel_id:
             # `_end` settles an open transfer (cancelled) and hangs up its leg.
             await self._end("caller hung up", cause=event.cause, cause_text=event.cause_text)
-        elif leg and event.channel_id == leg and transfer is not None:
-            if transfer.state is TransferState.ANSWERED:
-                await self._transfer_failed(
-                    TransferEvent.LEG_FAILED,
-                    LegOutcome.FAILED,
-                    cause=event.cause,
-                    cause_text=event.cause_text,
-                    reason="the destination hung up before the bridge",
-                )
-            elif transfer.state in (TransferState.DIALING, TransferState.RINGING):
-                # An unanswered leg reported as a hangup: the same facts as a failure.
-                await self._on_leg_event(LegFailed(leg, event.cause, event.cause_text, None))
-            elif transfer.state is TransferState.BRIDGED:
-                await self.record("transfer.destination_hung_up", transfer_id=transfer.id)
-                await self._hangup("destination hung up")
+        elif run is not None and run.transfer.leg_id and event.channel_id == run.transfer.leg_id:
+            await run.on_leg_hangup(event)
 
     async def _hangup(self, reason: str) -> None:
         try:
@@ -430,37 +538,17 @@ class CallSession(TransferSteps):
         self.call.status = CallStatus.ENDED
         self.call.ended_at = utcnow()
         self.call.end_reason = reason
-        transfer = self.transfer
-        leg = transfer.leg_id if transfer is not None else None
-        open_transfer = transfer is not None and not transfer.final
-        if transfer is not None and open_transfer:
-            try:
-                transfer.settle(
-                    TransferEvent.CALLER_GONE,
-                    LegOutcome.CANCELLED,
-                    reason=f"the call ended during the transfer: {reason}",
-                )
-            except Exception:
-                self.log.exception("call.end_settle_failed", transfer_id=transfer.id)
-        self._cancel_timer("ring_guard")
-        self._cancel_timer("leg_lost")
-        bridged = transfer is not None and transfer.state is TransferState.BRIDGED
-        if leg and (open_transfer or bridged):
-            await self._quietly("hangup_leg", self.service.pbx.hangup(leg))
-            self.service.untrack_leg(leg, keep=False)
-        await self._quietly("stop_ringback", self._stop_ringback())
-        try:
-            self._release_claim()
-        except Exception:
-            self.log.exception("call.release_claim_failed")
         events = []
-        if transfer is not None and open_transfer:
-            events.append(self._settled_event(transfer))
+        settled = None
+        if self.run is not None:
+            settled = await self.run.close(reason)
+            if settled is not None:
+                events.append(settled)
         ended = {"reason": reason, "cause": cause, "cause_text": cause_text}
         events.append(CallEvent("call.ended", utcnow(), ended))
         try:
             await self.service.store.save_state(
-                self.call, transfer if open_transfer else None, events
+                self.call, self.transfer if settled is not None else None, events
             )
         except Exception:
             self.log.exception("call.end_save_failed")
@@ -512,80 +600,24 @@ class CallSession(TransferSteps):
     async def _on_resume(self, resume: Resume) -> None:
         await self.record("call.resumed", status=self.call.status.value)
         transfer = self.transfer
-        leg = transfer.leg_id if transfer else None
-        if self.call.status is CallStatus.TRANSFERRED:
-            if leg is None or leg not in resume.live_legs:
-                await self._hangup("destination left while callbridge was disconnected")
+        if self.run is not None and await self.run.on_resume(resume, LEG_LOST_GRACE_S):
             return
-        if (
-            transfer is not None
-            and transfer.state is TransferState.ANNOUNCING
-            and leg_for(transfer) in resume.live_legs
-        ):
-            await self._adopt_leg(transfer, leg_for(transfer), resume)
-            return
-        if (
-            transfer is not None
-            and not transfer.final
-            and transfer.state is not TransferState.ANNOUNCING
-        ):
-            # The ringback may be playing (ours, or our predecessor's): its id is derived.
-            self._ringback = transfer.ringback_id
-            if leg in resume.undialled_legs:
-                await self._dial(retry=True)  # created, never dialled: dial it now, once
-                return
-            if self._redial and transfer.state is TransferState.DIALING:
-                await self._dial(retry=True)  # the PBX is back: place the leg now
-                return
-            if leg in resume.answered_legs:
-                if transfer.state is not TransferState.ANSWERED:
-                    transfer.apply(TransferEvent.LEG_ANSWERED)
-                await self._connect_leg()
-                return
-            if leg in resume.live_legs:
-                self._set_timer("ring_guard", transfer.ring_timeout, transfer.id)
-                return
-            # The leg vanished while we were away. The adapter may still tell how it ended (a
-            # late LegFailed with the real cause): wait a moment for it, then fail back.
-            self._set_timer("leg_lost", LEG_LOST_GRACE_S, transfer.id)
+        if self.call.status is CallStatus.TRANSFERRED:  # no transfer known: nothing to keep
+            await self._hangup("destination left while callbridge was disconnected")
             return
         if self.media is None:  # a daemon restart (or media that waited for the PBX)
             self._cancel_timer("media_wait")
             if not await self._attach_media():
                 return
             await self._start_conversation(resumed=self.greeted)
-            if transfer is not None and transfer.state is TransferState.ANNOUNCING:
-                self.post(SpeechDone(f"transfer:{transfer.id}", True))
+            if (
+                self.run is not None
+                and transfer is not None
+                and (transfer.state is TransferState.ANNOUNCING)
+            ):
+                self.post(SpeechDone(self.run.token, True))
             elif transfer is not None and self._untold is transfer:
                 self._tell_result(transfer)  # a failed transfer waited for the media
-
-    async def _adopt_leg(self, transfer: Transfer, leg: str, resume: Resume) -> None:
-        """Our predecessor placed this transfer's leg and stopped before recording it (the
-        originate goes first, issue 8 section 4). Record it now and carry on: dial it if it
-        was never dialled, connect it if it answered meanwhile, else wait for its events."""
-        transfer.apply(TransferEvent.MESSAGE_DONE)
-        transfer.leg_id = leg
-        self.service.track_leg(leg, self)
-        dialled = leg not in resume.undialled_legs
-        dialing = CallEvent(
-            "transfer.dialing",
-            utcnow(),
-            {"transfer_id": transfer.id, "leg": leg, "adopted": True, "dialled": dialled},
-        )
-        if not dialled:
-            await self._dial(pending=[dialing])  # the adapter dials the existing leg
-            return
-        await self._persist_pending([dialing])
-        if leg in resume.answered_legs:
-            transfer.apply(TransferEvent.LEG_ANSWERED)
-            await self._connect_leg()
-            return
-        await self._quietly(
-            "ringback",
-            self.service.pbx.play_tone(self.call.channel_id, "ring", transfer.ringback_id),
-        )
-        self._ringback = transfer.ringback_id
-        self._set_timer("ring_guard", transfer.ring_timeout + RING_GUARD_MARGIN_S, transfer.id)
 
     async def _on_leg_abandoned(self, item: LegAbandoned) -> None:
         await self.record(

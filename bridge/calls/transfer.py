@@ -71,6 +71,30 @@ TRANSITIONS: dict[tuple[TransferState, TransferEvent], TransferState] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """The typed result of a transfer once it is final: what the session, the conversation
+    (tool result) and later steps (warm transfer, fallback chains) decide on."""
+
+    transfer_id: str
+    state: TransferState
+    outcome: LegOutcome | None
+    reason: str | None
+    sip_code: int | None = None
+    cause: int | None = None
+    local_fault: bool = False
+
+    @property
+    def transferred(self) -> bool:
+        """The caller left the assistant: bridged to the destination or handed to the PBX."""
+        return self.state in (TransferState.BRIDGED, TransferState.HANDED_OFF)
+
+    @property
+    def caller_back(self) -> bool:
+        """The caller stays with (returns to) the assistant."""
+        return self.state is TransferState.FAILED
+
+
 class IllegalTransition(Exception):
     def __init__(self, state: TransferState, event: TransferEvent) -> None:
         super().__init__(f"transfer event {event.value!r} is illegal in state {state.value!r}")
@@ -83,12 +107,13 @@ class Transfer:
     id: str
     call_id: str
     source: str  # "api" | "assistant"
-    destination: str  # as requested: E.164 number or SIP URI
+    destination: str  # as requested: E.164 number, SIP URI or an internal address
     target: DialTarget
     mode: str  # "bridge" | "blind"
     ring_timeout: float
     message: str | None = None
     label: str | None = None  # the destination's description, for assistant transfers
+    summary: str | None = None  # why the caller is coming (into the PBX's artefacts)
     leg_id: str | None = None
     state: TransferState = TransferState.ANNOUNCING
     outcome: LegOutcome | None = None
@@ -142,6 +167,18 @@ class Transfer:
         """Failed inside our own PBX or daemon: never counted against the destination."""
         return self.outcome is LegOutcome.FAILED and is_local(self.reason)
 
+    def result(self) -> TransferResult:
+        """The typed result; only meaningful once `final`."""
+        return TransferResult(
+            transfer_id=self.id,
+            state=self.state,
+            outcome=self.outcome,
+            reason=self.reason,
+            sip_code=self.sip_code,
+            cause=self.cause,
+            local_fault=self.local_fault,
+        )
+
     @property
     def ringback_id(self) -> str:
         """The id of the caller's ringback playback: derived, so a restarted daemon can stop
@@ -159,6 +196,7 @@ class Transfer:
             "trunk_id": self.target.trunk_id,
             "mode": self.mode,
             "message": self.message,
+            "summary": self.summary,
             "state": self.state.value,
             "outcome": self.outcome.value if self.outcome else None,
             "sip_code": self.sip_code,
@@ -194,6 +232,10 @@ def transfer_to_doc(t: Transfer) -> dict[str, Any]:
             "trunk_id": t.target.trunk_id,
             "route": t.target.route,
             "sip_uri": t.target.sip_uri,
+            "endpoint": t.target.endpoint,
+            "queue": t.target.queue,
+            "context": t.target.context,
+            "exten": t.target.exten,
         },
     )
     return doc
@@ -210,6 +252,7 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
         ring_timeout=doc["ring_timeout"],
         message=doc.get("message"),
         label=doc.get("label"),
+        summary=doc.get("summary"),
         leg_id=doc.get("leg_id"),
         state=TransferState(doc["state"]),
         outcome=LegOutcome(doc["outcome"]) if doc.get("outcome") else None,

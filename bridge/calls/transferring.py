@@ -1,84 +1,66 @@
-"""The transfer steps of a call session: speak the message, dial, ring, bridge, or fail back
-to the assistant. The one place where transfer outcomes and fallbacks are decided (what a
-leg's failure means is `bridge.calls.outcomes`); the state machine itself (which step may
-follow which) is `bridge.calls.transfer`.
+"""A transfer run as its own object: speak the message, dial, ring, bridge, or fail back to
+the assistant. The one place where transfer outcomes and fallbacks are decided (what a leg's
+failure means is `bridge.calls.outcomes`); the state machine itself (which step may follow
+which) is `bridge.calls.transfer`.
+
+`TransferRun` executes one transfer of one call. It runs in the call's task (the session
+hands it the events that concern it) and depends only on what it is given:
+
+- `TransferHost`: what it needs of its call (the call record, persistence, timers, speech,
+  the caller's media and conversation): `CallSession` implements it;
+- `TransferDeps`: the PBX adapter, the toll-fraud policy (leg counting), leg routing, the
+  caller id to present.
+
+Its typed result is `Transfer.result()` (`TransferResult`), handed to the host when the
+transfer is final (`host.transfer_done`). Warm transfers and fallback chains build on it.
 
 Guarantees kept here:
 - a failed transfer puts the caller back to ACTIVE with media attached and a listening
-  conversation, and only then tells the conversation the result;
+  conversation (the host does that part), and only then tells the conversation the result;
 - a local fault (PBX unreachable, PBX refused the originate, bad route) is `failed` with a
   local reason, never counted against the destination; an originate that finds the PBX
   unreachable waits for the connection and retries within the ring timeout;
-- the ringback's playback id is derived from the transfer, so a restarted daemon stops it.
+- the ringback's playback id is derived from the transfer, so a restarted daemon stops it;
+- the leg is originated before anything that can follow it is recorded or played (issue 8
+  section 4); its id is derived from the transfer (`leg_for`), so a restarted daemon finds a
+  leg nothing recorded (`on_resume` adopts it, dials it once if it was never dialled).
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge import faults
-from bridge.calls.items import TimerFired
+from bridge.calls.context import leg_headers, leg_variables, outcome_fields
 from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.errors import BridgeError, Conflict, DestinationNotAllowed, PbxUnavailable
+from bridge.errors import BridgeError, DestinationNotAllowed, PbxUnavailable
 from bridge.pbx.ports import (
     ChannelGone,
+    ChannelHungUp,
     DialTarget,
     LegAnswered,
     LegFailed,
     LegOutcome,
     LegProgress,
     LegRinging,
+    PbxAdapter,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
-    from bridge.calls.conversation import Conversation
-    from bridge.calls.service import CallService
-    from bridge.calls.session import CallSession
+    from bridge.calls.items import Resume, TimerFired
+    from bridge.calls.policy import TransferPolicy
+    from bridge.config import TransferSettings
     from bridge.directory.models import Assistant
-    from bridge.media.rtp import RtpStream
-
-    class _Base(Protocol):
-        """What the transfer steps use of their session: the explicit dependency list."""
-
-        service: CallService
-        call: Call
-        assistant: Assistant | None
-        transfer: Transfer | None
-        media: RtpStream | None
-        conversation: Conversation | None
-        log: Any  # a bound structlog logger
-        _ringback: str | None
-        _redial: bool
-        _untold: Transfer | None
-
-        def say(
-            self, text: str, *, token: str = "", interruptible: bool = True
-        ) -> asyncio.Task[None]: ...
-        def post(self, item: Any) -> None: ...
-        async def record(self, kind: str, **data: Any) -> None: ...
-        async def _persist(
-            self, *, call: bool = False, transfer: bool = False, event: CallEvent | None = None
-        ) -> None: ...
-        def _set_timer(self, name: str, delay: float, ref: str) -> None: ...
-        def _cancel_timer(self, name: str) -> None: ...
-        async def _end(
-            self, reason: str, *, cause: int | None = None, cause_text: str | None = None
-        ) -> None: ...
-        async def _quietly(self, what: str, step: Awaitable[Any]) -> None: ...
-        async def _attach_media(self) -> bool: ...
-        async def _start_conversation(self, *, resumed: bool) -> None: ...
-        def _close_media(self) -> None: ...
-else:
-    _Base = object
 
 # Extra time the ring guard gives a PBX that enforces the ring timeout itself.
 RING_GUARD_MARGIN_S = 10.0
+
+LegEvent = LegRinging | LegProgress | LegAnswered | LegFailed
 
 
 def leg_for(transfer: Transfer) -> str:
@@ -87,147 +69,230 @@ def leg_for(transfer: Transfer) -> str:
     return transfer.leg_id or f"cbleg-{transfer.id}"
 
 
-class TransferSteps(_Base):
-    """Mixed into `CallSession`: runs in the call's task like every other handler."""
+class TransferHost(Protocol):
+    """What a transfer needs of its call: the explicit dependency list (`CallSession`)."""
 
-    transfer: Transfer | None
-    _ringback: str | None
-    _untold: Transfer | None
-    transfers_in_call: int = 0
-    _claimed: DialTarget | None = None
-    _dial_deadline: float | None = None
+    call: Call
+    log: Any  # a bound structlog logger
 
-    async def start_transfer(
+    @property
+    def has_media(self) -> bool: ...
+
+    def say(
+        self, text: str, *, token: str = "", interruptible: bool = True
+    ) -> asyncio.Task[None]: ...
+    def post(self, item: Any) -> None: ...
+    async def record(self, kind: str, **data: Any) -> None: ...
+    async def save(
         self,
-        command: TransferCommand,
+        transfer: Transfer,
         *,
-        source: str,
-        label: str | None = None,
-    ) -> dict[str, Any]:
-        if self.call.status is not CallStatus.ACTIVE:
-            raise Conflict(
-                f"cannot transfer while the call is {self.call.status.value}", field="type"
-            )
-        settings = self.service.settings.transfer
-        try:  # the toll-fraud policy (bridge.calls.policy): route, or a refusal with its rule
-            target = await self.service.policy.authorize(
-                command.destination,
-                number_id=self.call.number_id,
-                assistant=self.assistant,
-                source=source,
-                transfers_in_call=self.transfers_in_call,
-            )
-        except DestinationNotAllowed as exc:
-            await self.record(
-                "transfer.refused",
-                rule=exc.details.get("rule"),
-                destination=command.destination,
-                source=source,
-                reason=exc.message,
-            )
-            raise
-        transfer = Transfer(
-            id=self._new_transfer_id(),
-            call_id=self.call.id,
+        call: bool = False,
+        event: CallEvent | None = None,
+        events: list[CallEvent] | None = None,
+    ) -> None:
+        """The transfer (and the call when asked) and an event (`event`, then `events`), in
+        one transaction."""
+        ...
+
+    def set_timer(self, name: str, delay: float, ref: str) -> None: ...
+    def cancel_timer(self, name: str) -> None: ...
+    async def quietly(self, what: str, step: Awaitable[Any]) -> None: ...
+    async def end(self, reason: str) -> None:
+        """The call ends (the host settles this run through `close`)."""
+        ...
+
+    async def hang_up(self, reason: str) -> None:
+        """Hang the caller up, then end."""
+        ...
+
+    def transfer_started(self) -> None:
+        """The assistant stops its turn and listening; queued speech is flushed."""
+        ...
+
+    def drop_media(self) -> None:
+        """The caller leaves the assistant's media (bridged, or handed to the PBX)."""
+        ...
+
+    async def transfer_done(self, transfer: Transfer) -> None:
+        """The transfer is final and persisted. Bridged: tell the conversation. Failed: the
+        caller is ACTIVE again: attach media if needed, then say why and tell the
+        conversation (`transfer.result()` is the typed result)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TransferDeps:
+    pbx: PbxAdapter
+    policy: TransferPolicy | None
+    track_leg: Callable[[str], None]  # route the leg's events to this call
+    untrack_leg: Callable[[str, bool], None]  # (leg, keep: still bridged)
+    caller_id: str | None
+    sip_headers: dict[str, str] = field(default_factory=dict)  # transfer.sip_headers
+
+
+async def open_transfer(
+    host: TransferHost,
+    deps: TransferDeps,
+    command: TransferCommand,
+    *,
+    transfer_id: str,
+    settings: TransferSettings,
+    assistant: Assistant | None,
+    source: str,
+    label: str | None,
+    transfers_in_call: int,
+) -> TransferRun:
+    """Authorise a new transfer (the toll-fraud policy, `bridge.calls.policy`); a refusal
+    is recorded as `transfer.refused` and raised. The host adopts the run, then `begin`s it."""
+    assert deps.policy is not None
+    try:
+        target = await deps.policy.authorize(
+            command.destination,
+            number_id=host.call.number_id,
+            assistant=assistant,
             source=source,
-            destination=command.destination,
-            target=target,
-            mode=command.mode or settings.mode,
-            ring_timeout=command.ring_timeout or settings.ring_timeout,
-            message=command.message,
-            label=label,
+            transfers_in_call=transfers_in_call,
         )
+    except DestinationNotAllowed as exc:
+        await host.record(
+            "transfer.refused",
+            rule=exc.details.get("rule"),
+            destination=command.destination,
+            source=source,
+            reason=exc.message,
+        )
+        raise
+    transfer = Transfer(
+        id=transfer_id,
+        call_id=host.call.id,
+        source=source,
+        destination=command.destination,
+        target=target,
+        mode=command.mode or settings.mode,
+        ring_timeout=command.ring_timeout or settings.ring_timeout,
+        message=command.message,
+        label=label,
+        summary=command.summary,
+    )
+    return TransferRun(host, deps, transfer)
+
+
+class TransferRun:
+    """One transfer of one call, driven by the call's task."""
+
+    def __init__(self, host: TransferHost, deps: TransferDeps, transfer: Transfer) -> None:
+        self.host = host
+        self.deps = deps
         self.transfer = transfer
-        self.transfers_in_call += 1
-        self.call.status = CallStatus.TRANSFERRING
+        self.ringback: str | None = None  # the caller's ringback playback, while it plays
+        self.redial = False  # an originate found the PBX unreachable: retry on resume
+        self._claimed: DialTarget | None = None
+        self._dial_deadline: float | None = None
+
+    @property
+    def token(self) -> str:
+        """The speech token of the transfer's message."""
+        return f"transfer:{self.transfer.id}"
+
+    # --- start ------------------------------------------------------------------------------
+
+    async def begin(self) -> None:
+        """The assistant stops; with a message (not interruptible), the request is recorded
+        and the message spoken, then `on_announced` runs (the session routes the `SpeechDone`
+        back). Without one the leg is placed at once and the request recorded with it, after
+        the originate (issue 8 section 4)."""
+        transfer, host = self.transfer, self.host
+        host.call.status = CallStatus.TRANSFERRING
         requested = CallEvent(
             "transfer.requested",
             utcnow(),
             {
                 "transfer_id": transfer.id,
-                "source": source,
+                "source": transfer.source,
                 "destination": transfer.destination,
-                "route": target.describe(),
+                "route": transfer.target.describe(),
                 "mode": transfer.mode,
             },
         )
-        self.log.info("transfer.requested", transfer_id=transfer.id, route=target.describe())
-        started = getattr(self.conversation, "on_transfer_started", None)
-        if started is not None:
-            started()  # the assistant stops its turn and stops listening until the result
-        if self.media is not None:
-            self.media.flush()  # the assistant stops talking; the message is not interruptible
-        if command.message and self.media is not None:
-            await self._persist(call=True, transfer=True, event=requested)
-            self.say(command.message, token=f"transfer:{transfer.id}", interruptible=False)
+        host.log.info(
+            "transfer.requested", transfer_id=transfer.id, route=transfer.target.describe()
+        )
+        host.transfer_started()
+        if transfer.message and host.has_media:
+            await host.save(transfer, call=True, event=requested)
+            host.say(transfer.message, token=self.token, interruptible=False)
         else:
-            # Issue 8 section 4: nothing that can follow the originate sits before it. The
-            # request is recorded with the dial, in one commit, right after the originate.
-            await self._after_announcement(pending=[requested])
-        return {"id": self.call.id, "accepted": "transfer", "transfer_id": transfer.id}
+            # Nothing that can follow the originate sits before it: the request is recorded
+            # with the dial, in one commit, right after the originate.
+            await self.on_announced(pending=[requested])
 
-    def _new_transfer_id(self) -> str:
-        return str(uuid.uuid4())
-
-    async def _after_announcement(self, pending: list[CallEvent] | None = None) -> None:
-        """Place the transfer. `pending`: its events not recorded yet (they are recorded
-        right after the PBX request, with what it changed)."""
+    async def on_announced(self, pending: list[CallEvent] | None = None) -> None:
+        """Place the transfer. `pending`: its events not recorded yet (recorded right after
+        the PBX request, with what it changed, in one commit)."""
         transfer = self.transfer
-        if transfer is None or transfer.state is not TransferState.ANNOUNCING:
+        if transfer.state is not TransferState.ANNOUNCING:
             return
         pending = list(pending or [])
-        pbx = self.service.pbx
         if transfer.mode == "blind":
-            try:
-                await pbx.blind_transfer(
-                    self.call.channel_id, transfer.target, transfer.ring_timeout
-                )
-            except ChannelGone:
-                await self._persist_pending(pending)
-                await self._end("caller hung up")
-                return
-            except BridgeError as exc:
-                await self._persist_pending(pending)
-                await self._transfer_failed(
-                    TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc))
-                )
-                return
-            settled = self._settle(TransferEvent.HANDED_OFF, None)
-            await self._persist_pending([*pending, *([settled] if settled else [])])
-            self._close_media()
-            await self._end("handed off to the PBX (blind transfer)")
+            await self._blind(pending)
             return
         transfer.apply(TransferEvent.MESSAGE_DONE)
         transfer.leg_id = leg_for(transfer)
-        self.service.track_leg(transfer.leg_id, cast("CallSession", self))
+        self.deps.track_leg(transfer.leg_id)
         dialing = CallEvent(
             "transfer.dialing", utcnow(), {"transfer_id": transfer.id, "leg": transfer.leg_id}
         )
         self._dial_deadline = asyncio.get_running_loop().time() + transfer.ring_timeout
-        await self._dial(pending=[*pending, dialing])
+        await self.dial(pending=[*pending, dialing])
 
-    async def _persist_pending(self, events: list[CallEvent]) -> None:
+    async def _save_pending(self, pending: list[CallEvent]) -> None:
         """The call, its transfer and the events not recorded yet, in one commit."""
-        await self.service.store.save_state(self.call, self.transfer, events, call_id=self.call.id)
+        await self.host.save(self.transfer, call=True, events=pending)
 
-    async def _dial(self, *, retry: bool = False, pending: list[CallEvent] | None = None) -> None:
+    async def _blind(self, pending: list[CallEvent]) -> None:
+        transfer = self.transfer
+        # The outcome into the CDR first: once handed off, the caller is the dialplan's.
+        await self.host.quietly(
+            "record_outcome",
+            self.deps.pbx.record_outcome(
+                self.host.call.channel_id, outcome_fields(transfer) | {"outcome": "handed_off"}
+            ),
+        )
+        try:
+            await self.deps.pbx.blind_transfer(
+                self.host.call.channel_id, transfer.target, transfer.ring_timeout
+            )
+        except ChannelGone:
+            await self._save_pending(pending)
+            await self.host.end("caller hung up")
+            return
+        except BridgeError as exc:
+            await self._save_pending(pending)
+            await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
+            return
+        settled = self._settle(TransferEvent.HANDED_OFF, None)
+        await self._save_pending([*pending, *([settled] if settled else [])])
+        self.host.drop_media()
+        await self.host.end("handed off to the PBX (blind transfer)")
+
+    async def dial(self, *, retry: bool = False, pending: list[CallEvent] | None = None) -> None:
         """Place the leg, then record it (`pending`, one commit), then start the ringback:
         nothing that can follow the originate sits before it (issue 8 section 4). A daemon
         that dies in between leaves a leg the next one recognises (`leg_for`, its
         CALLBRIDGE_* variables: see `Reconciler`). A PBX that cannot be reached is our fault,
         not the destination's: wait for the connection (a `Resume` comes) and retry while
         the ring timeout lasts."""
-        transfer = self.transfer
-        assert transfer is not None and transfer.leg_id is not None
-        pbx = self.service.pbx
+        transfer, host, pbx = self.transfer, self.host, self.deps.pbx
+        assert transfer.leg_id is not None
         loop = asyncio.get_running_loop()
         if self._dial_deadline is None:
             self._dial_deadline = loop.time() + transfer.ring_timeout
         remaining = self._dial_deadline - loop.time()
-        self._redial = False
+        self.redial = False
         if retry:
-            await self.record("transfer.redialing", transfer_id=transfer.id)
-        policy = getattr(self.service, "policy", None)
+            await host.record("transfer.redialing", transfer_id=transfer.id)
+        policy = self.deps.policy
         try:
             if policy is not None:
                 policy.claim_leg(transfer.target)
@@ -236,83 +301,77 @@ class TransferSteps(_Base):
             await pbx.originate(
                 transfer.leg_id,
                 transfer.target,
-                caller_number=self.service.caller_id_for(self.call),
+                caller_number=self.deps.caller_id,
                 ring_timeout=max(1.0, remaining) if retry else transfer.ring_timeout,
-                variables={
-                    "CALLBRIDGE_CALL_ID": self.call.id,
-                    "CALLBRIDGE_TRANSFER_ID": transfer.id,
-                },
+                variables=leg_variables(host.call, transfer),
+                headers=leg_headers(host.call, transfer, self.deps.sip_headers),
             )
             await faults.point("after_originate")
         except (BridgeError, ChannelGone, ValueError) as exc:
             if pending:
-                await self._persist_pending(pending)
+                await self._save_pending(pending)
             await self._dial_failed(exc, remaining)
             return
         if pending:
-            await self._persist_pending(pending)
+            await self._save_pending(pending)
         try:
-            await pbx.play_tone(self.call.channel_id, "ring", transfer.ringback_id)
-            self._ringback = transfer.ringback_id
+            await pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id)
+            self.ringback = transfer.ringback_id
         except ChannelGone:
-            await self._end("caller hung up")
+            await host.end("caller hung up")
             return
         except BridgeError as exc:
-            self.log.warning("transfer.ringback_failed", error=str(exc))
+            host.log.warning("transfer.ringback_failed", error=str(exc))
         # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
-        self._set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
+        host.set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
 
     async def _dial_failed(self, exc: BaseException, remaining: float) -> None:
-        transfer = self.transfer
-        assert transfer is not None
+        transfer, host = self.transfer, self.host
+        self._release_claim()
         if isinstance(exc, PbxUnavailable):
-            self._release_claim()
             if remaining > 1.0:
-                self._redial = True
-                self.log.warning("transfer.pbx_unavailable", transfer_id=transfer.id)
-                await self.record(
+                self.redial = True
+                host.log.warning("transfer.pbx_unavailable", transfer_id=transfer.id)
+                await host.record(
                     "transfer.pbx_unavailable", transfer_id=transfer.id, error=str(exc)
                 )
-                self._set_timer("ring_guard", remaining, transfer.id)
+                host.set_timer("ring_guard", remaining, transfer.id)
                 return
-            await self._transfer_failed(
+            await self.fail(
                 TransferEvent.ERROR,
                 LegOutcome.FAILED,
                 reason=local_reason(f"the PBX is unreachable: {exc}"),
             )
             return
-        self._release_claim()
-        await self._transfer_failed(
-            TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc))
-        )
+        await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
 
     def _release_claim(self) -> None:
         target, self._claimed = self._claimed, None
-        policy = getattr(self.service, "policy", None)
+        policy = self.deps.policy
         if target is not None and policy is not None:
             try:
                 policy.release_leg(target)
             except Exception:
-                self.log.exception("transfer.release_leg_failed")
+                self.host.log.exception("transfer.release_leg_failed")
 
-    async def _on_leg_event(
-        self, event: LegRinging | LegProgress | LegAnswered | LegFailed
-    ) -> None:
+    # --- what the leg does ------------------------------------------------------------------
+
+    async def on_leg_event(self, event: LegEvent) -> None:
         transfer = self.transfer
-        if transfer is None or event.channel_id != transfer.leg_id or transfer.final:
+        if event.channel_id != transfer.leg_id or transfer.final:
             if isinstance(event, LegAnswered):  # a leg nobody waits for: do not leave it up
-                await self._quietly("hangup_leg", self.service.pbx.hangup(event.channel_id))
+                await self.host.quietly("hangup_leg", self.deps.pbx.hangup(event.channel_id))
             return
         if transfer.state is TransferState.ANNOUNCING:
             return  # not placed yet: cannot be ours
         if isinstance(event, LegRinging | LegProgress):
-            await self._on_leg_alive(transfer, early_media=isinstance(event, LegProgress))
+            await self._on_leg_alive(early_media=isinstance(event, LegProgress))
             return
         if isinstance(event, LegFailed):
             outcome, reason = classify_leg_failure(
                 event, rang=transfer.rang, progressed=transfer.progressed
             )
-            await self._transfer_failed(
+            await self.fail(
                 TransferEvent.LEG_FAILED,
                 outcome,
                 cause=event.cause,
@@ -324,11 +383,12 @@ class TransferSteps(_Base):
         if transfer.state is TransferState.ANSWERED:
             return  # a repeated answer (e.g. reported again after a reconnect)
         transfer.apply(TransferEvent.LEG_ANSWERED)
-        await self.record("transfer.answered", transfer_id=transfer.id)
-        await self._connect_leg()
+        await self.host.record("transfer.answered", transfer_id=transfer.id)
+        await self.connect_leg()
 
-    async def _on_leg_alive(self, transfer: Transfer, *, early_media: bool) -> None:
+    async def _on_leg_alive(self, *, early_media: bool) -> None:
         """180 Ringing, or 183 / early media: the destination is alive and working on it."""
+        transfer = self.transfer
         if transfer.state not in (TransferState.DIALING, TransferState.RINGING):
             return
         first = not (transfer.progressed if early_media else transfer.rang)
@@ -341,66 +401,153 @@ class TransferSteps(_Base):
         elif not first:
             return
         kind = "transfer.progress" if early_media else "transfer.ringing"
-        await self._persist(
-            transfer=True, event=CallEvent(kind, utcnow(), {"transfer_id": transfer.id})
+        await self.host.save(
+            transfer, event=CallEvent(kind, utcnow(), {"transfer_id": transfer.id})
         )
 
-    async def _connect_leg(self) -> None:
+    async def on_leg_hangup(self, event: ChannelHungUp) -> None:
+        """The leg's channel hung up (after answer, or reported as a hangup)."""
         transfer = self.transfer
-        assert transfer is not None and transfer.leg_id is not None
-        self._cancel_timer("ring_guard")
-        self._cancel_timer("leg_lost")
+        leg = transfer.leg_id
+        if transfer.state is TransferState.ANSWERED:
+            await self.fail(
+                TransferEvent.LEG_FAILED,
+                LegOutcome.FAILED,
+                cause=event.cause,
+                cause_text=event.cause_text,
+                reason="the destination hung up before the bridge",
+            )
+        elif leg and transfer.state in (TransferState.DIALING, TransferState.RINGING):
+            # An unanswered leg reported as a hangup: the same facts as a failure.
+            await self.on_leg_event(LegFailed(leg, event.cause, event.cause_text, None))
+        elif transfer.state is TransferState.BRIDGED:
+            await self.host.record("transfer.destination_hung_up", transfer_id=transfer.id)
+            await self.host.hang_up("destination hung up")
+
+    async def connect_leg(self) -> None:
+        transfer, host = self.transfer, self.host
+        assert transfer.leg_id is not None
+        host.cancel_timer("ring_guard")
+        host.cancel_timer("leg_lost")
         # Before connecting: Asterisk stalls channel operations while a playback runs.
-        await self._stop_ringback()
+        await self.stop_ringback()
         try:
-            await self.service.pbx.connect(self.call.channel_id, transfer.leg_id)
+            await self.deps.pbx.connect(host.call.channel_id, transfer.leg_id)
         except ChannelGone:
-            # The caller left (or the leg did): `_end` cancels the transfer, hangs up the leg.
-            await self._end("caller hung up while the destination answered")
+            # The caller left (or the leg did): `close` cancels the transfer, hangs up the leg.
+            await host.end("caller hung up while the destination answered")
             return
         except BridgeError as exc:
-            await self._transfer_failed(
+            await self.fail(
                 TransferEvent.ERROR,
                 LegOutcome.FAILED,
                 reason=local_reason(f"could not bridge: {exc}"),
                 hangup_leg=True,
             )
             return
-        self._close_media()
+        host.drop_media()
         settled = self._settle(TransferEvent.CONNECTED, LegOutcome.ANSWERED)
-        self.call.status = CallStatus.TRANSFERRED
-        await self._persist(call=True, transfer=True, event=settled)  # together: one commit
-        self.log.info("transfer.bridged", transfer_id=transfer.id, leg=transfer.leg_id)
-        if self.conversation is not None:
-            self.conversation.on_transfer_result(transfer)
+        host.call.status = CallStatus.TRANSFERRED
+        await host.save(transfer, call=True, event=settled)  # together: one commit
+        host.log.info("transfer.bridged", transfer_id=transfer.id, leg=transfer.leg_id)
+        await self._record_outcome()
+        await host.transfer_done(transfer)
 
-    async def _on_timer(self, timer: TimerFired) -> None:
+    # --- timers and resume ------------------------------------------------------------------
+
+    async def on_timer(self, timer: TimerFired) -> None:
         transfer = self.transfer
-        if transfer is None or transfer.id != timer.ref or transfer.final:
+        if transfer.id != timer.ref or transfer.final:
             return
         if timer.name == "ring_guard" and transfer.state in (
             TransferState.DIALING,
             TransferState.RINGING,
         ):
-            if self._redial:
-                self._redial = False
-                await self._transfer_failed(
+            if self.redial:
+                self.redial = False
+                await self.fail(
                     TransferEvent.ERROR,
                     LegOutcome.FAILED,
                     reason=local_reason("the PBX stayed unreachable for the whole ring timeout"),
                 )
                 return
             outcome, reason = timeout_outcome(rang=transfer.rang, progressed=transfer.progressed)
-            await self._transfer_failed(
-                TransferEvent.LEG_FAILED, outcome, reason=reason, hangup_leg=True
-            )
+            await self.fail(TransferEvent.LEG_FAILED, outcome, reason=reason, hangup_leg=True)
         elif timer.name == "leg_lost" and transfer.state is not TransferState.ANNOUNCING:
-            await self._transfer_failed(
+            await self.fail(
                 TransferEvent.ERROR,
                 LegOutcome.FAILED,
                 reason=local_reason("the new leg was lost while callbridge was disconnected"),
                 hangup_leg=True,
             )
+
+    async def on_resume(self, resume: Resume, grace_s: float) -> bool:
+        """Pick the transfer up after a reconnect or restart. True when it decided what
+        happens to the caller (the host then leaves the media alone)."""
+        transfer, host = self.transfer, self.host
+        leg = transfer.leg_id
+        if host.call.status is CallStatus.TRANSFERRED:
+            if leg is None or leg not in resume.live_legs:
+                await host.hang_up("destination left while callbridge was disconnected")
+            return True
+        if transfer.final:
+            return False
+        if transfer.state is TransferState.ANNOUNCING:
+            if leg_for(transfer) in resume.live_legs:
+                await self._adopt_leg(leg_for(transfer), resume)
+                return True
+            return False  # the host attaches media and announces again (or dials)
+        # The ringback may be playing (ours, or our predecessor's): its id is derived.
+        self.ringback = transfer.ringback_id
+        if leg in resume.undialled_legs:
+            await self.dial(retry=True)  # created, never dialled: dial it now, once
+            return True
+        if self.redial and transfer.state is TransferState.DIALING:
+            await self.dial(retry=True)  # the PBX is back: place the leg now
+            return True
+        if leg in resume.answered_legs:
+            if transfer.state is not TransferState.ANSWERED:
+                transfer.apply(TransferEvent.LEG_ANSWERED)
+            await self.connect_leg()
+            return True
+        if leg in resume.live_legs:
+            host.set_timer("ring_guard", transfer.ring_timeout, transfer.id)
+            return True
+        # The leg vanished while we were away. The adapter may still tell how it ended (a
+        # late LegFailed with the real cause): wait a moment for it, then fail back.
+        host.set_timer("leg_lost", grace_s, transfer.id)
+        return True
+
+    async def _adopt_leg(self, leg: str, resume: Resume) -> None:
+        """Our predecessor placed this transfer's leg and stopped before recording it (the
+        originate goes first, issue 8 section 4). Record it now and carry on: dial it if it
+        was never dialled, connect it if it answered meanwhile, else wait for its events."""
+        transfer, host = self.transfer, self.host
+        transfer.apply(TransferEvent.MESSAGE_DONE)
+        transfer.leg_id = leg
+        self.deps.track_leg(leg)
+        dialled = leg not in resume.undialled_legs
+        dialing = CallEvent(
+            "transfer.dialing",
+            utcnow(),
+            {"transfer_id": transfer.id, "leg": leg, "adopted": True, "dialled": dialled},
+        )
+        if not dialled:
+            await self.dial(pending=[dialing])  # the adapter dials the existing leg
+            return
+        await self._save_pending([dialing])
+        if leg in resume.answered_legs:
+            transfer.apply(TransferEvent.LEG_ANSWERED)
+            await self.connect_leg()
+            return
+        await host.quietly(
+            "ringback",
+            self.deps.pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id),
+        )
+        self.ringback = transfer.ringback_id
+        host.set_timer("ring_guard", transfer.ring_timeout + RING_GUARD_MARGIN_S, transfer.id)
+
+    # --- the end ----------------------------------------------------------------------------
 
     def _settle(
         self,
@@ -414,8 +561,8 @@ class TransferSteps(_Base):
     ) -> CallEvent | None:
         """Move the transfer to its final state (in memory); return the event to record with
         it. The caller persists both, with the call when it changes too."""
-        transfer = self.transfer
-        if transfer is None or transfer.final:
+        transfer, host = self.transfer, self.host
+        if transfer.final:
             return None
         if outcome is None:
             transfer.apply(event)
@@ -428,14 +575,14 @@ class TransferSteps(_Base):
                 sip_code=sip_code,
                 reason=reason,
             )
-        self._cancel_timer("ring_guard")
-        self._cancel_timer("leg_lost")
+        host.cancel_timer("ring_guard")
+        host.cancel_timer("leg_lost")
         bridged = transfer.state is TransferState.BRIDGED
         if transfer.leg_id:
-            self.service.untrack_leg(transfer.leg_id, keep=bridged)
+            self.deps.untrack_leg(transfer.leg_id, bridged)
         if not bridged:
             self._release_claim()
-        self.log.info(
+        host.log.info(
             "transfer.settled",
             transfer_id=transfer.id,
             state=transfer.state.value,
@@ -444,28 +591,9 @@ class TransferSteps(_Base):
             cause=cause,
             reason=transfer.reason,
         )
-        return self._settled_event(transfer)
+        return settled_event(transfer)
 
-    def _settled_event(self, transfer: Transfer) -> CallEvent:
-        kind = (
-            "transfer.completed"
-            if transfer.state is TransferState.BRIDGED
-            else f"transfer.{transfer.state.value}"
-        )
-        return CallEvent(
-            kind,
-            utcnow(),
-            {
-                "transfer_id": transfer.id,
-                "outcome": transfer.outcome.value if transfer.outcome else None,
-                "sip_code": transfer.sip_code,
-                "cause": transfer.cause,
-                "cause_text": transfer.cause_text,
-                "reason": transfer.reason,
-            },
-        )
-
-    async def _transfer_failed(
+    async def fail(
         self,
         event: TransferEvent,
         outcome: LegOutcome,
@@ -476,43 +604,84 @@ class TransferSteps(_Base):
         reason: str | None = None,
         hangup_leg: bool = False,
     ) -> None:
-        """The caller stays with us: stop ringback, back to ACTIVE with media attached and the
-        conversation listening, say why, and only then hand the result to the conversation."""
-        transfer = self.transfer
-        if transfer is None or transfer.final:
+        """The caller stays with us: stop ringback, back to ACTIVE, then the host attaches
+        media and the conversation and tells it the typed result."""
+        transfer, host = self.transfer, self.host
+        if transfer.final:
             return
         leg = transfer.leg_id
         settled = self._settle(
             event, outcome, cause=cause, cause_text=cause_text, sip_code=sip_code, reason=reason
         )
-        self.call.status = CallStatus.ACTIVE
-        await self._persist(call=True, transfer=True, event=settled)
+        host.call.status = CallStatus.ACTIVE
+        await host.save(transfer, call=True, event=settled)
         if hangup_leg and leg:
-            await self._quietly("hangup_leg", self.service.pbx.hangup(leg))
-        await self._stop_ringback()
-        if self.media is None:  # e.g. after a daemon restart during the transfer
-            if not await self._attach_media():
-                # Sent to the fallback, or the caller left, or the media waits for the PBX:
-                # then the result is told once it is attached (on the `Resume`).
-                self._untold = transfer
-                return
-            if self.conversation is None:
-                await self._start_conversation(resumed=True)
-        self._tell_result(transfer)
+            await host.quietly("hangup_leg", self.deps.pbx.hangup(leg))
+        await self.stop_ringback()
+        await self._record_outcome()
+        await host.transfer_done(transfer)
 
-    def _tell_result(self, transfer: Transfer) -> None:
-        """The caller is ACTIVE with media: say why, then hand the typed result to the
-        conversation, which listens again from now on."""
-        self._untold = None
-        assert transfer.outcome is not None
-        self.say(self.service.failure_message(transfer.outcome), token="transfer_failed")
-        if self.conversation is not None:
-            self.conversation.on_transfer_result(transfer)
+    async def _record_outcome(self) -> None:
+        """The outcome into the caller's CDR (never fails the transfer)."""
+        await self.host.quietly(
+            "record_outcome",
+            self.deps.pbx.record_outcome(self.host.call.channel_id, outcome_fields(self.transfer)),
+        )
 
-    async def _stop_ringback(self) -> None:
-        if self._ringback is not None:
-            playback, self._ringback = self._ringback, None
+    async def close(self, reason: str) -> CallEvent | None:
+        """The call ends: settle an open transfer (cancelled), hang up its leg (open or
+        bridged), stop the ringback, release the leg's claim. Never raises. Returns the
+        settle event to store with the call's end (None when the transfer was final)."""
+        transfer, host = self.transfer, self.host
+        open_transfer = not transfer.final
+        event = None
+        if open_transfer:
             try:
-                await self.service.pbx.stop_playback(playback)
+                transfer.settle(
+                    TransferEvent.CALLER_GONE,
+                    LegOutcome.CANCELLED,
+                    reason=f"the call ended during the transfer: {reason}",
+                )
+                event = settled_event(transfer)
+            except Exception:
+                host.log.exception("call.end_settle_failed", transfer_id=transfer.id)
+        host.cancel_timer("ring_guard")
+        host.cancel_timer("leg_lost")
+        leg = transfer.leg_id
+        if leg and (open_transfer or transfer.state is TransferState.BRIDGED):
+            await host.quietly("hangup_leg", self.deps.pbx.hangup(leg))
+            self.deps.untrack_leg(leg, False)
+        await host.quietly("stop_ringback", self.stop_ringback())
+        try:
+            self._release_claim()
+        except Exception:
+            host.log.exception("call.release_claim_failed")
+        return event
+
+    async def stop_ringback(self) -> None:
+        if self.ringback is not None:
+            playback, self.ringback = self.ringback, None
+            try:
+                await self.deps.pbx.stop_playback(playback)
             except (BridgeError, ChannelGone) as exc:
-                self.log.warning("transfer.ringback_stop_failed", error=str(exc))
+                self.host.log.warning("transfer.ringback_stop_failed", error=str(exc))
+
+
+def settled_event(transfer: Transfer) -> CallEvent:
+    kind = (
+        "transfer.completed"
+        if transfer.state is TransferState.BRIDGED
+        else f"transfer.{transfer.state.value}"
+    )
+    return CallEvent(
+        kind,
+        utcnow(),
+        {
+            "transfer_id": transfer.id,
+            "outcome": transfer.outcome.value if transfer.outcome else None,
+            "sip_code": transfer.sip_code,
+            "cause": transfer.cause,
+            "cause_text": transfer.cause_text,
+            "reason": transfer.reason,
+        },
+    )

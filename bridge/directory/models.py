@@ -172,6 +172,127 @@ class SipDestination(_Strict):
     message: Speakable | None = Field(default=None, max_length=1000)
 
 
+# --- destinations inside the PBX (issue 9) --------------------------------------------------
+# Names that reach a dial string (`PJSIP/<endpoint>`, `Local/<exten>@<context>/n`,
+# `user/<endpoint>`, `loopback/<exten>/<context>/XML`): none of the characters a dial string,
+# the dialplan or FreeSWITCH's originate re-parse (& , | / @ ( ) $ { } [ ] < > : quotes, spaces).
+PBX_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DIALPLAN_EXTEN_PATTERN = r"^[A-Za-z0-9+*#][A-Za-z0-9+*#_.-]{0,63}$"
+# Contexts of callbridge itself are not destinations (a transfer to callbridge-inbound would
+# loop the caller back to an assistant; the blind and fallback contexts have their own use).
+RESERVED_CONTEXT_PREFIX = "callbridge-"
+_PBX_NAME = re.compile(PBX_NAME_PATTERN)
+_DIALPLAN_EXTEN = re.compile(DIALPLAN_EXTEN_PATTERN)
+INTERNAL_KINDS = ("extension", "queue", "dialplan")
+
+
+def check_pbx_name(value: str) -> str:
+    if not _PBX_NAME.match(value):
+        raise ValueError(
+            "must be a PBX name: letters, digits, '_', '.', '-' (up to 64, starting with a "
+            "letter or digit)"
+        )
+    return value
+
+
+def check_dialplan_exten(value: str) -> str:
+    if not _DIALPLAN_EXTEN.match(value):
+        raise ValueError("must be a dialplan extension: letters, digits, + * # _ . - (up to 64)")
+    return value
+
+
+def check_context(value: str) -> str:
+    check_pbx_name(value)
+    if value.lower().startswith(RESERVED_CONTEXT_PREFIX):
+        raise ValueError(f"contexts starting with {RESERVED_CONTEXT_PREFIX!r} are callbridge's own")
+    return value
+
+
+PbxName = Annotated[
+    str,
+    AfterValidator(lambda v: check_pbx_name(v)),
+    Field(json_schema_extra=_pattern_of("PBX_NAME_PATTERN")),
+]
+DialplanExten = Annotated[
+    str,
+    AfterValidator(lambda v: check_dialplan_exten(v)),
+    Field(json_schema_extra=_pattern_of("DIALPLAN_EXTEN_PATTERN")),
+]
+DialplanContext = Annotated[
+    str,
+    AfterValidator(lambda v: check_context(v)),
+    Field(json_schema_extra=_pattern_of("PBX_NAME_PATTERN")),
+]
+
+
+class ExtensionDestination(_Strict):
+    """An endpoint of the PBX: `PJSIP/<extension>` on Asterisk, `user/<extension>` on
+    FreeSWITCH. Its state is checked before it is dialled."""
+
+    type: Literal["extension"]
+    extension: PbxName
+    description: str = Field(min_length=1, max_length=500)
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+class QueueDestination(_Strict):
+    """A queue of the PBX, reached through the `callbridge-queue` context (Asterisk
+    `Queue(<queue>)`, FreeSWITCH `callcenter <queue>`)."""
+
+    type: Literal["queue"]
+    queue: PbxName
+    description: str = Field(min_length=1, max_length=500)
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+class DialplanDestination(_Strict):
+    """Anything the PBX's dialplan already has (ring groups, IVRs): `extension` in `context`."""
+
+    type: Literal["dialplan"]
+    context: DialplanContext
+    extension: DialplanExten
+    description: str = Field(min_length=1, max_length=500)
+    message: Speakable | None = Field(default=None, max_length=1000)
+
+
+AnyDestination = (
+    NumberDestination
+    | SipDestination
+    | ExtensionDestination
+    | QueueDestination
+    | DialplanDestination
+)
+
+
+def internal_address(kind: str, name: str, context: str | None = None) -> str:
+    """The address of a destination inside the PBX, as the control API and the transfer
+    record name it: `extension:1001`, `queue:support`, `dialplan:100@ringgroups`."""
+    if kind == "dialplan":
+        return f"dialplan:{name}@{context}"
+    return f"{kind}:{name}"
+
+
+def destination_address(dest: Any) -> str:
+    """The one string that names a destination (a model or a plain dict): its number, its SIP
+    URI or its internal address. The transfer command and the policy compare these."""
+
+    def get(name: str) -> Any:
+        return dest.get(name) if isinstance(dest, dict) else getattr(dest, name, None)
+
+    kind = get("type") or "number"
+    if kind == "number":
+        return str(get("number"))
+    if kind == "sip":
+        return str(get("sip_uri"))
+    if kind == "extension":
+        return internal_address("extension", str(get("extension")))
+    if kind == "queue":
+        return internal_address("queue", str(get("queue")))
+    if kind == "dialplan":
+        return internal_address("dialplan", str(get("extension")), str(get("context")))
+    raise ValueError(f"unknown destination type {kind!r}")
+
+
 def _destination_type(value: Any) -> str | None:
     """`type` is optional for a number destination (its default, as in the seed)."""
     if isinstance(value, dict):
@@ -181,11 +302,17 @@ def _destination_type(value: Any) -> str | None:
 
 
 Destination = Annotated[
-    Annotated[NumberDestination, Tag("number")] | Annotated[SipDestination, Tag("sip")],
+    Annotated[NumberDestination, Tag("number")]
+    | Annotated[SipDestination, Tag("sip")]
+    | Annotated[ExtensionDestination, Tag("extension")]
+    | Annotated[QueueDestination, Tag("queue")]
+    | Annotated[DialplanDestination, Tag("dialplan")],
     Discriminator(
         _destination_type,
         custom_error_type="destination_type",  # service.field_path names `type` for it
-        custom_error_message="Input tag should be 'number' or 'sip'",
+        custom_error_message=(
+            "Input tag should be 'number', 'sip', 'extension', 'queue' or 'dialplan'"
+        ),
     ),
 ]
 
@@ -240,7 +367,7 @@ class Assistant(AssistantIn):
     created_at: datetime
     updated_at: datetime
 
-    def destinations(self) -> list[NumberDestination | SipDestination]:
+    def destinations(self) -> list[AnyDestination]:
         """Every destination of every `transfer_call` tool: the only places the LLM may send
         a caller."""
         return [

@@ -280,7 +280,7 @@ class AsteriskLab:
         }
         if self.instance_dir.exists():
             shutil.rmtree(self.instance_dir)
-        for sub in ("etc", "lib", "spool", "run", "log", "cache"):
+        for sub in ("etc", "lib", "spool", "run", "log", "log/cdr-csv", "cache"):
             (self.instance_dir / sub).mkdir(parents=True)
         for tpl in sorted(self.dialplan_dir.glob("*.conf")):
             (self.instance_dir / "etc" / tpl.name).write_text(

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.directory.models import destination_address
 from bridge.llm.base import ChatMessage, FunctionTool, ToolCall
 
 TRANSFER_CALL = "transfer_call"
@@ -90,7 +91,7 @@ def build_destinations(tools: Iterable[Any]) -> list[Destination]:
             continue
         for dest in _get(tool, "destinations") or []:
             kind = _get(dest, "type") or "number"
-            target = _get(dest, "number") if kind == "number" else _get(dest, "sip_uri")
+            target = destination_address(dest)  # number, SIP URI or internal address
             description = str(_get(dest, "description") or "")
             base = slug(description)
             key, n = base, 2

@@ -153,19 +153,37 @@ EventSink = Callable[[PbxEvent], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class DialTarget:
-    """Where an outbound leg goes. Exactly one of the two forms is used:
+    """Where an outbound leg goes. Exactly one of these forms is used:
 
     - `number` through `trunk_id` (a trunk the adapter provisioned), or through `route`
       (a PBX dial string template with `{number}`) when there is no trunk;
-    - `sip_uri` dialled directly.
+    - `sip_uri` dialled directly;
+    - inside the PBX (issue 9): `endpoint` (an extension: `PJSIP/<endpoint>` /
+      `user/<endpoint>`), `queue` (through the `callbridge-queue` context), or `context` +
+      `exten` (any dialplan target: ring groups, IVRs).
     """
 
     number: str | None = None
     trunk_id: str | None = None
     route: str | None = None
     sip_uri: str | None = None
+    endpoint: str | None = None
+    queue: str | None = None
+    context: str | None = None
+    exten: str | None = None
+
+    @property
+    def internal(self) -> bool:
+        """A target inside the PBX (no trunk, no carrier)."""
+        return bool(self.endpoint or self.queue or self.context)
 
     def describe(self) -> str:
+        if self.endpoint:
+            return f"extension {self.endpoint}"
+        if self.queue:
+            return f"queue {self.queue}"
+        if self.context:
+            return f"dialplan {self.exten}@{self.context}"
         if self.sip_uri:
             return self.sip_uri
         via = f"trunk {self.trunk_id}" if self.trunk_id else f"route {self.route}"
@@ -240,9 +258,13 @@ class PbxAdapter(Protocol):
         caller_number: str | None,
         ring_timeout: float,
         variables: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Place an outbound leg with channel id `leg_id`; what happens arrives as events
-        (LegProgress, LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered)."""
+        (LegProgress, LegRinging, LegAnswered or LegFailed; ChannelHungUp once answered).
+        `variables` are set on the leg; `headers` are added to its INVITE when the leg is a
+        SIP channel (not through a dialplan or queue target). Values are checked text
+        (`bridge.calls.context`)."""
         ...
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
@@ -265,6 +287,12 @@ class PbxAdapter(Protocol):
         ...
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+
+    async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
+        """Put a transfer's outcome into the call's own record in the PBX (issue 9 §6):
+        Asterisk `CDR(userfield)` and `CDR(callbridge_<key>)`, FreeSWITCH channel variables
+        `callbridge_<key>` (in its CDR). Keys: transfer_id, outcome, destination."""
+        ...
 
     async def release(self, channel_id: str) -> None:
         """The call is over for us: free what the adapter made for it (bridge, media)."""

@@ -41,6 +41,7 @@ class FakePbx:
         self.sink: EventSink | None = None
         self.media_port = 9
         self.trunks: set[str] = set()
+        self.leg_context: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
 
     def _verb(self, name: str, *args: Any) -> None:
         self.calls.append((name, *args))
@@ -93,7 +94,9 @@ class FakePbx:
         caller_number: str | None,
         ring_timeout: float,
         variables: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        self.leg_context[leg_id] = (dict(variables or {}), dict(headers or {}))
         self._verb("originate", leg_id, target, ring_timeout)
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
@@ -115,6 +118,9 @@ class FakePbx:
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         self._verb("set_variable", channel_id, name, value)
+
+    async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
+        self._verb("record_outcome", channel_id, dict(fields))
 
     async def release(self, channel_id: str) -> None:
         self._verb("release", channel_id)

@@ -7,9 +7,10 @@ Events are serialized exactly as `switch_event_serialize` does (URL-encoding rul
 
 Scriptable channel model, enough for adapter tests:
 - `call_arrives()`: CHANNEL_CREATE ... CHANNEL_PARK (optionally CHANNEL_ANSWER) of a caller;
-- `bgapi originate {origination_uuid=...}sofia/x/<number>@host &park()` with an outcome chosen
-  per number (`set_originate_outcome`): answer / busy (486) / noanswer / decline (603), with
-  the captured events, hangup causes, SIP fields and BACKGROUND_JOB results;
+- `bgapi originate {origination_uuid=...}sofia/x/<number>@host &park()` (also `user/<number>`
+  and `loopback/<number>/<context>/XML`) with an outcome chosen per number
+  (`set_originate_outcome`): answer / busy (486) / noanswer / decline (603), with the captured
+  events, hangup causes, SIP fields and BACKGROUND_JOB results;
 - `uuid_answer`, `uuid_bridge`, `uuid_broadcast` (PLAYBACK_START/STOP), `uuid_break`,
   `uuid_displace` start/stop,
   `uuid_kill`, `uuid_transfer`, `uuid_setvar/getvar`, `sendmsg` execute/hangup;
@@ -601,6 +602,9 @@ class FakeEslServer:
         variables = dict(kv.split("=", 1) for kv in (m["vars"] or "").split(",") if "=" in kv)
         leg = variables.pop("origination_uuid", None) or str(uuid_mod.uuid4())
         number = re.sub(r"^.*/", "", m["dial"]).split("@", 1)[0]
+        loopback = re.match(r"^loopback/([^/]+)/", m["dial"])  # loopback/<exten>/<context>/XML
+        if loopback:
+            number = loopback[1]
         gateway = re.match(r"^sofia/gateway/([^/]+)/", m["dial"])
         if gateway and self.gateway_dir is not None and gateway[1] not in self.gateways:
             if on_result is not None:

@@ -446,6 +446,8 @@ async def test_every_verb_runs_against_the_fake(
     await sink.wait(CallArrived, uuid)
     await port.answer(uuid)
     await port.set_variable(uuid, "x", "y")
+    await port.record_outcome(uuid, {"outcome": "answered", "transfer_id": "t1"})
+    assert f"api uuid_setvar {uuid} callbridge_outcome answered" in server.commands
     await port.attach_media(uuid, MediaAddress("127.0.0.1", 40011), "ulaw")
     await port.play_tone(uuid, "ring", "cbring-v")
     await port.stop_playback("cbring-v")
@@ -469,7 +471,7 @@ async def test_every_verb_runs_against_the_fake(
         "answer", "set_variable", "attach_media", "play_tone", "stop_playback", "originate",
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
-        "start", "stop",  # by the fixture
+        "record_outcome", "start", "stop",  # by the fixture
     }  # fmt: skip
     assert set(_port_verbs()) <= called
 

@@ -20,6 +20,7 @@ already went to the fallback.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from bridge.pbx.asterisk.dialing import (
     OUTBOUND_ONLY_CONTEXT,
     blind_variables,
     dial_string,
+    dialplan_target,
 )
 from bridge.pbx.ports import (
     CallArrived,
@@ -533,6 +535,7 @@ class AsteriskAdapter:
         caller_number: str | None,
         ring_timeout: float,
         variables: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Create the leg in our application, then dial it. A leg created this way is in
         Stasis before it rings, so an answer while the ARI connection is down keeps it up (an
@@ -547,7 +550,14 @@ class AsteriskAdapter:
             self._pending_legs.add(leg_id)
             await self._mark_and_dial(leg_id, ring_timeout)
             return
-        channel_vars = dict(variables or {})
+        # Inheritable (`__`): a queue or dialplan target's own legs (Local/...;2 and what it
+        # dials) carry them too, for the dialplan and the agent's phone to use.
+        channel_vars = {
+            f"__{k}" if k.startswith("CALLBRIDGE_") else k: v for k, v in (variables or {}).items()
+        }
+        if not (target.queue or target.context):  # a SIP channel: headers on its INVITE
+            for name, value in (headers or {}).items():
+                channel_vars[f"PJSIP_HEADER(add,{_header_name(name)})"] = value
         channel_vars["CHANNEL(hangup_handler_push)"] = f"{LEG_END_CONTEXT},s,1"
         if caller_number:
             # PJSIP builds an outbound From from the connected line (measured: CALLERID alone
@@ -603,14 +613,22 @@ class AsteriskAdapter:
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
         await self._add_to_bridge(bid, channel_id)
-        await self._add_to_bridge(bid, leg_id)
+        # The media channel leaves first: the bridge goes from the caller alone to caller +
+        # leg, never through a three-party softmix that then shrinks (seen to leave a Local
+        # channel leg deaf to the caller).
         await self.detach_media(channel_id)
+        await self._add_to_bridge(bid, leg_id)
 
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
     ) -> None:
         """The destination's parts in separate variables (never a dial string that `Dial()`
         would re-parse); `[callbridge-blind-transfer]` filters them and dials."""
+        if target.queue or target.context:  # inside the PBX: its dialplan takes the caller
+            context, exten = dialplan_target(target)  # UnsafeDialString first
+            await self.detach_media(channel_id)
+            await self.continue_in_dialplan(channel_id, context, exten)
+            return
         variables = blind_variables(target)  # UnsafeDialString before anything is changed
         await self.detach_media(channel_id)
         for name, value in variables.items():
@@ -623,6 +641,14 @@ class AsteriskAdapter:
     def dial_string(self, target: DialTarget) -> str:
         """The final dial string, checked whole (UnsafeDialString): see `dialing`."""
         return dial_string(target)
+
+    async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
+        """`CDR(userfield)` = `callbridge:<outcome>:<destination>` and `CDR(callbridge_<key>)`
+        for each field (custom CDR variables, in every CDR backend that logs variables)."""
+        outcome, destination = fields.get("outcome", ""), fields.get("destination", "")
+        await self.set_variable(channel_id, "CDR(userfield)", f"callbridge:{outcome}:{destination}")
+        for key, value in fields.items():
+            await self.set_variable(channel_id, f"CDR(callbridge_{key})", value)
 
     # --- trunks -----------------------------------------------------------------------------
 
@@ -801,6 +827,12 @@ def _leg_record(value: str) -> tuple[int | None, int | None, str]:
 
     sip = number(parts[1])
     return number(parts[0]), sip if sip is not None and sip >= 300 else None, parts[2]
+
+
+def _header_name(name: str) -> str:
+    if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
+        raise PbxCommandFailed(f"refusing SIP header name {name!r}")
+    return name
 
 
 def _age_ms(timestamp: Any) -> float | None:

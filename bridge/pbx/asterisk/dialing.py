@@ -6,6 +6,10 @@ too. The policy and the SIP grammar refuse such destinations long before; this m
 last check, on the FINAL string, whatever produced it (a policy bug, a stored destination
 from an older version, a bad `default_route`): `dial_string` raises `UnsafeDialString`.
 
+Destinations inside the PBX: an extension is `PJSIP/<endpoint>`; a queue and a dialplan
+target are a Local channel (`Local/<queue>@callbridge-queue/n`, `Local/<exten>@<context>/n`)
+for a bridged transfer, and a plain continue into the dialplan for a blind one.
+
 Blind transfers never put a dial string in a channel variable that `Dial()` would re-parse:
 `blind_variables` gives the parts (number, trunk endpoint, SIP URI, route head/tail), which
 `[callbridge-blind-transfer]` filters again with `FILTER()` and assembles itself.
@@ -24,6 +28,11 @@ DIRECT_ENDPOINT = "cb-direct"
 OUTBOUND_ONLY_CONTEXT = "callbridge-outbound-only"
 
 _NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
+# Names inside the PBX (the grammar of bridge.directory.models, checked again here).
+_PBX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_EXTEN = re.compile(r"^[A-Za-z0-9+*#][A-Za-z0-9+*#_.-]{0,63}$")
+# Where queue destinations go: `[callbridge-queue]` runs Queue(${EXTEN}).
+QUEUE_CONTEXT = "callbridge-queue"
 _TRUNK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A route (operator's `transfer.default_route`) around its {number}: a technology and a
 # resource, e.g. "PJSIP/" + number + "@carrier", "Local/" + number + "@outbound/n".
@@ -39,6 +48,12 @@ def trunk_endpoint(trunk_id: str) -> str:
 
 def dial_string(target: DialTarget) -> str:
     """The `PJSIP/...` (or route) string for `target`, or UnsafeDialString."""
+    if target.endpoint:
+        return f"PJSIP/{_name(target.endpoint)}"
+    if target.queue:
+        return f"Local/{_name(target.queue)}@{QUEUE_CONTEXT}/n"
+    if target.context:
+        return f"Local/{_exten(target.exten)}@{_context(target.context)}/n"
     if target.sip_uri:
         return f"PJSIP/{DIRECT_ENDPOINT}/{_uri(target.sip_uri)}"
     if target.trunk_id:
@@ -60,7 +75,11 @@ def blind_variables(target: DialTarget) -> dict[str, str]:
         "CALLBRIDGE_ROUTE_HEAD": "",
         "CALLBRIDGE_ROUTE_TAIL": "",
     }
-    if target.sip_uri:
+    if target.endpoint:
+        parts |= {"CALLBRIDGE_DIAL_KIND": "endpoint", "CALLBRIDGE_ENDPOINT": _name(target.endpoint)}
+    elif target.queue or target.context:
+        raise UnsafeDialString("queue and dialplan targets continue in the dialplan directly")
+    elif target.sip_uri:
         parts |= {"CALLBRIDGE_DIAL_KIND": "uri", "CALLBRIDGE_URI": _uri(target.sip_uri)}
     elif target.trunk_id:
         parts |= {
@@ -79,6 +98,34 @@ def blind_variables(target: DialTarget) -> dict[str, str]:
     else:
         raise UnsafeDialString("a dial target needs a SIP URI, a trunk or a route")
     return parts
+
+
+def dialplan_target(target: DialTarget) -> tuple[str, str]:
+    """(context, extension) where a blind transfer to a queue or dialplan target continues."""
+    if target.queue:
+        return QUEUE_CONTEXT, _name(target.queue)
+    if target.context:
+        return _context(target.context), _exten(target.exten)
+    raise UnsafeDialString("not a queue or dialplan target")
+
+
+def _name(name: str | None) -> str:
+    if not name or not _PBX_NAME.match(name):
+        raise UnsafeDialString(f"refusing PBX name {name!r} in a dial string")
+    return name
+
+
+def _context(context: str | None) -> str:
+    name = _name(context)
+    if name.lower().startswith("callbridge-"):
+        raise UnsafeDialString(f"refusing callbridge's own context {name!r} as a destination")
+    return name
+
+
+def _exten(exten: str | None) -> str:
+    if not exten or not _EXTEN.match(exten):
+        raise UnsafeDialString(f"refusing dialplan extension {exten!r}")
+    return exten
 
 
 def _uri(uri: str) -> str:

@@ -543,6 +543,12 @@ class FreeswitchAdapter:
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         await self._api(f"uuid_setvar {_uuid(channel_id)} {_word(name)} {_line(value)}")
 
+    async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
+        """`callbridge_<key>` channel variables: FreeSWITCH's CDR (xml_cdr, cdr_csv
+        templates) logs the channel's variables."""
+        for key, value in fields.items():
+            await self.set_variable(channel_id, f"callbridge_{key}", value)
+
     async def attach_media(self, channel_id: str, local: MediaAddress, codec: str) -> MediaAddress:
         """`unicast`: FreeSWITCH sends the caller's audio as raw L16 (host order, 8 kHz for
         G.711 callers) from `media_host:<port>` to `local`, and plays what reaches that port.
@@ -647,6 +653,7 @@ class FreeswitchAdapter:
         caller_number: str | None,
         ring_timeout: float,
         variables: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """`bgapi originate {...}<dial> &park()`: returns once FreeSWITCH took the job; the
         outcome arrives as channel events (or the job's `-ERR`)."""
@@ -661,6 +668,11 @@ class FreeswitchAdapter:
         }
         if caller_number:
             chan_vars["origination_caller_id_number"] = caller_number
+        if not (target.queue or target.context):  # a SIP leg: `sip_h_` adds INVITE headers
+            for name, value in (headers or {}).items():
+                if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
+                    raise PbxCommandFailed(f"refusing SIP header name {name!r}")
+                chan_vars[f"sip_h_{name}"] = value
         command = f"originate {{{_vars(chan_vars)}}}{dial_string(target, self.profile)} &park()"
         self._legs.add(uuid)
         try:

@@ -32,6 +32,11 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _SAFE_DIAL = re.compile(r"^[A-Za-z0-9+_.!~*%:@=;/#-]+$")
 _SAFE_URI = re.compile(r"^[A-Za-z0-9+_.!~*%:@=;-]+$")  # a SIP URI after its scheme (no IPv6 [])
 _SAFE_ROUTE = re.compile(r"^[A-Za-z][A-Za-z0-9]*/[A-Za-z0-9+_./@:#*=;-]+$")
+# Destinations inside the PBX (issue 9): the grammar of bridge.directory.models, again.
+_PBX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_EXTEN = re.compile(r"^[A-Za-z0-9+*#][A-Za-z0-9+*#_.-]{0,63}$")
+# Where queue destinations go: a dialplan context that runs `callcenter <queue>` (docs).
+QUEUE_CONTEXT = "callbridge-queue"
 _NUMBER = re.compile(r"^\+?[0-9]{1,20}$")
 
 
@@ -144,11 +149,25 @@ def remove_gateway(directory: Path, trunk_id: str) -> bool:
 
 
 def dial_string(target: DialTarget, profile: str) -> str:
-    """`sofia/gateway/cb-trunk-<id>/<number>`, `sofia/<profile>/<uri>` or the route template,
+    """`sofia/gateway/cb-trunk-<id>/<number>`, `sofia/<profile>/<uri>`, the route template,
+    or inside the PBX `user/<extension>` and `loopback/<exten>/<context>/XML` (a queue is
+    `loopback/<queue>/callbridge-queue/XML`),
     checked whole before it is used (UnsafeDialString): `bridge`/`originate` split a dial
     string on `,` `|` `:_:`, read `{...}`/`[...]`/`<...>` as variables and expand `${...}`,
     so none of those (nor quotes or whitespace) may appear; each kind has its own shape."""
-    if target.sip_uri:
+    if target.endpoint:
+        dial = f"user/{_pbx_name(target.endpoint)}"
+    elif target.queue:
+        dial = f"loopback/{_pbx_name(target.queue)}/{QUEUE_CONTEXT}/XML"
+    elif target.context:
+        context = _pbx_name(target.context)
+        if context.lower().startswith("callbridge-"):
+            raise UnsafeDialString(f"refusing callbridge's own context {context!r}")
+        exten = target.exten or ""
+        if not _EXTEN.match(exten):
+            raise UnsafeDialString(f"refusing dialplan extension {exten!r}")
+        dial = f"loopback/{exten}/{context}/XML"
+    elif target.sip_uri:
         dial = f"sofia/{_profile(profile)}/{_sofia_uri(target.sip_uri)}"
     elif target.trunk_id:
         if not _SAFE_ID.match(target.trunk_id):
@@ -186,6 +205,12 @@ def _sofia_uri(uri: str) -> str:
     if not _SAFE_URI.match(rest):
         raise UnsafeDialString(f"refusing to dial SIP URI {uri!r}")
     return rest
+
+
+def _pbx_name(name: str | None) -> str:
+    if not name or not _PBX_NAME.match(name):
+        raise UnsafeDialString(f"refusing PBX name {name!r} in a dial string")
+    return name
 
 
 def _number(number: str | None) -> str:

@@ -1,0 +1,148 @@
+"""Destinations inside the PBX (issue 9 §1) on FreeSWITCH, through the behaviour suite's
+FreeSWITCH backend (the protocol-faithful fake ESL server in CI, a real FreeSWITCH with
+CALLBRIDGE_TEST_FREESWITCH): an extension is dialled as `user/<extension>`, a dialplan target
+as `loopback/<exten>/<context>/XML`, a queue through `loopback/<queue>/callbridge-queue/XML`;
+the same code path in `bridge.calls` as on Asterisk (tests/integration/test_asterisk_internal.py),
+the same outcomes and records."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.behaviour.backends import FakeCaller, FreeswitchBackend
+from tests.support.daemon import Api, wait_for
+from tests.support.flows import DID, active_call, transfer_settled
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("CALLBRIDGE_TEST_FREESWITCH")),
+    reason="asserts on the fake ESL server's command log (validated by hand on a real one)",
+)
+
+DESTINATIONS = [
+    {"type": "extension", "extension": "1001", "description": "Alice's desk phone"},
+    {"type": "dialplan", "context": "ringgroups", "extension": "600", "description": "Sales"},
+    {"type": "queue", "queue": "support", "description": "The support queue"},
+]
+
+
+@pytest.fixture
+async def fs(tmp_path: Path) -> AsyncIterator[tuple[FreeswitchBackend, Api]]:
+    backend = FreeswitchBackend(tmp_path, None)
+    daemon, api = await backend.start_daemon()
+    try:
+        assistant = await api.ok(
+            "POST",
+            "/assistants",
+            {
+                "name": "Front desk",
+                "first_message": "Welcome to Acme, how can I help you?",
+                "llm_config": {"tools": [{"type": "transfer_call", "destinations": DESTINATIONS}]},
+            },
+        )
+        await api.ok("POST", "/numbers", {"number": DID, "assistant_id": assistant["id"]})
+        yield backend, api
+    finally:
+        await api.close()
+        await daemon.stop()
+        await backend.close()
+
+
+def originates(backend: FreeswitchBackend) -> list[str]:
+    assert backend.server is not None
+    return [c for c in backend.server.commands if c.startswith("bgapi originate")]
+
+
+async def transfer(api: Api, call_id: str, destination: str, **extra: Any) -> dict[str, Any]:
+    body = {"type": "transfer", "destination": destination, "ring_timeout": 5, **extra}
+    await api.ok("POST", f"/calls/{call_id}/control", body)
+    return await transfer_settled(api, call_id)
+
+
+@pytest.mark.parametrize(
+    ("destination", "dial"),
+    [
+        ("extension:1001", "user/1001"),
+        ("dialplan:600@ringgroups", "loopback/600/ringgroups/XML"),
+        ("queue:support", "loopback/support/callbridge-queue/XML"),
+    ],
+)
+async def test_internal_destination_is_bridged(
+    fs: tuple[FreeswitchBackend, Api], destination: str, dial: str
+) -> None:
+    backend, api = fs
+    caller = await backend.caller(DID)
+    assert isinstance(caller, FakeCaller)
+    call = await active_call(api)
+    done = await transfer(api, call["id"], destination)
+    t = done["transfers"][-1]
+    assert (t["state"], t["outcome"], t["destination"]) == ("bridged", "answered", destination)
+    (command,) = originates(backend)
+    assert re.search(r"\}" + re.escape(dial) + r" &park\(\)$", command), command
+    assert "CALLBRIDGE_TRANSFER_ID=" + t["id"] in command
+    # Context into FreeSWITCH's artefacts (issue 9 §6): INVITE headers on SIP legs only,
+    # the outcome as the caller's channel variables (its CDR).
+    assert ("sip_h_X-CallBridge-Call-Id=" + call["id"] in command) == dial.startswith("user/")
+    assert backend.server is not None and caller.chan is not None
+    await wait_for(
+        lambda: (
+            f"api uuid_setvar {caller.chan.uuid} callbridge_outcome answered"  # type: ignore[union-attr]
+            in backend.server.commands
+        ),  # type: ignore[union-attr]
+        "the outcome in the caller's variables",
+    )
+    assert caller.chan is not None and backend.server is not None
+    leg = backend.server.channels.get(caller.chan.bridged_with or "")
+    assert leg is not None and leg.direction == "outbound" and leg.answered
+
+
+async def test_busy_internal_destination_returns_the_caller(
+    fs: tuple[FreeswitchBackend, Api],
+) -> None:
+    backend, api = fs
+    assert backend.server is not None
+    backend.server.set_originate_outcome("600", "busy")
+    await backend.caller(DID)
+    call = await active_call(api)
+    done = await transfer(api, call["id"], "dialplan:600@ringgroups")
+    t = done["transfers"][-1]
+    assert (t["state"], t["outcome"]) == ("failed", "busy") and done["status"] == "active"
+
+    async def told() -> bool:  # the assistant says why, after the failure
+        kinds = [e["type"] for e in (await api.ok("GET", f"/calls/{call['id']}"))["events"]]
+        return "assistant.said" in kinds[kinds.index("transfer.failed") :]
+
+    await wait_for(told, "the assistant to tell the caller")
+
+
+async def test_blind_transfer_to_an_extension(fs: tuple[FreeswitchBackend, Api]) -> None:
+    backend, api = fs
+    await backend.caller(DID)
+    call = await active_call(api)
+    done = await transfer(api, call["id"], "extension:1001", mode="blind")
+    assert done["transfers"][-1]["state"] == "handed_off"
+    assert backend.server is not None
+    sets = [c for c in backend.server.commands if "callbridge_dial" in c]
+    assert any(c.endswith("callbridge_dial user/1001") for c in sets), sets
+    await wait_for(
+        lambda: any(c.startswith("api uuid_transfer") for c in backend.server.commands),  # type: ignore[union-attr]
+        "the caller handed to the blind context",
+    )
+
+
+async def test_unconfigured_internal_destination_is_refused(
+    fs: tuple[FreeswitchBackend, Api],
+) -> None:
+    backend, api = fs
+    await backend.caller(DID)
+    call = await active_call(api)
+    status, body = await api.request(
+        "POST", f"/calls/{call['id']}/control", {"type": "transfer", "destination": "queue:vip"}
+    )
+    assert status == 403 and body["error"]["details"]["rule"] == "assistant.destinations"
+    assert originates(backend) == []
