@@ -310,6 +310,7 @@ allowed_sip_domains = ["127.0.0.1"]
         take: list[float] = []
         slow: dict[str, list[float]] = {}
         holds = 0
+        commands: list[dict[str, Any]] = []
         for line in self.log.read_text(errors="replace").splitlines():
             if not line.startswith("{"):
                 continue
@@ -330,6 +331,10 @@ allowed_sip_domains = ["127.0.0.1"]
                 slow.setdefault(str(entry.get("type")), []).append(float(entry["ms"]))
             elif event == "agent.stt_hold":
                 holds += 1
+            elif event == "db.stats":
+                stats["db"] = {k: v for k, v in entry.items() if k not in ("event", "level")}
+            elif event == "call.command_timing":
+                commands.append(entry)
 
         def dist(values: list[float]) -> dict[str, float | None]:
             return {
@@ -344,6 +349,13 @@ allowed_sip_domains = ["127.0.0.1"]
         stats["arrival_take_ms"] = dist(take)
         stats["slow_ari_events"] = {k: (len(v), round(max(v))) for k, v in slow.items()}
         stats["stt_holds"] = holds
+        # Where the control commands' time went (the daemon's call.command_timing): waiting
+        # in the call's queue, handling, and of that the database (wait for its thread, run)
+        # and ARI round trips.
+        stats["command_ms"] = {
+            key: dist([float(c.get(key) or 0) for c in commands])
+            for key in ("queued_ms", "handled_ms", "db_wait_ms", "db_run_ms", "ari_ms")
+        }
         return stats
 
 
@@ -614,6 +626,8 @@ def summarise(
         "slow_ari_events": lag.get("slow_ari_events"),
         "stt": lag.get("stt"),
         "stt_holding_phrases": lag.get("stt_holds"),
+        "control_command_ms": lag.get("command_ms"),
+        "db": lag.get("db"),
         "end_reasons": ends,
         **resources,
     }
@@ -678,6 +692,11 @@ async def main() -> None:
                 f"{result['arrival_take_ms']}; slow ARI events (count, max ms): "
                 f"{result['slow_ari_events']}; STT: {result['stt']}; holding phrases: "
                 f"{result['stt_holding_phrases']}",
+                flush=True,
+            )
+            print(
+                f"#   control commands in the daemon (ms): {result['control_command_ms']}; "
+                f"database thread: {result['db']}",
                 flush=True,
             )
             if result["lost"] or result["sent_to_fallback"]:

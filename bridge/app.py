@@ -322,6 +322,8 @@ class Daemon:
             admission = self.calls.admission if self.calls is not None else None
             refused = dict(admission.refused) if admission is not None else {}
             log.info("loop.lag_stats", refused=refused, **self.loop_lag.stats())
+            if self.db is not None:  # load2: what the database thread did
+                log.info("db.stats", **self.db.stats.summary())
         if self.providers is not None:
             stt_stats = getattr(self.providers.stt, "stats", None)  # speed: STT throughput
             if stt_stats is not None:

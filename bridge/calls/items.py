@@ -4,7 +4,8 @@ and the resume signal."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -27,6 +28,7 @@ class CommandEnvelope:
     reply: asyncio.Future[dict[str, Any]]
     source: str = "api"
     label: str | None = None
+    posted: float = field(default_factory=time.monotonic)  # when it entered the call's queue
 
 
 @dataclass(frozen=True)

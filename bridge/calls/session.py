@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from bridge import timing
 from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
 from bridge.calls.model import (
     Call,
@@ -287,10 +288,22 @@ class CallSession:
 
     async def _handle(self, item: Any) -> None:
         if isinstance(item, CommandEnvelope):
+            # load2 (issue 7 §8): where a command's time goes, logged as call.command_timing
+            span, started = timing.Span(), time.monotonic()
+            token = timing.current.set(span)
             try:
                 item.reply.set_result(await self._on_command(item))
             except BridgeError as exc:
                 item.reply.set_exception(exc)
+            finally:
+                timing.current.reset(token)
+                self.log.info(
+                    "call.command_timing",
+                    type=type(item.command).__name__,
+                    queued_ms=round((started - item.posted) * 1000, 1),
+                    handled_ms=round((time.monotonic() - started) * 1000, 1),
+                    **span.fields(),
+                )
         elif isinstance(item, ChannelHungUp):
             await self._on_hangup(item)
         elif isinstance(item, LegRinging | LegProgress | LegAnswered | LegFailed):

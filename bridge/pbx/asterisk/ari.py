@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from bridge import timing
 from bridge.log import get_logger
 
 log = get_logger(__name__)
@@ -87,6 +88,7 @@ class AriClient:
         """Call `/ari{path}`; return the decoded JSON (or None for an empty body)."""
         url = f"{self.base_url}/ari{path}"
         clean = {k: _param(v) for k, v in (params or {}).items() if v is not None}
+        started = time.monotonic()
         try:
             async with self._http().request(method, url, params=clean, json=body) as resp:
                 text = await resp.text()
@@ -97,6 +99,8 @@ class AriClient:
                 return json.loads(text)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise AriUnavailable(f"ARI {method} {path}: {_describe(exc)}") from exc
+        finally:
+            timing.add("ari", (time.monotonic() - started) * 1000)
 
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, params=params)
