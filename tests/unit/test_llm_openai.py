@@ -25,6 +25,7 @@ from bridge.llm.base import (
 )
 from bridge.llm.openai_compat import OpenAICompatLlm
 from bridge.llm.tools import Toolset, TransferIntent
+from tests.support.calls import until
 from tests.support.fake_openai import FakeOpenAI, FakeToolCall, Reply
 
 TOOLS = [
@@ -234,5 +235,5 @@ async def test_abandoning_the_stream_releases_the_connection(
     await stream.aclose()  # type: ignore[attr-defined]
     text, _, _ = await asyncio.wait_for(collect(llm.stream(MESSAGES)), 2)
     assert text == "Again."
-    await asyncio.sleep(0.1)
+    await until(lambda: fake.disconnects, "the server to see the abandoned stream go")
     assert fake.disconnects == 1
