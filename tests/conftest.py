@@ -7,6 +7,7 @@ developer machine but FAIL under CI (env CI set): a silently skipped suite prove
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -33,3 +34,34 @@ def asterisk_lab() -> Iterator[AsteriskLab]:
         yield lab
     finally:
         lab.stop()
+
+
+@pytest.fixture(autouse=True)
+def _asterisk_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that used the session's Asterisk leaves no channel in it.
+
+    The lab is shared by every module of the session: a channel a test leaves (a killed SIPp
+    caller sent no BYE, a leg of a daemon stopped mid-call) lives on into later tests, which
+    then see a caller they never made (a daemon sends it to the fallback, a test counting
+    channels finds two). Autouse, so it is torn down after the test's own fixtures (daemons
+    stopped). It waits for what is still ending, then hangs up what is left and fails the
+    test that left it, so a leak is reported where it happens, not three modules later.
+    """
+    yield
+    if "asterisk_lab" not in request.fixturenames:
+        return
+    lab = request.getfixturevalue("asterisk_lab")
+    if lab.pid is None:  # the lab did not start: nothing to check
+        return
+    deadline = time.monotonic() + 10
+    while True:
+        status, channels = lab.ari("GET", "/channels")
+        left = channels if status == 200 else []
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)  # polls a condition: channels still hanging up
+    for channel in left:
+        lab.ari("DELETE", f"/channels/{channel['id']}")
+    if left:
+        names = [(c["name"], c["dialplan"]["context"], c["dialplan"]["app_name"]) for c in left]
+        pytest.fail(f"the test left channels in the shared Asterisk: {names}", pytrace=False)

@@ -295,6 +295,13 @@ async def test_blind_context_refuses_parts_it_would_have_to_filter(
 
             lines = await wait_for(failed_here, f"the blind context's failure branch for {name}")
             assert not any("Dial(" in ln for ln in lines), lines
+            # The test moved the caller out of Stasis behind the daemon's back (its own blind
+            # transfer releases its media first), so the daemon, unsubscribed from the caller,
+            # never learns it hung up: release the media channel it still holds, which would
+            # otherwise stay in the session's Asterisk.
+            _, channels = asterisk_lab.ari("GET", "/channels")
+            for media in [c["id"] for c in channels if c["id"].startswith(f"cbmedia-{channel}-")]:
+                assert asterisk_lab.ari("DELETE", f"/channels/{media}")[0] == 204
         finally:
             await caller.terminate()
             await carrier.stop()
