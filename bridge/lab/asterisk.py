@@ -444,6 +444,29 @@ class AsteriskLab:
         except ValueError:
             return status, raw.decode(errors="replace")
 
+    def hangup_sip_call(self, call_id: str) -> bool:
+        """Hang up the PJSIP channel of the SIP dialog `call_id`; False if none has it.
+
+        Killing a SIPp caller sends no BYE, so its channel (and whatever it dialled) stays
+        in Asterisk: in the session's shared lab it outlived the test and confused later
+        ones. `SippCall.terminate` ends its call through this first.
+        """
+        status, channels = self.ari("GET", "/channels")
+        if status != 200:
+            return False
+        for channel in channels:
+            if not channel["name"].startswith("PJSIP/"):
+                continue
+            status, var = self.ari(
+                "GET",
+                f"/channels/{channel['id']}/variable",
+                {"variable": "CHANNEL(pjsip,call-id)"},
+            )
+            if status == 200 and var and var.get("value") == call_id:
+                status, _ = self.ari("DELETE", f"/channels/{channel['id']}")
+                return status in (204, 404)
+        return False
+
 
 def main() -> None:
     """`python -m bridge.lab.asterisk`: run a lab Asterisk until Ctrl-C (for the demo)."""

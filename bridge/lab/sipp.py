@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -353,10 +353,32 @@ class SippCall(_SippProcess):
             ],
         )
 
+    # The lab's `hangup_sip_call(call_id) -> bool` (AsteriskLab), set by `to_lab`.
+    _hangup: Callable[[str], bool] | None = None
+
     @classmethod
     def to_lab(cls, lab: LabLike, service: str, **kwargs: object) -> SippCall:
         """A call into the lab Asterisk's PJSIP transport."""
-        return cls((lab.host, lab.sip_port), service, **kwargs)  # type: ignore[arg-type]
+        call = cls((lab.host, lab.sip_port), service, **kwargs)  # type: ignore[arg-type]
+        call._hangup = getattr(lab, "hangup_sip_call", None)
+        return call
+
+    def call_id(self) -> str | None:
+        """The Call-ID of our INVITE (None before SIPp sent it)."""
+        sent = [m for m in self.messages() if m.direction == "sent" and m.method == "INVITE"]
+        return sent[0].header("Call-ID") if sent else None
+
+    async def terminate(self) -> int | None:
+        """End the call and stop SIPp. A killed SIPp sends no BYE, so its channel would stay
+        in Asterisk (the session shares one lab): the lab hangs the channel up first, SIPp
+        answers that BYE and exits by itself; only then is it killed."""
+        running = self.proc is not None and self.proc.returncode is None
+        call_id = self.call_id() if running and self._hangup is not None else None
+        if call_id and self._hangup is not None:
+            if await asyncio.to_thread(self._hangup, call_id):
+                with contextlib.suppress(TimeoutError):
+                    await self.wait(5)
+        return await super().terminate()
 
     def final_status(self) -> int | None:
         """The final (>= 200) response code to our INVITE, or None if none came."""

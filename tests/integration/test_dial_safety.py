@@ -24,7 +24,14 @@ from bridge.errors import DestinationNotAllowed
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippCall, SippUas
 from tests.support.daemon import start_daemon, wait_for
-from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
+from tests.support.flows import (
+    DESTINATION,
+    DID,
+    LabCall,
+    active_call,
+    setup_directory,
+    transfer_settled,
+)
 
 pytestmark = pytest.mark.asterisk
 
@@ -85,39 +92,29 @@ async def test_control_transfers_refuse_injection_and_unlisted_destinations(
     asterisk_lab: Any, daemon_api: Any, mode: str
 ) -> None:
     _, api = daemon_api
-    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        carrier = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
-        await carrier.start()
+    async with LabCall(asterisk_lab, api) as lab_call:
+        carrier = lab_call.uas
+        assert carrier is not None
         world = await setup_directory(api, carrier, auth=False)
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
-        await caller.start()
-        try:
-            call = await active_call(api)
-            path = f"/calls/{call['id']}/control"
-            await _refused_everything(
-                api, path, {"type": "transfer", "mode": mode}, world["trunk"]["id"]
-            )
-            data = await api.ok("GET", f"/calls/{call['id']}")
-            assert data["status"] == "active" and data["transfers"] == []
-            refused = [e for e in data["events"] if e["type"] == "transfer.refused"]
-            assert [(e["destination"], e["rule"]) for e in refused] == POLICY_REFUSALS
-            assert all(e["source"] == "api" for e in refused)
+        call = await lab_call.dial()
+        path = f"/calls/{call['id']}/control"
+        await _refused_everything(
+            api, path, {"type": "transfer", "mode": mode}, world["trunk"]["id"]
+        )
+        data = await api.ok("GET", f"/calls/{call['id']}")
+        assert data["status"] == "active" and data["transfers"] == []
+        refused = [e for e in data["events"] if e["type"] == "transfer.refused"]
+        assert [(e["destination"], e["rule"]) for e in refused] == POLICY_REFUSALS
+        assert all(e["source"] == "api" for e in refused)
 
-            # The same carrier then gets the one allowed transfer: its first INVITE.
-            await api.ok(
-                "POST", path, {"type": "transfer", "destination": DESTINATION, "mode": mode}
-            )
-            await wait_for(lambda: carrier.invite is not None, "the INVITE at the carrier")
-            invites = carrier.received_requests("INVITE")
-            assert DESTINATION in (invites[0].request_uri or ""), invites[0].first_line
-            assert not any(PREMIUM in (m.request_uri or "") for m in invites)
-            done = await transfer_settled(api, call["id"])
-            assert done["transfers"][-1]["state"] == (
-                "bridged" if mode == "bridge" else "handed_off"
-            )
-        finally:
-            await caller.terminate()
-            await carrier.stop()
+        # The same carrier then gets the one allowed transfer: its first INVITE.
+        await api.ok("POST", path, {"type": "transfer", "destination": DESTINATION, "mode": mode})
+        await wait_for(lambda: carrier.invite is not None, "the INVITE at the carrier")
+        invites = carrier.received_requests("INVITE")
+        assert DESTINATION in (invites[0].request_uri or ""), invites[0].first_line
+        assert not any(PREMIUM in (m.request_uri or "") for m in invites)
+        done = await transfer_settled(api, call["id"])
+        assert done["transfers"][-1]["state"] == ("bridged" if mode == "bridge" else "handed_off")
 
 
 async def test_destination_test_refuses_injection_and_unlisted_destinations(
@@ -143,9 +140,9 @@ async def test_assistant_destinations_are_held_to_the_grammar_and_the_policy(
     asterisk_lab: Any, daemon_api: Any
 ) -> None:
     daemon, api = daemon_api
-    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        carrier = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
-        await carrier.start()
+    async with LabCall(asterisk_lab, api) as lab_call:
+        carrier = lab_call.uas
+        assert carrier is not None
         world = await setup_directory(api, carrier, auth=False)
         # Stored config: an assistant cannot be given such a destination.
         forged = forged_uris(world["trunk"]["id"])[0]
@@ -157,77 +154,65 @@ async def test_assistant_destinations_are_held_to_the_grammar_and_the_policy(
         )  # fmt: skip
         assert status == 422, error
         assert "sip_uri" in error["error"]["field"], error
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
-        await caller.start()
-        try:
-            call = await active_call(api)
-            session = daemon.calls._by_id[call["id"]]
-            # The assistant's path (the transfer tool reaches the session like this): a
-            # destination that escaped validation (an older database, a bug) is refused by the
-            # policy, and each refusal is recorded with its rule.
-            for destination, mode, rule in [
-                (forged, "blind", "sip_uri.grammar"),
-                ("sip:+19005550204@pbx.example.com;maddr=127.0.0.1", "bridge",
-                 "transfer.allowed_uri_params"),
-                (PREMIUM, "blind", "transfer.allowed_prefixes"),
-            ]:  # fmt: skip
-                command = TransferCommand.model_construct(
-                    type="transfer", destination=destination, message=None, mode=mode,
-                    ring_timeout=None,
-                )  # fmt: skip
-                with pytest.raises(DestinationNotAllowed) as info:
-                    await session.command(command, source="assistant", label="premium")
-                assert info.value.details["rule"] == rule
-                assert "refused by the transfer policy" in info.value.message
-            data = await api.ok("GET", f"/calls/{call['id']}")
-            refused = [e for e in data["events"] if e["type"] == "transfer.refused"]
-            assert [(e["rule"], e["source"]) for e in refused] == [
-                ("sip_uri.grammar", "assistant"),
-                ("transfer.allowed_uri_params", "assistant"),
-                ("transfer.allowed_prefixes", "assistant"),
-            ]
-            assert refused[0]["destination"] == forged
-            assert data["status"] == "active" and data["transfers"] == []
-            # The assistant's own destination still goes through, and is the first INVITE.
-            reply = await session.command(
-                TransferCommand(type="transfer", destination=DESTINATION, mode="blind"),
-                source="assistant",
-            )
-            assert reply["accepted"] == "transfer"
-            await wait_for(lambda: carrier.invite is not None, "the INVITE at the carrier")
-            assert DESTINATION in (carrier.received_requests("INVITE")[0].request_uri or "")
-        finally:
-            await caller.terminate()
-            await carrier.stop()
+        call = await lab_call.dial(hold_ms=30000)
+        session = daemon.calls._by_id[call["id"]]
+        # The assistant's path (the transfer tool reaches the session like this): a
+        # destination that escaped validation (an older database, a bug) is refused by the
+        # policy, and each refusal is recorded with its rule.
+        for destination, mode, rule in [
+            (forged, "blind", "sip_uri.grammar"),
+            ("sip:+19005550204@pbx.example.com;maddr=127.0.0.1", "bridge",
+             "transfer.allowed_uri_params"),
+            (PREMIUM, "blind", "transfer.allowed_prefixes"),
+        ]:  # fmt: skip
+            command = TransferCommand.model_construct(
+                type="transfer", destination=destination, message=None, mode=mode,
+                ring_timeout=None,
+            )  # fmt: skip
+            with pytest.raises(DestinationNotAllowed) as info:
+                await session.command(command, source="assistant", label="premium")
+            assert info.value.details["rule"] == rule
+            assert "refused by the transfer policy" in info.value.message
+        data = await api.ok("GET", f"/calls/{call['id']}")
+        refused = [e for e in data["events"] if e["type"] == "transfer.refused"]
+        assert [(e["rule"], e["source"]) for e in refused] == [
+            ("sip_uri.grammar", "assistant"),
+            ("transfer.allowed_uri_params", "assistant"),
+            ("transfer.allowed_prefixes", "assistant"),
+        ]
+        assert refused[0]["destination"] == forged
+        assert data["status"] == "active" and data["transfers"] == []
+        # The assistant's own destination still goes through, and is the first INVITE.
+        reply = await session.command(
+            TransferCommand(type="transfer", destination=DESTINATION, mode="blind"),
+            source="assistant",
+        )
+        assert reply["accepted"] == "transfer"
+        await wait_for(lambda: carrier.invite is not None, "the INVITE at the carrier")
+        assert DESTINATION in (carrier.received_requests("INVITE")[0].request_uri or "")
 
 
 async def test_blind_transfer_to_a_sip_uri_is_dialled_from_filtered_parts(
     asterisk_lab: Any, daemon_api: Any
 ) -> None:
     _, api = daemon_api
-    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        uas = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
-        await uas.start()
+    async with LabCall(asterisk_lab, api) as lab_call:
+        uas = lab_call.uas
+        assert uas is not None
         await setup_directory(api, None)
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
-        await caller.start()
-        try:
-            call = await active_call(api)
-            uri = f"sip:alice.o'neil+1@127.0.0.1:{uas.local_port};user=phone"
-            await api.ok(
-                "POST",
-                f"/calls/{call['id']}/control",
-                {"type": "transfer", "destination": uri, "mode": "blind"},
-            )
-            await wait_for(lambda: uas.invite is not None, "the INVITE at the UAS")
-            assert (uas.invite.request_uri or "") == uri
-            await wait_for(
-                lambda: any(m.direction == "sent" and m.status_code == 200 for m in uas.messages()),
-                "the UAS to answer",
-            )
-        finally:
-            await caller.terminate()
-            await uas.stop()
+        call = await lab_call.dial(hold_ms=30000)
+        uri = f"sip:alice.o'neil+1@127.0.0.1:{uas.local_port};user=phone"
+        await api.ok(
+            "POST",
+            f"/calls/{call['id']}/control",
+            {"type": "transfer", "destination": uri, "mode": "blind"},
+        )
+        await wait_for(lambda: uas.invite is not None, "the INVITE at the UAS")
+        assert (uas.invite.request_uri or "") == uri
+        await wait_for(
+            lambda: any(m.direction == "sent" and m.status_code == 200 for m in uas.messages()),
+            "the UAS to answer",
+        )
 
 
 @pytest.mark.parametrize(
@@ -246,58 +231,61 @@ async def test_blind_context_refuses_parts_it_would_have_to_filter(
     dial it (it plays the failure message and hangs up); and a whole dial string in
     CALLBRIDGE_DIAL (what main's context ran `Dial()` on) is never dialled."""
     _, api = daemon_api
-    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        carrier = SippUas("uas_answer.xml", rtp_port=dest_rtp.port)
-        await carrier.start()
+    async with LabCall(asterisk_lab, api) as lab_call:
+        carrier = lab_call.uas
+        assert carrier is not None
         world = await setup_directory(api, carrier, auth=False)
         endpoint = f"cb-trunk-{world['trunk']['id']}"
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-        await caller.start()
-        try:
-            call = await active_call(api)
-            channel = call["channel_id"]
+        call = await lab_call.dial(hold_ms=60000)
+        caller = lab_call.caller
+        assert caller is not None
+        channel = call["channel_id"]
 
-            async def greeting_started() -> bool:  # media attached: the session is idle
-                events = (await api.ok("GET", f"/calls/{call['id']}"))["events"]
-                return any(e["type"] == "assistant.said" for e in events)
+        async def greeting_started() -> bool:  # media attached: the session is idle
+            events = (await api.ok("GET", f"/calls/{call['id']}"))["events"]
+            return any(e["type"] == "assistant.said" for e in events)
 
-            await wait_for(greeting_started, "the greeting")
-            status, info = asterisk_lab.ari("GET", f"/channels/{channel}")
-            assert status == 200
-            name = info["name"]  # how the dialplan log names this call
-            parts = {
-                "CALLBRIDGE_ENDPOINT": endpoint,
-                "CALLBRIDGE_RING_TIMEOUT": "5",
-                # What main's blind context dialled as is: it must be ignored now.
-                "CALLBRIDGE_DIAL": f"PJSIP/cb-direct/sip:x&PJSIP/{PREMIUM}@{endpoint}",
-            }
-            parts |= {k: v.replace("ENDPOINT", endpoint) for k, v in variables.items()}
-            for variable, value in parts.items():
-                status, _ = asterisk_lab.ari(
-                    "POST", f"/channels/{channel}/variable", {"variable": variable, "value": value}
-                )
-                assert status == 204
+        await wait_for(greeting_started, "the greeting")
+        status, info = asterisk_lab.ari("GET", f"/channels/{channel}")
+        assert status == 200
+        name = info["name"]  # how the dialplan log names this call
+        parts = {
+            "CALLBRIDGE_ENDPOINT": endpoint,
+            "CALLBRIDGE_RING_TIMEOUT": "5",
+            # What main's blind context dialled as is: it must be ignored now.
+            "CALLBRIDGE_DIAL": f"PJSIP/cb-direct/sip:x&PJSIP/{PREMIUM}@{endpoint}",
+        }
+        parts |= {k: v.replace("ENDPOINT", endpoint) for k, v in variables.items()}
+        for variable, value in parts.items():
             status, _ = asterisk_lab.ari(
-                "POST",
-                f"/channels/{channel}/continue",
-                {"context": "callbridge-blind-transfer", "extension": "s", "priority": "1"},
+                "POST", f"/channels/{channel}/variable", {"variable": variable, "value": value}
             )
             assert status == 204
-            # The failure branch plays "sorry, cannot complete as dialed" and hangs up.
-            assert await asyncio.wait_for(caller.wait(), 30) == 0
-            assert caller.got_bye()
-            assert carrier.received_requests("INVITE") == []
+        status, _ = asterisk_lab.ari(
+            "POST",
+            f"/channels/{channel}/continue",
+            {"context": "callbridge-blind-transfer", "extension": "s", "priority": "1"},
+        )
+        assert status == 204
+        # The failure branch plays "sorry, cannot complete as dialed" and hangs up.
+        assert await asyncio.wait_for(caller.wait(), 30) == 0
+        assert caller.got_bye()
+        assert carrier.received_requests("INVITE") == []
 
-            def failed_here() -> list[str] | None:  # Asterisk's logger writes asynchronously
-                lines = [ln for ln in asterisk_lab.log_tail(400).splitlines() if f'"{name}"' in ln]
-                done = any("callbridge blind transfer failed" in ln for ln in lines)
-                return lines if done else None
+        def failed_here() -> list[str] | None:  # Asterisk's logger writes asynchronously
+            lines = [ln for ln in asterisk_lab.log_tail(400).splitlines() if f'"{name}"' in ln]
+            done = any("callbridge blind transfer failed" in ln for ln in lines)
+            return lines if done else None
 
-            lines = await wait_for(failed_here, f"the blind context's failure branch for {name}")
-            assert not any("Dial(" in ln for ln in lines), lines
-        finally:
-            await caller.terminate()
-            await carrier.stop()
+        lines = await wait_for(failed_here, f"the blind context's failure branch for {name}")
+        assert not any("Dial(" in ln for ln in lines), lines
+        # The test moved the caller out of Stasis behind the daemon's back (its own blind
+        # transfer releases its media first), so the daemon, unsubscribed from the caller,
+        # never learns it hung up: release the media channel it still holds, which would
+        # otherwise stay in the session's Asterisk.
+        _, channels = asterisk_lab.ari("GET", "/channels")
+        for media in [c["id"] for c in channels if c["id"].startswith(f"cbmedia-{channel}-")]:
+            assert asterisk_lab.ari("DELETE", f"/channels/{media}")[0] == 204
 
 
 async def test_an_invite_from_cb_direct_is_not_routed_into_callbridge(

@@ -376,7 +376,3 @@ async def speak(agent: VoiceAgent, ms: int = 200, then_silence_ms: int = 200) ->
     for _ in range(then_silence_ms // 20):
         agent.on_audio(QUIET)
         await asyncio.sleep(0.002)
-
-
-async def settle(seconds: float = 0.1) -> None:
-    await asyncio.sleep(seconds)

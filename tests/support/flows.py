@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.lab.rtp import RtpPeer, rms
-from bridge.lab.sipp import SippUas
+from bridge.lab.sipp import SippCall, SippUas
 from tests.support.daemon import Api, wait_for
 
 DID = "+31201234567"
@@ -80,3 +80,64 @@ async def heard_speech(peer: RtpPeer, since: float, seconds: float = 10) -> bool
         return len(pcm) >= 8000 and rms(pcm) > 300
 
     return await wait_for(loud, "non-silent audio at the caller", timeout=seconds)
+
+
+class LabCall:
+    """A caller into the lab (SIPp with its RTP peer) and a destination behind it (a SIPp UAS
+    with its own RTP peer), torn down so that nothing is left in the session's Asterisk.
+
+        async with LabCall(asterisk_lab, api) as lab_call:
+            world = await setup_directory(api, lab_call.uas, auth=False)
+            call = await lab_call.dial()
+
+    `uas_scenario=None`: no destination. `on_lab=True`: the UAS listens on the port of the
+    lab's own `sipp-uas` endpoints (a route), not on a port of its own (a trunk's host).
+    """
+
+    def __init__(
+        self,
+        lab: Any,
+        api: Api,
+        uas_scenario: str | None = "uas_answer.xml",
+        *,
+        on_lab: bool = False,
+        **uas_options: Any,
+    ) -> None:
+        self.lab = lab
+        self.api = api
+        self.uas_scenario = uas_scenario
+        self.on_lab = on_lab
+        self.uas_options = uas_options
+        self.uas: SippUas | None = None
+        self.caller: SippCall | None = None
+
+    async def __aenter__(self) -> LabCall:
+        self.caller_rtp = await RtpPeer().start()
+        self.dest_rtp = await RtpPeer().start()
+        if self.uas_scenario is not None:
+            options = {"rtp_port": self.dest_rtp.port, **self.uas_options}
+            self.uas = (
+                SippUas.for_lab(self.lab, self.uas_scenario, **options)
+                if self.on_lab
+                else SippUas(self.uas_scenario, **options)
+            )
+            await self.uas.start()
+        return self
+
+    async def dial(self, number: str = DID, hold_ms: int = 30000) -> dict[str, Any]:
+        """Place the call and return its record once callbridge has it active."""
+        self.caller = SippCall.to_lab(
+            self.lab, number, rtp_port=self.caller_rtp.port, hold_ms=hold_ms
+        )
+        await self.caller.start()
+        return await active_call(self.api)
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.caller is not None:
+                await self.caller.terminate()  # Asterisk hangs the call up first (a BYE)
+            if self.uas is not None:
+                await self.uas.stop()
+        finally:
+            self.caller_rtp.close()
+            self.dest_rtp.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +10,7 @@ from bridge.agent.history import history_from_transcript
 from bridge.calls.model import CallEvent
 from bridge.llm.base import Finished, TextDelta
 from tests.support.agent import FakeSession, ScriptedLlm, ScriptedStt, Step, make_agent, speak
+from tests.support.calls import until
 
 
 def row(role: str, text: str, **data: Any) -> CallEvent:
@@ -59,7 +59,7 @@ async def test_resumed_agent_carries_on_the_conversation() -> None:
     await agent.start(resumed=True)
     assert session.said == []  # no second greeting
     await speak(agent)
-    await asyncio.sleep(0.1)
+    await until(lambda: llm.requests, "the request to the model")
     roles = [m.role for m in llm.requests[0]]
     assert roles == ["system", "assistant", "user", "assistant", "tool", "user", "user"]
     assert llm.requests[0][-1].content == "what now"

@@ -22,7 +22,6 @@ from tests.support.agent import (
     TextTts,
     make_agent,
     make_assistant,
-    settle,
     speak,
 )
 from tests.support.calls import until
@@ -60,10 +59,12 @@ async def test_turn_streams_sentences_before_the_reply_is_complete() -> None:
     agent = make_agent(session, llm, stt)
     await agent.start(resumed=False)
     await speak(agent)
-    await settle(0.12)  # first sentence complete, the rest still streaming
+    # The first sentence is said while the rest still streams (0.05 s between deltas; the
+    # poll's 2 ms timer is due before the next delta's, even after a stalled loop).
+    await until(lambda: session.said, "the first sentence")
     assert session.said == [("We open at nine.", True)]
     assert llm.abandoned == 0
-    await settle(0.3)
+    await until(lambda: len(session.said) == 2, "the second sentence")
     assert [s for s, _ in session.said] == ["We open at nine.", "We close at five."]
     request = llm.requests[0]
     assert [m.role for m in request] == ["system", "user"]
@@ -143,7 +144,7 @@ async def test_transfer_call_runs_the_session_command_and_gets_the_typed_result(
     agent = make_agent(session, llm, ScriptedStt("sales please", "okay"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: session.commands, "the transfer command")
     command, source, label = session.commands[0]
     assert isinstance(command, TransferCommand)
     assert command.destination == "+31612345678"
@@ -158,7 +159,7 @@ async def test_transfer_call_runs_the_session_command_and_gets_the_typed_result(
     await until(lambda: (busy, True) in session.said, "the caller is back with the assistant")
     assert session.call.status is CallStatus.ACTIVE
     await speak(agent)
-    await settle()
+    await until(lambda: len(llm.requests) == 2, "the second request to the model")
     second = llm.requests[1]
     assert [m.role for m in second] == ["system", "user", "assistant", "tool", "user"]
     assert second[2].tool_calls[0].id == "call_1" and second[3].tool_call_id == "call_1"
@@ -183,7 +184,7 @@ async def test_refused_tool_call_goes_back_to_the_model() -> None:
     agent = make_agent(session, llm, ScriptedStt("support"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: session.commands, "the transfer to the listed destination")
     assert "is not a destination" in (llm.requests[1][-1].content or "")
     assert session.commands[0][0].destination == "+31687654321"
     await agent.close()
@@ -197,10 +198,10 @@ async def test_barge_in_flushes_and_cancels_the_reply() -> None:
     agent = make_agent(session, llm, ScriptedStt("tell me everything", "stop"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle(0.25)
-    assert session.said and session.media is not None and session.media.playing
+    await until(lambda: session.said and session.media and session.media.playing, "playing")
+    assert session.media is not None
     await speak(agent, ms=100, then_silence_ms=0)  # the caller talks over the assistant
-    await settle(0.02)
+    await until(lambda: session.media is not None and session.media.flushes, "the flush")
     assert session.media.flushes == 1 and not session.media.playing
     assert llm.abandoned == 1  # the in-flight LLM stream was dropped
     barge = [d for k, d in session.events if k == "agent.barge_in"]
@@ -223,10 +224,10 @@ async def test_barge_in_does_not_cancel_a_decided_transfer() -> None:
     agent = make_agent(session, llm, ScriptedStt("sales"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle(0.05)
-    assert session.media is not None and session.media.playing
+    await until(lambda: session.media is not None and session.media.playing, "the preface")
+    assert session.media is not None
     await speak(agent, ms=100, then_silence_ms=0)  # caller talks during the preface
-    await settle(0.5)
+    await until(lambda: len(session.said) == 2 and session.commands, "the transfer announced")
     assert session.media.flushes == 0
     assert [type(c) for c, _, _ in session.commands] == [TransferCommand]
     assert [s for s, _ in session.said] == [
@@ -242,7 +243,7 @@ async def test_llm_failure_apologises_and_transfers_to_the_first_destination() -
     agent = make_agent(session, llm, ScriptedStt("hello"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: session.commands, "the fallback transfer")
     command, source, _ = session.commands[0]
     assert command.destination == "+31612345678" and source == "assistant"
     assert command.message.startswith("Sorry, I'm having trouble right now.")
@@ -256,7 +257,7 @@ async def test_llm_failure_apologises_only_when_configured() -> None:
     agent = make_agent(session, llm, ScriptedStt("hello"), on_llm_failure="apologize")
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: session.said, "the apology")
     assert session.commands == []
     assert session.said == [("Sorry, I'm having trouble right now.", True)]
     await agent.close()
@@ -265,13 +266,17 @@ async def test_llm_failure_apologises_only_when_configured() -> None:
 async def test_stt_failure_asks_again_and_empty_transcripts_are_ignored() -> None:
     session = FakeSession(make_assistant(first_message=None))
     llm = ScriptedLlm()
-    agent = make_agent(session, llm, ScriptedStt(SttError("down"), "  "))
+    stt = ScriptedStt(SttError("down"), "  ")
+    agent = make_agent(session, llm, stt)
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: session.said, "the request to say it again")
     assert session.said == [("Sorry, I didn't catch that. Could you say it again?", True)]
     await speak(agent)
-    await settle()
+    await until(
+        lambda: len(stt.prompts) == 2 and agent._turn is not None and agent._turn.done(),
+        "the second turn to be transcribed and handled",
+    )
     assert llm.requests == []  # noise: no turn
     await agent.close()
 
@@ -284,9 +289,9 @@ async def test_end_call_lets_the_goodbye_play_then_hangs_up() -> None:
     agent = make_agent(session, llm, ScriptedStt("bye"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle(0.05)
+    await until(lambda: session.media is not None and session.media.playing, "the goodbye")
     assert session.commands == []  # still saying goodbye
-    await settle(0.15)
+    await until(lambda: session.commands, "the hang-up once the goodbye played")
     command = session.commands[0][0]
     assert isinstance(command, EndCallCommand) and command.message is None
     await agent.close()
@@ -298,7 +303,7 @@ async def test_end_call_without_words_uses_the_configured_goodbye() -> None:
     agent = make_agent(session, llm, ScriptedStt("that's all"))
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: session.commands, "the end_call command")
     assert session.commands[0][0].message == "Goodbye."
     await agent.close()
 
@@ -310,7 +315,7 @@ async def test_silent_peer_still_ends_the_turn() -> None:
     agent = make_agent(session, llm, ScriptedStt("hello"))
     await agent.start(resumed=False)
     await speak(agent, then_silence_ms=0)
-    await asyncio.sleep(0.5)
+    await until(lambda: session.said, "the reply once the packets stop")
     assert session.said == [("Yes?", True)]
     await agent.close()
 
@@ -322,7 +327,7 @@ async def test_early_stt_at_a_pause_is_used_when_the_turn_ends() -> None:
     agent = make_agent(session, llm, stt, early_stt_ms=40)
     await agent.start(resumed=False)
     await speak(agent)
-    await settle()
+    await until(lambda: llm.requests, "the request to the model")
     assert len(stt.prompts) == 1  # one decode, started at the pause, used at the turn end
     assert llm.requests[0][-1].content == "early words"
     await agent.close()
@@ -336,7 +341,7 @@ async def test_early_stt_is_discarded_when_the_caller_goes_on() -> None:
     await agent.start(resumed=False)
     await speak(agent, ms=200, then_silence_ms=60)  # a pause shorter than the turn's end
     await speak(agent, ms=200, then_silence_ms=200)
-    await settle()
+    await until(lambda: llm.requests, "the request to the model")
     assert len(stt.prompts) == 2  # at the first pause (thrown away), at the second (used)
     assert [m.content for m in llm.requests[0] if m.role == "user"] == ["the whole sentence"]
     await agent.close()
@@ -352,7 +357,7 @@ async def test_words_of_a_turn_cut_off_while_transcribing_are_kept() -> None:
     await agent.start(resumed=False)
     await speak(agent, ms=200, then_silence_ms=140)  # turn ends, STT starts
     await speak(agent, ms=200, then_silence_ms=200)  # barge-in while thinking
-    await settle(0.5)
+    await until(lambda: session.said, "the reply to the whole turn")
     assert len(stt.lengths) == 2 and stt.lengths[1] > stt.lengths[0] * 1.5
     assert [m.content for m in llm.requests[0] if m.role == "user"] == ["first half and the rest"]
     assert len(llm.requests) == 1

@@ -17,6 +17,7 @@ from bridge.pbx.asterisk.ari import (
     AriNotFound,
     AriUnavailable,
 )
+from tests.support.daemon import wait_for
 
 
 class FakeAri:
@@ -90,10 +91,7 @@ async def test_bad_events_are_skipped_and_the_stream_reconnects(fake_ari: Any) -
         pass
 
     task = asyncio.create_task(client.run_events(on_event, on_connect, on_disconnect))
-    for _ in range(100):
-        if seen == ["StasisStart", "StasisEnd"]:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: len(seen) >= 2, "both events")
     assert seen == ["StasisStart", "StasisEnd"]  # garbage skipped, the handler bug contained
     assert connects == 2 and fake.connections == 2
     assert fake.auth[0] == "Basic dTpw"  # u:p
