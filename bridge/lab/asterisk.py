@@ -3,7 +3,7 @@
 
 Synchronous and subprocess-based so pytest session fixtures and a demo CLI can both use it.
 Each instance gets its own directories and loopback ports, so several can run side by side.
-Facts behind the details: /work/shared/FIELD-NOTES.md ("A real Asterisk 22 ...").
+Facts behind the details: docs/asterisk-ari-notes.md.
 """
 
 from __future__ import annotations
