@@ -114,6 +114,7 @@ class Transfer:
     message: str | None = None
     label: str | None = None  # the destination's description, for assistant transfers
     summary: str | None = None  # why the caller is coming (into the PBX's artefacts)
+    dtmf: str | None = None  # sent once the leg answers, before the bridge (issue 9 §4)
     leg_id: str | None = None
     state: TransferState = TransferState.ANNOUNCING
     outcome: LegOutcome | None = None
@@ -197,6 +198,7 @@ class Transfer:
             "mode": self.mode,
             "message": self.message,
             "summary": self.summary,
+            "dtmf": self.dtmf,
             "state": self.state.value,
             "outcome": self.outcome.value if self.outcome else None,
             "sip_code": self.sip_code,
@@ -253,6 +255,7 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
         message=doc.get("message"),
         label=doc.get("label"),
         summary=doc.get("summary"),
+        dtmf=doc.get("dtmf"),
         leg_id=doc.get("leg_id"),
         state=TransferState(doc["state"]),
         outcome=LegOutcome(doc["outcome"]) if doc.get("outcome") else None,

@@ -38,6 +38,7 @@ from bridge.calls.context import leg_headers, leg_variables, outcome_fields
 from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
+from bridge.directory.models import destination_address
 from bridge.errors import BridgeError, DestinationNotAllowed, PbxUnavailable
 from bridge.pbx.ports import (
     ChannelGone,
@@ -49,6 +50,7 @@ from bridge.pbx.ports import (
     LegProgress,
     LegRinging,
     PbxAdapter,
+    dtmf_seconds,
 )
 
 if TYPE_CHECKING:
@@ -174,8 +176,19 @@ async def open_transfer(
         message=command.message,
         label=label,
         summary=command.summary,
+        dtmf=_configured_dtmf(assistant, command.destination),
     )
     return TransferRun(host, deps, transfer)
+
+
+def _configured_dtmf(assistant: Assistant | None, destination: str) -> str | None:
+    """The `dtmf` of the assistant's destination `destination` names (issue 9 §4)."""
+    if assistant is None:
+        return None
+    for configured in assistant.destinations():
+        if destination_address(configured) == destination:
+            return getattr(configured, "dtmf", None)
+    return None
 
 
 class TransferRun:
@@ -189,6 +202,7 @@ class TransferRun:
         self.redial = False  # an originate found the PBX unreachable: retry on resume
         self._claimed: DialTarget | None = None
         self._dial_deadline: float | None = None
+        self.dtmf_sent = False  # the destination's DTMF went out (once per transfer)
 
     @property
     def token(self) -> str:
@@ -384,7 +398,34 @@ class TransferRun:
             return  # a repeated answer (e.g. reported again after a reconnect)
         transfer.apply(TransferEvent.LEG_ANSWERED)
         await self.host.record("transfer.answered", transfer_id=transfer.id)
-        await self.connect_leg()
+        await self.after_answer()
+
+    async def after_answer(self) -> None:
+        """The leg answered: send the destination's DTMF first (an IVR behind it, issue 9
+        §4) and bridge once it has played (`dtmf_done` timer; the caller hears ringback
+        meanwhile), else bridge now."""
+        transfer, host = self.transfer, self.host
+        digits = transfer.dtmf
+        if not digits or self.dtmf_sent:
+            await self.connect_leg()
+            return
+        assert transfer.leg_id is not None
+        self.dtmf_sent = True
+        try:
+            await self.deps.pbx.send_dtmf(transfer.leg_id, digits)
+        except ChannelGone:
+            return  # the leg hung up: its hangup event fails the transfer back
+        except BridgeError as exc:
+            await self.fail(
+                TransferEvent.ERROR,
+                LegOutcome.FAILED,
+                reason=local_reason(f"could not send DTMF: {exc}"),
+                hangup_leg=True,
+            )
+            return
+        host.cancel_timer("ring_guard")
+        await host.record("transfer.dtmf_sent", transfer_id=transfer.id, dtmf=digits)
+        host.set_timer("dtmf_done", dtmf_seconds(digits), transfer.id)
 
     async def _on_leg_alive(self, *, early_media: bool) -> None:
         """180 Ringing, or 183 / early media: the destination is alive and working on it."""
@@ -429,6 +470,7 @@ class TransferRun:
         assert transfer.leg_id is not None
         host.cancel_timer("ring_guard")
         host.cancel_timer("leg_lost")
+        host.cancel_timer("dtmf_done")
         # Before connecting: Asterisk stalls channel operations while a playback runs.
         await self.stop_ringback()
         try:
@@ -473,6 +515,8 @@ class TransferRun:
                 return
             outcome, reason = timeout_outcome(rang=transfer.rang, progressed=transfer.progressed)
             await self.fail(TransferEvent.LEG_FAILED, outcome, reason=reason, hangup_leg=True)
+        elif timer.name == "dtmf_done" and transfer.state is TransferState.ANSWERED:
+            await self.connect_leg()
         elif timer.name == "leg_lost" and transfer.state is not TransferState.ANNOUNCING:
             await self.fail(
                 TransferEvent.ERROR,
@@ -508,7 +552,7 @@ class TransferRun:
         if leg in resume.answered_legs:
             if transfer.state is not TransferState.ANSWERED:
                 transfer.apply(TransferEvent.LEG_ANSWERED)
-            await self.connect_leg()
+            await self.after_answer()
             return True
         if leg in resume.live_legs:
             host.set_timer("ring_guard", transfer.ring_timeout, transfer.id)
@@ -538,7 +582,7 @@ class TransferRun:
         await self._save_pending([dialing])
         if leg in resume.answered_legs:
             transfer.apply(TransferEvent.LEG_ANSWERED)
-            await self.connect_leg()
+            await self.after_answer()
             return
         await host.quietly(
             "ringback",
@@ -577,6 +621,7 @@ class TransferRun:
             )
         host.cancel_timer("ring_guard")
         host.cancel_timer("leg_lost")
+        host.cancel_timer("dtmf_done")
         bridged = transfer.state is TransferState.BRIDGED
         if transfer.leg_id:
             self.deps.untrack_leg(transfer.leg_id, bridged)
@@ -647,6 +692,7 @@ class TransferRun:
                 host.log.exception("call.end_settle_failed", transfer_id=transfer.id)
         host.cancel_timer("ring_guard")
         host.cancel_timer("leg_lost")
+        host.cancel_timer("dtmf_done")
         leg = transfer.leg_id
         if leg and (open_transfer or transfer.state is TransferState.BRIDGED):
             await host.quietly("hangup_leg", self.deps.pbx.hangup(leg))

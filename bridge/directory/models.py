@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 from bridge import sip as _sip
+from bridge.pbx.ports import DTMF_PATTERN as DTMF_PATTERN
+from bridge.pbx.ports import check_dtmf
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 # The SIP URI grammar (user-part charset, host, port, no routing parameters) is bridge.sip's:
@@ -156,11 +158,21 @@ _STORED = ConfigDict(strict=False)
 # --- assistants ----------------------------------------------------------------------------
 
 
+# DTMF sent once the destination answers, before the caller is bridged (issue 9 §4): an IVR's
+# choices or an extension behind it, `w` a 0.5 s pause, `W` 1 s ("wwww1234#").
+Dtmf = Annotated[
+    str,
+    AfterValidator(lambda v: check_dtmf(v)),
+    Field(json_schema_extra=_pattern_of("DTMF_PATTERN")),
+]
+
+
 class NumberDestination(_Strict):
     type: Literal["number"] = "number"
     number: E164Number
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
+    dtmf: Dtmf | None = None
 
 
 class SipDestination(_Strict):
@@ -170,6 +182,7 @@ class SipDestination(_Strict):
     sip_uri: SipUri
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
+    dtmf: Dtmf | None = None
 
 
 # --- destinations inside the PBX (issue 9) --------------------------------------------------
@@ -233,6 +246,7 @@ class ExtensionDestination(_Strict):
     extension: PbxName
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
+    dtmf: Dtmf | None = None
 
 
 class QueueDestination(_Strict):
@@ -243,6 +257,7 @@ class QueueDestination(_Strict):
     queue: PbxName
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
+    dtmf: Dtmf | None = None
 
 
 class DialplanDestination(_Strict):
@@ -253,6 +268,7 @@ class DialplanDestination(_Strict):
     extension: DialplanExten
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
+    dtmf: Dtmf | None = None
 
 
 AnyDestination = (
@@ -378,7 +394,12 @@ class Assistant(AssistantIn):
         ]
 
     def public_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        for tool in data["llm_config"].get("tools") or []:
+            for dest in tool.get("destinations") or []:
+                if dest.get("dtmf") is None:  # unset: the seed's shape reads back unchanged
+                    dest.pop("dtmf", None)
+        return data
 
 
 # --- SIP trunks ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Channel ids are the PBX's own ids (Asterisk channel id, FreeSWITCH uuid).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -288,6 +289,12 @@ class PbxAdapter(Protocol):
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
 
+    async def send_dtmf(self, channel_id: str, digits: str) -> None:
+        """Send DTMF on an answered leg (issue 9 §4), RFC 2833 on SIP: digits 0-9 * # A-D,
+        `w` a 0.5 s pause, `W` 1 s (`check_dtmf`). Returns once the PBX took them; playing
+        them takes `dtmf_seconds(digits)`."""
+        ...
+
     async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
         """Put a transfer's outcome into the call's own record in the PBX (issue 9 §6):
         Asterisk `CDR(userfield)` and `CDR(callbridge_<key>)`, FreeSWITCH channel variables
@@ -301,3 +308,26 @@ class PbxAdapter(Protocol):
 
 class ChannelGone(Exception):
     """The channel no longer exists on the PBX."""
+
+
+# --- DTMF after answer (issue 9 §4) -----------------------------------------------------------
+DTMF_PATTERN = r"^[0-9*#A-DwW]{1,64}$"
+DTMF_DIGIT_MS = 100  # tone length of each digit (both PBXs' default)
+DTMF_GAP_MS = 100  # silence between digits
+DTMF_PAUSE_MS = {"w": 500, "W": 1000}
+
+
+def check_dtmf(value: str) -> str:
+    """Digits 0-9 * # A-D and `w`/`W` pauses, 1 to 64 characters, at least one digit."""
+    if not re.fullmatch(DTMF_PATTERN, value) or not any(c not in "wW" for c in value):
+        raise ValueError(
+            "must be DTMF: digits 0-9 * # A-D and w (0.5 s) / W (1 s) pauses, up to 64, "
+            "with at least one digit"
+        )
+    return value
+
+
+def dtmf_seconds(digits: str) -> float:
+    """How long sending `digits` lasts (pauses, then each digit's tone and gap)."""
+    ms = sum(DTMF_PAUSE_MS.get(c, DTMF_DIGIT_MS + DTMF_GAP_MS) for c in digits)
+    return ms / 1000

@@ -28,6 +28,13 @@ DESTINATIONS = [
     {"type": "extension", "extension": "1001", "description": "Alice's desk phone"},
     {"type": "dialplan", "context": "ringgroups", "extension": "600", "description": "Sales"},
     {"type": "queue", "queue": "support", "description": "The support queue"},
+    {
+        "type": "dialplan",
+        "context": "ivr",
+        "extension": "700",
+        "description": "The billing IVR",
+        "dtmf": "ww12w34#",
+    },
 ]
 
 
@@ -146,3 +153,24 @@ async def test_unconfigured_internal_destination_is_refused(
     )
     assert status == 403 and body["error"]["details"]["rule"] == "assistant.destinations"
     assert originates(backend) == []
+
+
+async def test_dtmf_after_answer_before_the_bridge(fs: tuple[FreeswitchBackend, Api]) -> None:
+    """Issue 9 §4 on FreeSWITCH: the destination's `dtmf` goes to the answered leg with
+    `uuid_send_dtmf` (w/W are FreeSWITCH's own pauses), before `uuid_bridge`; recorded."""
+    backend, api = fs
+    caller = await backend.caller(DID)
+    assert isinstance(caller, FakeCaller)
+    call = await active_call(api)
+    done = await transfer(api, call["id"], "dialplan:700@ivr")
+    t = done["transfers"][-1]
+    assert (t["state"], t["outcome"], t["dtmf"]) == ("bridged", "answered", "ww12w34#")
+    assert backend.server is not None and caller.chan is not None
+    leg = backend.server.channels.get(caller.chan.bridged_with or "")
+    assert leg is not None and leg.sent_dtmf == ["ww12w34#"]
+    commands = backend.server.commands
+    sent = commands.index(f"api uuid_send_dtmf {leg.uuid} ww12w34#")
+    assert sent < next(i for i, c in enumerate(commands) if "uuid_bridge" in c)
+    kinds = [e["type"] for e in done["events"]]
+    assert kinds.index("transfer.answered") < kinds.index("transfer.dtmf_sent")
+    assert kinds.index("transfer.dtmf_sent") < kinds.index("transfer.completed")

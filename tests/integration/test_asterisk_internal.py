@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bridge.lab.rtp import RtpPeer, dominant_frequency
+from bridge.lab.rtp import RtpPacket, RtpPeer, dominant_frequency
 from bridge.lab.sipp import SippCall, SippUas
 from tests.support.daemon import Api, start_daemon, wait_for
 from tests.support.flows import DID, active_call, heard_speech, transfer_settled
@@ -98,6 +98,7 @@ async def bridged_with_audio(
     destination: str,
     uas_scenario: str = "uas_answer.xml",
     summary: str | None = None,
+    dest_packets: list[RtpPacket] | None = None,
 ) -> tuple[dict[str, Any], SippUas]:
     """Call in, transfer to `destination`, check the bridge carries audio both ways."""
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
@@ -124,6 +125,8 @@ async def bridged_with_audio(
             transfer = done["transfers"][-1]
             assert (transfer["state"], transfer["outcome"]) == ("bridged", "answered"), transfer
             assert transfer["destination"] == destination
+            if dest_packets is not None:  # what the destination got up to the bridge
+                dest_packets.extend(dest_rtp.packets)
             # Both sides talk continuously, as phones do (RTP with no gaps in its clock), until
             # each has heard the other for a second.
             talking = asyncio.create_task(caller_rtp.send_tone(440, 30.0))
@@ -243,3 +246,40 @@ async def test_unconfigured_internal_destination_is_refused(asterisk_lab: Any, a
             assert len(refused) == 3 and data["transfers"] == []
         finally:
             await caller.terminate()
+
+
+def rfc2833_digits(packets: list[RtpPacket]) -> str:
+    """The digits of the RFC 2833 telephone-events (payload type 101, as the UAS's SDP
+    offers it) in `packets`, in the order they began (one event per RTP timestamp)."""
+    events: dict[int, tuple[float, int]] = {}
+    for p in packets:
+        if p.payload_type == 101 and len(p.payload) >= 4:
+            events.setdefault(p.timestamp, (p.arrival, p.payload[0]))
+    return "".join("0123456789*#ABCD"[event] for _, event in sorted(events.values()))
+
+
+async def test_dtmf_after_answer_reaches_the_destination_before_the_bridge(
+    asterisk_lab: Any, api: Api
+) -> None:
+    """Issue 9 §4: the extension's `dtmf` ("wwww12w34#") goes to the answered leg as RFC 2833
+    telephone-events, all of them before the transfer is bridged; recorded as an event."""
+    (assistant,) = (await api.ok("GET", "/assistants"))["data"]
+    with_dtmf = [
+        {**d, "dtmf": "wwww12w34#"} if d["type"] == "extension" else d for d in destinations()
+    ]
+    await api.ok(
+        "PATCH",
+        f"/assistants/{assistant['id']}",
+        {"llm_config": {"tools": [{"type": "transfer_call", "destinations": with_dtmf}]}},
+    )
+    packets: list[RtpPacket] = []
+    done, _uas = await bridged_with_audio(
+        asterisk_lab, api, f"extension:lab-{EXT}", dest_packets=packets
+    )
+    assert rfc2833_digits(packets) == "1234#"
+    kinds = [e["type"] for e in done["events"]]
+    assert kinds.index("transfer.answered") < kinds.index("transfer.dtmf_sent")
+    assert kinds.index("transfer.dtmf_sent") < kinds.index("transfer.completed")
+    (sent,) = [e for e in done["events"] if e["type"] == "transfer.dtmf_sent"]
+    assert sent["dtmf"] == "wwww12w34#"
+    assert done["transfers"][-1]["dtmf"] == "wwww12w34#"

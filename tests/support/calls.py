@@ -122,6 +122,9 @@ class FakePbx:
     async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
         self._verb("record_outcome", channel_id, dict(fields))
 
+    async def send_dtmf(self, channel_id: str, digits: str) -> None:
+        self._verb("send_dtmf", channel_id, digits)
+
     async def release(self, channel_id: str) -> None:
         self._verb("release", channel_id)
 

@@ -275,6 +275,7 @@ class FakeChannel:
     answered: bool = False
     bridged_with: str | None = None
     variables: dict[str, str] = field(default_factory=dict)
+    sent_dtmf: list[str] = field(default_factory=list)  # uuid_send_dtmf digit strings
     playback: asyncio.Task[None] | None = None
     up: bool = True
     media: _Unicast | None = None
@@ -816,6 +817,9 @@ class FakeEslServer:
             return "+OK\n"
         if cmd == "uuid_exists":
             return "true"
+        if cmd == "uuid_send_dtmf" and len(words) >= 2:  # mod_commands' reply
+            chan.sent_dtmf.append(words[1])
+            return "+OK Success\n"
         if cmd == "uuid_getvar" and len(words) >= 2:
             return chan.variables.get(words[1], "_undef_")
         return f"-ERR {cmd} Command not found!\n"

@@ -455,6 +455,8 @@ async def test_every_verb_runs_against_the_fake(
         "cbleg-v", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
     )
     await sink.wait(LegAnswered, "cbleg-v")
+    await port.send_dtmf("cbleg-v", "w1#")
+    assert "api uuid_send_dtmf cbleg-v w1#" in server.commands
     await port.connect(uuid, "cbleg-v")
     await port.detach_media(uuid)
     await port.hangup("cbleg-v")
@@ -471,7 +473,7 @@ async def test_every_verb_runs_against_the_fake(
         "answer", "set_variable", "attach_media", "play_tone", "stop_playback", "originate",
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
-        "record_outcome", "start", "stop",  # by the fixture
+        "record_outcome", "send_dtmf", "start", "stop",  # by the fixture
     }  # fmt: skip
     assert set(_port_verbs()) <= called
 

@@ -134,3 +134,29 @@ def test_freeswitch_dial_strings() -> None:
     ):
         with pytest.raises(UnsafeDialString):
             fs_dial(bad, "internal")
+
+
+# --- DTMF after answer (issue 9 §4) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtmf", ["wwww1234#", "1", "*0#", "ABCD", "W9w8", "1" * 64])
+def test_a_destination_takes_dtmf(dtmf: str) -> None:
+    dest = {"number": "+31612345678", "description": "Support line", "dtmf": dtmf}
+    (got,) = assistant_in([dest]).llm_config.tools[0].destinations  # type: ignore[union-attr]
+    assert got.dtmf == dtmf
+
+
+@pytest.mark.parametrize(
+    "dtmf", ["", "www", "12 34", "1,2", "E", "x", "1" * 65, "12;3", "1\n2", "p123"]
+)
+def test_dtmf_outside_the_grammar_is_refused(dtmf: str) -> None:
+    dest = {"type": "extension", "extension": "1001", "description": "Desk", "dtmf": dtmf}
+    with pytest.raises(ValidationError, match="dtmf"):
+        assistant_in([dest])
+
+
+def test_dtmf_duration_counts_pauses_and_digits() -> None:
+    from bridge.pbx.ports import dtmf_seconds
+
+    assert dtmf_seconds("wwww1234#") == pytest.approx(2.0 + 5 * 0.2)
+    assert dtmf_seconds("W1") == pytest.approx(1.2)

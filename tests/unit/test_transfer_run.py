@@ -8,6 +8,8 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from bridge.calls.items import SpeechDone, TimerFired
 from bridge.calls.model import Call, CallEvent, CallStatus
 from bridge.calls.transfer import Transfer, TransferState
@@ -217,3 +219,29 @@ async def test_without_a_message_the_originate_goes_before_any_record() -> None:
     assert seen == [("originate", 0)]
     assert [k for k, _, _ in host.saved] == ["transfer.requested", "transfer.dialing"]
     assert pbx.names()[-1] == "play_tone" and "ring_guard" in host.timers
+
+
+async def test_dtmf_goes_to_the_answered_leg_before_the_bridge() -> None:
+    """Issue 9 §4: answer -> send_dtmf -> (the digits play, ringback goes on) -> bridge."""
+    run, host, pbx, _ = make_run()
+    run.transfer.dtmf = "ww12#"
+    leg = await start(run)
+    await run.on_leg_event(LegAnswered(leg))
+    assert pbx.verbs("send_dtmf") == [(leg, "ww12#")] and pbx.verbs("connect") == []
+    assert host.timers["dtmf_done"] == (pytest.approx(1.6), "t1")
+    assert "ring_guard" not in host.timers
+    assert ("stop_playback", "cbring-t1") not in pbx.calls  # the caller still hears ringback
+    assert [k for k, _, _ in host.saved][-1] == "transfer.dtmf_sent"
+    await run.on_timer(TimerFired("dtmf_done", "t1"))
+    assert pbx.verbs("connect") == [("ch1", leg)] and run.transfer.state is TransferState.BRIDGED
+    assert pbx.verbs("send_dtmf") == [(leg, "ww12#")]  # once
+
+
+async def test_leg_hangup_while_dtmf_plays_gives_the_caller_back() -> None:
+    run, host, pbx, _ = make_run()
+    run.transfer.dtmf = "1"
+    leg = await start(run)
+    await run.on_leg_event(LegAnswered(leg))
+    await run.on_leg_hangup(ChannelHungUp(leg, 16, "Normal Clearing"))
+    assert run.transfer.state is TransferState.FAILED and host.call.status is CallStatus.ACTIVE
+    assert "dtmf_done" not in host.timers and pbx.verbs("connect") == []

@@ -45,6 +45,9 @@ from bridge.pbx.asterisk.dialing import (
     dialplan_target,
 )
 from bridge.pbx.ports import (
+    DTMF_DIGIT_MS,
+    DTMF_GAP_MS,
+    DTMF_PAUSE_MS,
     CallArrived,
     CallMissed,
     ChannelGone,
@@ -62,6 +65,7 @@ from bridge.pbx.ports import (
     MediaAddress,
     PlaybackFinished,
     TrunkSpec,
+    check_dtmf,
 )
 
 log = get_logger(__name__)
@@ -460,6 +464,22 @@ class AsteriskAdapter:
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         await self._call("POST", f"/channels/{channel_id}/variable", variable=name, value=value)
+
+    async def send_dtmf(self, channel_id: str, digits: str) -> None:
+        """ARI `POST /channels/{id}/dtmf` (RFC 2833 on PJSIP): the leading pauses as
+        `before`, the digits with Asterisk's own `w`/`W` pauses between them (its DTMF
+        stream waits 0.5 s / 1 s for each), `between`/`duration` as `dtmf_seconds` counts."""
+        check_dtmf(digits)
+        rest = digits.lstrip("wW")
+        before = sum(DTMF_PAUSE_MS[c] for c in digits[: len(digits) - len(rest)])
+        await self._call(
+            "POST",
+            f"/channels/{channel_id}/dtmf",
+            dtmf=rest,
+            before=str(before),
+            between=str(DTMF_GAP_MS),
+            duration=str(DTMF_DIGIT_MS),
+        )
 
     async def attach_media(self, channel_id: str, local: MediaAddress, codec: str) -> MediaAddress:
         bid = await self._ensure_bridge(channel_id)

@@ -52,6 +52,7 @@ from bridge.pbx.ports import (
     PbxEvent,
     PlaybackFinished,
     TrunkSpec,
+    check_dtmf,
 )
 
 log = get_logger(__name__)
@@ -542,6 +543,11 @@ class FreeswitchAdapter:
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         await self._api(f"uuid_setvar {_uuid(channel_id)} {_word(name)} {_line(value)}")
+
+    async def send_dtmf(self, channel_id: str, digits: str) -> None:
+        """`uuid_send_dtmf <uuid> <digits>`: FreeSWITCH sends them on the leg (RFC 2833 on
+        sofia), `w`/`W` as its own 0.5 s / 1 s pauses."""
+        await self._api(f"uuid_send_dtmf {_uuid(channel_id)} {check_dtmf(digits)}")
 
     async def record_outcome(self, channel_id: str, fields: dict[str, str]) -> None:
         """`callbridge_<key>` channel variables: FreeSWITCH's CDR (xml_cdr, cdr_csv
