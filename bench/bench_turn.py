@@ -167,19 +167,12 @@ GREETING = "Thank you for calling Acme. How can I help you today?"
 class FakeSpeechServer(FakeOpenAI):
     """The fake OpenAI server plus `/audio/speech` (a 0.5 s tone as a WAV), all at once."""
 
-    async def __aenter__(self) -> FakeSpeechServer:
-        from aiohttp import web
-
-        app = web.Application(client_max_size=32 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/audio/transcriptions", self._transcribe)
+    def add_routes(self, app: Any) -> None:
+        super().add_routes(app)
         app.router.add_post("/v1/audio/speech", self._speech)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+
+    async def __aenter__(self) -> FakeSpeechServer:
+        await super().__aenter__()
         self.default_reply = Reply(text="Sure.", text_pieces=1)
         self.api_key = None
         self.transcriptions = _Discard()

@@ -92,10 +92,14 @@ class FakeOpenAI:
     def script(self, *replies: Reply) -> None:
         self.replies.extend(replies)
 
-    async def __aenter__(self) -> FakeOpenAI:
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
+        """The endpoints served; a subclass adds its own (e.g. `/v1/audio/speech`)."""
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/audio/transcriptions", self._transcribe)
+
+    async def __aenter__(self) -> FakeOpenAI:
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+        self.add_routes(app)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
