@@ -10,6 +10,7 @@ of the adapter's transfer verbs.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,8 @@ class CallService:
         self.tts = tts
         self.clock = clock or MediaClock()
         self.router = CallRouter()
+        # Calls saved (visible to the API) whose session is still being set up.
+        self._arriving: dict[str, asyncio.Future[None]] = {}
         # The router's maps, under the names the unit tests read.
         self._by_id = self.router.by_id
         self._by_channel = self.router.by_channel
@@ -203,6 +206,18 @@ class CallService:
             await self.safe_hangup(channel_id)
 
     async def _new_call(self, event: CallArrived) -> None:
+        """The call is saved before its session is registered: a command that comes in
+        between waits for the set-up (`control`) instead of finding no session."""
+        call_id = str(uuid.uuid4())
+        arriving: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._arriving[call_id] = arriving
+        try:
+            await self._set_up_call(event, call_id)
+        finally:
+            del self._arriving[call_id]
+            arriving.set_result(None)
+
+    async def _set_up_call(self, event: CallArrived, call_id: str) -> None:
         number = await self.directory.find_number(event.called_number)
         assistant = None
         if number is not None and number.assistant_id:
@@ -211,7 +226,7 @@ class CallService:
             except NotFound:
                 assistant = None
         call = Call(
-            id=str(uuid.uuid4()),
+            id=call_id,
             pbx=self.pbx_name,
             channel_id=event.channel_id,
             status=CallStatus.ACTIVE,
@@ -328,6 +343,10 @@ class CallService:
 
     async def control(self, call_id: str, command: Any) -> dict[str, Any]:
         session = self.router.session(call_id)
+        arriving = self._arriving.get(call_id)
+        if session is None and arriving is not None:
+            await asyncio.shield(arriving)  # saved, its session being set up: wait for it
+            session = self.router.session(call_id)
         if session is None:
             if await self.store.get(call_id) is None:
                 raise NotFound(f"no call {call_id}", field="id")
