@@ -137,6 +137,8 @@ class Daemon:
                 s.pbx, active=active, connected=lambda: bool(calls and calls.connected)
             )
             store.subscribe(self.metrics.on_change)
+            if calls is not None:  # destination tests have no call to record a refusal
+                calls.probe.on_refused = self.metrics.destination_test_refused
         service = None
         if s.webhooks.enabled:
             attempts = self.metrics.webhook_attempt if self.metrics is not None else None

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bridge.agent.dialogue import Dialogue
+from bridge.agent.dialogue import Dialogue, refused_transfer_result
 from bridge.config import AgentSettings
 from bridge.directory.models import Assistant
 from bridge.errors import BridgeError, Conflict, NotFound
@@ -151,9 +151,7 @@ class _ChatHost:
                 self.turn.actions.append(action)
                 if call is None:
                     return False
-                self.dialogue.tool_result(
-                    self, call, {"transferred": False, "outcome": "failed", "cause": str(exc)}
-                )
+                self.dialogue.tool_result(self, call, refused_transfer_result(exc))
                 return True
         if intent.preface:
             self.say(intent.preface)

@@ -61,6 +61,21 @@ class DialogueHost(Protocol):
         """The model could not answer: never silence (apologise, fall back)."""
 
 
+def refused_transfer_result(exc: BaseException) -> dict[str, Any]:
+    """The tool result of a transfer that was not started: `refused` with the policy's rule
+    when the toll-fraud policy said no (the model may offer another destination), else
+    `failed` (the call's state, an invalid command)."""
+    details = getattr(exc, "details", None) or {}
+    if details.get("rule"):
+        return {
+            "transferred": False,
+            "outcome": "refused",
+            "rule": details["rule"],
+            "cause": str(exc),
+        }
+    return {"transferred": False, "outcome": "failed", "cause": str(exc)}
+
+
 def knowledge_of(assistant: Assistant | None) -> tuple[Knowledge, ...]:
     if assistant is None:
         return ()

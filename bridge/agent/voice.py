@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bridge.agent.dialogue import DEFAULT_PROMPT, Dialogue
+from bridge.agent.dialogue import DEFAULT_PROMPT, Dialogue, refused_transfer_result
 from bridge.agent.early import EarlyTranscriber
 from bridge.agent.history import history_from_transcript
 from bridge.calls.model import CallStatus, EndCallCommand, TransferCommand
@@ -457,7 +457,7 @@ class VoiceAgent:
                 self.log.error("agent.transfer_failed", error=repr(exc))
             if call is None:
                 return False
-            self._tool_result(call, {"transferred": False, "outcome": "failed", "cause": str(exc)})
+            self._tool_result(call, refused_transfer_result(exc))
             return True
         finally:
             self._asking = None

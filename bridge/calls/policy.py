@@ -16,11 +16,15 @@ Every transfer (control API, the assistant's tool, `POST /destinations/test`) as
    number's assistant, or on any assistant for an unbound test) may be dialled;
 4. a number goes through the number's transfer trunk (looked up now), else
    `transfer.default_route`; a trunk with its own `allowed_prefixes` accepts only those, and
-   they replace the global prefixes for that trunk.
+   they replace the global prefixes for that trunk;
+5. the route must have a free leg (`transfer.max_legs_per_trunk`): checked here, so that a
+   full trunk is refused like any other rule (403 to the API, `transfer.refused` on the call)
+   rather than accepted and failed later.
 
 A refusal raises `DestinationNotAllowed` whose `rule` detail names the setting that refused it;
-the policy logs every refusal. `claim_leg`/`release_leg` count the concurrent legs per trunk
-(`transfer.max_legs_per_trunk`).
+the policy logs every refusal, the caller records it (`transfer.refused`). `claim_leg`/
+`release_leg` count the concurrent legs per trunk; `claim_leg` refuses again (same rule) when
+the last free leg went between `authorize` and the dial (during the transfer's message).
 """
 
 from __future__ import annotations
@@ -91,10 +95,13 @@ class TransferPolicy:
                     RULE_MAX_PER_CALL,
                 )
             if is_internal(destination):
-                return await self._authorize_internal(destination, number_id, assistant, source)
-            if is_sip_uri(destination):
-                return await self._authorize_uri(destination, number_id, assistant, source)
-            return await self._authorize_number(destination, number_id, assistant, source)
+                target = await self._authorize_internal(destination, number_id, assistant, source)
+            elif is_sip_uri(destination):
+                target = await self._authorize_uri(destination, number_id, assistant, source)
+            else:
+                target = await self._authorize_number(destination, number_id, assistant, source)
+            self._check_free_leg(target)
+            return target
         except DestinationNotAllowed as exc:
             log.warning(
                 "transfer.refused",
@@ -243,17 +250,23 @@ class TransferPolicy:
 
     def claim_leg(self, target: DialTarget) -> None:
         """Count one more leg on the target's trunk; TransferLimitReached over the cap."""
+        try:
+            self._check_free_leg(target)
+        except TransferLimitReached as exc:
+            log.warning("transfer.refused", rule=RULE_MAX_LEGS, reason=exc.message)
+            raise
+        self._legs[_leg_key(target)] += 1
+
+    def _check_free_leg(self, target: DialTarget) -> None:
         key = _leg_key(target)
         cap = self.settings.max_legs_per_trunk
         if cap is not None and self._legs[key] >= cap:
-            log.warning("transfer.refused", rule=RULE_MAX_LEGS, route=key, legs=self._legs[key])
             raise TransferLimitReached(
                 f"refused by the transfer policy ({RULE_MAX_LEGS}): {self._legs[key]} legs "
                 f"already up on {key}",
                 field="destination",
                 rule=RULE_MAX_LEGS,
             )
-        self._legs[key] += 1
 
     def release_leg(self, target: DialTarget) -> None:
         key = _leg_key(target)

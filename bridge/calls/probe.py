@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.policy import TransferPolicy
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, DestinationNotAllowed
 from bridge.log import get_logger
 from bridge.pbx.ports import (
     ChannelGone,
@@ -41,6 +42,9 @@ class DestinationProbe:
         self.policy = policy
         self.directory = directory
         self._legs: dict[str, asyncio.Queue[PbxEvent]] = {}
+        # Told the rule of every refusal (no call records it): the metrics' toll-fraud
+        # counter, `source="test"` (a test dials: someone may probe where trunks go).
+        self.on_refused: Callable[[str | None], None] | None = None
 
     def deliver(self, event: PbxEvent) -> bool:
         """Take `event` if it is about a leg under test; False if it is not ours."""
@@ -62,9 +66,18 @@ class DestinationProbe:
         if number_id is not None:
             await self.directory.get_number(number_id)  # NotFound names the field
         # The toll-fraud policy; a refusal is logged there with its rule.
-        target = await self.policy.authorize(
-            destination, number_id=number_id, assistant=None, source="test", transfers_in_call=0
-        )
+        try:
+            target = await self.policy.authorize(
+                destination,
+                number_id=number_id,
+                assistant=None,
+                source="test",
+                transfers_in_call=0,
+            )
+        except DestinationNotAllowed as exc:
+            if self.on_refused is not None:
+                self.on_refused(exc.details.get("rule"))
+            raise
         leg = f"{PROBE_PREFIX}{uuid.uuid4()}"
         events: asyncio.Queue[PbxEvent] = asyncio.Queue()
         self._legs[leg] = events

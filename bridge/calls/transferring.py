@@ -357,6 +357,16 @@ class TransferRun:
                 reason=local_reason(f"the PBX is unreachable: {exc}"),
             )
             return
+        if isinstance(exc, DestinationNotAllowed):
+            # The trunk's last free leg went during the message (leftovers: issue 7 §1).
+            await host.record(
+                "transfer.refused",
+                rule=exc.details.get("rule"),
+                destination=transfer.destination,
+                source=transfer.source,
+                reason=exc.message,
+                transfer_id=transfer.id,
+            )
         await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
 
     def _release_claim(self) -> None:

@@ -305,6 +305,11 @@ class Metrics:
             if bridged is not None:
                 self.decided_to_bridged.labels(dest).observe(bridged)
 
+    def destination_test_refused(self, rule: str | None) -> None:
+        """A `POST /destinations/test` the policy refused: no call records it, so the probe
+        tells us directly (`source="test"`)."""
+        self.transfers_refused.labels("test", rule_label(rule)).inc()
+
     def _transcript(self, data: dict[str, Any]) -> None:
         role = data.get("role")
         if role == "tool_call":
@@ -356,6 +361,7 @@ _RULES = frozenset(
         _policy.RULE_DOMAINS,
         _policy.RULE_CONFIGURED,
         _policy.RULE_MAX_LEGS,
+        _policy.RULE_INTERNAL_GRAMMAR,
     }
 )
 TRUNK_PREFIXES = "sip_trunks.allowed_prefixes"  # any trunk's own prefixes (trunk ids vary)

@@ -341,3 +341,78 @@ async def test_blind_transfer_through_the_default_route_is_assembled_by_the_dial
     finally:
         await api.close()
         await daemon.stop()
+
+
+def refused_total(daemon: Any, source: str, rule: str) -> float:
+    """`callbridge_transfers_refused_total{source, rule}` in the daemon's registry."""
+    value = daemon.metrics.registry.get_sample_value(
+        "callbridge_transfers_refused_total", {"source": source, "rule": rule}
+    )
+    return value or 0.0
+
+
+async def test_caps_refuse_with_their_rule_recorded_and_counted(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """Issue 7 §1, "every refusal recorded with the rule that refused it": a trunk at
+    `max_legs_per_trunk` (its one leg held by a destination test ringing at the carrier) and
+    a call at `max_per_call` are refused with 403 naming the rule, a `transfer.refused` event
+    on the call, and the refused counter; nothing more reaches the carrier."""
+    daemon, api = await start_daemon(
+        asterisk_lab,
+        tmp_path,
+        transfer={"max_legs_per_trunk": 1, "max_per_call": 1},
+        agent={"enabled": False},
+    )
+    try:
+        # The carrier takes two calls (SIPp's last `-m` wins): the test's and the transfer's.
+        async with LabCall(
+            asterisk_lab, api, "uas_noanswer.xml", extra_args=["-m", "2"]
+        ) as lab_call:
+            carrier = lab_call.uas
+            assert carrier is not None
+            world = await setup_directory(api, carrier, auth=False)
+            call = await lab_call.dial()
+            path = f"/calls/{call['id']}/control"
+            test_body = {"destination": DESTINATION, "number_id": world["number"]["id"]}
+            # A destination test rings at the carrier: the trunk's one leg is taken.
+            probe = asyncio.create_task(
+                api.request("POST", "/destinations/test", test_body | {"ring_timeout": 4})
+            )
+            await wait_for(lambda: carrier.invite is not None, "the test's INVITE")
+            for request_path, body in [
+                (path, {"type": "transfer", "destination": DESTINATION}),
+                ("/destinations/test", test_body),
+            ]:
+                status, error = await api.request("POST", request_path, body)
+                assert status == 403, error
+                assert error["error"]["code"] == "destination-not-allowed"
+                assert error["error"]["field"] == "destination"
+                assert error["error"]["details"]["rule"] == "transfer.max_legs_per_trunk"
+            status, tested = await probe
+            assert (status, tested["outcome"]) == (200, "no_answer"), tested
+            # The leg is free again: the call's one transfer goes out (and is not answered).
+            await api.ok(
+                "POST", path, {"type": "transfer", "destination": DESTINATION, "ring_timeout": 2}
+            )
+            done = await transfer_settled(api, call["id"])
+            assert done["transfers"][-1]["outcome"] == "no_answer"
+            status, error = await api.request(
+                "POST", path, {"type": "transfer", "destination": DESTINATION}
+            )
+            assert status == 403, error
+            assert error["error"]["details"]["rule"] == "transfer.max_per_call"
+            data = await api.ok("GET", f"/calls/{call['id']}")
+            refused = [e for e in data["events"] if e["type"] == "transfer.refused"]
+            assert [(e["rule"], e["source"], e["destination"]) for e in refused] == [
+                ("transfer.max_legs_per_trunk", "api", DESTINATION),
+                ("transfer.max_per_call", "api", DESTINATION),
+            ]
+            assert data["status"] == "active" and len(data["transfers"]) == 1
+            assert len(carrier.received_requests("INVITE")) == 2  # the test's and the transfer's
+            assert refused_total(daemon, "api", "transfer.max_legs_per_trunk") == 1
+            assert refused_total(daemon, "test", "transfer.max_legs_per_trunk") == 1
+            assert refused_total(daemon, "api", "transfer.max_per_call") == 1
+    finally:
+        await api.close()
+        await daemon.stop()
