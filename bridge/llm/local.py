@@ -18,9 +18,16 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
 7. a destination named and asked for ("sales please", "put me through to billing") → it;
 8. a question *about the business* ("do you...?", "is this...?", "are you open...?") or one
    closer to common general-information topics (opening hours, address, warranty, returns,
-   delivery, contact details) than to any destination → never a transfer: "I don't have
-   that information", and from the second unanswered question in a row, an offer to put the
+   delivery, contact details) than to any destination → never a transfer: the closest
+   knowledge entry if one is close enough (`min_knowledge`), else "I don't have that
+   information", and from the second unanswered question in a row, an offer to put the
    caller through to the person-like destination;
+8b. a question whether the caller can *get or have* something ("can I get a loan car?",
+   "could we have a later slot?") asks what the business offers, as "do you have...?" does:
+   handled as in 8 unless it names a destination ("can I get billing?") or states a problem,
+   a payment or a purchase (the cue rules below), since a description that is merely close
+   to the thing asked for ("replacement car" / "your car has broken down") is no request to
+   be connected;
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;
@@ -115,6 +122,8 @@ _BUSINESS_QUESTION = re.compile(
     r"^(do|does|did) (you|they|acme|your)\b|^(is|are) (this|that|you|it|there)\b|"
     r"^can (i|we) (bring|park|pay by|come)\b"
 )
+# "Can I get / could we have ...?": asking whether something is offered (8b).
+_AVAILABILITY = re.compile(r"^(can|could|may) (i|we) (get|have|borrow|rent|use)\b")
 _YES = re.compile(
     r"^(yes|yeah|yep|sure|ok(ay)?|please|yes please|please do|go ahead|"
     r"that would be (great|good|nice)|i would|i'?d like that)\b"
@@ -357,9 +366,12 @@ class LocalRouter:
         general = float(topics.max())
         best_dest = float(dest.max()) if len(keys) else -1.0
         explicit = bool(_EXPLICIT.search(said) or _PLEASE.search(said))
-        named = self._named(words, choices, request=explicit or len(_words(said) - _FILLERS) <= 2)
+        # "Can I get billing?" asks for a destination by name, as "billing please" does.
+        asking = explicit or bool(_AVAILABILITY.search(said))
+        named = self._named(words, choices, request=asking or len(_words(said) - _FILLERS) <= 2)
         if named is not None and not _BUSINESS_QUESTION.search(said):
             return named
+        answer: Route | None = None  # the closest entry, for a question we cannot transfer
         if len(knowledge):
             # An entry answers a question about the same general topic too ("what is your
             # address?" / "where is your office?"): the lower of the two closenesses.
@@ -372,19 +384,21 @@ class LocalRouter:
                 if int(np.argmax(own)) == j and bridge >= BRIDGE_MIN:
                     kscore[i] = max(float(kscore[i]), bridge)
             i = int(np.argmax(kscore))
-            if kscore[i] >= self.min_knowledge and kscore[i] >= best_dest:
-                return Route(
+            if kscore[i] >= self.min_knowledge:
+                answer = Route(
                     "answer",
                     score=float(kscore[i]),
                     rule="knowledge",
                     answer=ctx.knowledge[i].answer,
                 )
+                if kscore[i] >= best_dest:
+                    return answer
         if not keys:
             return self._unanswered(ctx, human, "no destinations")
         order = np.argsort(-dest)
         margin = best_dest - float(dest[order[1]]) if len(keys) > 1 else best_dest
         if _BUSINESS_QUESTION.search(said) and not _EXPLICIT.search(said):
-            return self._unanswered(ctx, human, "business question", best_dest, margin)
+            return answer or self._unanswered(ctx, human, "business question", best_dest, margin)
         trouble = [k for k in keys if k != human and _TROUBLE_DEST.search(choices[k].lower())]
         if _PROBLEM.search(said) and len(trouble) == 1:
             return Route("transfer", trouble[0], rule="problem")
@@ -394,6 +408,10 @@ class LocalRouter:
         selling = [k for k in keys if k != human and _SALES_DEST.search(choices[k].lower())]
         if _BUYING.search(said) and len(selling) == 1:
             return Route("transfer", selling[0], rule="buying")
+        if _AVAILABILITY.search(said) and not _EXPLICIT.search(said):
+            return answer or self._unanswered(
+                ctx, human, "availability question", best_dest, margin
+            )
         if general > best_dest:
             return self._unanswered(ctx, human, "general question", best_dest, margin)
         if best_dest >= self.min_score and margin >= self.min_margin:

@@ -140,6 +140,45 @@ async def test_business_questions_are_not_transfers(router: LocalRouter) -> None
         assert intents == [], said
 
 
+HOTEL = {
+    "type": "transfer_call",
+    "destinations": [
+        {"number": "+31201110001", "description": "Housekeeping - for towels and cleaning"},
+        {"number": "+31201110002", "description": "Restaurant - to book a table for dinner"},
+        {"number": "+31201110003", "description": "Reception - a colleague for anything else"},
+    ],
+}
+
+
+async def test_asking_whether_one_can_get_something_is_not_a_transfer(
+    router: LocalRouter,
+) -> None:
+    """ "Can I get / could we have X?" asks what is offered (rule 8b): a description close to X
+    ("breakfast in my room" / "a table for dinner") is no request to be connected."""
+    for said in ["Can I get breakfast in my room?", "Could we have a baby cot in the room?"]:
+        text, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert intents == [], said
+        assert text.startswith(DONT_KNOW), (said, text)
+    # Naming a destination, or a problem / payment / purchase, is still a request.
+    for tools, said, key in [
+        (HOTEL, "Could I have the restaurant please?", "restaurant"),
+        (DEPARTMENTS, "Can I get billing?", "billing_department"),
+        (DEPARTMENTS, "Can I get a quote for fifty licences?", "sales_team"),
+        (DEPARTMENTS, "Can I get a refund for last month's invoice?", "billing_department"),
+    ]:
+        _, intents = await turn(router, [tools], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
+async def test_a_business_question_takes_a_close_knowledge_entry(router: LocalRouter) -> None:
+    """Never transferred, so the entry answers even when a destination is closer."""
+    knowledge = (Knowledge("Yes, we have a cot for every room.", "Do you have baby cots?"),)
+    text, intents = await turn(
+        router, [HOTEL], [ChatMessage.user("Do you have a baby cot for the room?")], knowledge
+    )
+    assert intents == [] and text == knowledge[0].answer
+
+
 async def test_named_and_asked_for_is_a_transfer(router: LocalRouter) -> None:
     for said, key in [
         ("Sales please", "sales_team"),
