@@ -165,6 +165,14 @@ class Reconciler:
         transfers = await self.service.store.transfers(call.id)
         session.transfer = transfers[-1] if transfers else None
         session.transfers_in_call = len(transfers)
+        if session.run is not None and session.run.transfer.dtmf:
+            # Its DTMF went out before the restart: the resumed run must not send it again
+            # (an IVR would take the digits twice). Issue 9 §4.
+            tid = session.run.transfer.id
+            events = await self.service.store.events(call.id)
+            session.run.dtmf_sent = any(
+                e.kind == "transfer.dtmf_sent" and e.data.get("transfer_id") == tid for e in events
+            )
         session.greeted = call.answered_at is not None  # mid-call: carry on, no new greeting
         return session
 
