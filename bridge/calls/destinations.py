@@ -12,6 +12,7 @@ from bridge.directory.models import (
     check_context,
     check_dialplan_exten,
     check_pbx_name,
+    check_queue_name,
 )
 from bridge.pbx.ports import DialTarget
 
@@ -29,7 +30,7 @@ def parse_internal(address: str) -> DialTarget:
     if kind == "extension":
         return DialTarget(endpoint=check_pbx_name(rest))
     if kind == "queue":
-        return DialTarget(queue=check_pbx_name(rest))
+        return DialTarget(queue=check_queue_name(rest))
     exten, at, context = rest.rpartition("@")
     if not at:
         raise ValueError("a dialplan destination is dialplan:<extension>@<context>")

@@ -208,6 +208,22 @@ def check_pbx_name(value: str) -> str:
     return value
 
 
+# --- queue names (leftovers, issue 9 §1) ---
+# At least 2 characters: `[callbridge-queue]` matches `_[A-Za-z0-9].` (the `.` wants one more
+# character), so a 1-character queue would be accepted here and refused by the PBX later.
+QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{1,63}$"
+_QUEUE_NAME = re.compile(QUEUE_NAME_PATTERN)
+
+
+def check_queue_name(value: str) -> str:
+    if not _QUEUE_NAME.match(value):
+        raise ValueError(
+            "must be a queue name: 2 to 64 letters, digits, '_', '.', '-', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
 def check_dialplan_exten(value: str) -> str:
     if not _DIALPLAN_EXTEN.match(value):
         raise ValueError("must be a dialplan extension: letters, digits, + * # _ . - (up to 64)")
@@ -225,6 +241,11 @@ PbxName = Annotated[
     str,
     AfterValidator(lambda v: check_pbx_name(v)),
     Field(json_schema_extra=_pattern_of("PBX_NAME_PATTERN")),
+]
+QueueName = Annotated[
+    str,
+    AfterValidator(lambda v: check_queue_name(v)),
+    Field(json_schema_extra=_pattern_of("QUEUE_NAME_PATTERN")),
 ]
 DialplanExten = Annotated[
     str,
@@ -254,7 +275,7 @@ class QueueDestination(_Strict):
     `Queue(<queue>)`, FreeSWITCH `callcenter <queue>`)."""
 
     type: Literal["queue"]
-    queue: PbxName
+    queue: QueueName
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
     dtmf: Dtmf | None = None
