@@ -12,7 +12,7 @@ import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,9 +142,14 @@ def install_ops(app: web.Application, ops: OpsContext) -> None:
 _ISO = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
+# With no `since`, the analytics cover the 30 days up to `until` (or now), as the ops page
+# does: each request reads every transfer in its range, so "all time" must be asked for.
+DEFAULT_ANALYTICS_RANGE = timedelta(days=30)
+
+
 class AnalyticsQuery(BaseModel):
-    """Query of GET /analytics/transfers: a time range (ISO 8601; default all time), and
-    optionally one assistant."""
+    """Query of GET /analytics/transfers: a time range (ISO 8601; default the last 30 days),
+    and optionally one assistant."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -196,7 +201,8 @@ class TransferAnalytics(BaseModel):
 
 async def analytics(request: web.Request) -> web.Response:
     q: AnalyticsQuery = query(request, AnalyticsQuery)
-    return respond(await transfer_analytics(request.app[DB], q.since, q.until, q.assistant_id))
+    since = q.since or (q.until or datetime.now(UTC)) - DEFAULT_ANALYTICS_RANGE
+    return respond(await transfer_analytics(request.app[DB], since, q.until, q.assistant_id))
 
 
 class TrunkStates(BaseModel):

@@ -252,7 +252,8 @@ function chart(target, groups, caption) {
 
 async function loadAnalytics() {
   const since = $("since").value;
-  const query = since ? `?since=${encodeURIComponent(since + "T00:00:00Z")}` : "";
+  // No date: all time (the API's own default is the last 30 days).
+  const query = `?since=${encodeURIComponent((since || "1970-01-01") + "T00:00:00Z")}`;
   try {
     const data = await api("GET", `/analytics/transfers${query}`);
     const ring = (g) => (g.median_ring_seconds === null ? "" : ` · ring ${g.median_ring_seconds}s`);
