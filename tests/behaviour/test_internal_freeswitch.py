@@ -92,9 +92,12 @@ async def test_internal_destination_is_bridged(
     (command,) = originates(backend)
     assert re.search(r"\}" + re.escape(dial) + r" &park\(\)$", command), command
     assert "CALLBRIDGE_TRANSFER_ID=" + t["id"] in command
-    # Context into FreeSWITCH's artefacts (issue 9 §6): INVITE headers on SIP legs only,
-    # the outcome as the caller's channel variables (its CDR).
-    assert ("sip_h_X-CallBridge-Call-Id=" + call["id"] in command) == dial.startswith("user/")
+    # Context into FreeSWITCH's artefacts (issue 9 §6): INVITE headers on every leg (a
+    # loopback leg's reach the INVITE its dialplan sends), the outcome as the caller's
+    # channel variables (its CDR). A loopback leg lets sofia offer its profile's codecs.
+    assert "sip_h_X-CallBridge-Call-Id=" + call["id"] in command
+    mixed = "export_vars=media_mix_inbound_outbound_codecs" in command
+    assert mixed == dial.startswith("loopback/"), command
     assert backend.server is not None and caller.chan is not None
     await wait_for(
         lambda: (

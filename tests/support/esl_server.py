@@ -258,6 +258,8 @@ OUTCOMES = ("answer", "busy", "noanswer", "decline", "unreachable", "early_media
 _DERIVED: dict[str, tuple[str, str, str | None, str, bool]] = {
     "unreachable": ("busy", "UNALLOCATED_NUMBER", "404", "1", False),
     "ring": ("noanswer", "NO_ANSWER", None, "19", False),
+    # A loopback leg whose dialplan bridges to a PCMU phone offering L16 only (below).
+    "incompatible": ("noanswer", "INCOMPATIBLE_DESTINATION", None, "88", False),
 }
 _ResultHook = Callable[[str], None]
 
@@ -612,6 +614,12 @@ class FakeEslServer:
                 on_result("-ERR INVALID_GATEWAY\n")
             return "-ERR INVALID_GATEWAY\n"
         outcome = self._outcomes.get(number, self._outcomes.get("*", "answer"))
+        # Measured on FreeSWITCH 1.10.12 (leftovers, issue 9 §1): a loopback leg originated
+        # from ESL is L16; the `bridge` in its dialplan offers a SIP phone L16 only, and the
+        # phone's PCMU answer fails the leg (cause 88), unless sofia may mix in its codecs.
+        mixed = "media_mix_inbound_outbound_codecs" in variables.get("export_vars", "")
+        if loopback and outcome == "answer" and not mixed:
+            outcome = "incompatible"
         script, result, old_uuid = _originate_script(outcome)
         caller = variables.get("origination_caller_id_number", "0000000000")
         chan = FakeChannel(leg, "outbound", number, caller, variables=variables)

@@ -674,11 +674,15 @@ class FreeswitchAdapter:
         }
         if caller_number:
             chan_vars["origination_caller_id_number"] = caller_number
-        if not (target.queue or target.context):  # a SIP leg: `sip_h_` adds INVITE headers
-            for name, value in (headers or {}).items():
-                if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
-                    raise PbxCommandFailed(f"refusing SIP header name {name!r}")
-                chan_vars[f"sip_h_{name}"] = value
+        if target.queue or target.context:
+            chan_vars.update(LOOPBACK_CODECS)
+        # `sip_h_` adds INVITE headers: on a SIP leg's own INVITE, and on a loopback leg's
+        # (queue, dialplan) the INVITE its dialplan sends (mod_loopback copies the variables
+        # there; seen on FreeSWITCH 1.10.12), as Asterisk's inherited variables do.
+        for name, value in (headers or {}).items():
+            if not re.fullmatch(r"X-[A-Za-z0-9-]{1,60}", name):
+                raise PbxCommandFailed(f"refusing SIP header name {name!r}")
+            chan_vars[f"sip_h_{name}"] = value
         command = f"originate {{{_vars(chan_vars)}}}{dial_string(target, self.profile)} &park()"
         self._legs.add(uuid)
         try:
@@ -778,6 +782,18 @@ def _word(value: str) -> str:
     if not value or any(ch.isspace() for ch in value) or "'" in value:
         raise ValueError(f"not a single word: {value!r}")
     return value
+
+
+# Queue and dialplan legs are `loopback/...` channels (issue 9 §1). Measured on FreeSWITCH
+# 1.10.12: a loopback channel originated from ESL has L16 as its codec (`loopback_initial_codec`
+# is read before the originate's variables apply), its dialplan's `bridge` to a SIP phone then
+# offers L16 only, and the phone's PCMU answer ends the leg as INCOMPATIBLE_DESTINATION (88).
+# These variables reach the loopback's dialplan side (mod_loopback copies the originate's
+# variables there) and make sofia offer the profile's codecs too (L16, PCMU, PCMA, ...).
+LOOPBACK_CODECS = {
+    "media_mix_inbound_outbound_codecs": "true",
+    "export_vars": "media_mix_inbound_outbound_codecs",
+}
 
 
 def _uuid(value: str) -> str:
