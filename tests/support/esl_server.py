@@ -995,7 +995,9 @@ class _Conn:
             await self.writer.drain()
             return False
         if verb == "api":
-            self.write(api_response(await self.server.api(arg)))
+            # mod_event_socket answers an empty output (e.g. `hash_dump` of an empty realm)
+            # with "-ERR no reply" (api_exec, 1.10.12), bgapi jobs keep it empty.
+            self.write(api_response(await self.server.api(arg) or "-ERR no reply\n"))
         elif verb == "bgapi":
             job = headers.get("Job-UUID") or str(uuid_mod.uuid4())
             self.write(command_reply(f"+OK Job-UUID: {job}", f"Job-UUID: {job}\n"))

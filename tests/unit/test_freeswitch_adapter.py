@@ -965,3 +965,20 @@ async def test_claims_of_calls_that_ended_while_no_daemon_watched_are_swept_at_c
             await following.stop()
     finally:
         await other.stop()
+
+
+async def test_no_claims_at_connect_is_not_a_failed_sweep(server: FakeEslServer) -> None:
+    """Seen on a real 1.10.12 (leftovers): `hash_dump db callbridge_owner` with no claims
+    answers `-ERR no reply` (the event socket's answer to an empty output, which the fake
+    now gives too): nothing to sweep, not a warning at every connect."""
+    from structlog.testing import capture_logs
+
+    assert not server.hash
+    sink = Sink()
+    with capture_logs() as logs:
+        adapter = await _adapter(server.port, sink, instance="cb1")
+        try:
+            assert "api hash_dump db callbridge_owner" in server.commands
+        finally:
+            await adapter.stop()
+    assert [e for e in logs if e["event"] == "freeswitch.claim_sweep_failed"] == []

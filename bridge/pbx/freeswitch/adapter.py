@@ -318,6 +318,8 @@ class FreeswitchAdapter:
         try:
             dump = await self.client.api(f"hash_dump db {CLAIM_REALM}")
         except EslError as exc:
+            if "-ERR no reply" in str(exc):
+                return  # no claims at all: the event socket's answer to an empty output
             log.warning("freeswitch.claim_sweep_failed", error=str(exc))
             return
         prefix = f"D/{CLAIM_REALM}_"
