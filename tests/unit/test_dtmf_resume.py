@@ -64,11 +64,16 @@ async def bridged(env: CallEnv, call_id: str) -> dict[str, Any]:
     return data
 
 
-async def test_dtmf_sent_before_a_restart_is_not_sent_again(env: CallEnv) -> None:
+async def placed(env: CallEnv) -> tuple[Any, Any, str]:
+    """A caller, and its transfer to the IVR line with the leg placed."""
     session = await env.arrive()
     transfer = await env.transfer(session)
-    leg = transfer.leg_id
-    assert leg is not None
+    assert transfer.leg_id is not None
+    return session, transfer, transfer.leg_id
+
+
+async def test_dtmf_sent_before_a_restart_is_not_sent_again(env: CallEnv) -> None:
+    session, _, leg = await placed(env)
     await env.push(LegAnswered(leg))
     await until(lambda: env.pbx.verbs("send_dtmf") == [(leg, DIGITS)], "the DTMF sent")
 
@@ -86,10 +91,7 @@ async def test_dtmf_sent_before_a_restart_is_not_sent_again(env: CallEnv) -> Non
 
 
 async def test_dtmf_not_sent_before_a_restart_is_sent_once_after_it(env: CallEnv) -> None:
-    session = await env.arrive()
-    transfer = await env.transfer(session)
-    leg = transfer.leg_id
-    assert leg is not None
+    _, transfer, leg = await placed(env)
     await env.push(LegRinging(leg))
     await until(lambda: transfer.state is TransferState.RINGING, "ringing")
     pbx = await restart(env, leg, answered=True)  # it answered while we were away
