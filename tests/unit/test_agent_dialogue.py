@@ -153,7 +153,8 @@ async def test_a_transfer_the_policy_refuses_is_reported_refused_and_the_talk_go
     assert result.role == "tool"
     assert json.loads(result.content or "") == {
         "transferred": False,
-        "outcome": "failed",
+        "outcome": "refused",
+        "rule": turn.actions[0]["refused"]["rule"],
         "cause": turn.actions[0]["refused"]["reason"],
     }
     again = await chat.send("a1", "ok", turn.conversation_id)
