@@ -25,9 +25,9 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
 8b. a question whether the caller can *get or have* something ("can I get a loan car?",
    "could we have a later slot?") asks what the business offers, as "do you have...?" does:
    handled as in 8 unless it names a destination ("can I get billing?") or states a problem,
-   a payment or a purchase (the cue rules below), since a description that is merely close
-   to the thing asked for ("replacement car" / "your car has broken down") is no request to
-   be connected;
+   a payment or a purchase (the `_PROBLEM`/`_PAYING`/`_BUYING` cues, checked first), since a
+   description that is merely close to the thing asked for ("replacement car" / "your car
+   has broken down") is no request to be connected (docs/conversation.md, rule 9b);
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;
