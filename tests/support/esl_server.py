@@ -556,6 +556,35 @@ class FakeEslServer:
         """The far end hangs up (a BYE): hangup events, and the bridged peer goes too."""
         self._hangup(self.channels[channel_uuid], cause)
 
+    # --- hand back (issue 9 §5) ---
+    def press(self, channel_uuid: str, digit: str) -> None:
+        """The far end presses a digit (RFC 2833): a DTMF event on its channel. Derived (no
+        capture of its own): the channel's captured headers with the fields
+        switch_channel_queue_dtmf's event sets (DTMF-Digit, DTMF-Duration, DTMF-Source)."""
+        chan = self.channels[channel_uuid]
+        over = {
+            "Event-Name": "DTMF",
+            "DTMF-Digit": digit,
+            "DTMF-Duration": "2000",
+            "DTMF-Source": "RTP",
+        }
+        self.emit_channel_event(chan, "CHANNEL_ANSWER", over)
+
+    def _unbridge(self, chan: FakeChannel) -> None:
+        """`uuid_transfer` of one side of a `uuid_bridge`: the bridge ends; the other side,
+        a leg originated with hangup_after_bridge=true, hangs up."""
+        peer = self.channels.get(chan.bridged_with or "")
+        chan.bridged_with = None
+        for name in ("bridge_to", "signal_bond"):
+            chan.variables.pop(name, None)
+        if peer is None:
+            return
+        peer.bridged_with = None
+        for name in ("bridge_to", "signal_bond"):
+            peer.variables.pop(name, None)
+        if peer.variables.get("hangup_after_bridge") == "true":
+            self._spawn(self._later(self._hangup, peer, "NORMAL_CLEARING"))
+
     def _answer(self, chan: FakeChannel) -> None:
         if not chan.answered:
             chan.answered = True
@@ -797,6 +826,8 @@ class FakeEslServer:
             if chan.playback is not None:
                 chan.playback.cancel()
             return "+OK\n"
+        if cmd == "uuid_transfer" and chan.bridged_with:  # hand back (issue 9 §5)
+            self._unbridge(chan)
         if cmd == "uuid_transfer":
             over = {"Application": "park"}
             self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", over)

@@ -29,6 +29,7 @@ from bridge.pbx.ports import (
     ConnectionLost,
     ConnectionRestored,
     DialTarget,
+    DtmfReceived,
     LegAnswered,
     LegFacts,
     LegFailed,
@@ -459,6 +460,7 @@ async def test_every_verb_runs_against_the_fake(
     assert "api uuid_send_dtmf cbleg-v w1#" in server.commands
     await port.connect(uuid, "cbleg-v")
     await port.detach_media(uuid)
+    await port.unbridge(uuid, "cbleg-v")  # hand back (issue 9 §5)
     await port.hangup("cbleg-v")
     await port.release(uuid)
     other = await server.call_arrives(answered=True)
@@ -473,7 +475,7 @@ async def test_every_verb_runs_against_the_fake(
         "answer", "set_variable", "attach_media", "play_tone", "stop_playback", "originate",
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
-        "record_outcome", "send_dtmf", "start", "stop",  # by the fixture
+        "record_outcome", "send_dtmf", "unbridge", "start", "stop",  # by the fixture
     }  # fmt: skip
     assert set(_port_verbs()) <= called
 
@@ -965,3 +967,45 @@ async def test_claims_of_calls_that_ended_while_no_daemon_watched_are_swept_at_c
             await following.stop()
     finally:
         await other.stop()
+
+
+# --- hand back (issue 9 §5) -------------------------------------------------------------------
+
+
+async def test_hand_back_takes_the_caller_out_of_the_bridge_and_hears_the_legs_digits(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """The leg's DTMF reaches the daemon while bridged (the hand-back code); `unbridge`
+    re-parks the caller (out of the bridge, fresh park, lease again), the leg hangs up, and
+    `unicast` attaches again."""
+    server, adapter, sink = parts
+    uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
+    await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40013), "ulaw")
+    await adapter.originate(
+        "cbleg-hb", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-hb")
+    await adapter.connect(uuid, "cbleg-hb")
+    assert server.channels[uuid].bridged_with == "cbleg-hb"
+    server.press("cbleg-hb", "#")
+    digit = await sink.wait(DtmfReceived, "cbleg-hb")
+    assert isinstance(digit, DtmfReceived) and digit.digit == "#"
+    await adapter.unbridge(uuid, "cbleg-hb")
+    assert f"api uuid_transfer {uuid} park inline" in server.commands
+    assert server.channels[uuid].bridged_with is None and server.channels[uuid].up
+    await sink.wait(ChannelHungUp, "cbleg-hb")
+    assert any(c.startswith(f"api sched_transfer +30 {uuid} s XML") for c in server.commands)
+    await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40014), "ulaw")
+    assert server.channels[uuid].media is not None
+
+
+async def test_unbridge_of_a_caller_gone_is_channel_gone(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
+    await server.hangup(uuid)
+    with pytest.raises(ChannelGone):
+        await adapter.unbridge(uuid, "cbleg-none")

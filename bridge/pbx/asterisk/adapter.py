@@ -658,6 +658,22 @@ class AsteriskAdapter:
         )
         await self.continue_in_dialplan(channel_id, self.blind_context, "s")
 
+    # --- hand back (issue 9 §5) ---
+    async def unbridge(self, channel_id: str, leg_id: str) -> None:
+        """The leg leaves the caller's bridge, then is hung up; the caller stays alone in its
+        bridge (still in Stasis) until `attach_media` adds a media channel to it. The leg
+        being gone already (the destination hung up) is fine; the caller gone: ChannelGone.
+        The leg is in our application, so its ChannelDtmfReceived (the hand-back code)
+        reaches `DtmfReceived` like the caller's."""
+        try:
+            await self._raw(
+                "POST", f"/bridges/{bridge_id(channel_id)}/removeChannel", channel=leg_id
+            )
+        except (ChannelGone, AriConflict):
+            pass  # the leg left already (hung up), or the bridge went with it
+        await self.hangup(leg_id)
+        await self._call("GET", f"/channels/{channel_id}")  # ChannelGone if the caller left
+
     def dial_string(self, target: DialTarget) -> str:
         """The final dial string, checked whole (UnsafeDialString): see `dialing`."""
         return dial_string(target)

@@ -500,6 +500,8 @@ class FreeswitchAdapter:
         elif name == "CHANNEL_ANSWER":
             self._answered.add(uuid)
             await self._emit(LegAnswered(uuid))
+        elif name == "DTMF" and uuid in self._answered:  # hand back (issue 9 §5): the code
+            await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
         elif name == "CHANNEL_HANGUP":
             answered = uuid in self._answered
             self._forget(uuid)
@@ -696,6 +698,21 @@ class FreeswitchAdapter:
         await self._api(f"uuid_bridge {uuid} {_uuid(leg_id)}")
         self._media.pop(uuid, None)
         await self._drop_lease(uuid)  # bridged: the lease must not pull it out of the bridge
+
+    # --- hand back (issue 9 §5) ---
+    async def unbridge(self, channel_id: str, leg_id: str) -> None:
+        """`uuid_transfer <caller> park inline` takes the caller out of the `uuid_bridge`
+        into a fresh park (where `attach_media`'s `unicast` works; waits for its
+        CHANNEL_PARK, ChannelGone if the caller left), then `uuid_kill` the leg (gone
+        already is fine: it was originated with `hangup_after_bridge`). The caller is held
+        in park again: its lease is re-armed (fallback extension `s`)."""
+        uuid = _uuid(channel_id)
+        await self._repark(uuid)
+        await self.hangup(leg_id)
+        try:
+            await self._lease(uuid, "s")
+        except EslError as exc:
+            log.warning("freeswitch.lease_failed", channel=uuid, error=str(exc))
 
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
