@@ -784,10 +784,13 @@ class AsteriskAdapter:
         log.info("asterisk.orphan_channel_dropped", channel=channel_id)
 
     async def _ensure_bridge(self, channel_id: str) -> str:
-        """The caller's mixing bridge, created on first use (and found again after a restart)."""
+        """The caller's mixing bridge, created on first use (and found again after a restart).
+        `dtmf_events` (hand back, issue 9 §5): without it Asterisk bridges two RTP channels
+        natively and RFC 4733 digits pass packet to packet, never raising
+        ChannelDtmfReceived, so the destination's hand-back code would go unseen."""
         bid = bridge_id(channel_id)
         try:
-            await self._raw("POST", f"/bridges/{bid}", type="mixing", name=bid)
+            await self._raw("POST", f"/bridges/{bid}", type="mixing,dtmf_events", name=bid)
         except AriConflict as exc:
             if "already exists" not in exc.message:
                 raise PbxCommandFailed(str(exc)) from exc
