@@ -669,8 +669,10 @@ class AsteriskAdapter:
             await self._raw(
                 "POST", f"/bridges/{bridge_id(channel_id)}/removeChannel", channel=leg_id
             )
-        except (ChannelGone, AriConflict):
-            pass  # the leg left already (hung up), or the bridge went with it
+        except (ChannelGone, AriConflict, PbxCommandFailed) as exc:
+            # The leg left already (the destination hung up: 400 "Channel not found"), or
+            # it is not in the bridge: its hangup below takes it out in any case.
+            log.info("asterisk.unbridge_leg_not_in_bridge", leg=leg_id, error=str(exc))
         await self.hangup(leg_id)
         await self._call("GET", f"/channels/{channel_id}")  # ChannelGone if the caller left
 
