@@ -570,6 +570,17 @@ class FakeEslServer:
         }
         self.emit_channel_event(chan, "CHANNEL_ANSWER", over)
 
+    def _park_after_bridge(self, chan: FakeChannel) -> None:
+        """The bridge partner hung up and `park_after_bridge=true`: the survivor is parked
+        (switch_ivr_bridge's exchange-media end), with media up, instead of hung up."""
+        chan.bridged_with = None
+        for name in ("bridge_to", "signal_bond"):
+            chan.variables.pop(name, None)
+        state = {"Answer-State": "answered" if chan.answered else "ringing"}
+        self.emit_channel_event(chan, "CHANNEL_EXECUTE:park", state)
+        self.emit_channel_event(chan, "CHANNEL_PARK", state)
+        chan.park_has_media = chan.answered
+
     def _unbridge(self, chan: FakeChannel) -> None:
         """`uuid_transfer` of one side of a `uuid_bridge`: the bridge ends; the other side,
         a leg originated with hangup_after_bridge=true, hangs up."""
@@ -619,7 +630,9 @@ class FakeEslServer:
         }
         self.emit_channel_event(chan, "CHANNEL_HANGUP", over)
         peer = self.channels.get(chan.bridged_with or "")
-        if peer is not None and peer.up:
+        if peer is not None and peer.up and peer.variables.get("park_after_bridge") == "true":
+            self._park_after_bridge(peer)  # hand back (issue 9 §5)
+        elif peer is not None and peer.up:
             self._hangup(peer, cause)
         self.emit_channel_event(chan, "CHANNEL_HANGUP_COMPLETE", over)
         self.emit_channel_event(chan, "CHANNEL_DESTROY", over)

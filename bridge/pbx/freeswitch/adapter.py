@@ -695,6 +695,10 @@ class FreeswitchAdapter:
     async def connect(self, channel_id: str, leg_id: str) -> None:
         """`uuid_bridge`: the caller leaves park, which also ends its unicast media."""
         uuid = _uuid(channel_id)
+        # Hand back (issue 9 §5): when the destination hangs up first, uuid_bridge would hang
+        # the caller up too; parked instead, the call service decides (back to the
+        # assistant, or hang up as before).
+        await self._api(f"uuid_setvar {uuid} park_after_bridge true")
         await self._api(f"uuid_bridge {uuid} {_uuid(leg_id)}")
         self._media.pop(uuid, None)
         await self._drop_lease(uuid)  # bridged: the lease must not pull it out of the bridge
