@@ -287,9 +287,14 @@ async def test_answered_leg_is_bridged_and_its_hangup_reported(
     await sink.wait(LegAnswered, "cbleg-2")
     await adapter.connect(uuid, "cbleg-2")
     assert server.channels[uuid].bridged_with == "cbleg-2"
+    assert f"api uuid_setvar {uuid} park_after_bridge true" in server.commands
     await server.hangup("cbleg-2")
     await sink.wait(ChannelHungUp, "cbleg-2")
-    await sink.wait(ChannelHungUp, uuid)
+    # Hand back (issue 9 §5): the caller is parked, not hung up with the destination; the
+    # call service decides (back to the assistant, or hang up).
+    caller = server.channels[uuid]
+    assert caller.up and caller.bridged_with is None and caller.park_has_media
+    assert not [e for e in sink.events if isinstance(e, ChannelHungUp) and e.channel_id == uuid]
 
 
 async def test_unknown_gateway_fails_from_the_job_result(

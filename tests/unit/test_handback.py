@@ -58,10 +58,10 @@ async def bridged(env: CallEnv) -> tuple[CallSession, Transfer, str]:
 
 async def returned(env: CallEnv, session: CallSession) -> dict[str, Any]:
     """The call once back with the assistant: active, media attached, conversation told."""
-    data = await env.wait_status(session.call.id, CallStatus.ACTIVE)
+    await env.wait_status(session.call.id, CallStatus.ACTIVE)
     conversation = env.conversations[-1]
-    await until(lambda: conversation.log[-1][0] == "result", "the conversation told")
-    return data
+    await until(lambda: conversation.log[-1][:2] == ("result", TransferState.RETURNED), "told")
+    return await env.stored(session.call.id)
 
 
 def assert_returned(
@@ -235,7 +235,7 @@ async def test_hand_back_works_for_a_call_adopted_after_a_restart(env: CallEnv) 
         lambda: next((c for c in env.conversations if ("start", True) in c.log), None),
         "the conversation resumed in the new process",
     )
-    await until(lambda: conversation.log[-1][0] == "result", "told")
+    await until(lambda: conversation.log[-1][:2] == ("result", TransferState.RETURNED), "told")
     assert data["transfers"][-1]["id"] == transfer.id
     assert pbx.verbs("unbridge") == [("ch1", leg)] and pbx.verbs("attach_media") == [("ch1",)]
     stored = await env.stored(call_id)
