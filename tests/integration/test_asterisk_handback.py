@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,8 +29,9 @@ from tests.integration.test_conversation_asterisk import (
     say,
     wait_transcript,
 )
-from tests.support.daemon import Api, wait_for
+from tests.support.daemon import Api, start_daemon, wait_for
 from tests.support.fake_openai import FakeOpenAI, Reply
+from tests.support.flows import DESTINATION, LabCall, heard_speech, setup_directory
 
 # The conversation lab's fixtures: speech models, the fake OpenAI server, the daemon.
 speech_models = conversation_lab.speech_models
@@ -193,3 +195,54 @@ async def test_destination_hanging_up_first_hangs_the_caller_up_by_default(
         data = await wait_for(ended, "the call to end")
         assert data["end_reason"] == "destination hung up"
         assert data["transfers"][-1]["state"] == "bridged"
+
+
+async def test_hand_back_after_a_daemon_restart_while_bridged(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The daemon restarts while caller and destination talk; the new process adopts the
+    call and its leg, and the destination's `##` still gives the caller back."""
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with LabCall(asterisk_lab, api) as lab_call:
+        await setup_directory(api, lab_call.uas, auth=False)
+        call = await lab_call.dial(hold_ms=60000)
+        await heard_speech(lab_call.caller_rtp, since=0)
+        control = f"/calls/{call['id']}/control"
+        await api.ok("POST", control, {"type": "transfer", "destination": DESTINATION})
+        done = await transfer_settled(api, call["id"])
+        assert done["transfers"][-1]["state"] == "bridged"
+        await lab_call.caller_rtp.send_tone(440, 0.5)
+        assert await lab_call.dest_rtp.wait_for_packet(timeout=5)
+
+        await api.close()
+        await daemon.stop()
+        daemon, api = await start_daemon(asterisk_lab, tmp_path)
+        try:
+            resumed = await wait_for(
+                lambda: _event(api, call["id"], "call.resumed"), "the call adopted"
+            )
+            assert resumed["status"] == "transferred"
+            since = time.monotonic()
+            await lab_call.dest_rtp.send_dtmf("##")
+            data = await returned(api, call["id"])
+            assert data["transfers"][-1]["returned"]["by"] == "agent_dtmf"
+            # The default return line, said through media attached by the new process.
+            await wait_for(
+                lambda: _said(api, call["id"], "Is there anything else I can help you with?"),
+                "the return line said",
+            )
+            assert await heard_speech(lab_call.caller_rtp, since=since)
+            await api.ok("POST", control, {"type": "end_call"})
+        finally:
+            await api.close()
+            await daemon.stop()
+
+
+async def _event(api: Api, call_id: str, kind: str) -> dict[str, Any] | None:
+    data = await api.ok("GET", f"/calls/{call_id}")
+    return next((e for e in data["events"] if e["type"] == kind), None)
+
+
+async def _said(api: Api, call_id: str, text: str) -> bool:
+    data = await api.ok("GET", f"/calls/{call_id}")
+    return any(e["type"] == "assistant.said" and e["text"] == text for e in data["events"])
