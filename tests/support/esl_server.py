@@ -559,13 +559,14 @@ class FakeEslServer:
     # --- hand back (issue 9 §5) ---
     def press(self, channel_uuid: str, digit: str) -> None:
         """The far end presses a digit (RFC 2833): a DTMF event on its channel. Derived (no
-        capture of its own): the channel's captured headers with the fields
-        switch_channel_queue_dtmf's event sets (DTMF-Digit, DTMF-Duration, DTMF-Source)."""
+        capture file): the channel's captured headers with the DTMF fields as a real 1.10.12
+        sent them for a bridged leg (DTMF-Digit, DTMF-Duration 800 samples for 100 ms,
+        DTMF-Source RTP; docs/freeswitch.md, hand back)."""
         chan = self.channels[channel_uuid]
         over = {
             "Event-Name": "DTMF",
             "DTMF-Digit": digit,
-            "DTMF-Duration": "2000",
+            "DTMF-Duration": "800",  # samples: 100 ms, as measured on 1.10.12
             "DTMF-Source": "RTP",
         }
         self.emit_channel_event(chan, "CHANNEL_ANSWER", over)
