@@ -21,6 +21,8 @@ class CallStatus(StrEnum):
     ACTIVE = "active"  # with the assistant
     TRANSFERRING = "transferring"  # a transfer is under way; caller hears message / ringback
     TRANSFERRED = "transferred"  # bridged to a human (bridge mode) or handed off (blind)
+    # ... and TRANSFERRED -> ACTIVE when a bridged caller is handed back (issue 9 §5),
+    # recorded as `transfer.returned` + `call.resumed` with the call, in one commit.
     ENDED = "ended"
 
 

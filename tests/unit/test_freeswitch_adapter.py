@@ -280,6 +280,7 @@ async def test_answered_leg_is_bridged_and_its_hangup_reported(
 ) -> None:
     server, adapter, sink = parts
     uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
     await adapter.originate(
         "cbleg-2", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
     )
@@ -295,6 +296,13 @@ async def test_answered_leg_is_bridged_and_its_hangup_reported(
     caller = server.channels[uuid]
     assert caller.up and caller.bridged_with is None and caller.park_has_media
     assert not [e for e in sink.events if isinstance(e, ChannelHungUp) and e.channel_id == uuid]
+    # Its park is not a new arrival (a call ended meanwhile must not be adopted again), and
+    # the caller held in park has a lease again.
+    await wait_for(
+        lambda: any(c.startswith(f"api sched_transfer +30 {uuid} s XML") for c in server.commands),
+        "the caller's lease after the bridge",
+    )
+    assert len([e for e in sink.events if isinstance(e, CallArrived)]) == 1
 
 
 async def test_unknown_gateway_fails_from_the_job_result(

@@ -26,6 +26,7 @@ from bridge.pbx.ports import (
     LegRinging,
 )
 from tests.support.calls import CallEnv, FakePbx, RecordingConversation, open_env, until
+from tests.unit.test_session import kinds
 
 
 @pytest.fixture
@@ -40,10 +41,6 @@ async def env(tmp_path: Path) -> AsyncIterator[CallEnv]:
 def configure(env: CallEnv, **handback: Any) -> None:
     assistant = env.directory.assistant
     env.directory.assistant = assistant.model_copy(update={"handback": Handback(**handback)})
-
-
-def kinds(call: dict[str, Any]) -> list[str]:
-    return [e["type"] for e in call["events"]]
 
 
 async def bridged(env: CallEnv) -> tuple[CallSession, Transfer, str]:

@@ -457,6 +457,9 @@ class FreeswitchAdapter:
                 if not waiter.done():
                     waiter.set_result(None)
                 return
+            if uuid in self._callers:  # hand back (issue 9 §5): parked after its bridge
+                await self._parked_after_bridge(uuid, event)
+                return
             arrived = fse.arrival(event, self.marker)
             if arrived is not None:
                 try:
@@ -704,6 +707,18 @@ class FreeswitchAdapter:
         await self._drop_lease(uuid)  # bridged: the lease must not pull it out of the bridge
 
     # --- hand back (issue 9 §5) ---
+    async def _parked_after_bridge(self, uuid: str, event: EslEvent) -> None:
+        """A caller of ours parked again because its bridge ended (`park_after_bridge`, the
+        destination hung up): not a new arrival (the call service, told by the leg's hangup,
+        decides). Parked with media up, it can take `unicast`; held in park, it gets its
+        lease again."""
+        if event.get("Answer-State") in ("answered", "early"):
+            self._fresh_park.add(uuid)
+        try:
+            await self._lease(uuid, "s")
+        except EslError as exc:
+            log.warning("freeswitch.lease_failed", channel=uuid, error=str(exc))
+
     async def unbridge(self, channel_id: str, leg_id: str) -> None:
         """`uuid_transfer <caller> park inline` takes the caller out of the `uuid_bridge`
         into a fresh park (where `attach_media`'s `unicast` works; waits for its
