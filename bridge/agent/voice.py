@@ -220,7 +220,9 @@ class VoiceAgent:
     def on_transfer_result(self, transfer: Transfer) -> None:
         self._settled.add(transfer.id)
         call = self._pending.pop(transfer.id, None)
-        if call is None and transfer.source == "assistant":
+        if transfer.state is TransferState.RETURNED:
+            call = None  # hand back: the tool call had its result when the bridge was made
+        elif call is None and transfer.source == "assistant":
             call = self._asking  # the result came before the command's reply
         result = transfer.result_for_assistant()
         content = json.dumps(result)
@@ -231,6 +233,13 @@ class VoiceAgent:
                     "tool_result", content, tool="transfer_call", call_id=call.id, **result
                 )
             )
+        elif transfer.state is TransferState.RETURNED:
+            # Hand back (issue 9 §5): after talking to the destination, the caller is back.
+            note = (
+                f"The caller was transferred to {transfer.label or transfer.destination} and"
+                f" has been handed back to you; carry on helping them: {content}"
+            )
+            self.history.append(ChatMessage.system(note))
         elif transfer.state is not TransferState.BRIDGED:
             # An operator's transfer (control API) failed: the model should know too.
             note = f"A transfer to {transfer.label or transfer.destination} failed: {content}"

@@ -118,7 +118,7 @@ ROUTES: list[Route] = [
     Route("GET", "/calls/{id}", http.get_call, "get_call",
           "Get a call with its events and transfers", "calls", response=CallDetail),
     Route("POST", "/calls/{id}/control", http.control_call, "control_call",
-          "Send a command to a call (transfer, say, end_call)", "calls", status=202,
+          "Send a command to a call (transfer, say, end_call, return)", "calls", status=202,
           request=ControlRequest, response=ControlAccepted, errors=(403, 409, 503)),
     Route("POST", "/destinations/test", http.test_destination, "test_destination",
           "Place a test call to a destination by the route a transfer would take",

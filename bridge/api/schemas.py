@@ -147,8 +147,19 @@ class EndCallCommand(calls.EndCallCommand):
     message: Speakable | None = Field(default=None, max_length=1000)
 
 
+# --- hand back (issue 9 §5) ---
+class ReturnCommand(calls.ReturnCommand):
+    model_config = _API_COMMAND
+    message: Speakable | None = Field(default=None, min_length=1, max_length=1000)
+
+
 class ControlRequest(
-    RootModel[Annotated[TransferCommand | SayCommand | EndCallCommand, Field(discriminator="type")]]
+    RootModel[
+        Annotated[
+            TransferCommand | SayCommand | EndCallCommand | ReturnCommand,
+            Field(discriminator="type"),
+        ]
+    ]
 ):
     """A call-control command, chosen by `type`."""
 

@@ -21,6 +21,8 @@ class CallStatus(StrEnum):
     ACTIVE = "active"  # with the assistant
     TRANSFERRING = "transferring"  # a transfer is under way; caller hears message / ringback
     TRANSFERRED = "transferred"  # bridged to a human (bridge mode) or handed off (blind)
+    # ... and TRANSFERRED -> ACTIVE when a bridged caller is handed back (issue 9 §5),
+    # recorded as `transfer.returned` + `call.resumed` with the call, in one commit.
     ENDED = "ended"
 
 
@@ -117,6 +119,15 @@ class EndCallCommand(_Command):
     message: str | None = Field(default=None, max_length=1000)
 
 
+# --- hand back (issue 9 §5) ---
+class ReturnCommand(_Command):
+    """After a bridged transfer: the destination leg is hung up and the caller comes back to
+    the assistant, which says `message` (else the assistant's `handback.message`)."""
+
+    type: Literal["return"]
+    message: str | None = Field(default=None, min_length=1, max_length=1000)
+
+
 ControlCommand = Annotated[
-    TransferCommand | SayCommand | EndCallCommand, Field(discriminator="type")
+    TransferCommand | SayCommand | EndCallCommand | ReturnCommand, Field(discriminator="type")
 ]

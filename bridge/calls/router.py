@@ -39,7 +39,11 @@ class CallRouter:
         self.by_id[session.call.id] = session
         self.by_channel[session.call.channel_id] = session
         transfer = session.transfer
-        if transfer is not None and transfer.leg_id and transfer.state is not TransferState.FAILED:
+        if (
+            transfer is not None
+            and transfer.leg_id
+            and transfer.state not in (TransferState.FAILED, TransferState.RETURNED)
+        ):
             self.by_channel[transfer.leg_id] = session
         elif transfer is not None and not transfer.final:
             self.by_channel[leg_for(transfer)] = session

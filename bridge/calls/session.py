@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge import timing
+from bridge.calls import handback
 from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
 from bridge.calls.model import (
     Call,
     CallEvent,
     CallStatus,
     EndCallCommand,
+    ReturnCommand,
     SayCommand,
     TransferCommand,
     utcnow,
@@ -33,6 +35,7 @@ from bridge.media.rtp import RtpStream
 from bridge.pbx.ports import (
     ChannelGone,
     ChannelHungUp,
+    DtmfReceived,
     LegAnswered,
     LegFailed,
     LegOutcome,
@@ -76,6 +79,9 @@ class CallSession:
         self._shut = False
         self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
         self.greeted = False  # the conversation started once (a resume must not greet again)
+        # Hand back (issue 9 §5): the code the destination presses to give the caller back.
+        self.handback = handback.settings_for(assistant)
+        self._handback_code = handback.CodeListener(self.handback.dtmf)
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
 
     # --- the transfer -----------------------------------------------------------------------
@@ -174,8 +180,59 @@ class CallSession:
     def drop_media(self) -> None:
         self._close_media()
 
+    # --- hand back (issue 9 §5): bridge/calls/handback.py ---
+    async def return_on_destination_hangup(self, run: TransferRun) -> bool:
+        if not self.handback.return_on_destination_hangup:
+            return False
+        try:
+            await handback.hand_back(
+                run,
+                by=handback.BY_DESTINATION_HANGUP,
+                detail=None,
+                reason="the destination hung up; the caller is back with the assistant",
+            )
+        except BridgeError as exc:
+            self.log.error("transfer.return_failed", error=str(exc))
+            return False  # the caller is hung up, as without the setting
+        return True
+
+    async def _on_return_command(self, command: ReturnCommand, source: str) -> dict[str, Any]:
+        run = handback.check_returnable(self.run, self.call.status)
+        await handback.hand_back(
+            run,
+            by=handback.BY_API,
+            detail=source,
+            reason="the caller was handed back through the control API",
+            message=command.message,
+        )
+        return {"id": self.call.id, "accepted": "return", "transfer_id": run.transfer.id}
+
+    async def _on_dtmf(self, event: DtmfReceived) -> None:
+        """Digits from the bridged destination's leg may be the hand-back code; the caller's
+        own digits (its channel) never are."""
+        run = self.run
+        if (
+            run is None
+            or event.channel_id != run.transfer.leg_id
+            or run.transfer.state is not TransferState.BRIDGED
+            or not self._handback_code.feed(event.digit)
+        ):
+            return
+        code = self._handback_code.code
+        try:
+            await handback.hand_back(
+                run,
+                by=handback.BY_AGENT_DTMF,
+                detail=code,
+                reason=f"the destination handed the caller back (DTMF {code})",
+            )
+        except BridgeError as exc:
+            self.log.error("transfer.return_failed", error=str(exc))
+
+    # --- end hand back ---
+
     async def transfer_done(self, transfer: Transfer) -> None:
-        if transfer.state is not TransferState.FAILED:
+        if transfer.state not in (TransferState.FAILED, TransferState.RETURNED):
             if transfer.state is TransferState.BRIDGED and self.conversation is not None:
                 self.conversation.on_transfer_result(transfer)
             return
@@ -194,7 +251,10 @@ class CallSession:
         conversation, which listens again from now on."""
         self._untold = None
         assert transfer.outcome is not None
-        self.say(self.service.failure_message(transfer.outcome), token="transfer_failed")
+        if transfer.state is TransferState.RETURNED:  # hand back (issue 9 §5)
+            self.say(handback.return_line(transfer, self.assistant), token="returned")
+        else:
+            self.say(self.service.failure_message(transfer.outcome), token="transfer_failed")
         if self.conversation is not None:
             self.conversation.on_transfer_result(transfer)
 
@@ -324,8 +384,10 @@ class CallSession:
             await self._on_leg_abandoned(item)
         elif item == "greet":
             await self._greet()
+        elif isinstance(item, DtmfReceived):
+            await self._on_dtmf(item)  # hand back (issue 9 §5)
         elif isinstance(item, PbxEvent):
-            pass  # DTMF, playback ends: not used yet
+            pass  # playback ends: not used yet
 
     async def record(self, kind: str, **data: Any) -> None:
         await self.service.store.add_event(self.call.id, CallEvent(kind, utcnow(), data))
@@ -495,6 +557,8 @@ class CallSession:
                 raise Conflict(f"cannot speak while the call is {status.value}", field="type")
             self.say(command.message, token="say")
             return {"id": self.call.id, "accepted": "say"}
+        if isinstance(command, ReturnCommand):
+            return await self._on_return_command(command, envelope.source)
         if isinstance(command, EndCallCommand):
             if command.message and status is CallStatus.ACTIVE and self.media is not None:
                 self.media.flush()

@@ -8,6 +8,8 @@ it with events; this module only decides which state comes next and records the 
         |  \\--handed_off--> handed_off                                   |
         |                         (any non-final) --leg_failed--> failed   --connected--> bridged
         \\--caller_gone / error--> cancelled / failed
+
+    bridged --returned--> returned   (hand back: the caller is the assistant's again)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class TransferState(StrEnum):
     HANDED_OFF = "handed_off"  # final: blind mode, the PBX dials; outcome not ours to see
     FAILED = "failed"  # final: the caller stays with the assistant
     CANCELLED = "cancelled"  # final: the caller hung up during the transfer
+    RETURNED = "returned"  # final: after the bridge, the caller came back to the assistant
 
 
 class TransferEvent(StrEnum):
@@ -42,10 +45,17 @@ class TransferEvent(StrEnum):
     LEG_FAILED = "leg_failed"
     CALLER_GONE = "caller_gone"
     ERROR = "error"
+    RETURNED = "returned"  # hand back (issue 9 §5): agent DTMF, the API, destination hangup
 
 
 FINAL_STATES = frozenset(
-    {TransferState.BRIDGED, TransferState.HANDED_OFF, TransferState.FAILED, TransferState.CANCELLED}
+    {
+        TransferState.BRIDGED,
+        TransferState.HANDED_OFF,
+        TransferState.FAILED,
+        TransferState.CANCELLED,
+        TransferState.RETURNED,
+    }
 )
 
 _S, _E = TransferState, TransferEvent
@@ -68,6 +78,8 @@ TRANSITIONS: dict[tuple[TransferState, TransferEvent], TransferState] = {
     (_S.ANSWERED, _E.LEG_FAILED): _S.FAILED,  # the destination hung up before the bridge
     (_S.ANSWERED, _E.CALLER_GONE): _S.CANCELLED,
     (_S.ANSWERED, _E.ERROR): _S.FAILED,
+    # Hand back (issue 9 §5): the one way out of BRIDGED; the caller is the assistant's again.
+    (_S.BRIDGED, _E.RETURNED): _S.RETURNED,
 }
 
 
@@ -92,7 +104,7 @@ class TransferResult:
     @property
     def caller_back(self) -> bool:
         """The caller stays with (returns to) the assistant."""
-        return self.state is TransferState.FAILED
+        return self.state in (TransferState.FAILED, TransferState.RETURNED)
 
 
 class IllegalTransition(Exception):
@@ -127,6 +139,12 @@ class Transfer:
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     history: list[tuple[TransferState, datetime]] = field(default_factory=list)
+    # Hand back (issue 9 §5): how the caller came back after the bridge ("agent_dtmf", "api",
+    # "destination_hangup"), by whom (the API's source, the DTMF code) and when.
+    returned_by: str | None = None
+    returned_detail: str | None = None
+    returned_at: datetime | None = None
+    returned_message: str | None = None  # said to the caller once back (the command's)
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -211,10 +229,28 @@ class Transfer:
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "history": [{"state": s.value, "at": _iso(at)} for s, at in self.history],
+            "returned": self._returned_dict(),
+        }
+
+    def _returned_dict(self) -> dict[str, Any] | None:
+        if self.returned_by is None:
+            return None
+        return {
+            "by": self.returned_by,
+            "detail": self.returned_detail,
+            "at": _iso(self.returned_at),
+            "message": self.returned_message,
         }
 
     def result_for_assistant(self) -> dict[str, Any]:
         """The typed outcome as the assistant's tool result (issue: conversation)."""
+        if self.state is TransferState.RETURNED:
+            return {
+                "transferred": False,
+                "outcome": "returned",
+                "returned_by": self.returned_by,
+                "cause": self.reason,
+            }
         return {
             "transferred": self.state is TransferState.BRIDGED,
             "outcome": self.outcome.value if self.outcome else self.state.value,
@@ -270,4 +306,17 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
         history=[
             (TransferState(h["state"]), datetime.fromisoformat(h["at"])) for h in doc["history"]
         ],
+        **_returned_from_doc(doc.get("returned")),
     )
+
+
+def _returned_from_doc(returned: dict[str, Any] | None) -> dict[str, Any]:
+    if not returned:
+        return {}
+    at = returned.get("at")
+    return {
+        "returned_by": returned.get("by"),
+        "returned_detail": returned.get("detail"),
+        "returned_at": datetime.fromisoformat(at) if at else None,
+        "returned_message": returned.get("message"),
+    }

@@ -116,6 +116,12 @@ class TransferHost(Protocol):
         """The caller leaves the assistant's media (bridged, or handed to the PBX)."""
         ...
 
+    # --- hand back (issue 9 §5): bridge/calls/handback.py ---
+    async def return_on_destination_hangup(self, run: TransferRun) -> bool:
+        """The bridged destination hung up: True when the caller was taken back to the
+        assistant (its setting), False to hang the caller up."""
+        ...
+
     async def transfer_done(self, transfer: Transfer) -> None:
         """The transfer is final and persisted. Bridged: tell the conversation. Failed: the
         caller is ACTIVE again: attach media if needed, then say why and tell the
@@ -369,6 +375,10 @@ class TransferRun:
             )
         await self.fail(TransferEvent.ERROR, LegOutcome.FAILED, reason=local_reason(str(exc)))
 
+    def release_claim(self) -> None:
+        """Hand back (issue 9 §5): a returned bridge frees its leg's claim too."""
+        self._release_claim()
+
     def _release_claim(self) -> None:
         target, self._claimed = self._claimed, None
         policy = self.deps.policy
@@ -473,6 +483,8 @@ class TransferRun:
             await self.on_leg_event(LegFailed(leg, event.cause, event.cause_text, None))
         elif transfer.state is TransferState.BRIDGED:
             await self.host.record("transfer.destination_hung_up", transfer_id=transfer.id)
+            if await self.host.return_on_destination_hangup(self):  # hand back (issue 9 §5)
+                return
             await self.host.hang_up("destination hung up")
 
     async def connect_leg(self) -> None:

@@ -390,11 +390,40 @@ class KnowledgeItem(_Strict):
     answer: Speakable = Field(min_length=1, max_length=1000)
 
 
+# --- hand back (issue 9 §5) ---
+DEFAULT_HANDBACK_DTMF = "##"
+DEFAULT_RETURN_MESSAGE = "Is there anything else I can help you with?"
+HandbackCode = Annotated[
+    str,
+    Field(
+        pattern=r"^[0-9*#A-D]{1,8}$",
+        description="digits 0-9 * # A-D, 1 to 8 of them",
+    ),
+]
+
+
+class Handback(_Strict):
+    """How a caller comes back to this assistant after a bridged transfer."""
+
+    dtmf: HandbackCode | None = Field(
+        default=DEFAULT_HANDBACK_DTMF,
+        description="Pressed by the destination (the human), it hands the caller back; null:"
+        " off. The caller's own digits never trigger it.",
+    )
+    return_on_destination_hangup: bool = Field(
+        default=False,
+        description="When the destination hangs up first, the caller comes back to the"
+        " assistant instead of being hung up.",
+    )
+    message: Speakable = Field(default=DEFAULT_RETURN_MESSAGE, max_length=1000)
+
+
 class AssistantIn(_Strict):
     name: str = Field(min_length=1, max_length=200)
     first_message: Speakable | None = Field(default=None, max_length=2000)
     llm_config: LlmConfig = Field(default_factory=LlmConfig)
     knowledge: list[KnowledgeItem] = Field(default_factory=list, max_length=200)
+    handback: Handback | None = None  # hand back (issue 9 §5); unset: the defaults
 
 
 class Assistant(AssistantIn):
@@ -420,6 +449,8 @@ class Assistant(AssistantIn):
             for dest in tool.get("destinations") or []:
                 if dest.get("dtmf") is None:  # unset: the seed's shape reads back unchanged
                     dest.pop("dtmf", None)
+        if data.get("handback") is None:  # unset: the seed's shape reads back unchanged
+            data.pop("handback", None)
         return data
 
 

@@ -23,6 +23,16 @@ RATE = 8000
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
 PT_PCMU = 0
 PT_PCMA = 8
+PT_DTMF = 101  # telephone-event, as the lab's SIPp scenarios offer it
+DTMF_EVENTS = {
+    **{str(d): d for d in range(10)},
+    "*": 10,
+    "#": 11,
+    "A": 12,
+    "B": 13,
+    "C": 14,
+    "D": 15,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +230,32 @@ class RtpPeer:
     async def send_file(self, wav_path: str | Path) -> None:
         """Send a 16-bit mono WAV (any rate: resampled to 8 kHz)."""
         await self.send_pcm(read_wav_8k(wav_path))
+
+    # --- RFC 4733 (2833) DTMF: a phone pressing keys (hand back, issue 9 §5) ---
+    async def send_dtmf(
+        self, digits: str, duration_ms: int = 100, gap_ms: int = 100, payload_type: int = PT_DTMF
+    ) -> None:
+        """Press `digits` as RFC 4733 telephone-events (the lab UAS offers PT 101): one packet
+        every 20 ms with the growing duration, the first with the marker, the end packet sent
+        three times, all with the event's start timestamp; then `gap_ms` of silence."""
+        if self._transport is None or self.remote is None:
+            raise RuntimeError("RtpPeer not started or no remote address")
+        steps = max(1, duration_ms // 20)
+        for digit in digits:
+            event = DTMF_EVENTS[digit]
+            async with self._send_lock:
+                start = self._ts
+                for step in range(1, steps + 1):
+                    end = step == steps
+                    payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, step * 160)
+                    for _ in range(3 if end else 1):
+                        b1 = (0x80 if step == 1 else 0) | payload_type
+                        header = struct.pack("!BBHII", 0x80, b1, self._seq, start, self.ssrc)
+                        self._seq = (self._seq + 1) & 0xFFFF
+                        self._transport.sendto(header + payload, self.remote)
+                    await asyncio.sleep(0.02)  # real-time pacing, as a phone sends them
+                self._ts = (start + steps * FRAME_SAMPLES) & 0xFFFFFFFF
+            await self.send_silence(gap_ms / 1000)
 
 
 # ---------------------------------------------------------------------- audio helpers

@@ -54,6 +54,7 @@ WEBHOOK_EVENTS = (
     "transfer.cancelled",
     "transfer.handed_off",
     "assistant.tool_called",
+    "transfer.returned",  # hand back (issue 9 §5): the caller is back with the assistant
 )
 SIGNATURE_HEADER = "Callbridge-Signature"
 SECRET_PREFIX = "whsec_"

@@ -305,6 +305,13 @@ class PbxAdapter(Protocol):
         """The call is over for us: free what the adapter made for it (bridge, media)."""
         ...
 
+    # --- hand back (issue 9 §5) ---
+    async def unbridge(self, channel_id: str, leg_id: str) -> None:
+        """Take the caller out of its bridge with `leg_id` and hang the leg up (a leg already
+        gone is not an error). The caller stays with us, without media, until `attach_media`.
+        DTMF the leg receives while bridged arrives as `DtmfReceived(leg_id, digit)`."""
+        ...
+
 
 class ChannelGone(Exception):
     """The channel no longer exists on the PBX."""

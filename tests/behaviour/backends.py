@@ -45,6 +45,7 @@ SCENARIOS = {
     "unreachable": str(HERE / "sipp" / "uas_unreachable.xml"),  # 404 at once
     "early_media": str(HERE / "sipp" / "uas_early_media.xml"),  # 183 + SDP, never 180
     "no_answer": "uas_noanswer.xml",  # 180, rings until CANCEL
+    "answer_then_bye": "uas_answer_then_bye.xml",  # hand back: answers, hangs up 5 s later
 }
 FAKE_OUTCOMES = {
     "answer": "answer",
@@ -53,6 +54,7 @@ FAKE_OUTCOMES = {
     "unreachable": "unreachable",
     "early_media": "early_media",  # originate succeeds on 183; our ring timeout ends it
     "no_answer": "ring",  # rings until originate_timeout (as FreeSWITCH) or uuid_kill
+    "answer_then_bye": "answer",  # hand back: the test hangs the leg up (`hang_up`)
 }
 CHUNK = 800  # 100 ms of 8 kHz samples
 RINGBACK_HZ = (440, 480)  # the ringback both PBXs play (2 s on, 4 s off)
@@ -239,6 +241,18 @@ class SipDestination:
         assert abs(dominant_frequency(self.rtp.received_pcm(since=t0)) - 440) < 20
         assert abs(dominant_frequency(caller.rtp.received_pcm(since=t0)) - 1000) < 20
 
+    # --- hand back (issue 9 §5) ---
+    async def press(self, digits: str) -> None:
+        """The agent presses keys on its phone: RFC 4733 from the destination's RTP peer
+        (whose remote `assert_bridged` latched or took from the SDP)."""
+        await self.rtp.send_dtmf(digits)
+
+    async def hang_up(self) -> None:
+        """The destination hangs up first: the answer_then_bye scenario's own BYE."""
+        assert self.uas is not None
+        await self.uas.wait(timeout=20)
+        assert self.uas.received_responses("BYE"), "the destination did not hang up"
+
     async def close(self) -> None:
         if self.uas is not None:
             await self.uas.stop()
@@ -358,6 +372,16 @@ class FakeDestination:
         assert leg is not None and leg.direction == "outbound" and leg.answered
         assert leg.bridged_with == caller.chan.uuid
         assert caller.chan.media is None, "unicast must stop once the caller is bridged"
+
+    # --- hand back (issue 9 §5) ---
+    async def press(self, digits: str) -> None:
+        """The agent presses keys: DTMF events on the bridged leg."""
+        for digit in digits:
+            self.server.press(self._legs()[-1], digit)
+
+    async def hang_up(self) -> None:
+        """The destination hangs up first (its BYE: the leg's hangup events)."""
+        await self.server.hangup(self._legs()[-1])
 
     async def close(self) -> None:
         return None

@@ -128,6 +128,9 @@ class FakePbx:
     async def release(self, channel_id: str) -> None:
         self._verb("release", channel_id)
 
+    async def unbridge(self, channel_id: str, leg_id: str) -> None:
+        self._verb("unbridge", channel_id, leg_id)
+
 
 @dataclass
 class FakeNumber:

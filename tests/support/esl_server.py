@@ -558,6 +558,47 @@ class FakeEslServer:
         """The far end hangs up (a BYE): hangup events, and the bridged peer goes too."""
         self._hangup(self.channels[channel_uuid], cause)
 
+    # --- hand back (issue 9 §5) ---
+    def press(self, channel_uuid: str, digit: str) -> None:
+        """The far end presses a digit (RFC 2833): a DTMF event on its channel. Derived (no
+        capture file): the channel's captured headers with the DTMF fields as a real 1.10.12
+        sent them for a bridged leg (DTMF-Digit, DTMF-Duration 800 samples for 100 ms,
+        DTMF-Source RTP; docs/freeswitch.md, hand back)."""
+        chan = self.channels[channel_uuid]
+        over = {
+            "Event-Name": "DTMF",
+            "DTMF-Digit": digit,
+            "DTMF-Duration": "800",  # samples: 100 ms, as measured on 1.10.12
+            "DTMF-Source": "RTP",
+        }
+        self.emit_channel_event(chan, "CHANNEL_ANSWER", over)
+
+    def _park_after_bridge(self, chan: FakeChannel) -> None:
+        """The bridge partner hung up and `park_after_bridge=true`: the survivor is parked
+        (switch_ivr_bridge's exchange-media end), with media up, instead of hung up."""
+        chan.bridged_with = None
+        for name in ("bridge_to", "signal_bond"):
+            chan.variables.pop(name, None)
+        state = {"Answer-State": "answered" if chan.answered else "ringing"}
+        self.emit_channel_event(chan, "CHANNEL_EXECUTE:park", state)
+        self.emit_channel_event(chan, "CHANNEL_PARK", state)
+        chan.park_has_media = chan.answered
+
+    def _unbridge(self, chan: FakeChannel) -> None:
+        """`uuid_transfer` of one side of a `uuid_bridge`: the bridge ends; the other side,
+        a leg originated with hangup_after_bridge=true, hangs up."""
+        peer = self.channels.get(chan.bridged_with or "")
+        chan.bridged_with = None
+        for name in ("bridge_to", "signal_bond"):
+            chan.variables.pop(name, None)
+        if peer is None:
+            return
+        peer.bridged_with = None
+        for name in ("bridge_to", "signal_bond"):
+            peer.variables.pop(name, None)
+        if peer.variables.get("hangup_after_bridge") == "true":
+            self._spawn(self._later(self._hangup, peer, "NORMAL_CLEARING"))
+
     def _answer(self, chan: FakeChannel) -> None:
         if not chan.answered:
             chan.answered = True
@@ -592,7 +633,9 @@ class FakeEslServer:
         }
         self.emit_channel_event(chan, "CHANNEL_HANGUP", over)
         peer = self.channels.get(chan.bridged_with or "")
-        if peer is not None and peer.up:
+        if peer is not None and peer.up and peer.variables.get("park_after_bridge") == "true":
+            self._park_after_bridge(peer)  # hand back (issue 9 §5)
+        elif peer is not None and peer.up:
             self._hangup(peer, cause)
         self.emit_channel_event(chan, "CHANNEL_HANGUP_COMPLETE", over)
         self.emit_channel_event(chan, "CHANNEL_DESTROY", over)
@@ -805,6 +848,8 @@ class FakeEslServer:
             if chan.playback is not None:
                 chan.playback.cancel()
             return "+OK\n"
+        if cmd == "uuid_transfer" and chan.bridged_with:  # hand back (issue 9 §5)
+            self._unbridge(chan)
         if cmd == "uuid_transfer":
             over = {"Application": "park"}
             self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", over)

@@ -29,6 +29,7 @@ from bridge.pbx.ports import (
     ConnectionLost,
     ConnectionRestored,
     DialTarget,
+    DtmfReceived,
     LegAnswered,
     LegFacts,
     LegFailed,
@@ -279,6 +280,7 @@ async def test_answered_leg_is_bridged_and_its_hangup_reported(
 ) -> None:
     server, adapter, sink = parts
     uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
     await adapter.originate(
         "cbleg-2", DialTarget(sip_uri="sip:5555@h"), caller_number=None, ring_timeout=5
     )
@@ -286,9 +288,21 @@ async def test_answered_leg_is_bridged_and_its_hangup_reported(
     await sink.wait(LegAnswered, "cbleg-2")
     await adapter.connect(uuid, "cbleg-2")
     assert server.channels[uuid].bridged_with == "cbleg-2"
+    assert f"api uuid_setvar {uuid} park_after_bridge true" in server.commands
     await server.hangup("cbleg-2")
     await sink.wait(ChannelHungUp, "cbleg-2")
-    await sink.wait(ChannelHungUp, uuid)
+    # Hand back (issue 9 §5): the caller is parked, not hung up with the destination; the
+    # call service decides (back to the assistant, or hang up).
+    caller = server.channels[uuid]
+    assert caller.up and caller.bridged_with is None and caller.park_has_media
+    assert not [e for e in sink.events if isinstance(e, ChannelHungUp) and e.channel_id == uuid]
+    # Its park is not a new arrival (a call ended meanwhile must not be adopted again), and
+    # the caller held in park has a lease again.
+    await wait_for(
+        lambda: any(c.startswith(f"api sched_transfer +30 {uuid} s XML") for c in server.commands),
+        "the caller's lease after the bridge",
+    )
+    assert len([e for e in sink.events if isinstance(e, CallArrived)]) == 1
 
 
 async def test_unknown_gateway_fails_from_the_job_result(
@@ -459,6 +473,7 @@ async def test_every_verb_runs_against_the_fake(
     assert "api uuid_send_dtmf cbleg-v w1#" in server.commands
     await port.connect(uuid, "cbleg-v")
     await port.detach_media(uuid)
+    await port.unbridge(uuid, "cbleg-v")  # hand back (issue 9 §5)
     await port.hangup("cbleg-v")
     await port.release(uuid)
     other = await server.call_arrives(answered=True)
@@ -473,7 +488,7 @@ async def test_every_verb_runs_against_the_fake(
         "answer", "set_variable", "attach_media", "play_tone", "stop_playback", "originate",
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
-        "record_outcome", "send_dtmf", "start", "stop",  # by the fixture
+        "record_outcome", "send_dtmf", "unbridge", "start", "stop",  # by the fixture
     }  # fmt: skip
     assert set(_port_verbs()) <= called
 
@@ -982,3 +997,45 @@ async def test_no_claims_at_connect_is_not_a_failed_sweep(server: FakeEslServer)
         finally:
             await adapter.stop()
     assert [e for e in logs if e["event"] == "freeswitch.claim_sweep_failed"] == []
+
+
+# --- hand back (issue 9 §5) -------------------------------------------------------------------
+
+
+async def test_hand_back_takes_the_caller_out_of_the_bridge_and_hears_the_legs_digits(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """The leg's DTMF reaches the daemon while bridged (the hand-back code); `unbridge`
+    re-parks the caller (out of the bridge, fresh park, lease again), the leg hangs up, and
+    `unicast` attaches again."""
+    server, adapter, sink = parts
+    uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
+    await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40013), "ulaw")
+    await adapter.originate(
+        "cbleg-hb", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-hb")
+    await adapter.connect(uuid, "cbleg-hb")
+    assert server.channels[uuid].bridged_with == "cbleg-hb"
+    server.press("cbleg-hb", "#")
+    digit = await sink.wait(DtmfReceived, "cbleg-hb")
+    assert isinstance(digit, DtmfReceived) and digit.digit == "#"
+    await adapter.unbridge(uuid, "cbleg-hb")
+    assert f"api uuid_transfer {uuid} park inline" in server.commands
+    assert server.channels[uuid].bridged_with is None and server.channels[uuid].up
+    await sink.wait(ChannelHungUp, "cbleg-hb")
+    assert any(c.startswith(f"api sched_transfer +30 {uuid} s XML") for c in server.commands)
+    await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40014), "ulaw")
+    assert server.channels[uuid].media is not None
+
+
+async def test_unbridge_of_a_caller_gone_is_channel_gone(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    server, adapter, sink = parts
+    uuid = await server.call_arrives(answered=True)
+    await sink.wait(CallArrived, uuid)
+    await server.hangup(uuid)
+    with pytest.raises(ChannelGone):
+        await adapter.unbridge(uuid, "cbleg-none")

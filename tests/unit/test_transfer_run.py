@@ -89,6 +89,9 @@ class Host:
     async def transfer_done(self, transfer: Transfer) -> None:
         self.done.append(transfer)
 
+    async def return_on_destination_hangup(self, run: TransferRun) -> bool:
+        return False  # hand back (issue 9 §5) is off: tests/unit/test_handback.py has it on
+
 
 def make_run(mode: str = "bridge") -> tuple[TransferRun, Host, FakePbx, list[str]]:
     host, pbx, tracked = Host(), FakePbx(), []

@@ -47,8 +47,31 @@ def test_table_is_total_and_explicit(state: TransferState, event: TransferEvent)
 
 
 def test_final_states_have_no_way_out() -> None:
-    for state, _event in TRANSITIONS:
+    for state, event in TRANSITIONS:
+        if (state, event) == (TransferState.BRIDGED, TransferEvent.RETURNED):
+            continue  # hand back (issue 9 §5): the one way out of a bridge, to a final state
         assert state not in FINAL_STATES
+
+
+def test_a_bridged_transfer_handed_back_is_returned_and_round_trips() -> None:
+    t = make(TransferState.BRIDGED)
+    t.outcome = LegOutcome.ANSWERED
+    assert t.apply(TransferEvent.RETURNED) is TransferState.RETURNED and t.final
+    t.returned_by, t.returned_detail, t.returned_at = "agent_dtmf", "##", t.updated_at
+    t.reason = "the destination handed the caller back (DTMF ##)"
+    assert t.result().caller_back and not t.result().transferred
+    assert t.result_for_assistant() == {
+        "transferred": False,
+        "outcome": "returned",
+        "returned_by": "agent_dtmf",
+        "cause": "the destination handed the caller back (DTMF ##)",
+    }
+    back = transfer_from_doc(transfer_to_doc(t))
+    assert back.public_dict() == t.public_dict()
+    assert back.public_dict()["returned"]["detail"] == "##"
+    for event in TransferEvent:  # nothing leaves RETURNED
+        with pytest.raises(IllegalTransition):
+            back.apply(event)
 
 
 def test_happy_path_and_typed_outcome() -> None:

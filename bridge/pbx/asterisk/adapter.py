@@ -658,6 +658,24 @@ class AsteriskAdapter:
         )
         await self.continue_in_dialplan(channel_id, self.blind_context, "s")
 
+    # --- hand back (issue 9 §5) ---
+    async def unbridge(self, channel_id: str, leg_id: str) -> None:
+        """The leg leaves the caller's bridge, then is hung up; the caller stays alone in its
+        bridge (still in Stasis) until `attach_media` adds a media channel to it. The leg
+        being gone already (the destination hung up) is fine; the caller gone: ChannelGone.
+        The leg is in our application, so its ChannelDtmfReceived (the hand-back code)
+        reaches `DtmfReceived` like the caller's."""
+        try:
+            await self._raw(
+                "POST", f"/bridges/{bridge_id(channel_id)}/removeChannel", channel=leg_id
+            )
+        except (ChannelGone, AriConflict, PbxCommandFailed) as exc:
+            # The leg left already (the destination hung up: 400 "Channel not found"), or
+            # it is not in the bridge: its hangup below takes it out in any case.
+            log.info("asterisk.unbridge_leg_not_in_bridge", leg=leg_id, error=str(exc))
+        await self.hangup(leg_id)
+        await self._call("GET", f"/channels/{channel_id}")  # ChannelGone if the caller left
+
     def dial_string(self, target: DialTarget) -> str:
         """The final dial string, checked whole (UnsafeDialString): see `dialing`."""
         return dial_string(target)
@@ -768,10 +786,13 @@ class AsteriskAdapter:
         log.info("asterisk.orphan_channel_dropped", channel=channel_id)
 
     async def _ensure_bridge(self, channel_id: str) -> str:
-        """The caller's mixing bridge, created on first use (and found again after a restart)."""
+        """The caller's mixing bridge, created on first use (and found again after a restart).
+        `dtmf_events` (hand back, issue 9 §5): without it Asterisk bridges two RTP channels
+        natively and RFC 4733 digits pass packet to packet, never raising
+        ChannelDtmfReceived, so the destination's hand-back code would go unseen."""
         bid = bridge_id(channel_id)
         try:
-            await self._raw("POST", f"/bridges/{bid}", type="mixing", name=bid)
+            await self._raw("POST", f"/bridges/{bid}", type="mixing,dtmf_events", name=bid)
         except AriConflict as exc:
             if "already exists" not in exc.message:
                 raise PbxCommandFailed(str(exc)) from exc

@@ -459,6 +459,9 @@ class FreeswitchAdapter:
                 if not waiter.done():
                     waiter.set_result(None)
                 return
+            if uuid in self._callers:  # hand back (issue 9 §5): parked after its bridge
+                await self._parked_after_bridge(uuid, event)
+                return
             arrived = fse.arrival(event, self.marker)
             if arrived is not None:
                 try:
@@ -502,6 +505,8 @@ class FreeswitchAdapter:
         elif name == "CHANNEL_ANSWER":
             self._answered.add(uuid)
             await self._emit(LegAnswered(uuid))
+        elif name == "DTMF" and uuid in self._answered:  # hand back (issue 9 §5): the code
+            await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
         elif name == "CHANNEL_HANGUP":
             answered = uuid in self._answered
             self._forget(uuid)
@@ -699,9 +704,40 @@ class FreeswitchAdapter:
     async def connect(self, channel_id: str, leg_id: str) -> None:
         """`uuid_bridge`: the caller leaves park, which also ends its unicast media."""
         uuid = _uuid(channel_id)
+        # Hand back (issue 9 §5): when the destination hangs up first, uuid_bridge would hang
+        # the caller up too; parked instead, the call service decides (back to the
+        # assistant, or hang up as before).
+        await self._api(f"uuid_setvar {uuid} park_after_bridge true")
         await self._api(f"uuid_bridge {uuid} {_uuid(leg_id)}")
         self._media.pop(uuid, None)
         await self._drop_lease(uuid)  # bridged: the lease must not pull it out of the bridge
+
+    # --- hand back (issue 9 §5) ---
+    async def _parked_after_bridge(self, uuid: str, event: EslEvent) -> None:
+        """A caller of ours parked again because its bridge ended (`park_after_bridge`, the
+        destination hung up): not a new arrival (the call service, told by the leg's hangup,
+        decides). Parked with media up, it can take `unicast`; held in park, it gets its
+        lease again."""
+        if event.get("Answer-State") in ("answered", "early"):
+            self._fresh_park.add(uuid)
+        try:
+            await self._lease(uuid, "s")
+        except EslError as exc:
+            log.warning("freeswitch.lease_failed", channel=uuid, error=str(exc))
+
+    async def unbridge(self, channel_id: str, leg_id: str) -> None:
+        """`uuid_transfer <caller> park inline` takes the caller out of the `uuid_bridge`
+        into a fresh park (where `attach_media`'s `unicast` works; waits for its
+        CHANNEL_PARK, ChannelGone if the caller left), then `uuid_kill` the leg (gone
+        already is fine: it was originated with `hangup_after_bridge`). The caller is held
+        in park again: its lease is re-armed (fallback extension `s`)."""
+        uuid = _uuid(channel_id)
+        await self._repark(uuid)
+        await self.hangup(leg_id)
+        try:
+            await self._lease(uuid, "s")
+        except EslError as exc:
+            log.warning("freeswitch.lease_failed", channel=uuid, error=str(exc))
 
     async def blind_transfer(
         self, channel_id: str, target: DialTarget, ring_timeout: float
