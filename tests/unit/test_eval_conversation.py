@@ -4,7 +4,8 @@
   labelled answer/clarify and >= 95 % of the transfer/end utterances right (destination
   included); the held-out file (written in full before its first run, never tuned on) has a
   regression floor at what it measured when first run. A held-out file whose misses have been
-  studied becomes a development file (heldout_garage is now van_dam_garage).
+  studied becomes a development file (heldout_garage is now van_dam_garage, heldout_council
+  council_contact_centre).
 - OpenAI-compatible: the same cases through `OpenAICompatLlm` against the fake server speaking
   the chat-completions protocol (streaming, tool calls). The fake plays a model that decides
   as labelled; what is tested is the plumbing: the system prompt carries the knowledge, the
@@ -28,7 +29,7 @@ from bridge.llm.openai_compat import OpenAICompatLlm
 from tests.support.fake_openai import FakeOpenAI, FakeToolCall, Reply
 
 EVAL = Path(__file__).parent.parent / "eval"
-HELD_OUT = "heldout_council.json"
+HELD_OUT = "heldout_energy.json"
 DEVELOPMENT = sorted(p for p in EVAL.glob("*.json") if p.name != HELD_OUT)
 
 
