@@ -80,9 +80,9 @@ async def test_the_seed_questions_are_never_transferred(router: LocalRouter) -> 
 async def test_held_out_set_regression_floor(router: LocalRouter) -> None:
     outcomes = await run_suite(load_suite(EVAL / HELD_OUT), lambda p, m: router, AgentSettings())
     s = summary(outcomes)
-    # As first measured (docs/conversation.md): 4 of 18 answer items transferred, 18 of 22.
-    assert s["transfers_on_answer"] <= 4
-    assert s["action_right"] >= 18
+    # As first measured (docs/conversation.md): 1 of 24 answer items transferred, 21 of 25.
+    assert s["transfers_on_answer"] <= 1
+    assert s["action_right"] >= 21
 
 
 def _scripted(case_expect: str, before: int) -> list[Reply]:
