@@ -235,16 +235,19 @@ async def test_asking_how_or_whether_something_is_done_is_not_a_transfer(
     assert text.startswith(DONT_KNOW), (said, text)
 
 
-async def test_a_how_question_that_states_a_need_or_asks_to_be_put_through_transfers(
-    router: LocalRouter,
-) -> None:
-    for said, key in [
+@pytest.mark.parametrize(
+    ("said", "key"),
+    [
         ("My router is not working, how do I fix it?", "technical_support"),
         ("I need to change my payment details, how do I do that?", "billing_department"),
         ("How do I get put through to billing?", "billing_department"),
-    ]:
-        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
-        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+    ],
+)
+async def test_a_how_question_that_states_a_need_or_asks_to_be_put_through_transfers(
+    router: LocalRouter, said: str, key: str
+) -> None:
+    _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+    assert [i.destination_key for i in intents] == [key]  # type: ignore[union-attr]
 
 
 HOTEL_FACTS = (
