@@ -28,6 +28,13 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
    a payment or a purchase (the `_PROBLEM`/`_PAYING`/`_BUYING` cues, checked first), since a
    description that is merely close to the thing asked for ("replacement car" / "your car
    has broken down") is no request to be connected (docs/conversation.md, rule 9b);
+8c. a question about how or whether something is done ("how do I...?", "do I need...?", "is
+   a permit needed...?", "can I pay ... online?") is asked for information: handled as in 8
+   unless it also states a need or a problem or asks to be put through (docs/conversation.md,
+   rule 9c);
+8d. a stated need ("I need to...", "I want to...", "I lost...", "my X wasn't...") that is not
+   a question and whose destination is sound (>= `min_score`) outranks a knowledge entry (6)
+   and the general topics (8): a fact on the same topic does not answer a request (rule 9d);
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;
@@ -124,6 +131,30 @@ _BUSINESS_QUESTION = re.compile(
 )
 # "Can I get / could we have ...?": asking whether something is offered (8b).
 _AVAILABILITY = re.compile(r"^(can|could|may) (i|we) (get|have|borrow|rent|use)\b")
+# A question about how or whether something is done (8c): what is needed or allowed, the way
+# to do it, or whether a channel exists ("online", "by phone") is asked for information.
+_PROCEDURE = re.compile(
+    r"^how (do|does|can|could|should|would) (i|we|you|one|it|this|that)\b|^how to\b|"
+    r"\b(do|does|will|would) (i|we|you|one) (need|have to|require|must)\b|"
+    r"\b(is|are) (an? |the |my |your )?\w+( \w+)? (needed|required|necessary|mandatory|"
+    r"compulsory|allowed|permitted)\b|"
+    r"^(is|would) (it|that) (possible|necessary|required|allowed|ok|okay|enough)\b|"
+    r"^(am i|are we) (allowed|required|supposed|obliged)\b|"
+    r"^(can|could|may|should) (i|we) .*\b(online|by (phone|card|e-?mail|post|mail|cash|"
+    r"bank transfer|debit card|credit card)|in person|on (the|your) (website|app)|through "
+    r"(the|your) (website|app)|at the (counter|desk|office|front desk))\b"
+)
+# A need the caller states ("I need to...", "I lost...", "my X wasn't..."): a request (8d).
+# Wanting to know or ask something is no need for a destination.
+_NEED = re.compile(
+    r"(^|[.,;!]\s*|\band\s+|\bso\s+)(i|we) (really |just |urgently )?(need|want|would like|"
+    r"'d like|have to|must)\b(?! to (know|ask|find out|check|understand|hear)\b)"
+    r"(?! (some )?(info\w*|details|advice)\b)|"
+    r"\band need to\b|"
+    r"^(i|we) ('ve |have )?(lost|misplaced)\b|^(i|we) (can'?t|cannot) find\b|"
+    r"^(my|our) \w+( \w+)? (wasn'?t|weren'?t|didn'?t|hasn'?t|haven'?t|was not|were not|"
+    r"did not|has not|have not|never)\b"
+)
 _YES = re.compile(
     r"^(yes|yeah|yep|sure|ok(ay)?|please|yes please|please do|go ahead|"
     r"that would be (great|good|nice)|i would|i'?d like that)\b"
@@ -366,6 +397,8 @@ class LocalRouter:
         general = float(topics.max())
         best_dest = float(dest.max()) if len(keys) else -1.0
         explicit = bool(_EXPLICIT.search(said) or _PLEASE.search(said))
+        # A stated need whose destination is sound outranks a fact on the same topic (8d).
+        need = bool(_NEED.search(said)) and not ctx.question and best_dest >= self.min_score
         # "Can I get billing?" asks for a destination by name, as "billing please" does.
         asking = explicit or bool(_AVAILABILITY.search(said))
         named = self._named(words, choices, request=asking or len(_words(said) - _FILLERS) <= 2)
@@ -391,7 +424,7 @@ class LocalRouter:
                     rule="knowledge",
                     answer=ctx.knowledge[i].answer,
                 )
-                if kscore[i] >= best_dest:
+                if kscore[i] >= best_dest and not need:
                     return answer
         if not keys:
             return self._unanswered(ctx, human, "no destinations")
@@ -399,6 +432,8 @@ class LocalRouter:
         margin = best_dest - float(dest[order[1]]) if len(keys) > 1 else best_dest
         if _BUSINESS_QUESTION.search(said) and not _EXPLICIT.search(said):
             return answer or self._unanswered(ctx, human, "business question", best_dest, margin)
+        if ctx.question and self._procedural(said):
+            return answer or self._unanswered(ctx, human, "procedural question", best_dest, margin)
         trouble = [k for k in keys if k != human and _TROUBLE_DEST.search(choices[k].lower())]
         if _PROBLEM.search(said) and len(trouble) == 1:
             return Route("transfer", trouble[0], rule="problem")
@@ -412,11 +447,22 @@ class LocalRouter:
             return answer or self._unanswered(
                 ctx, human, "availability question", best_dest, margin
             )
-        if general > best_dest:
+        if general > best_dest and not need:
             return self._unanswered(ctx, human, "general question", best_dest, margin)
         if best_dest >= self.min_score and margin >= self.min_margin:
             return Route("transfer", keys[int(order[0])], best_dest, margin, "embedding")
         return self._unanswered(ctx, human, "unclear", best_dest, margin)
+
+    @staticmethod
+    def _procedural(said: str) -> bool:
+        """How or whether something is done (8c), unless the caller also states a need or a
+        problem, or asks to be put through."""
+        return bool(
+            _PROCEDURE.search(said)
+            and not _NEED.search(said)
+            and not _PROBLEM.search(said)
+            and not _EXPLICIT.search(said)
+        )
 
     def _unanswered(
         self,

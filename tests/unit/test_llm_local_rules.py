@@ -212,3 +212,76 @@ async def test_goodbye_ends_only_with_the_end_call_tool(router: LocalRouter) -> 
     assert text == GOODBYE and isinstance(intents[0], EndCallIntent)
     text, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user("bye")])
     assert (text, intents) == (GOODBYE, [])
+
+
+@pytest.mark.parametrize(
+    ("tools", "said"),
+    [
+        (DEPARTMENTS, "How do I update my payment details?"),
+        (DEPARTMENTS, "Can I download my invoice on the website?"),
+        (DEPARTMENTS, "Is a contract required for the basic plan?"),
+        (HOTEL, "Is a reservation needed for dinner?"),
+        (HOTEL, "Can I book a table online?"),
+    ],
+)
+async def test_asking_how_or_whether_something_is_done_is_not_a_transfer(
+    router: LocalRouter, tools: dict, said: str
+) -> None:
+    """Rule 8c: the way to do something, what it needs or whether a channel exists is asked
+    for information, however close a description ("invoice and payment questions", "book a
+    table for dinner") is: answered or clarified, never transferred."""
+    text, intents = await turn(router, [tools], [ChatMessage.user(said)], ())
+    assert intents == [], said
+    assert text.startswith(DONT_KNOW), (said, text)
+
+
+@pytest.mark.parametrize(
+    ("said", "key"),
+    [
+        ("My router is not working, how do I fix it?", "technical_support"),
+        ("I need to change my payment details, how do I do that?", "billing_department"),
+        ("How do I get put through to billing?", "billing_department"),
+    ],
+)
+async def test_a_how_question_that_states_a_need_or_asks_to_be_put_through_transfers(
+    router: LocalRouter, said: str, key: str
+) -> None:
+    _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+    assert [i.destination_key for i in intents] == [key]  # type: ignore[union-attr]
+
+
+HOTEL_FACTS = (
+    Knowledge("Dinner is served from six until ten.", "When is dinner served?"),
+    Knowledge("Rooms are cleaned every morning before noon.", "When are rooms cleaned?"),
+    Knowledge("Fresh towels are brought every day.", "How often are towels changed?"),
+)
+
+
+async def test_a_stated_need_outranks_a_fact_on_the_same_topic(router: LocalRouter) -> None:
+    """Rule 8d: "I need...", "my X wasn't..." for a destination's topic is a request; the fact
+    nearest to it (the towels' schedule, the cleaning time) is no answer to it."""
+    for said, key in [
+        ("I need fresh towels in room twelve", "housekeeping"),
+        ("We need two extra towels", "housekeeping"),
+        ("Our room wasn't cleaned today", "housekeeping"),
+        ("I'd like to book a table for dinner tonight", "restaurant"),
+    ]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], HOTEL_FACTS)
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+    facts = (
+        Knowledge("Invoices are sent on the first of the month.", "When do I get my invoice?"),
+    )
+    _, intents = await turn(
+        router, [DEPARTMENTS], [ChatMessage.user("I need a copy of my invoice from March")], facts
+    )
+    assert [i.destination_key for i in intents] == ["billing_department"]  # type: ignore[union-attr]
+
+
+async def test_a_question_or_wanting_to_know_still_gets_the_fact(router: LocalRouter) -> None:
+    for said, answer in [
+        ("When is dinner served?", HOTEL_FACTS[0].answer),
+        ("I want to know when dinner is served", HOTEL_FACTS[0].answer),
+        ("We need fresh towels, how often are they changed?", HOTEL_FACTS[2].answer),
+    ]:
+        text, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], HOTEL_FACTS)
+        assert (text, intents) == (answer, []), said
