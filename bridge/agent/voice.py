@@ -218,8 +218,9 @@ class VoiceAgent:
         )
 
     def on_transfer_result(self, transfer: Transfer) -> None:
-        self._settled.add(transfer.id)
-        call = self._pending.pop(transfer.id, None)
+        asked = transfer.chain_id or transfer.id  # a chain answers for its first attempt
+        self._settled.add(asked)
+        call = self._pending.pop(asked, None)
         if call is None and transfer.source == "assistant":
             call = self._asking  # the result came before the command's reply
         result = transfer.result_for_assistant()

@@ -164,7 +164,8 @@ class Reconciler:
         session = CallSession(self.service, call, assistant)
         transfers = await self.service.store.transfers(call.id)
         session.transfer = transfers[-1] if transfers else None
-        session.transfers_in_call = len(transfers)
+        # A fallback chain's attempts are one transfer (issue 9 §3).
+        session.transfers_in_call = len({t.chain_id or t.id for t in transfers})
         session.greeted = call.answered_at is not None  # mid-call: carry on, no new greeting
         return session
 
