@@ -145,11 +145,14 @@ async def open_chain(
         label=label,
         transfers_in_call=ctx.counted,
     )
-    steps = fallback_steps(command, ctx.assistant)
     transfer = run.transfer
+    # An explicit blind transfer has no chain (callbridge never sees its outcome; the API
+    # refuses `fallbacks` with it); a blind default gives way to bridging when there is one.
+    steps = fallback_steps(command, ctx.assistant) if command.mode != "blind" else []
     if steps:
         transfer.chain_id = transfer.id
-        transfer.mode = "bridge"  # a chain must see each attempt's outcome
+        if transfer.mode == "blind":
+            transfer.mode = "bridge"
         transfer.fallbacks = [step.doc() for step in steps]
     return run
 
@@ -167,7 +170,7 @@ async def launch(host: TransferHost, ctx: ChainContext, run: TransferRun) -> Non
             destination=transfer.destination,
         )
     endpoint = transfer.target.endpoint
-    if endpoint and transfer.mode == "bridge":
+    if endpoint and transfer.mode != "blind":  # blind: the dialplan decides
         state = await ctx.deps.pbx.extension_state(endpoint)
         if state in _NOT_RUNG:
             outcome, why = _NOT_RUNG[state]
@@ -204,7 +207,7 @@ async def next_attempt(host: TransferHost, ctx: ChainContext, failed: Transfer) 
                 type="transfer",
                 destination=step.destination,
                 message=announcement,
-                mode="bridge",
+                mode=failed.mode,  # the chain's (never blind: see `open_chain`)
                 ring_timeout=failed.ring_timeout,
                 summary=failed.summary,
             )

@@ -17,6 +17,7 @@ from bridge.calls.transfer import TransferState
 from bridge.directory.models import Assistant
 from bridge.errors import PbxCommandFailed
 from bridge.pbx.ports import (
+    ChannelHungUp,
     ConnectionRestored,
     DialTarget,
     ExtensionState,
@@ -287,3 +288,22 @@ async def test_a_restart_during_an_attempt_carries_the_chain_on(env: CallEnv) ->
     data = await stored(env, session.call.id, 3)
     assert [t["attempt"] for t in data["transfers"]] == [0, 1, 2]
     assert data["transfers"][-1]["state"] == "bridged"
+
+
+async def test_a_blind_default_bridges_a_chain_and_an_explicit_blind_has_none(
+    env: CallEnv,
+) -> None:
+    env.settings.transfer.mode = "blind"
+    session = await env.arrive()
+    await transfer_first(env, session)  # configured fallbacks: bridged, to see each outcome
+    assert session.transfer is not None and session.transfer.mode == "bridge"
+    assert session.transfer.chain_id == session.transfer.id
+    leg1, _ = await next_leg(env, 1)
+    await env.push(LegFailed(leg1, 17, "User busy", 486))
+    await next_leg(env, 2)
+    await env.push(ChannelHungUp("ch1", 16, None))
+    await env.wait_status(session.call.id, CallStatus.ENDED)
+    other = await env.arrive("ch2")
+    await other.command(TransferCommand(type="transfer", destination=FIRST, mode="blind"))
+    await until(lambda: env.pbx.verbs("blind_transfer"), "the blind hand-off")
+    assert other.transfer is not None and other.transfer.chain_id is None
