@@ -134,17 +134,7 @@ async def open_chain(
 ) -> TransferRun:
     """Authorise the first destination (a refusal raises, as for any transfer) and attach the
     chain's fallbacks to it. The host adopts the run, then `launch`es it."""
-    run = await open_transfer(
-        host,
-        ctx.deps,
-        command,
-        transfer_id=ctx.new_id(),
-        settings=ctx.settings,
-        assistant=ctx.assistant,
-        source=source,
-        label=label,
-        transfers_in_call=ctx.counted,
-    )
+    run = await _open(host, ctx, command, source=source, label=label)
     transfer = run.transfer
     # An explicit blind transfer has no chain (callbridge never sees its outcome; the API
     # refuses `fallbacks` with it); a blind default gives way to bridging when there is one.
@@ -155,6 +145,28 @@ async def open_chain(
             transfer.mode = "bridge"
         transfer.fallbacks = [step.doc() for step in steps]
     return run
+
+
+async def _open(
+    host: TransferHost,
+    ctx: ChainContext,
+    command: TransferCommand,
+    *,
+    source: str,
+    label: str | None,
+) -> TransferRun:
+    """One attempt through the toll-fraud policy: the chain counts as one transfer."""
+    return await open_transfer(
+        host,
+        ctx.deps,
+        command,
+        transfer_id=ctx.new_id(),
+        settings=ctx.settings,
+        assistant=ctx.assistant,
+        source=source,
+        label=label,
+        transfers_in_call=ctx.counted,
+    )
 
 
 async def launch(host: TransferHost, ctx: ChainContext, run: TransferRun) -> None:
@@ -212,17 +224,7 @@ async def next_attempt(host: TransferHost, ctx: ChainContext, failed: Transfer) 
                 summary=failed.summary,
             )
             try:
-                run = await open_transfer(
-                    host,
-                    ctx.deps,
-                    command,
-                    transfer_id=ctx.new_id(),
-                    settings=ctx.settings,
-                    assistant=ctx.assistant,
-                    source=failed.source,
-                    label=step.label,
-                    transfers_in_call=ctx.counted,
-                )
+                run = await _open(host, ctx, command, source=failed.source, label=step.label)
             except (DestinationNotAllowed, InvalidInput) as exc:
                 rule = exc.details.get("rule") if isinstance(exc.details, dict) else None
                 attempts.append(

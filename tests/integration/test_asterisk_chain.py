@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from bridge.lab.rtp import RtpPeer, dominant_frequency, ringback_windows
-from bridge.lab.sipp import SippCall, SippUas
+from bridge.lab.sipp import SippUas
 from tests.support.daemon import Api, start_daemon, wait_for
-from tests.support.flows import DID, active_call, heard_speech, pjsip_extension
+from tests.support.flows import DID, LabCall, heard_speech, pjsip_extension
 
 pytestmark = pytest.mark.asterisk
 
@@ -134,46 +134,42 @@ async def test_busy_then_the_fallback_answers_with_one_announcement(
     agent, agent_rtp = await ext.add(2, "uas_answer.xml", ring_ms=2000)
     assert agent_rtp is not None
     await configure(api, [destination(busy, message=ANNOUNCEMENT, fallbacks=[destination(agent)])])
-    async with RtpPeer() as caller_rtp:
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-        await caller.start()
+    async with LabCall(asterisk_lab, api, None) as lab_call:
+        call = await lab_call.dial(hold_ms=60000)
+        caller_rtp = lab_call.caller_rtp
+        await heard_speech(caller_rtp, since=0)
+        asked = asyncio.get_running_loop().time()
+        await api.ok(
+            "POST",
+            f"/calls/{call['id']}/control",
+            {"type": "transfer", "destination": f"extension:{busy}", "message": ANNOUNCEMENT},
+        )
+        done = await chain_settled(api, call["id"], 2)
+        first, second = done["transfers"]
+        assert (first["outcome"], first["sip_code"]) == ("busy", 486), first
+        assert (second["state"], second["outcome"]) == ("bridged", "answered"), second
+        assert second["destination"] == f"extension:{agent}"
+        assert first["chain_id"] == second["chain_id"] == first["id"]
+        assert [a["outcome"] for a in second["attempts"]] == ["busy"]
+        assert done["status"] == "transferred"
+        assert (ext.invites(busy), ext.invites(agent)) == (1, 1)
+        # One announcement, no failure line; ringback while the fallback rang.
+        assert said(done).count(ANNOUNCEMENT) == 1
+        assert not set(said(done)) & set(FAILURE_LINES)
+        assert ringback_windows(caller_rtp.received_pcm(since=asked)) > 0
+        # The caller is bridged to the second agent: the agent hears the caller's tone.
+        talking = asyncio.create_task(caller_rtp.send_tone(440, 30.0))
         try:
-            call = await active_call(api)
-            await heard_speech(caller_rtp, since=0)
-            asked = asyncio.get_running_loop().time()
-            await api.ok(
-                "POST",
-                f"/calls/{call['id']}/control",
-                {"type": "transfer", "destination": f"extension:{busy}", "message": ANNOUNCEMENT},
-            )
-            done = await chain_settled(api, call["id"], 2)
-            first, second = done["transfers"]
-            assert (first["outcome"], first["sip_code"]) == ("busy", 486), first
-            assert (second["state"], second["outcome"]) == ("bridged", "answered"), second
-            assert second["destination"] == f"extension:{agent}"
-            assert first["chain_id"] == second["chain_id"] == first["id"]
-            assert [a["outcome"] for a in second["attempts"]] == ["busy"]
-            assert done["status"] == "transferred"
-            assert (ext.invites(busy), ext.invites(agent)) == (1, 1)
-            # One announcement, no failure line; ringback while the fallback rang.
-            assert said(done).count(ANNOUNCEMENT) == 1
-            assert not set(said(done)) & set(FAILURE_LINES)
-            assert ringback_windows(caller_rtp.received_pcm(since=asked)) > 0
-            # The caller is bridged to the second agent: the agent hears the caller's tone.
-            talking = asyncio.create_task(caller_rtp.send_tone(440, 30.0))
-            try:
-                t0 = asyncio.get_running_loop().time()
+            t0 = asyncio.get_running_loop().time()
 
-                def agent_hears() -> bool:
-                    pcm = agent_rtp.received_pcm(since=t0)
-                    return len(pcm) >= 16000 and abs(dominant_frequency(pcm[-16000:]) - 440) < 20
+            def agent_hears() -> bool:
+                pcm = agent_rtp.received_pcm(since=t0)
+                return len(pcm) >= 16000 and abs(dominant_frequency(pcm[-16000:]) - 440) < 20
 
-                await wait_for(agent_hears, "the caller at the fallback agent", 10)
-            finally:
-                talking.cancel()
-            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+            await wait_for(agent_hears, "the caller at the fallback agent", 10)
         finally:
-            await caller.terminate()
+            talking.cancel()
+        await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
 
 
 async def test_all_fail_and_the_caller_is_back_with_the_assistant_once(
@@ -186,45 +182,40 @@ async def test_all_fail_and_the_caller_is_back_with_the_assistant_once(
     declines, _ = await ext.add(2, "uas_decline.xml")
     silent, _ = await ext.add(3, "uas_noanswer.xml")
     await configure(api, [destination(busy), destination(declines), destination(silent)])
-    async with RtpPeer() as caller_rtp:
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-        await caller.start()
-        try:
-            call = await active_call(api)
-            await heard_speech(caller_rtp, since=0)
-            await api.ok(
-                "POST",
-                f"/calls/{call['id']}/control",
-                {
-                    "type": "transfer",
-                    "destination": f"extension:{busy}",
-                    "message": ANNOUNCEMENT,
-                    "fallbacks": [f"extension:{declines}", f"extension:{silent}"],
-                    "ring_timeout": 3,
-                },
-            )
-            done = await chain_settled(api, call["id"], 3)
-            outcomes = [(t["attempt"], t["outcome"]) for t in done["transfers"]]
-            assert outcomes == [(0, "busy"), (1, "declined"), (2, "no_answer")], outcomes
-            last = done["transfers"][-1]
-            assert [a["outcome"] for a in last["attempts"]] == ["busy", "declined", "no_answer"]
-            assert done["status"] == "active"
-            assert [ext.invites(n) for n in (busy, declines, silent)] == [1, 1, 1]
-            back = asyncio.get_running_loop().time()
-            await wait_for(
-                lambda: _said_failure(api, call["id"]), "the assistant's failure line", 15
-            )
-            final = await api.ok("GET", f"/calls/{call['id']}")
-            failure = [t for t in said(final) if t in FAILURE_LINES]
-            assert failure == ["Sorry, nobody answered. I'm still here with you."], failure
-            # The caller hears the assistant again, not ringback.
-            await heard_speech(caller_rtp, since=back)
-            assert ringback_windows(caller_rtp.received_pcm(since=back)) == 0
-            assert said(final).count(ANNOUNCEMENT) == 1
-            assert caller.proc is not None and caller.proc.returncode is None
-            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
-        finally:
-            await caller.terminate()
+    async with LabCall(asterisk_lab, api, None) as lab_call:
+        call = await lab_call.dial(hold_ms=60000)
+        caller_rtp = lab_call.caller_rtp
+        await heard_speech(caller_rtp, since=0)
+        await api.ok(
+            "POST",
+            f"/calls/{call['id']}/control",
+            {
+                "type": "transfer",
+                "destination": f"extension:{busy}",
+                "message": ANNOUNCEMENT,
+                "fallbacks": [f"extension:{declines}", f"extension:{silent}"],
+                "ring_timeout": 3,
+            },
+        )
+        done = await chain_settled(api, call["id"], 3)
+        outcomes = [(t["attempt"], t["outcome"]) for t in done["transfers"]]
+        assert outcomes == [(0, "busy"), (1, "declined"), (2, "no_answer")], outcomes
+        last = done["transfers"][-1]
+        assert [a["outcome"] for a in last["attempts"]] == ["busy", "declined", "no_answer"]
+        assert done["status"] == "active"
+        assert [ext.invites(n) for n in (busy, declines, silent)] == [1, 1, 1]
+        back = asyncio.get_running_loop().time()
+        await wait_for(lambda: _said_failure(api, call["id"]), "the assistant's failure line", 15)
+        final = await api.ok("GET", f"/calls/{call['id']}")
+        failure = [t for t in said(final) if t in FAILURE_LINES]
+        assert failure == ["Sorry, nobody answered. I'm still here with you."], failure
+        # The caller hears the assistant again, not ringback.
+        await heard_speech(caller_rtp, since=back)
+        assert ringback_windows(caller_rtp.received_pcm(since=back)) == 0
+        assert said(final).count(ANNOUNCEMENT) == 1
+        caller = lab_call.caller
+        assert caller is not None and caller.proc is not None and caller.proc.returncode is None
+        await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
 
 
 async def _said_failure(api: Api, call_id: str) -> bool:
@@ -256,11 +247,10 @@ async def test_offline_and_busy_extensions_are_skipped_without_ringing(
     )
     assert status == 200, reply
     await wait_for(lambda: ext.invites(busy) == 1, "the busy extension ringing elsewhere", 10)
-    async with RtpPeer() as caller_rtp:
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-        await caller.start()
+    async with LabCall(asterisk_lab, api, None) as lab_call:
+        call = await lab_call.dial(hold_ms=60000)
+        caller_rtp = lab_call.caller_rtp
         try:
-            call = await active_call(api)
             await heard_speech(caller_rtp, since=0)
             await api.ok(
                 "POST",
@@ -292,7 +282,6 @@ async def test_offline_and_busy_extensions_are_skipped_without_ringing(
             assert said(done).count(ANNOUNCEMENT) == 1
             await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
         finally:
-            await caller.terminate()
             asterisk_lab.ari("DELETE", f"/channels/{occupying}")
 
 
@@ -305,29 +294,24 @@ async def test_a_fallback_the_policy_refuses_is_skipped_and_recorded(
     busy, _ = await ext.add(1, "uas_busy.xml")
     agent, _ = await ext.add(2, "uas_answer.xml")
     await configure(api, [destination(busy), destination(agent)])
-    async with RtpPeer() as caller_rtp:
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-        await caller.start()
-        try:
-            call = await active_call(api)
-            await api.ok(
-                "POST",
-                f"/calls/{call['id']}/control",
-                {
-                    "type": "transfer",
-                    "destination": f"extension:{busy}",
-                    "fallbacks": ["extension:9999", f"extension:{agent}"],
-                },
-            )
-            done = await chain_settled(api, call["id"], 2)
-            busy_row, bridged = done["transfers"]
-            assert busy_row["outcome"] == "busy" and bridged["state"] == "bridged"
-            assert bridged["attempt"] == 2  # attempt 1 was the refused one
-            refused = [e for e in done["events"] if e["type"] == "transfer.refused"]
-            assert [e["destination"] for e in refused] == ["extension:9999"]
-            (skipped,) = [e for e in done["events"] if e["type"] == "transfer.skipped"]
-            assert (skipped["attempt"], skipped["rule"]) == (1, "assistant.destinations")
-            assert [a["outcome"] for a in bridged["attempts"]] == ["busy", "refused"]
-            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
-        finally:
-            await caller.terminate()
+    async with LabCall(asterisk_lab, api, None) as lab_call:
+        call = await lab_call.dial(hold_ms=60000)
+        await api.ok(
+            "POST",
+            f"/calls/{call['id']}/control",
+            {
+                "type": "transfer",
+                "destination": f"extension:{busy}",
+                "fallbacks": ["extension:9999", f"extension:{agent}"],
+            },
+        )
+        done = await chain_settled(api, call["id"], 2)
+        busy_row, bridged = done["transfers"]
+        assert busy_row["outcome"] == "busy" and bridged["state"] == "bridged"
+        assert bridged["attempt"] == 2  # attempt 1 was the refused one
+        refused = [e for e in done["events"] if e["type"] == "transfer.refused"]
+        assert [e["destination"] for e in refused] == ["extension:9999"]
+        (skipped,) = [e for e in done["events"] if e["type"] == "transfer.skipped"]
+        assert (skipped["attempt"], skipped["rule"]) == (1, "assistant.destinations")
+        assert [a["outcome"] for a in bridged["attempts"]] == ["busy", "refused"]
+        await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
