@@ -26,6 +26,7 @@ EventName = Literal[
     "transfer.cancelled",
     "transfer.handed_off",
     "assistant.tool_called",
+    "transfer.attempts_ended",
 ]
 assert set(EventName.__args__) == {"*", *WEBHOOK_EVENTS}  # type: ignore[attr-defined]
 

@@ -54,6 +54,8 @@ WEBHOOK_EVENTS = (
     "transfer.cancelled",
     "transfer.handed_off",
     "assistant.tool_called",
+    # fallback chains (issue 9 §3): every attempt failed, the caller is back with the assistant
+    "transfer.attempts_ended",
 )
 SIGNATURE_HEADER = "Callbridge-Signature"
 SECRET_PREFIX = "whsec_"

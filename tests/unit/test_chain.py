@@ -13,9 +13,11 @@ import pytest
 
 from bridge.calls.model import CallStatus, TransferCommand
 from bridge.calls.session import CallSession
+from bridge.calls.store import StoreChange
 from bridge.calls.transfer import TransferState
 from bridge.directory.models import Assistant
 from bridge.errors import PbxCommandFailed
+from bridge.ops.webhooks import webhook_events
 from bridge.pbx.ports import (
     ChannelHungUp,
     ConnectionRestored,
@@ -151,6 +153,14 @@ async def test_busy_then_the_next_answers_with_one_announcement(env: CallEnv) ->
 
 async def test_all_fail_the_caller_is_back_once_knowing_every_attempt(env: CallEnv) -> None:
     env.pbx.extensions["1001"] = ExtensionState.OFFLINE
+    changes: list[StoreChange] = []
+    env.store.subscribe(
+        lambda change: (
+            changes.append(change)
+            if any(e.kind == "transfer.attempts_ended" for e in change.events)
+            else None
+        )
+    )
     session = await env.arrive()
     await transfer_first(env, session)
     leg1, _ = await next_leg(env, 1)
@@ -183,6 +193,9 @@ async def test_all_fail_the_caller_is_back_once_knowing_every_attempt(env: CallE
         "declined",
     ]
     assert "transfer.skipped" in kinds(data) and "transfer.attempts_ended" in kinds(data)
+    # Webhooks see it, with the chain's whole record (the store's funnel, contract 1).
+    (hook,) = [p for k, p in webhook_events(changes[-1]) if k == "transfer.attempts_ended"]
+    assert hook["data"]["attempts"] == 3 and len(hook["transfer"]["attempts"]) == 3
 
 
 async def test_a_busy_first_extension_is_skipped_and_the_next_says_the_announcement(
