@@ -5,7 +5,8 @@ AOR at its own SIPp UAS, or with no contact: an unregistered phone) and transfer
 caller through the control API: busy then the fallback answers (bridged, audio through,
 one announcement, ringback in between), everything fails (the caller is back with the
 assistant once, every attempt recorded), an offline and a busy extension skipped without
-an INVITE, and a fallback the policy refuses skipped and recorded."""
+an INVITE, a fallback the policy refuses skipped and recorded, and a daemon restart during
+an attempt going on with the next attempt, not the first."""
 
 from __future__ import annotations
 
@@ -315,3 +316,54 @@ async def test_a_fallback_the_policy_refuses_is_skipped_and_recorded(
         assert (skipped["attempt"], skipped["rule"]) == (1, "assistant.destinations")
         assert [a["outcome"] for a in bridged["attempts"]] == ["busy", "refused"]
         await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+
+
+async def test_a_restart_during_an_attempt_goes_on_with_the_next_not_the_first(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The daemon restarts while attempt 1 rings: the new one adopts attempt 1 (its leg and
+    the chain's rest travel on the stored transfer); when it ends unanswered, attempt 2 runs.
+    The first destination is never rung again; the record keeps every attempt."""
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer={"allow_any": True})
+    ext = Extensions(asterisk_lab)
+    try:
+        busy, _ = await ext.add(1, "uas_busy.xml")
+        ringing, _ = await ext.add(2, "uas_noanswer.xml")
+        agent, _ = await ext.add(3, "uas_answer.xml")
+        await configure(api, [destination(busy), destination(ringing), destination(agent)])
+        async with LabCall(asterisk_lab, api, None) as lab_call:
+            call = await lab_call.dial(hold_ms=60000)
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {
+                    "type": "transfer",
+                    "destination": f"extension:{busy}",
+                    "fallbacks": [f"extension:{ringing}", f"extension:{agent}"],
+                    "ring_timeout": 6,
+                },
+            )
+
+            async def attempt_1_rings() -> bool:
+                rows = (await api.ok("GET", f"/calls/{call['id']}"))["transfers"]
+                return len(rows) == 2 and rows[-1]["state"] == "ringing"
+
+            await wait_for(attempt_1_rings, "attempt 1 ringing", 15)
+            await api.close()
+            await daemon.stop()
+            daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer={"allow_any": True})
+            done = await chain_settled(api, call["id"], 3)
+            outcomes = [(t["attempt"], t["state"], t["outcome"]) for t in done["transfers"]]
+            assert outcomes == [
+                (0, "failed", "busy"),
+                (1, "failed", "no_answer"),
+                (2, "bridged", "answered"),
+            ], outcomes
+            assert len({t["chain_id"] for t in done["transfers"]}) == 1
+            assert [ext.invites(n) for n in (busy, ringing, agent)] == [1, 1, 1]
+            assert [c["id"] for c in (await api.ok("GET", "/calls"))["data"]] == [call["id"]]
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+    finally:
+        await api.close()
+        await daemon.stop()
+        await ext.close()
