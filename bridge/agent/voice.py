@@ -218,8 +218,9 @@ class VoiceAgent:
         )
 
     def on_transfer_result(self, transfer: Transfer) -> None:
-        self._settled.add(transfer.id)
-        call = self._pending.pop(transfer.id, None)
+        asked = transfer.chain_id or transfer.id  # a chain answers for its first attempt
+        self._settled.add(asked)
+        call = self._pending.pop(asked, None)
         if transfer.state is TransferState.RETURNED:
             call = None  # hand back: the tool call had its result when the bridge was made
         elif call is None and transfer.source == "assistant":

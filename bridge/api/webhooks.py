@@ -27,6 +27,7 @@ EventName = Literal[
     "transfer.handed_off",
     "assistant.tool_called",
     "transfer.returned",  # hand back (issue 9 §5)
+    "transfer.attempts_ended",
 ]
 assert set(EventName.__args__) == {"*", *WEBHOOK_EVENTS}  # type: ignore[attr-defined]
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from bridge.calls.destinations import is_internal, parse_internal
 from bridge.directory.models import E164, check_sip_uri
@@ -107,6 +107,20 @@ class TransferCommand(_Command):
     summary: str | None = Field(default=None, max_length=300)
 
     _destination = field_validator("destination")(check_destination)
+
+    # --- fallback chain (issue 9 §3, `bridge.calls.chain`): tried in order after
+    # `destination` on busy / no answer / decline; each through the transfer policy.
+    fallbacks: (
+        list[Annotated[str, Field(min_length=1, max_length=300), AfterValidator(check_destination)]]
+        | None
+    ) = Field(default=None, min_length=1, max_length=10)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _chain_bridges(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value and info.data.get("mode") == "blind":
+            raise ValueError("a blind transfer cannot fall back: callbridge never sees its outcome")
+        return value
 
 
 class SayCommand(_Command):

@@ -164,7 +164,8 @@ class Reconciler:
         session = CallSession(self.service, call, assistant)
         transfers = await self.service.store.transfers(call.id)
         session.transfer = transfers[-1] if transfers else None
-        session.transfers_in_call = len(transfers)
+        # A fallback chain's attempts are one transfer (issue 9 §3).
+        session.transfers_in_call = len({t.chain_id or t.id for t in transfers})
         if session.run is not None and session.run.transfer.dtmf:
             # Its DTMF went out before the restart: the resumed run must not send it again
             # (an IVR would take the digits twice). Issue 9 §4.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import timing
 from bridge.calls import handback
+from bridge.calls.chain import ChainContext, launch, next_attempt, open_chain
 from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
 from bridge.calls.model import (
     Call,
@@ -28,7 +29,7 @@ from bridge.calls.model import (
 )
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.calls.transferring import TransferDeps, TransferRun, open_transfer
+from bridge.calls.transferring import TransferDeps, TransferRun
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
 from bridge.log import get_logger
 from bridge.media.rtp import RtpStream
@@ -120,21 +121,27 @@ class CallSession:
             raise Conflict(
                 f"cannot transfer while the call is {self.call.status.value}", field="type"
             )
-        run = await open_transfer(
-            self,
-            self._transfer_deps(),
-            command,
-            transfer_id=self._new_transfer_id(),
-            settings=self.service.settings.transfer,
-            assistant=self.assistant,
-            source=source,
-            label=label,
-            transfers_in_call=self.transfers_in_call,
-        )
+        # A transfer may be the first attempt of a fallback chain (issue 9 §3): one transfer
+        # against max_per_call, whatever its length.
+        chain = self._chain_context(counted=self.transfers_in_call)
+        run = await open_chain(self, chain, command, source=source, label=label)
         self.run = run
         self.transfers_in_call += 1
-        await run.begin()
+        await launch(self, chain, run)
         return {"id": self.call.id, "accepted": "transfer", "transfer_id": run.transfer.id}
+
+    def _chain_context(self, *, counted: int) -> ChainContext:
+        def adopt(run: TransferRun) -> None:
+            self.run = run
+
+        return ChainContext(
+            deps=self._transfer_deps(),
+            settings=self.service.settings.transfer,
+            assistant=self.assistant,
+            new_id=self._new_transfer_id,
+            counted=counted,
+            adopt=adopt,
+        )
 
     # TransferHost: what the transfer uses of its call.
 
@@ -232,6 +239,10 @@ class CallSession:
     # --- end hand back ---
 
     async def transfer_done(self, transfer: Transfer) -> None:
+        if transfer.state is TransferState.FAILED and await next_attempt(
+            self, self._chain_context(counted=self.transfers_in_call - 1), transfer
+        ):
+            return  # a fallback chain's next attempt runs (issue 9 §3): nothing to tell yet
         if transfer.state not in (TransferState.FAILED, TransferState.RETURNED):
             if transfer.state is TransferState.BRIDGED and self.conversation is not None:
                 self.conversation.on_transfer_result(transfer)

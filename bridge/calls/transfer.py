@@ -145,6 +145,12 @@ class Transfer:
     returned_detail: str | None = None
     returned_at: datetime | None = None
     returned_message: str | None = None  # said to the caller once back (the command's)
+    # --- fallback chains (issue 9 §3, `bridge.calls.chain`): each attempt is a transfer ---
+    chain_id: str | None = None  # the chain's first transfer's id; None: a lone transfer
+    attempt: int = 0  # this transfer's place in its chain (0: the first destination)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # steps left, in order
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # the earlier attempts
+    skipped: str | None = None  # not dialled: why (the extension's state in the PBX)
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -230,6 +236,12 @@ class Transfer:
             "updated_at": _iso(self.updated_at),
             "history": [{"state": s.value, "at": _iso(at)} for s, at in self.history],
             "returned": self._returned_dict(),
+            # fallback chains (issue 9 §3)
+            "chain_id": self.chain_id,
+            "attempt": self.attempt,
+            "skipped": self.skipped,
+            "attempts": self.attempts,
+            "fallbacks": [step.get("destination") for step in self.fallbacks],
         }
 
     def _returned_dict(self) -> dict[str, Any] | None:
@@ -256,6 +268,8 @@ class Transfer:
             "outcome": self.outcome.value if self.outcome else self.state.value,
             "sip_code": self.sip_code,
             "cause": self.cause_text or self.reason,
+            # A fallback chain's earlier attempts (issue 9 §3): the assistant knows them all.
+            **({"attempts": self.attempts} if self.attempts else {}),
         }
 
 
@@ -265,6 +279,7 @@ def transfer_to_doc(t: Transfer) -> dict[str, Any]:
     doc.update(
         leg_id=t.leg_id,
         ring_timeout=t.ring_timeout,
+        fallbacks=t.fallbacks,
         target={
             "number": t.target.number,
             "trunk_id": t.target.trunk_id,
@@ -307,6 +322,11 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
             (TransferState(h["state"]), datetime.fromisoformat(h["at"])) for h in doc["history"]
         ],
         **_returned_from_doc(doc.get("returned")),
+        chain_id=doc.get("chain_id"),
+        attempt=int(doc.get("attempt") or 0),
+        fallbacks=list(doc.get("fallbacks") or []),
+        attempts=list(doc.get("attempts") or []),
+        skipped=doc.get("skipped"),
     )
 
 

@@ -167,15 +167,42 @@ Dtmf = Annotated[
 ]
 
 
-class NumberDestination(_Strict):
+# --- fallback chains (issue 9 §3) ------------------------------------------------------------
+# A destination may list alternatives, tried in order when it is busy, does not answer or
+# declines (`bridge.calls.chain`): destinations of the same shape, without fallbacks of their
+# own (one flat chain; the first destination's `message` is the only announcement).
+MAX_FALLBACKS = 10
+
+
+def _no_nested_fallbacks(dest: Any) -> Any:
+    if getattr(dest, "fallbacks", None):
+        raise ValueError("a fallback cannot have fallbacks of its own (one flat chain)")
+    return dest
+
+
+class _Destination(_Strict):
+    """A destination's schema is one in the OpenAPI document: `fallbacks` makes the models
+    recursive, which would otherwise split each into -Input and -Output schemas."""
+
+    model_config = ConfigDict(json_schema_mode_override="validation")
+
+
+Fallbacks = Annotated[
+    list[Annotated["Destination", AfterValidator(_no_nested_fallbacks)]] | None,
+    Field(default=None, min_length=1, max_length=MAX_FALLBACKS),
+]
+
+
+class NumberDestination(_Destination):
     type: Literal["number"] = "number"
     number: E164Number
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
     dtmf: Dtmf | None = None
+    fallbacks: Fallbacks = None  # issue 9 §3: tried in order when this one fails
 
 
-class SipDestination(_Strict):
+class SipDestination(_Destination):
     """Our extension of the seed: a destination reached by SIP URI."""
 
     type: Literal["sip"]
@@ -183,6 +210,7 @@ class SipDestination(_Strict):
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
     dtmf: Dtmf | None = None
+    fallbacks: Fallbacks = None  # issue 9 §3: tried in order when this one fails
 
 
 # --- destinations inside the PBX (issue 9) --------------------------------------------------
@@ -259,7 +287,7 @@ DialplanContext = Annotated[
 ]
 
 
-class ExtensionDestination(_Strict):
+class ExtensionDestination(_Destination):
     """An endpoint of the PBX: `PJSIP/<extension>` on Asterisk, `user/<extension>` on
     FreeSWITCH. Its state is checked before it is dialled."""
 
@@ -268,9 +296,10 @@ class ExtensionDestination(_Strict):
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
     dtmf: Dtmf | None = None
+    fallbacks: Fallbacks = None  # issue 9 §3: tried in order when this one fails
 
 
-class QueueDestination(_Strict):
+class QueueDestination(_Destination):
     """A queue of the PBX, reached through the `callbridge-queue` context (Asterisk
     `Queue(<queue>)`, FreeSWITCH `callcenter <queue>`)."""
 
@@ -279,9 +308,10 @@ class QueueDestination(_Strict):
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
     dtmf: Dtmf | None = None
+    fallbacks: Fallbacks = None  # issue 9 §3: tried in order when this one fails
 
 
-class DialplanDestination(_Strict):
+class DialplanDestination(_Destination):
     """Anything the PBX's dialplan already has (ring groups, IVRs): `extension` in `context`."""
 
     type: Literal["dialplan"]
@@ -290,6 +320,7 @@ class DialplanDestination(_Strict):
     description: str = Field(min_length=1, max_length=500)
     message: Speakable | None = Field(default=None, max_length=1000)
     dtmf: Dtmf | None = None
+    fallbacks: Fallbacks = None  # issue 9 §3: tried in order when this one fails
 
 
 AnyDestination = (
@@ -352,6 +383,16 @@ Destination = Annotated[
         ),
     ),
 ]
+
+
+for _model in (
+    NumberDestination,
+    SipDestination,
+    ExtensionDestination,
+    QueueDestination,
+    DialplanDestination,
+):
+    _model.model_rebuild()  # `Fallbacks` refers to `Destination`, defined after them
 
 
 class TransferCallTool(_Strict):
@@ -434,21 +475,24 @@ class Assistant(AssistantIn):
     updated_at: datetime
 
     def destinations(self) -> list[AnyDestination]:
-        """Every destination of every `transfer_call` tool: the only places the LLM may send
-        a caller."""
+        """Every destination of every `transfer_call` tool, their fallbacks included (issue 9
+        §3): the only places a caller may be sent (the LLM names the first ones only)."""
         return [
             d
             for tool in self.llm_config.tools
             if isinstance(tool, TransferCallTool)
-            for d in tool.destinations
+            for first in tool.destinations
+            for d in [first, *(first.fallbacks or [])]
         ]
 
     def public_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         for tool in data["llm_config"].get("tools") or []:
             for dest in tool.get("destinations") or []:
-                if dest.get("dtmf") is None:  # unset: the seed's shape reads back unchanged
-                    dest.pop("dtmf", None)
+                for shown in [dest, *(dest.get("fallbacks") or [])]:
+                    for optional in ("dtmf", "fallbacks"):
+                        if shown.get(optional) is None:  # unset: the seed's shape unchanged
+                            shown.pop(optional, None)
         if data.get("handback") is None:  # unset: the seed's shape reads back unchanged
             data.pop("handback", None)
         return data

@@ -73,13 +73,15 @@ def field_path(loc: Sequence[int | str], data: Any) -> str:
     parts: list[str] = []
     node: Any = data
     tag_skipped = False
-    for item in loc:
-        if (
-            isinstance(node, dict)
-            and not tag_skipped
-            and isinstance(item, str)
-            and node.get("type") == item
-        ):
+    for index, item in enumerate(loc):
+        # A destination without `type` is a number destination (the seed's shape): its tag
+        # is "number", followed by the failing field.
+        tag = (
+            node.get("type", "number" if index + 1 < len(loc) else None)
+            if isinstance(node, dict)
+            else None
+        )
+        if isinstance(node, dict) and not tag_skipped and isinstance(item, str) and tag == item:
             tag_skipped = True
             continue
         parts.append(str(item))

@@ -55,6 +55,8 @@ WEBHOOK_EVENTS = (
     "transfer.handed_off",
     "assistant.tool_called",
     "transfer.returned",  # hand back (issue 9 §5): the caller is back with the assistant
+    # fallback chains (issue 9 §3): every attempt failed, the caller is back with the assistant
+    "transfer.attempts_ended",
 )
 SIGNATURE_HEADER = "Callbridge-Signature"
 SECRET_PREFIX = "whsec_"

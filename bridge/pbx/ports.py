@@ -312,6 +312,22 @@ class PbxAdapter(Protocol):
         DTMF the leg receives while bridged arrives as `DtmfReceived(leg_id, digit)`."""
         ...
 
+    # --- extension state (issue 9 §3, fallback chains) ---------------------------------------
+    async def extension_state(self, endpoint: str) -> ExtensionState:
+        """What the PBX knows of an extension before it is dialled (Asterisk: the PJSIP
+        endpoint's state and channels through ARI; FreeSWITCH: the user's registration and
+        channels). UNKNOWN when the PBX cannot tell; never raises for that."""
+        ...
+
+
+class ExtensionState(StrEnum):
+    """An extension's state as the PBX reports it, before callbridge rings it (issue 9 §3)."""
+
+    AVAILABLE = "available"  # registered / reachable, not on a call
+    BUSY = "busy"  # on a call (a channel of it exists: up or ringing)
+    OFFLINE = "offline"  # not registered / unreachable: ringing it cannot work
+    UNKNOWN = "unknown"  # the PBX cannot tell (no such endpoint, no state): dial it anyway
+
 
 class ChannelGone(Exception):
     """The channel no longer exists on the PBX."""

@@ -17,6 +17,7 @@ import pytest
 
 from tests.behaviour.backends import FakeCaller, FreeswitchBackend
 from tests.support.daemon import Api, wait_for
+from tests.support.esl_server import FakeChannel
 from tests.support.flows import DID, active_call, transfer_settled
 
 pytestmark = pytest.mark.skipif(
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 DESTINATIONS = [
     {"type": "extension", "extension": "1001", "description": "Alice's desk phone"},
+    {"type": "extension", "extension": "1002", "description": "Bob's desk phone"},
     {"type": "dialplan", "context": "ringgroups", "extension": "600", "description": "Sales"},
     {"type": "queue", "queue": "support", "description": "The support queue"},
     {
@@ -42,6 +44,8 @@ DESTINATIONS = [
 async def fs(tmp_path: Path) -> AsyncIterator[tuple[FreeswitchBackend, Api]]:
     backend = FreeswitchBackend(tmp_path, None)
     daemon, api = await backend.start_daemon()
+    assert backend.server is not None
+    backend.server.register_user("1001")  # Alice's phone is registered; Bob's (1002) is not
     try:
         assistant = await api.ok(
             "POST",
@@ -177,3 +181,83 @@ async def test_dtmf_after_answer_before_the_bridge(fs: tuple[FreeswitchBackend, 
     kinds = [e["type"] for e in done["events"]]
     assert kinds.index("transfer.answered") < kinds.index("transfer.dtmf_sent")
     assert kinds.index("transfer.dtmf_sent") < kinds.index("transfer.completed")
+
+
+# --- fallback chains and the registration check (issue 9 §3) ------------------------------
+
+ANNOUNCEMENT = "One moment, I am putting you through."
+
+
+async def chain_settled(api: Api, call_id: str, attempts: int) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        call = await api.ok("GET", f"/calls/{call_id}")
+        rows = call["transfers"]
+        done = len(rows) == attempts and rows[-1]["state"] in ("bridged", "failed")
+        return call if done and call["status"] != "transferring" else None
+
+    return await wait_for(check, f"{attempts} attempts settled", timeout=20)
+
+
+async def test_chain_moves_on_from_a_busy_target_with_one_announcement(
+    fs: tuple[FreeswitchBackend, Api],
+) -> None:
+    backend, api = fs
+    assert backend.server is not None
+    backend.server.set_originate_outcome("600", "busy")
+    await backend.caller(DID)
+    call = await active_call(api)
+    body = {
+        "type": "transfer",
+        "destination": "dialplan:600@ringgroups",
+        "message": ANNOUNCEMENT,
+        "fallbacks": ["extension:1001"],
+        "ring_timeout": 5,
+    }
+    await api.ok("POST", f"/calls/{call['id']}/control", body)
+    done = await chain_settled(api, call["id"], 2)
+    first, second = done["transfers"]
+    assert (first["outcome"], second["state"]) == ("busy", "bridged")
+    assert first["chain_id"] == second["chain_id"] == first["id"] and second["attempt"] == 1
+    dials = [re.search(r"\}(\S+) &park\(\)$", c)[1] for c in originates(backend)]  # type: ignore[index]
+    assert dials == ["loopback/600/ringgroups/XML", "user/1001"]
+    said = [e["text"] for e in done["events"] if e["type"] == "assistant.said"]
+    assert said.count(ANNOUNCEMENT) == 1 and not any("I'm still here" in t for t in said)
+
+
+async def test_unregistered_and_busy_extensions_are_skipped_without_an_originate(
+    fs: tuple[FreeswitchBackend, Api],
+) -> None:
+    """Bob (1002) is not registered (`sofia_contact` says error/user_not_registered); Alice
+    (1001) is registered but on a call (a channel with her presence_id): neither is
+    originated; the ring group answers."""
+    backend, api = fs
+    server = backend.server
+    assert server is not None
+    busy = FakeChannel("alice-on-a-call", "outbound", "1001", "+3120555", answered=True)
+    busy.variables["presence_id"] = f"1001@{server.DOMAIN}"
+    server.channels[busy.uuid] = busy
+    try:
+        await backend.caller(DID)
+        call = await active_call(api)
+        body = {
+            "type": "transfer",
+            "destination": "extension:1002",
+            "fallbacks": ["extension:1001", "dialplan:600@ringgroups"],
+            "ring_timeout": 5,
+        }
+        await api.ok("POST", f"/calls/{call['id']}/control", body)
+        done = await chain_settled(api, call["id"], 3)
+    finally:
+        server.channels.pop(busy.uuid, None)
+    bob, alice, group = done["transfers"]
+    assert (bob["outcome"], bob["skipped"]) == (
+        "unreachable",
+        "extension 1002 is offline (not registered): not rung",
+    )
+    assert (alice["outcome"], alice["skipped"]) == (
+        "busy",
+        "extension 1001 is busy (on a call): not rung",
+    )
+    assert group["state"] == "bridged"
+    assert [c for c in originates(backend) if "user/" in c] == []
+    assert {"api sofia_contact 1002", "api sofia_contact 1001"} <= set(server.commands)

@@ -21,7 +21,13 @@ import pytest
 from bridge.lab.rtp import RtpPacket, RtpPeer, dominant_frequency
 from bridge.lab.sipp import SippCall, SippUas
 from tests.support.daemon import Api, start_daemon, wait_for
-from tests.support.flows import DID, active_call, heard_speech, transfer_settled
+from tests.support.flows import (
+    DID,
+    active_call,
+    heard_speech,
+    pjsip_extension,
+    transfer_settled,
+)
 
 pytestmark = pytest.mark.asterisk
 
@@ -39,32 +45,12 @@ def destinations() -> list[dict[str, str]]:
 @contextlib.contextmanager
 def lab_extension(lab: Any, uas: SippUas) -> Iterator[str]:
     """Endpoint `lab-<EXT>` with an AOR at `uas`, and it as the lab queue's member."""
-    name = f"lab-{EXT}"
-    for kind, fields in (
-        ("aor", {"contact": f"sip:{EXT}@127.0.0.1:{uas.local_port}"}),
-        (
-            "endpoint",
-            {
-                "aors": name,
-                "context": "callbridge-outbound-only",
-                "disallow": "all",
-                "allow": "ulaw",
-                "direct_media": "no",
-            },
-        ),
-    ):
-        body = {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]}
-        status, reply = lab.ari(
-            "PUT", f"/asterisk/config/dynamic/res_pjsip/{kind}/{name}", body=body
-        )
-        assert status == 200, reply
-    lab.cli(f"queue add member PJSIP/{name} to lab-support")
-    try:
-        yield name
-    finally:
-        lab.cli(f"queue remove member PJSIP/{name} from lab-support")
-        for kind in ("endpoint", "aor"):
-            lab.ari("DELETE", f"/asterisk/config/dynamic/res_pjsip/{kind}/{name}")
+    with pjsip_extension(lab, f"lab-{EXT}", uas.local_port) as name:
+        lab.cli(f"queue add member PJSIP/{name} to lab-support")
+        try:
+            yield name
+        finally:
+            lab.cli(f"queue remove member PJSIP/{name} from lab-support")
 
 
 @pytest.fixture

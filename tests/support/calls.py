@@ -22,7 +22,15 @@ from bridge.calls.store import CallStore
 from bridge.calls.transfer import Transfer
 from bridge.config import Settings
 from bridge.errors import NotFound
-from bridge.pbx.ports import CallArrived, DialTarget, EventSink, MediaAddress, PbxEvent, TrunkSpec
+from bridge.pbx.ports import (
+    CallArrived,
+    DialTarget,
+    EventSink,
+    ExtensionState,
+    MediaAddress,
+    PbxEvent,
+    TrunkSpec,
+)
 from bridge.store.db import Database
 from tests.support.agent import make_assistant
 
@@ -42,6 +50,8 @@ class FakePbx:
         self.media_port = 9
         self.trunks: set[str] = set()
         self.leg_context: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+        # extension_state's answers per endpoint (unset: available)
+        self.extensions: dict[str, ExtensionState] = {}
 
     def _verb(self, name: str, *args: Any) -> None:
         self.calls.append((name, *args))
@@ -130,6 +140,10 @@ class FakePbx:
 
     async def unbridge(self, channel_id: str, leg_id: str) -> None:
         self._verb("unbridge", channel_id, leg_id)
+
+    async def extension_state(self, endpoint: str) -> ExtensionState:
+        self._verb("extension_state", endpoint)
+        return self.extensions.get(endpoint, ExtensionState.AVAILABLE)
 
 
 @dataclass

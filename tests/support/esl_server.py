@@ -375,6 +375,8 @@ class FakeEslServer:
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Directory users' registrations (issue 9 §3, the extension check): user -> contact.
+        self.registrations: dict[str, str] = {}
 
     # lifecycle
     async def start(self) -> int:
@@ -666,6 +668,8 @@ class FakeEslServer:
         script, result, old_uuid = _originate_script(outcome)
         caller = variables.get("origination_caller_id_number", "0000000000")
         chan = FakeChannel(leg, "outbound", number, caller, variables=variables)
+        if m["dial"].startswith("user/"):  # the directory's dial-string sets it
+            chan.variables.setdefault("presence_id", f"{number}@{self.DOMAIN}")
         self.channels[leg] = chan
         if outcome in ("answer", "early_media"):
             result = result.replace(old_uuid, leg)
@@ -776,6 +780,8 @@ class FakeEslServer:
             return "+OK [Success]\n\n"
         if cmd == "sofia":
             return self._sofia(words)
+        if cmd == "sofia_contact":
+            return self._sofia_contact(arg.strip())
         if cmd.startswith("uuid_"):
             if not words:
                 return "-USAGE: <uuid> [args]\n"
@@ -803,6 +809,7 @@ class FakeEslServer:
                 cid_num=c.caller,
                 cid_name=c.caller_name or c.caller,
                 callstate="ACTIVE" if c.answered else "RINGING",
+                presence_id=c.variables.get("presence_id", ""),
             )
             rows.append(row)
         return json.dumps({"row_count": len(rows), "rows": rows}, separators=(",", ":"))
@@ -906,6 +913,20 @@ class FakeEslServer:
         if op == "select":
             return self.hash.get(key, "")
         return usage
+
+    # --- directory users (issue 9 §3, the extension check) ----------------------------------
+
+    DOMAIN = "127.0.0.1"  # the default domain `user/<user>` and `sofia_contact` use
+
+    def register_user(self, user: str, port: int = 5070) -> None:
+        """The user's phone registered (as `sofia_contact` then reports it)."""
+        self.registrations[user] = f"sofia/internal/sip:{user}@127.0.0.1:{port}"
+
+    def _sofia_contact(self, arg: str) -> str:
+        """mod_sofia's `sofia_contact [profile/]<user>[@domain]`: the registered contact's
+        dial string, or `error/user_not_registered` (no newline, as FreeSWITCH answers)."""
+        user = arg.rpartition("/")[2].split("@", 1)[0]
+        return self.registrations.get(user, "error/user_not_registered")
 
     def _sofia(self, words: list[str]) -> str:
         """The few `sofia` commands gateway provisioning uses, with FreeSWITCH's replies."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from bridge.lab.rtp import RtpPeer, rms
@@ -141,3 +143,35 @@ class LabCall:
         finally:
             self.caller_rtp.close()
             self.dest_rtp.close()
+
+
+@contextlib.contextmanager
+def pjsip_extension(lab: Any, name: str, contact_port: int | None) -> Iterator[str]:
+    """A PJSIP endpoint `name` made at run time through ARI's dynamic configuration, whose
+    AOR's contact is a SIPp UAS on `contact_port`; `None`: an AOR with no contact, as a
+    phone that is not registered (Asterisk reports the endpoint offline)."""
+    number = name.rpartition("-")[2]
+    aor = {"contact": f"sip:{number}@127.0.0.1:{contact_port}"} if contact_port else {}
+    for kind, fields in (
+        ("aor", aor or {"max_contacts": "1"}),
+        (
+            "endpoint",
+            {
+                "aors": name,
+                "context": "callbridge-outbound-only",
+                "disallow": "all",
+                "allow": "ulaw",
+                "direct_media": "no",
+            },
+        ),
+    ):
+        body = {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]}
+        status, reply = lab.ari(
+            "PUT", f"/asterisk/config/dynamic/res_pjsip/{kind}/{name}", body=body
+        )
+        assert status == 200, reply
+    try:
+        yield name
+    finally:
+        for kind in ("endpoint", "aor"):
+            lab.ari("DELETE", f"/asterisk/config/dynamic/res_pjsip/{kind}/{name}")

@@ -15,7 +15,7 @@ from bridge.calls.model import CallStatus, TransferCommand
 from bridge.lab.harness import wait_for
 from bridge.llm.base import Finished, LlmTimeout, TextDelta
 from bridge.llm.openai_compat import OpenAICompatLlm
-from bridge.pbx.ports import LegOutcome
+from bridge.pbx.ports import LegFailed, LegOutcome
 from tests.support.agent import (
     FakeSession,
     ScriptedLlm,
@@ -245,4 +245,40 @@ async def test_llm_failure_with_a_preface_the_command_refuses_still_apologises()
     assert not agent._committed
     await speak(agent, ms=300, then_silence_ms=0)
     await until(lambda: session.media is not None and session.media.flushes == 1)
+    await agent.close()
+
+
+async def test_a_fallback_chain_answers_the_tool_call_once_with_every_attempt() -> None:
+    """Issue 9 §3: the assistant's destination has a fallback; both are busy. The tool call
+    (which the command's reply names by the chain's first transfer) gets one result, after
+    the last attempt, listing both; the failure line is said once."""
+    assistant = make_assistant(first_message=None)
+    tool = assistant.llm_config.tools[0]
+    first, second = tool.destinations  # type: ignore[union-attr]
+    first.fallbacks = [second]
+    session = SignallingSession(assistant)
+    llm = ScriptedLlm(
+        Step([TextDelta("Sure. "), _transfer_call("sales_team"), Finished("tool_calls")]),
+        Step([TextDelta("Both lines are busy. Can I help instead?"), Finished("stop")]),
+    )
+    agent = make_agent(session, llm, ScriptedStt("sales please", "okay"))
+    session.agent = agent
+    session.conversation = agent
+    await agent.start(resumed=False)
+    await speak(agent)
+    for attempt in (1, 2):
+        await until(lambda n=attempt: len(session.pbx.verbs("originate")) == n)  # type: ignore[misc]
+        leg = session.leg
+        assert leg is not None
+        session.post(LegFailed(leg, 17, "User busy", 486))
+    await until(lambda: session.call.status is CallStatus.ACTIVE and not agent._pending)
+    await speak(agent)
+    await until(lambda: len(llm.requests) == 2)
+    tool_results = [m for m in llm.requests[1] if m.role == "tool"]
+    assert len(tool_results) == 1
+    result = json.loads(tool_results[0].content or "")
+    assert result["outcome"] == "busy"
+    assert [a["destination"] for a in result["attempts"]] == [first.number, second.number]
+    failure = session.service.settings.transfer.busy_message
+    assert texts(session).count(failure) == 1
     await agent.close()

@@ -398,3 +398,60 @@ async def test_objects_stored_before_the_checks_still_load(tmp_path: Path) -> No
             await directory.patch_trunk("old-trunks", {"name": "renamed"})
     finally:
         await db.close()
+
+
+# --- fallback chains (issue 9 §3) ---------------------------------------------------------
+
+
+async def test_fallbacks_are_validated_and_read_back_in_the_seed_shape(api: Api) -> None:
+    seed = {"type": "number", "number": "+31612345678", "description": "Sales"}
+    tools = [{"type": "transfer_call", "destinations": [seed]}]
+    created = await api.send("POST", "/assistants", {"name": "a", "llm_config": {"tools": tools}})
+    assert created[0] == 201
+    # The seed's shape reads back unchanged: no `fallbacks` (nor `dtmf`) key when unset.
+    assert created[1]["llm_config"]["tools"][0]["destinations"] == [{**seed, "message": None}]
+    chained = {
+        **seed,
+        "fallbacks": [
+            {"type": "extension", "extension": "1001", "description": "Alice"},
+            {"number": "+3161", "description": "overflow"},
+        ],
+    }
+    tools = [{"type": "transfer_call", "destinations": [seed, chained]}]
+    got = await api.send("POST", "/assistants", {"name": "a", "llm_config": {"tools": tools}})
+    assert_422(got, "llm_config.tools.0.destinations.1.fallbacks.1.number")
+    nested = {**seed, "fallbacks": [{**seed, "fallbacks": [seed]}]}
+    tools = [{"type": "transfer_call", "destinations": [nested]}]
+    got = await api.send("POST", "/assistants", {"name": "a", "llm_config": {"tools": tools}})
+    assert_422(got, "llm_config.tools.0.destinations.0.fallbacks.0")
+    assert "cannot have fallbacks of its own" in got[1]["error"]["message"]
+    good = {**seed, "fallbacks": [{"type": "extension", "extension": "1001", "description": "A"}]}
+    tools = [{"type": "transfer_call", "destinations": [good]}]
+    status, body = await api.send(
+        "POST", "/assistants", {"name": "b", "llm_config": {"tools": tools}}
+    )
+    assert status == 201, body
+    shown = body["llm_config"]["tools"][0]["destinations"][0]
+    assert shown["fallbacks"] == [
+        {"type": "extension", "extension": "1001", "description": "A", "message": None}
+    ]
+
+
+async def test_control_fallbacks_are_validated(api: Api) -> None:
+    base = {"type": "transfer", "destination": "extension:1001"}
+    got = await api.send("POST", f"/calls/{ACTIVE}/control", {**base, "fallbacks": ["+31", "x"]})
+    assert_422(got, "fallbacks.0")
+    got = await api.send(
+        "POST", f"/calls/{ACTIVE}/control", {**base, "mode": "blind", "fallbacks": ["+31612345678"]}
+    )
+    assert_422(got, "fallbacks")
+    got = await api.send("POST", f"/calls/{ACTIVE}/control", {**base, "fallbacks": []})
+    assert_422(got, "fallbacks")
+    assert api.calls.commands == []
+    status, _ = await api.send(
+        "POST",
+        f"/calls/{ACTIVE}/control",
+        {**base, "fallbacks": ["extension:1002", "+31612345678"]},
+    )
+    assert status == 202
+    assert api.calls.commands[-1][1].fallbacks == ["extension:1002", "+31612345678"]

@@ -30,6 +30,7 @@ from bridge.pbx.ports import (
     ConnectionRestored,
     DialTarget,
     DtmfReceived,
+    ExtensionState,
     LegAnswered,
     LegFacts,
     LegFailed,
@@ -480,6 +481,9 @@ async def test_every_verb_runs_against_the_fake(
     await port.blind_transfer(other, DialTarget(sip_uri="sip:bob@h"), 20)
     third = await server.call_arrives(answered=True)
     await port.continue_in_dialplan(third, "callbridge-fallback", "1")
+    assert await port.extension_state("1001") is ExtensionState.OFFLINE
+    server.register_user("1001")
+    assert await port.extension_state("1001") is ExtensionState.AVAILABLE
     await port.provision_trunk(TRUNK)
     assert await port.provisioned_trunks() == {"t1"}
     await port.remove_trunk("t1")
@@ -488,9 +492,30 @@ async def test_every_verb_runs_against_the_fake(
         "answer", "set_variable", "attach_media", "play_tone", "stop_playback", "originate",
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
-        "record_outcome", "send_dtmf", "unbridge", "start", "stop",  # by the fixture
+        "record_outcome", "send_dtmf", "unbridge", "extension_state",
+        "start", "stop",  # by the fixture
     }  # fmt: skip
     assert set(_port_verbs()) <= called
+
+
+async def test_extension_state_from_registration_and_channels(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """Issue 9 §3: `sofia_contact` says offline or registered; a channel whose presence_id is
+    the user's (the directory's dial-string sets it on `user/` calls) says busy."""
+    server, adapter, sink = parts
+    assert await adapter.extension_state("2002") is ExtensionState.OFFLINE
+    assert "api sofia_contact 2002" in server.commands
+    server.register_user("2002")
+    assert await adapter.extension_state("2002") is ExtensionState.AVAILABLE
+    await adapter.originate(
+        "cbleg-busy", DialTarget(endpoint="2002"), caller_number="1", ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-busy")
+    assert await adapter.extension_state("2002") is ExtensionState.BUSY
+    await adapter.hangup("cbleg-busy")
+    await wait_for(lambda: "cbleg-busy" not in server.channels, "the leg gone")
+    assert await adapter.extension_state("2002") is ExtensionState.AVAILABLE
 
 
 async def test_release_frees_what_the_adapter_made_for_the_call(

@@ -57,6 +57,7 @@ from bridge.pbx.ports import (
     DialTarget,
     DtmfReceived,
     EventSink,
+    ExtensionState,
     LegAnswered,
     LegFacts,
     LegFailed,
@@ -687,6 +688,32 @@ class AsteriskAdapter:
         await self.set_variable(channel_id, "CDR(userfield)", f"callbridge:{outcome}:{destination}")
         for key, value in fields.items():
             await self.set_variable(channel_id, f"CDR(callbridge_{key})", value)
+
+    # --- extension state (issue 9 §3) -------------------------------------------------------
+
+    async def extension_state(self, endpoint: str) -> ExtensionState:
+        """`GET /endpoints/PJSIP/<endpoint>`: `state` offline (no contact, or every contact
+        unreachable) or online, and `channel_ids` (any channel of it, ringing or up, means
+        busy). Measured on Asterisk 22: an AOR with a static contact is online, one with no
+        registered contact offline; `/deviceStates/PJSIP%2F<endpoint>` agrees (NOT_INUSE /
+        UNAVAILABLE) but needs an escaped slash, so the endpoint is asked."""
+        try:
+            # The dial string's own check: `PJSIP/<endpoint>` is also its ARI resource path.
+            path = f"/endpoints/{dial_string(DialTarget(endpoint=endpoint))}"
+            found = await self._call("GET", path)
+        except ChannelGone:  # 404: no such endpoint; dialling it reports the real fault
+            return ExtensionState.UNKNOWN
+        except (PbxUnavailable, PbxCommandFailed) as exc:
+            log.warning("asterisk.extension_state_failed", endpoint=endpoint, error=str(exc))
+            return ExtensionState.UNKNOWN
+        if not isinstance(found, dict):
+            return ExtensionState.UNKNOWN
+        if found.get("channel_ids"):
+            return ExtensionState.BUSY
+        state = found.get("state")
+        if state == "offline":
+            return ExtensionState.OFFLINE
+        return ExtensionState.AVAILABLE if state == "online" else ExtensionState.UNKNOWN
 
     # --- trunks -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from bridge.pbx.ports import (
     DialTarget,
     DtmfReceived,
     EventSink,
+    ExtensionState,
     LegAnswered,
     LegFacts,
     LegFailed,
@@ -784,6 +785,27 @@ class FreeswitchAdapter:
         return self.gateways.provisioned() if self.gateways is not None else set()
 
     # --- helpers ----------------------------------------------------------------------------
+
+    # --- extension state (issue 9 §3) -------------------------------------------------------
+
+    async def extension_state(self, endpoint: str) -> ExtensionState:
+        """`sofia_contact <user>` (the default domain, as `user/<user>` dials it): an
+        `error/user_not_registered` reply is offline; then `show channels as json`: a
+        channel whose `presence_id` is `<user>@...` (set on calls to and from a directory
+        user) is busy. A failed check is UNKNOWN: the dial itself decides."""
+        try:
+            user = dial_string(DialTarget(endpoint=endpoint), self.profile).split("/", 1)[1]
+            contact = (await self._api(f"sofia_contact {user}")).strip()
+            if not contact or contact.startswith(("error/", "-ERR")):
+                return ExtensionState.OFFLINE
+            text = await self._api("show channels as json")
+            rows = json.loads(text or "{}").get("rows") or []
+        except (PbxUnavailable, PbxCommandFailed, ChannelGone, ValueError) as exc:
+            log.warning("freeswitch.extension_state_failed", endpoint=endpoint, error=str(exc))
+            return ExtensionState.UNKNOWN
+        if any(str(r.get("presence_id", "")).startswith(f"{user}@") for r in rows):
+            return ExtensionState.BUSY
+        return ExtensionState.AVAILABLE
 
     async def _api(self, command: str) -> str:
         try:
