@@ -26,7 +26,12 @@ from bridge.calls.model import (
 )
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.calls.transferring import TransferDeps, TransferRun, open_transfer
+from bridge.calls.transferring import (
+    TransferDeps,
+    TransferRun,
+    open_transfer,
+    transfer_accepted,
+)
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
 from bridge.log import get_logger
 from bridge.media.rtp import RtpStream
@@ -75,6 +80,7 @@ class CallSession:
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._shut = False
         self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
+        self._replying: CommandEnvelope | None = None  # the command being handled
         self.greeted = False  # the conversation started once (a resume must not greet again)
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
 
@@ -128,7 +134,7 @@ class CallSession:
         self.run = run
         self.transfers_in_call += 1
         await run.begin()
-        return {"id": self.call.id, "accepted": "transfer", "transfer_id": run.transfer.id}
+        return transfer_accepted(self.call.id, run.transfer)
 
     # TransferHost: what the transfer uses of its call.
 
@@ -173,6 +179,19 @@ class CallSession:
 
     def drop_media(self) -> None:
         self._close_media()
+
+    # --- speed (issue 7 §8): the transfer's 202 once it is on record ---
+    def transfer_recorded(self) -> None:
+        """Answer the command that started the transfer now: it is authorised and on record,
+        so the API need not wait for the PBX's round trips (the leg's outcome comes as the
+        call's events and webhooks)."""
+        envelope = self._replying
+        run = self.run
+        if envelope is None or envelope.reply.done() or run is None:
+            return
+        envelope.reply.set_result(transfer_accepted(self.call.id, run.transfer))
+
+    # --- end speed ---
 
     async def transfer_done(self, transfer: Transfer) -> None:
         if transfer.state is not TransferState.FAILED:
@@ -291,11 +310,18 @@ class CallSession:
             # load2 (issue 7 §8): where a command's time goes, logged as call.command_timing
             span, started = timing.Span(), time.monotonic()
             token = timing.current.set(span)
+            self._replying = item
             try:
-                item.reply.set_result(await self._on_command(item))
+                result = await self._on_command(item)
+                if not item.reply.done():
+                    item.reply.set_result(result)
             except BridgeError as exc:
-                item.reply.set_exception(exc)
+                if item.reply.done():  # answered already (see transfer_recorded)
+                    self.log.warning("call.command_failed_after_reply", error=str(exc))
+                else:
+                    item.reply.set_exception(exc)
             finally:
+                self._replying = None
                 timing.current.reset(token)
                 self.log.info(
                     "call.command_timing",

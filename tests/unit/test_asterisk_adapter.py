@@ -140,10 +140,20 @@ async def test_leg_events_become_raw_facts() -> None:
         {"type": "Dial", "peer": leg, "dialstatus": ""},
         {"type": "Dial", "peer": leg, "dialstatus": "PROGRESS"},  # 183, no 180
         {"type": "Dial", "peer": leg, "dialstatus": "RINGING"},
+        # Up is not the answer: the leg can join a bridge once [callbridge-leg] put it in
+        # Stasis, so its StasisStart is (once).
         {"type": "ChannelStateChange", "channel": {"id": "cbleg-1", "state": "Up"}},
-        {"type": "ChannelStateChange", "channel": {"id": "cbleg-1", "state": "Up"}},
+        {"type": "StasisStart", "channel": {"id": "cbleg-1", "state": "Up"}, "args": ["leg"]},
+        {"type": "StasisStart", "channel": {"id": "cbleg-1", "state": "Up"}, "args": ["leg"]},
         {"type": "ChannelHangupRequest", "channel": leg, "cause": 17, "tech_cause": 486},
         {"type": "StasisEnd", "channel": leg},
+        # The far end's 486: its hangup request carries the SIP code.
+        {
+            "type": "ChannelHangupRequest",
+            "channel": {"id": "cbleg-2"},
+            "cause": 17,
+            "tech_cause": 486,
+        },
         {
             "type": "ChannelDestroyed",
             "channel": {"id": "cbleg-2"},
@@ -164,6 +174,14 @@ async def test_leg_events_become_raw_facts() -> None:
         {
             "type": "ChannelDestroyed",
             "channel": {"id": "cbleg-4"},
+            "cause": 19,
+            "cause_txt": "User alerting, no answer",
+            "tech_cause": 480,
+        },
+        # The originate's own ring timeout: no hangup request at all, a derived 480.
+        {
+            "type": "ChannelDestroyed",
+            "channel": {"id": "cbleg-6"},
             "cause": 19,
             "cause_txt": "User alerting, no answer",
             "tech_cause": 480,
@@ -192,6 +210,7 @@ async def test_leg_events_become_raw_facts() -> None:
         LegFailed("cbleg-3", 66, "Channel not implemented", None, local=True),
         ChannelHungUp("cbleg-1", 16, None),
         LegFailed("cbleg-4", 19, "User alerting, no answer", None, local=False),
+        LegFailed("cbleg-6", 19, "User alerting, no answer", None, local=False),
         LegFailed("cbleg-5", 19, "User alerting, no answer", 480, local=False),
     ]
 

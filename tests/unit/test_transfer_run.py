@@ -41,6 +41,7 @@ class Host:
         self.ended: list[str] = []
         self.media_dropped = False
         self.started = False
+        self.recorded = False  # transfer_recorded: the command may be answered
 
     def say(self, text: str, *, token: str = "", interruptible: bool = True) -> asyncio.Task[None]:
         self.said.append(text)
@@ -88,6 +89,9 @@ class Host:
 
     async def transfer_done(self, transfer: Transfer) -> None:
         self.done.append(transfer)
+
+    def transfer_recorded(self) -> None:
+        self.recorded = True
 
 
 def make_run(mode: str = "bridge") -> tuple[TransferRun, Host, FakePbx, list[str]]:
