@@ -81,6 +81,7 @@ class CallSession:
         self._shut = False
         self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
         self._replying: CommandEnvelope | None = None  # the command being handled
+        self._replied_at: float | None = None  # when it was answered (monotonic)
         self.greeted = False  # the conversation started once (a resume must not greet again)
         self.log = log.bind(call_id=call.id, channel=call.channel_id)
 
@@ -190,6 +191,7 @@ class CallSession:
         if envelope is None or envelope.reply.done() or run is None:
             return
         envelope.reply.set_result(transfer_accepted(self.call.id, run.transfer))
+        self._replied_at = time.monotonic()
 
     # --- end speed ---
 
@@ -310,11 +312,12 @@ class CallSession:
             # load2 (issue 7 §8): where a command's time goes, logged as call.command_timing
             span, started = timing.Span(), time.monotonic()
             token = timing.current.set(span)
-            self._replying = item
+            self._replying, self._replied_at = item, None
             try:
                 result = await self._on_command(item)
                 if not item.reply.done():
                     item.reply.set_result(result)
+                    self._replied_at = time.monotonic()
             except BridgeError as exc:
                 if item.reply.done():  # answered already (see transfer_recorded)
                     self.log.warning("call.command_failed_after_reply", error=str(exc))
@@ -328,6 +331,8 @@ class CallSession:
                     type=type(item.command).__name__,
                     queued_ms=round((started - item.posted) * 1000, 1),
                     handled_ms=round((time.monotonic() - started) * 1000, 1),
+                    # answered before the end of the handling (a transfer, once recorded)
+                    replied_ms=round(((self._replied_at or time.monotonic()) - started) * 1000, 1),
                     **span.fields(),
                 )
         elif isinstance(item, ChannelHungUp):
