@@ -272,3 +272,44 @@ async def test_a_leg_that_ended_while_away_is_reported_before_the_calls_resume()
         if m == "POST" and p == "/asterisk/variable"
     ]
     assert sorted(cleared) == ["CALLBRIDGE_LEG_cbleg-busy", "CALLBRIDGE_LEG_cbleg-up"]
+
+
+async def test_one_request_creates_and_dials_the_leg_then_it_is_watched() -> None:
+    """Issue 8 §4: the INVITE leaves with ONE request (originate into [callbridge-leg]); our
+    application subscribes to the leg after it and reads its state (a 180 that came first)."""
+
+    def respond(method: str, path: str, params: dict[str, Any]) -> Any:
+        if method == "GET" and path == "/channels/cbleg-1":
+            return {"id": "cbleg-1", "state": "Ringing"}
+        return {}
+
+    adapter, events = adapter_with(respond)
+    await adapter.originate("cbleg-1", TARGET, caller_number="+3120", ring_timeout=5)
+    requests = adapter.ari.requests  # type: ignore[attr-defined]
+    assert [(m, p) for m, p, _ in requests] == [
+        ("POST", "/channels"),
+        ("POST", "/applications/callbridge/subscription"),
+        ("GET", "/channels/cbleg-1"),
+    ]
+    originate = requests[0][2]
+    assert (originate["context"], originate["extension"], originate["priority"]) == (
+        "callbridge-leg",
+        "s",
+        1,
+    )
+    assert (originate["channelId"], originate["timeout"]) == ("cbleg-1", 5)
+    assert requests[1][2] == {"eventSource": "channel:cbleg-1"}
+    assert events == [LegRinging("cbleg-1")]
+
+
+async def test_a_leg_gone_before_the_subscription_is_reported_from_its_record() -> None:
+    def respond(method: str, path: str, params: dict[str, Any]) -> Any:
+        if path.endswith("/subscription"):
+            raise AriConflict(422, "Event source does not exist", method, path)
+        if path == "/asterisk/variable" and method == "GET":
+            return {"value": "17,486,Down,1796000000"}
+        return {}
+
+    adapter, events = adapter_with(respond)
+    await adapter.originate("cbleg-1", TARGET, caller_number=None, ring_timeout=5)
+    assert events == [LegFailed("cbleg-1", 17, None, 486, local=False)]

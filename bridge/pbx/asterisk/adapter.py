@@ -238,10 +238,10 @@ class AsteriskAdapter:
 
     async def _subscribe_again(self, leg: str) -> None:
         try:
-            await self._call(
+            await self._raw(
                 "POST", f"/applications/{self.ari.app}/subscription", eventSource=f"channel:{leg}"
             )
-        except (ChannelGone, PbxCommandFailed) as exc:
+        except (ChannelGone, AriConflict, PbxCommandFailed) as exc:
             log.info("asterisk.leg_subscription_failed", leg=leg, error=str(exc))
 
     async def _report_leg_record(self, leg: str) -> None:
@@ -614,20 +614,20 @@ class AsteriskAdapter:
         already gone is reported from what its hangup handler recorded. Never raises: the
         leg is dialled; a watch that fails leaves the ring guard."""
         try:
-            await self._call(
+            await self._raw(
                 "POST",
                 f"/applications/{self.ari.app}/subscription",
                 eventSource=f"channel:{leg_id}",
             )
             channel = await self._call("GET", f"/channels/{leg_id}")
-        except ChannelGone:
+        except (ChannelGone, AriConflict):  # 422 "Event source does not exist": it ended
             if leg_id in self._pending_legs:
-                await self._report_leg_record(leg_id)
+                try:
+                    await self._report_leg_record(leg_id)
+                except (PbxCommandFailed, PbxUnavailable, ChannelGone) as exc:
+                    log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
             return
         except (PbxCommandFailed, PbxUnavailable) as exc:
-            if "not found" in str(exc).lower() and leg_id in self._pending_legs:
-                await self._report_leg_record(leg_id)  # 422: the event source is gone
-                return
             log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
             return
         if (channel or {}).get("state") == "Ringing":
