@@ -44,11 +44,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import aiohttp
 
 from bridge.calls.model import TransferCommand
+from bridge.calls.service import CallService
 from bridge.calls.session import CallSession
+from bridge.calls.transferring import TransferRun
 from bridge.lab.asterisk import AsteriskLab
 from bridge.lab.harness import Api, start_daemon, wait_for
 from bridge.lab.rtp import RtpPeer
 from bridge.lab.sipp import SippCall
+from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.dialing import dial_string
 from bridge.pbx.ports import DialTarget
 from tests.support.fake_openai import FakeOpenAI, FakeToolCall, Reply
@@ -113,9 +116,37 @@ async def next_invite(invites: Any, timeout: float = 10.0) -> tuple[float, str]:
     return await loop.run_in_executor(None, lambda: invites.get(timeout=timeout))
 
 
+# Where a control POST's time goes before the INVITE: the first time each stage is reached
+# after the POST is sent (stage -> monotonic time), reset per sample.
+STAGES = ("service", "session", "authorised", "originate")
+stamps: dict[str, float] = {}
+
+
+def _stamp_at(cls: Any, name: str, stage: str, when: Any = None) -> None:
+    real = getattr(cls, name)
+
+    async def stamped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if stage not in stamps and (when is None or when(*args)):
+            stamps[stage] = time.monotonic()
+        return await real(self, *args, **kwargs)
+
+    setattr(cls, name, stamped)
+
+
+def instrument() -> None:
+    """Stamps: the API handler reached the call service (HTTP, key, validation done); the
+    call's task took the command; the policy authorised it (the run begins); the ARI
+    originate request is sent."""
+    _stamp_at(CallService, "control", "service")
+    _stamp_at(CallSession, "_on_command", "session")
+    _stamp_at(TransferRun, "begin", "authorised")
+    _stamp_at(AsteriskAdapter, "_call", "originate", lambda method, path, *_: path == "/channels")
+
+
 async def run(args: argparse.Namespace, port: int, invites: Any) -> None:
     decided: list[float] = []
     real_command = CallSession.command
+    instrument()
 
     async def stamped(self: CallSession, command: Any, **kwargs: Any) -> dict[str, Any]:
         if kwargs.get("source") == "assistant" and isinstance(command, TransferCommand):
@@ -206,6 +237,7 @@ async def measure(
 ) -> None:
     trunk_id = await provision(api, port)
     endpoint = dial_string(DialTarget(number=SUPPORT, trunk_id=trunk_id))
+    stages: dict[str, list[float]] = {}
     async with RtpPeer() as caller_rtp:
         caller = SippCall.to_lab(lab, DID, rtp_port=caller_rtp.port, hold_ms=600000)
         await caller.start()
@@ -235,6 +267,7 @@ async def measure(
                     if i >= args.warmup:
                         limit.append((at - t0) * 1000)
                     # (api) the control POST, no message
+                    stamps.clear()
                     t0 = time.monotonic()
                     await api.ok(
                         "POST",
@@ -244,6 +277,13 @@ async def measure(
                     at, _ = await next_invite(invites)
                     if i >= args.warmup:
                         via_api.append((at - t0) * 1000)
+                        before = t0
+                        for stage in (*STAGES, "invite"):
+                            reached = at if stage == "invite" else stamps.get(stage)
+                            if reached is None:
+                                break
+                            stages.setdefault(stage, []).append((reached - before) * 1000)
+                            before = reached
                     await active_again(api, call_id, lab)
             # (assistant) spoken request → model's tool call → INVITE
             spoken: list[float] = []
@@ -268,9 +308,25 @@ async def measure(
             await api.request("POST", f"/calls/{call_id}/control", {"type": "end_call"})
             await caller.terminate()
     report(limit, via_api, spoken)
+    print("control POST → INVITE by stage (p50 / p95 ms, each from the stage before):")
+    names = {
+        "service": "POST sent → call service (HTTP client+server, key, validation)",
+        "session": "→ the call's task takes the command (queue hop)",
+        "authorised": "→ transfer authorised (policy)",
+        "originate": "→ ARI originate request sent (run bookkeeping)",
+        "invite": "→ INVITE at the peer (ARI request + Asterisk)",
+    }
+    for stage, values in stages.items():
+        ordered = sorted(values)
+        p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        print(f"  {names[stage]}: {statistics.median(values):.2f} / {p95:.2f}")
     if args.json:
         with open(args.json, "w") as out:  # noqa: ASYNC230 (once, at the end)
-            json.dump({"limit": limit, "api": via_api, "assistant": spoken}, out, indent=1)
+            json.dump(
+                {"limit": limit, "api": via_api, "assistant": spoken, "api_stages": stages},
+                out,
+                indent=1,
+            )
 
 
 async def _first_active(api: Api) -> dict[str, Any] | None:

@@ -354,7 +354,14 @@ allowed_sip_domains = ["127.0.0.1"]
         # and ARI round trips.
         stats["command_ms"] = {
             key: dist([float(c.get(key) or 0) for c in commands])
-            for key in ("queued_ms", "handled_ms", "db_wait_ms", "db_run_ms", "ari_ms")
+            for key in (
+                "queued_ms",
+                "replied_ms",
+                "handled_ms",
+                "db_wait_ms",
+                "db_run_ms",
+                "ari_ms",
+            )
         }
         return stats
 

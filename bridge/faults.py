@@ -12,9 +12,12 @@ Never set in production. Two ways to arm a point:
 Points (in the order a transfer passes them):
 - `before_originate`: the transfer is decided (and, with a message, recorded and announced);
   nothing is sent to the PBX yet;
-- `before_dial`: Asterisk only: the leg exists in our ARI application, not dialled (no
-  INVITE sent, its dial marker not set);
-- `after_originate`: the leg is dialled (INVITE sent); nothing about it is recorded yet.
+- `before_subscribe`: Asterisk only: the leg is originated (INVITE sent, one request creates
+  and dials it), our ARI application not yet subscribed to its events;
+- `after_originate`: the leg is dialled (INVITE sent); its record is written meanwhile
+  (concurrently: it may or may not be durable yet);
+- `before_record`: the transfer's record (its request and dial) is not written; the
+  originate goes on (the daemon "dies" with the leg placed and nothing recorded).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import asyncio
 import os
 import signal
 
-POINTS = ("before_originate", "before_dial", "after_originate")
+POINTS = ("before_originate", "before_subscribe", "after_originate", "before_record")
 _ENV = "CALLBRIDGE_TEST_FAULT"
 _armed: dict[str, asyncio.Event] = {}
 

@@ -172,6 +172,9 @@ class ControlAccepted(BaseModel):
     id: str
     accepted: str
     transfer_id: str | None = None
+    # A transfer: answered once authorised and on record, before the PBX places the leg;
+    # "announcing" (its message plays first) or "dialing" (docs/API.md).
+    state: str | None = None
 
 
 class CallsQuery(BaseModel):

@@ -29,7 +29,11 @@ from bridge.calls.model import (
 )
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
-from bridge.calls.transferring import TransferDeps, TransferRun
+from bridge.calls.transferring import (
+    TransferDeps,
+    TransferRun,
+    transfer_accepted,
+)
 from bridge.errors import BridgeError, Conflict, PbxUnavailable
 from bridge.log import get_logger
 from bridge.media.rtp import RtpStream
@@ -79,6 +83,8 @@ class CallSession:
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._shut = False
         self._untold: Transfer | None = None  # a failed transfer not yet told (no media)
+        self._replying: CommandEnvelope | None = None  # the command being handled
+        self._replied_at: float | None = None  # when it was answered (monotonic)
         self.greeted = False  # the conversation started once (a resume must not greet again)
         # Hand back (issue 9 §5): the code the destination presses to give the caller back.
         self.handback = handback.settings_for(assistant)
@@ -128,7 +134,7 @@ class CallSession:
         self.run = run
         self.transfers_in_call += 1
         await launch(self, chain, run)
-        return {"id": self.call.id, "accepted": "transfer", "transfer_id": run.transfer.id}
+        return transfer_accepted(self.call.id, run.transfer)
 
     def _chain_context(self, *, counted: int) -> ChainContext:
         def adopt(run: TransferRun) -> None:
@@ -237,6 +243,20 @@ class CallSession:
             self.log.error("transfer.return_failed", error=str(exc))
 
     # --- end hand back ---
+
+    # --- speed (issue 7 §8): the transfer's 202 once it is on record ---
+    def transfer_recorded(self) -> None:
+        """Answer the command that started the transfer now: it is authorised and on record,
+        so the API need not wait for the PBX's round trips (the leg's outcome comes as the
+        call's events and webhooks)."""
+        envelope = self._replying
+        run = self.run
+        if envelope is None or envelope.reply.done() or run is None:
+            return
+        envelope.reply.set_result(transfer_accepted(self.call.id, run.transfer))
+        self._replied_at = time.monotonic()
+
+    # --- end speed ---
 
     async def transfer_done(self, transfer: Transfer) -> None:
         if transfer.state is TransferState.FAILED and await next_attempt(
@@ -362,17 +382,27 @@ class CallSession:
             # load2 (issue 7 §8): where a command's time goes, logged as call.command_timing
             span, started = timing.Span(), time.monotonic()
             token = timing.current.set(span)
+            self._replying, self._replied_at = item, None
             try:
-                item.reply.set_result(await self._on_command(item))
+                result = await self._on_command(item)
+                if not item.reply.done():
+                    item.reply.set_result(result)
+                    self._replied_at = time.monotonic()
             except BridgeError as exc:
-                item.reply.set_exception(exc)
+                if item.reply.done():  # answered already (see transfer_recorded)
+                    self.log.warning("call.command_failed_after_reply", error=str(exc))
+                else:
+                    item.reply.set_exception(exc)
             finally:
+                self._replying = None
                 timing.current.reset(token)
                 self.log.info(
                     "call.command_timing",
                     type=type(item.command).__name__,
                     queued_ms=round((started - item.posted) * 1000, 1),
                     handled_ms=round((time.monotonic() - started) * 1000, 1),
+                    # answered before the end of the handling (a transfer, once recorded)
+                    replied_ms=round(((self._replied_at or time.monotonic()) - started) * 1000, 1),
                     **span.fields(),
                 )
         elif isinstance(item, ChannelHungUp):

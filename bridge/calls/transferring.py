@@ -65,6 +65,17 @@ RING_GUARD_MARGIN_S = 10.0
 LegEvent = LegRinging | LegProgress | LegAnswered | LegFailed
 
 
+def transfer_accepted(call_id: str, transfer: Transfer) -> dict[str, Any]:
+    """The 202 body of a transfer command: what is known when it is answered (authorised,
+    on record, its id and state); the leg's outcome comes as the call's events."""
+    return {
+        "id": call_id,
+        "accepted": "transfer",
+        "transfer_id": transfer.chain_id or transfer.id,  # a fallback chain: its first attempt
+        "state": transfer.state.value,
+    }
+
+
 def leg_for(transfer: Transfer) -> str:
     """The id of a transfer's leg, derived from the transfer (as its ringback's is): a
     restarted daemon finds the leg its predecessor placed even when nothing recorded it."""
@@ -126,6 +137,12 @@ class TransferHost(Protocol):
         """The transfer is final and persisted. Bridged: tell the conversation. Failed: the
         caller is ACTIVE again: attach media if needed, then say why and tell the
         conversation (`transfer.result()` is the typed result)."""
+        ...
+
+    # --- speed (issue 7 §8) ---
+    def transfer_recorded(self) -> None:
+        """The transfer is authorised and on record (durable): the command that asked for
+        it may be answered now (`transfer_accepted`), before the PBX's round trips."""
         ...
 
 
@@ -241,6 +258,7 @@ class TransferRun:
         host.transfer_started()
         if transfer.message and host.has_media:
             await host.save(transfer, call=True, event=requested)
+            host.transfer_recorded()
             host.say(transfer.message, token=self.token, interruptible=False)
         else:
             # Nothing that can follow the originate sits before it: the request is recorded
@@ -318,7 +336,7 @@ class TransferRun:
                 policy.claim_leg(transfer.target)
                 self._claimed = transfer.target
             await faults.point("before_originate")
-            await pbx.originate(
+            placing = pbx.originate(
                 transfer.leg_id,
                 transfer.target,
                 caller_number=self.deps.caller_id,
@@ -326,14 +344,18 @@ class TransferRun:
                 variables=leg_variables(host.call, transfer),
                 headers=leg_headers(host.call, transfer, self.deps.sip_headers),
             )
-            await faults.point("after_originate")
+            # speed (issue 7 §8): recorded during the originate's round trip, not after it
+            # (the originate's request leaves first); the command is answered once recorded.
+            placed, recorded = await asyncio.gather(
+                self._placed(placing), self._record(pending), return_exceptions=True
+            )
+            if isinstance(recorded, BaseException):
+                raise recorded
+            if isinstance(placed, BaseException):
+                raise placed
         except (BridgeError, ChannelGone, ValueError) as exc:
-            if pending:
-                await self._save_pending(pending)
             await self._dial_failed(exc, remaining)
             return
-        if pending:
-            await self._save_pending(pending)
         try:
             await pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id)
             self.ringback = transfer.ringback_id
@@ -344,6 +366,17 @@ class TransferRun:
             host.log.warning("transfer.ringback_failed", error=str(exc))
         # The PBX enforces the ring timeout; this guard covers a PBX that never reports.
         host.set_timer("ring_guard", max(1.0, remaining) + RING_GUARD_MARGIN_S, transfer.id)
+
+    async def _placed(self, placing: Awaitable[None]) -> None:
+        await placing
+        await faults.point("after_originate")
+
+    async def _record(self, pending: list[CallEvent] | None) -> None:
+        """The transfer's events not recorded yet (one commit), then the command's answer."""
+        await faults.point("before_record")
+        if pending:
+            await self._save_pending(pending)
+        self.host.transfer_recorded()
 
     async def _dial_failed(self, exc: BaseException, remaining: float) -> None:
         transfer, host = self.transfer, self.host

@@ -183,6 +183,11 @@ class DirectoryService:
         self.on_assistant_saved: Callable[[Assistant], None] | None = None
         self._hook_timeout = hook_timeout
         self._lock = asyncio.Lock()
+        # speed (issue 8 §4): rows read by id, kept until any write through this service (the
+        # directory changes only through the daemon's API): a transfer's policy check reads
+        # its number and trunk without waiting for the database thread.
+        self._rows: dict[tuple[Table, str], Row] = {}
+        self._generation = 0
 
     # --- assistants ---
 
@@ -213,7 +218,7 @@ class DirectoryService:
         async with self._lock:
             await self._require("assistants", assistant_id)
             await self._refuse_if_used("assistants", "assistant_id", assistant_id)
-            await self._store.delete("assistants", assistant_id)
+            await self._delete("assistants", assistant_id)
 
     # --- SIP trunks ---
 
@@ -249,7 +254,7 @@ class DirectoryService:
         async with self._lock:
             await self._require("trunks", trunk_id)
             await self._refuse_if_used("trunks", "transfer_trunk_id", trunk_id)
-            await self._store.delete("trunks", trunk_id)
+            await self._delete("trunks", trunk_id)
             await self._run_hook("on_trunk_deleted", self._on_trunk_deleted, trunk_id, trunk_id)
 
     # --- numbers ---
@@ -277,7 +282,7 @@ class DirectoryService:
     async def delete_number(self, number_id: str) -> None:
         async with self._lock:
             await self._require("numbers", number_id)
-            await self._store.delete("numbers", number_id)
+            await self._delete("numbers", number_id)
 
     async def find_number(self, dialled: str) -> Number | None:
         """The number a call was dialled to, or None.
@@ -296,10 +301,27 @@ class DirectoryService:
     # --- internals ---
 
     async def _require(self, table: Table, obj_id: str) -> Row:
+        row = self._rows.get((table, obj_id))
+        if row is not None:
+            return row
+        generation = self._generation
         row = await self._store.get(table, obj_id)
         if row is None:
             raise NotFound(f"{_KIND[table]} {obj_id} not found", id=obj_id)
+        if generation == self._generation:  # no write meanwhile: not stale
+            self._rows[(table, obj_id)] = row
         return row
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._rows.clear()
+
+    async def _delete(self, table: Table, obj_id: str) -> None:
+        self._changed()
+        try:
+            await self._store.delete(table, obj_id)
+        finally:
+            self._changed()
 
     async def _insert(self, table: Table, data: BaseModel) -> Row:
         now = _now()
@@ -317,6 +339,7 @@ class DirectoryService:
     ) -> None:
         # The checks above make these rare (another process writing the same file); map them
         # to the same errors the checks raise.
+        self._changed()
         try:
             await op(table, row)
         except sqlite3.IntegrityError as exc:
@@ -327,6 +350,8 @@ class DirectoryService:
             if "FOREIGN KEY" in str(exc):
                 raise InvalidInput("a referenced object does not exist") from None
             raise
+        finally:
+            self._changed()
 
     async def _refuse_if_used(self, table: Table, column: RefColumn, obj_id: str) -> None:
         numbers = await self._store.numbers_referencing(column, obj_id)

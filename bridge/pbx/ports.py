@@ -137,8 +137,9 @@ class LegFacts:
     """What a restarted daemon learns of a leg it finds in the PBX: the call and transfer it
     was placed for (the leg's CALLBRIDGE_CALL_ID / CALLBRIDGE_TRANSFER_ID variables), and
     whether its dial was sent. `dialled=False` only when the PBX can tell the leg was created
-    and never dialled (Asterisk: channels/create without the dial marker); such a leg is
-    dialled now, once. A leg with no facts is taken as dialled."""
+    and never dialled; such a leg is dialled now, once. Both adapters create and dial a leg
+    in one request (Asterisk `POST /channels`, FreeSWITCH `originate`), so a leg that exists
+    was dialled and both report True. A leg with no facts is taken as dialled."""
 
     leg_id: str
     call_id: str | None = None

@@ -260,8 +260,9 @@ class DbStats:
 class Database:
     """An open SQLite file with the schema at the newest version."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path | None = None) -> None:
         self.conn = conn
+        self.path = path  # None: in memory
         self.stats = DbStats()
         self._pending: list[tuple[list[tuple[str, tuple[Any, ...]]], Any]] = []
         self._pending_lock = threading.Lock()  # the loop adds, the connection's thread takes
@@ -278,7 +279,7 @@ class Database:
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA busy_timeout = 5000")
-        db = cls(conn)
+        db = cls(conn, None if str(path) == ":memory:" else path)
         await db.migrate()
         return db
 

@@ -190,15 +190,22 @@ async def test_a_transfer_asked_while_ari_is_down_is_placed_when_it_is_back(
     [
         # A message recorded the request first; the leg was never created: dialled now.
         ("before_originate", "One moment please.", "uas_answer.xml", "bridged", 1),
-        # The leg exists in our ARI application, never dialled (no marker): dialled now, once.
-        ("before_dial", "One moment please.", "uas_answer.xml", "bridged", 1),
+        # One request created and dialled the leg (there is no undialled leg any more); our
+        # application was not subscribed to it yet: the leg is adopted, not dialled again.
+        ("before_subscribe", "One moment please.", "uas_answer.xml", "bridged", 1),
+        # ... and its events reach the new daemon (it subscribes again at the reconnect):
+        # the 486 that comes while it rings is the transfer's outcome.
+        ("before_subscribe", "One moment please.", "uas_ring_then_busy.xml", "busy", 1),
         # Dialled, the record says only "requested": the leg is adopted, not dialled again.
         ("after_originate", "One moment please.", "uas_answer.xml", "bridged", 1),
-        # No message: the originate goes first, so nothing is recorded yet. The leg nobody
-        # recorded is hung up (a CANCEL if it was dialled), the attempt recorded from its
+        # No message: the originate goes first and the record is written during its round
+        # trip (the POST's 202 once it is durable): the leg is adopted after the restart.
+        ("before_subscribe", None, "uas_answer.xml", "bridged", 1),
+        ("after_originate", None, "uas_answer.xml", "bridged", 1),
+        # The daemon dies with the leg placed and nothing recorded (the POST never answered):
+        # the leg nobody recorded is hung up (a CANCEL), the attempt recorded from its
         # CALLBRIDGE_* variables, and the caller stays with the assistant.
-        ("before_dial", None, "uas_answer.xml", "abandoned", 0),
-        ("after_originate", None, "uas_noanswer.xml", "abandoned", 1),
+        ("before_record", None, "uas_noanswer.xml", "abandoned", 1),
     ],
 )
 async def test_daemon_dying_while_placing_the_leg_never_dials_twice_nor_strands_the_caller(
@@ -212,7 +219,9 @@ async def test_daemon_dying_while_placing_the_leg_never_dials_twice_nor_strands_
 ) -> None:
     daemon, api = await start_daemon(asterisk_lab, tmp_path)
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        uas = SippUas(scenario, rtp_port=dest_rtp.port, ring_ms=1000)
+        # Busy: it rings long enough for the new daemon to be there when the 486 comes.
+        ring_ms = 8000 if expect == "busy" else 1000
+        uas = SippUas(scenario, rtp_port=dest_rtp.port, ring_ms=ring_ms)
         await uas.start()
         await setup_directory(api, uas, auth=False)
         caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
@@ -226,15 +235,19 @@ async def test_daemon_dying_while_placing_the_leg_never_dials_twice_nor_strands_
                 body["message"] = message
             post = asyncio.create_task(api.request("POST", f"/calls/{call['id']}/control", body))
             await asyncio.wait_for(reached.wait(), 15)
-            if point != "after_originate":
+            if point == "before_originate":
                 assert uas.received_requests("INVITE") == []  # nothing was dialled
             else:
                 await wait_for(lambda: uas.invite is not None, "the INVITE at the destination")
+            recorded = point != "before_record"
+            if recorded:  # the 202 comes once the transfer is on record, not after the PBX
+                status, body = await asyncio.wait_for(post, 5)
+                assert status == 202 and body["state"] in ("announcing", "dialing"), body
             # The daemon "dies" here: its sessions stop where they are, ARI is closed.
             assert daemon.calls is not None
             await daemon.calls.stop()
             status, _ = await asyncio.wait_for(post, 5)  # answered, never left hanging
-            assert status == (202 if message else 409)
+            assert status == (202 if recorded else 409)
             await api.close()
             await daemon.stop()
             daemon, api = await start_daemon(asterisk_lab, tmp_path)
@@ -247,6 +260,17 @@ async def test_daemon_dying_while_placing_the_leg_never_dials_twice_nor_strands_
                     "bridged",
                     "answered",
                 ), last
+            elif expect == "busy":
+                done = await transfer_settled(api, call["id"])
+                last = done["transfers"][-1]
+                assert (done["status"], last["state"], last["outcome"], last["sip_code"]) == (
+                    "active",
+                    "failed",
+                    "busy",
+                    486,
+                ), last
+                t0 = asyncio.get_running_loop().time()
+                await heard_speech(caller_rtp, since=t0)  # the assistant is back
             else:
                 if invites:
                     await wait_for(

@@ -284,6 +284,12 @@ class CallEnv:
         reply = await session.command(command)
         assert reply["accepted"] == "transfer"
         await until(lambda: len(self.pbx.verbs("originate")) > before, "originate")
+
+        def placed() -> bool:  # the reply comes once recorded, before the dial's end
+            run = session.run
+            return run is not None and (run.transfer.final or "ring_guard" in session._timers)
+
+        await until(placed, "the leg placed (ring guard set) or the transfer settled")
         assert session.transfer is not None
         return session.transfer
 

@@ -155,6 +155,35 @@ async def test_auth_rejected(h: Harness, auth: str | None, invalid_token: bool) 
     assert ('error="invalid_token"' in challenge) is invalid_token
 
 
+async def test_a_key_seen_valid_is_checked_from_memory_until_any_revocation(
+    h: Harness, tmp_path: Path
+) -> None:
+    """Issue 8 §4: a request does not queue on the database thread for its key; a key the
+    CLI revokes (another process, its own connection) is refused by the running daemon at
+    once."""
+    key = await create_api_key(h.db, "cached")
+    assert (await h.call("GET", "/api/v1/sip-trunks", auth=f"Bearer {key}"))[0] == 200
+    reads = 0
+    real = h.db.fetchone
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kwargs)
+
+    h.db.fetchone = counted  # type: ignore[method-assign]
+    assert (await h.call("GET", "/api/v1/sip-trunks", auth=f"Bearer {key}"))[0] == 200
+    assert reads == 0  # from memory
+    cli = await Database.open(tmp_path / "http.sqlite3")  # `callbridge api-key revoke`
+    try:
+        assert await revoke_api_key(cli, key)
+    finally:
+        await cli.close()
+    got = await h.call("GET", "/api/v1/sip-trunks", auth=f"Bearer {key}")
+    assert_error(got, 401, "unauthorized")
+    assert reads == 1  # the cache was emptied: the database said no
+
+
 async def test_auth_good_then_revoked(h: Harness) -> None:
     key = await create_api_key(h.db, "short-lived")
     assert (await h.call("GET", "/api/v1/sip-trunks", auth=f"Bearer {key}"))[0] == 200

@@ -140,10 +140,20 @@ async def test_leg_events_become_raw_facts() -> None:
         {"type": "Dial", "peer": leg, "dialstatus": ""},
         {"type": "Dial", "peer": leg, "dialstatus": "PROGRESS"},  # 183, no 180
         {"type": "Dial", "peer": leg, "dialstatus": "RINGING"},
+        # Up is not the answer: the leg can join a bridge once [callbridge-leg] put it in
+        # Stasis, so its StasisStart is (once).
         {"type": "ChannelStateChange", "channel": {"id": "cbleg-1", "state": "Up"}},
-        {"type": "ChannelStateChange", "channel": {"id": "cbleg-1", "state": "Up"}},
+        {"type": "StasisStart", "channel": {"id": "cbleg-1", "state": "Up"}, "args": ["leg"]},
+        {"type": "StasisStart", "channel": {"id": "cbleg-1", "state": "Up"}, "args": ["leg"]},
         {"type": "ChannelHangupRequest", "channel": leg, "cause": 17, "tech_cause": 486},
         {"type": "StasisEnd", "channel": leg},
+        # The far end's 486: its hangup request carries the SIP code.
+        {
+            "type": "ChannelHangupRequest",
+            "channel": {"id": "cbleg-2"},
+            "cause": 17,
+            "tech_cause": 486,
+        },
         {
             "type": "ChannelDestroyed",
             "channel": {"id": "cbleg-2"},
@@ -164,6 +174,14 @@ async def test_leg_events_become_raw_facts() -> None:
         {
             "type": "ChannelDestroyed",
             "channel": {"id": "cbleg-4"},
+            "cause": 19,
+            "cause_txt": "User alerting, no answer",
+            "tech_cause": 480,
+        },
+        # The originate's own ring timeout: no hangup request at all, a derived 480.
+        {
+            "type": "ChannelDestroyed",
+            "channel": {"id": "cbleg-6"},
             "cause": 19,
             "cause_txt": "User alerting, no answer",
             "tech_cause": 480,
@@ -192,6 +210,7 @@ async def test_leg_events_become_raw_facts() -> None:
         LegFailed("cbleg-3", 66, "Channel not implemented", None, local=True),
         ChannelHungUp("cbleg-1", 16, None),
         LegFailed("cbleg-4", 19, "User alerting, no answer", None, local=False),
+        LegFailed("cbleg-6", 19, "User alerting, no answer", None, local=False),
         LegFailed("cbleg-5", 19, "User alerting, no answer", 480, local=False),
     ]
 
@@ -253,3 +272,44 @@ async def test_a_leg_that_ended_while_away_is_reported_before_the_calls_resume()
         if m == "POST" and p == "/asterisk/variable"
     ]
     assert sorted(cleared) == ["CALLBRIDGE_LEG_cbleg-busy", "CALLBRIDGE_LEG_cbleg-up"]
+
+
+async def test_one_request_creates_and_dials_the_leg_then_it_is_watched() -> None:
+    """Issue 8 §4: the INVITE leaves with ONE request (originate into [callbridge-leg]); our
+    application subscribes to the leg after it and reads its state (a 180 that came first)."""
+
+    def respond(method: str, path: str, params: dict[str, Any]) -> Any:
+        if method == "GET" and path == "/channels/cbleg-1":
+            return {"id": "cbleg-1", "state": "Ringing"}
+        return {}
+
+    adapter, events = adapter_with(respond)
+    await adapter.originate("cbleg-1", TARGET, caller_number="+3120", ring_timeout=5)
+    requests = adapter.ari.requests  # type: ignore[attr-defined]
+    assert [(m, p) for m, p, _ in requests] == [
+        ("POST", "/channels"),
+        ("POST", "/applications/callbridge/subscription"),
+        ("GET", "/channels/cbleg-1"),
+    ]
+    originate = requests[0][2]
+    assert (originate["context"], originate["extension"], originate["priority"]) == (
+        "callbridge-leg",
+        "s",
+        1,
+    )
+    assert (originate["channelId"], originate["timeout"]) == ("cbleg-1", 5)
+    assert requests[1][2] == {"eventSource": "channel:cbleg-1"}
+    assert events == [LegRinging("cbleg-1")]
+
+
+async def test_a_leg_gone_before_the_subscription_is_reported_from_its_record() -> None:
+    def respond(method: str, path: str, params: dict[str, Any]) -> Any:
+        if path.endswith("/subscription"):
+            raise AriConflict(422, "Event source does not exist", method, path)
+        if path == "/asterisk/variable" and method == "GET":
+            return {"value": "17,486,Down,1796000000"}
+        return {}
+
+    adapter, events = adapter_with(respond)
+    await adapter.originate("cbleg-1", TARGET, caller_number=None, ring_timeout=5)
+    assert events == [LegFailed("cbleg-1", 17, None, 486, local=False)]

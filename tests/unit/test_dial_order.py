@@ -49,6 +49,7 @@ async def test_the_originate_goes_before_any_record_and_the_ringback(env: CallEn
     env.pbx.originate = originate  # type: ignore[method-assign]
     await session.command(TransferCommand(type="transfer", destination=DEST))
     assert seen == [[]]  # nothing recorded before the INVITE is asked for
+    await until(lambda: "play_tone" in env.pbx.names(), "the ringback")
     names = env.pbx.names()
     assert names.index("originate") < names.index("play_tone")  # ringback after it
     assert await _transfer_kinds(env, session.call.id) == [
@@ -78,8 +79,42 @@ async def _die_at(env: CallEnv, point: str, **command: Any) -> tuple[str, str, F
     return session.call.id, f"cbleg-{transfer.id}", pbx
 
 
+async def test_the_command_is_answered_once_recorded_not_after_the_originate(
+    env: CallEnv,
+) -> None:
+    """Issue 7 §8: the 202 does not wait for the PBX's round trip; the transfer is on record
+    when it comes (a daemon that dies after it loses nothing)."""
+    session = await env.arrive()
+    release = asyncio.Event()
+    real = env.pbx.originate
+
+    async def slow_originate(*args: Any, **kwargs: Any) -> None:
+        await release.wait()  # a PBX that takes its time to answer the originate
+        await real(*args, **kwargs)
+
+    env.pbx.originate = slow_originate  # type: ignore[method-assign]
+    reply = await asyncio.wait_for(
+        session.command(TransferCommand(type="transfer", destination=DEST)), 5
+    )
+    transfer = session.transfer
+    assert transfer is not None
+    assert reply == {
+        "id": session.call.id,
+        "accepted": "transfer",
+        "transfer_id": transfer.id,
+        "state": "dialing",
+    }
+    assert await _transfer_kinds(env, session.call.id) == [
+        "transfer.requested",
+        "transfer.dialing",
+    ]
+    assert "play_tone" not in env.pbx.names()  # the originate has not returned yet
+    release.set()
+    await until(lambda: "play_tone" in env.pbx.names(), "the ringback after the originate")
+
+
 async def test_died_after_the_originate_with_nothing_recorded(env: CallEnv) -> None:
-    call_id, leg, pbx = await _die_at(env, "after_originate")
+    call_id, leg, pbx = await _die_at(env, "before_record")
     assert await _transfer_kinds(env, call_id) == []  # the predecessor recorded nothing
     transfer_id = leg.removeprefix("cbleg-")
     facts = LegFacts(leg, call_id=call_id, transfer_id=transfer_id)
@@ -108,8 +143,9 @@ async def test_an_announced_transfer_whose_leg_was_never_dialled_is_dialled_once
     env: CallEnv,
 ) -> None:
     # With a message the request is recorded first (the announcement plays meanwhile); the
-    # daemon dies with the leg created in the PBX but not dialled (Asterisk's create/dial).
-    call_id, leg, pbx = await _die_at(env, "after_originate", message="One moment.")
+    # daemon dies with the leg created in the PBX but not dialled (a PBX that creates and
+    # dials in two steps; both adapters now do it in one) and its dial not recorded.
+    call_id, leg, pbx = await _die_at(env, "before_record", message="One moment.")
     assert await _transfer_kinds(env, call_id) == ["transfer.requested"]
     facts = LegFacts(leg, call_id=call_id, transfer_id=leg[6:], dialled=False)
     await env.push(
@@ -126,7 +162,7 @@ async def test_an_announced_transfer_whose_leg_was_never_dialled_is_dialled_once
 
 
 async def test_an_announced_transfer_whose_leg_was_dialled_is_adopted(env: CallEnv) -> None:
-    call_id, leg, pbx = await _die_at(env, "after_originate", message="One moment.")
+    call_id, leg, pbx = await _die_at(env, "before_record", message="One moment.")
     facts = LegFacts(leg, call_id=call_id, transfer_id=leg[6:], dialled=True)
     await env.push(
         ConnectionRestored("", callers=(env.arrival(),), legs=((leg, False),), leg_facts=(facts,))

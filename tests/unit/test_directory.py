@@ -236,3 +236,29 @@ def test_field_path_drops_union_tags() -> None:
     data2 = {"tools": [{"type": "x", "destinations": [{"type": "number", "number": "1"}]}]}
     loc2 = ("tools", 0, "x", "destinations", 0, "number", "number")
     assert field_path(loc2, data2) == "tools.0.destinations.0.number"
+
+
+async def test_reads_by_id_come_from_memory_until_a_write(svc: DirectoryService) -> None:
+    """Issue 8 §4: a transfer's policy check reads its number and trunk without a database
+    job; every write through the service (a PATCH during a call counts) is seen at once."""
+    t = await svc.create_trunk(TrunkIn.model_validate(TRUNK))
+    n = await svc.create_number(NumberIn(number="+31201234567"))
+    assert (await svc.get_number(n.id)).transfer_trunk_id is None
+    reads = 0
+    real = svc._store.get
+
+    async def counted(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real(*args)
+
+    svc._store.get = counted  # type: ignore[method-assign]
+    assert (await svc.get_number(n.id)).number == "+31201234567"
+    assert (await svc.get_trunk(t.id)).name == "Office PBX"
+    assert reads == 1  # the number from memory; the trunk read once
+    await svc.patch_number(n.id, {"transfer_trunk_id": t.id})
+    assert (await svc.get_number(n.id)).transfer_trunk_id == t.id
+    await svc.patch_number(n.id, {"transfer_trunk_id": None})
+    await svc.delete_trunk(t.id)
+    with pytest.raises(NotFound):
+        await svc.get_trunk(t.id)

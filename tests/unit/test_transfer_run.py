@@ -41,6 +41,7 @@ class Host:
         self.ended: list[str] = []
         self.media_dropped = False
         self.started = False
+        self.recorded = False  # transfer_recorded: the command may be answered
 
     def say(self, text: str, *, token: str = "", interruptible: bool = True) -> asyncio.Task[None]:
         self.said.append(text)
@@ -91,6 +92,9 @@ class Host:
 
     async def return_on_destination_hangup(self, run: TransferRun) -> bool:
         return False  # hand back (issue 9 §5) is off: tests/unit/test_handback.py has it on
+
+    def transfer_recorded(self) -> None:
+        self.recorded = True
 
 
 def make_run(mode: str = "bridge") -> tuple[TransferRun, Host, FakePbx, list[str]]:

@@ -10,8 +10,9 @@ What the adapter reports are facts (LegProgress for a 183 without 180, LegFailed
 cause, the SIP code and whether the failure is our own); classifying them is `bridge.calls`'
 job. Every ARI error leaves as ChannelGone, PbxUnavailable or PbxCommandFailed.
 
-Measured on 22.10.1 and relied on here (see dialplan/README.md): legs are created in Stasis
-before they are dialled, so they survive an answer during an ARI outage; their hangup handler
+Measured on 22.10.1 and relied on here (see dialplan/README.md): legs are originated in one
+request into `[callbridge-leg]`, which enters Stasis at the answer and waits while callbridge
+is away, so they survive an answer during an ARI outage; their hangup handler
 records how they ended, read back after a reconnect; a new caller's take guard
 (TIMEOUT(absolute) before Stasis) is cleared on StasisStart, and a 409 there means the caller
 already went to the fallback.
@@ -75,7 +76,7 @@ LEG_PREFIX = "cbleg-"
 MEDIA_PREFIX = "cbmedia-"
 LEG_END_CONTEXT = "callbridge-leg-end"  # the legs' hangup handler (extensions_callbridge.conf)
 LEG_RECORD_PREFIX = "CALLBRIDGE_LEG_"  # global variable it sets: cause,sip,state,epoch
-DIAL_MARKER = "CALLBRIDGE_DIALLED"  # set on a leg right before its dial (see _mark_and_dial)
+LEG_CONTEXT = "callbridge-leg"  # where an answered leg enters Stasis (see originate)
 # Q.850 causes that say the failure is in our own PBX (no circuit/resource, no such endpoint,
 # channel unavailable) when no SIP response came back: not the destination's doing.
 LOCAL_CAUSES = frozenset({47, 58, 66, 81})
@@ -122,9 +123,7 @@ class AsteriskAdapter:
         self._sink: EventSink | None = None
         self._answered_legs: set[str] = set()
         self._pending_legs: set[str] = set()  # created and not yet destroyed
-        self._undialled: set[str] = set()  # found at a reconnect created and never dialled
         self._media_ready: dict[str, asyncio.Future[None]] = {}
-        self._stasis_ready: dict[str, asyncio.Future[None]] = {}  # legs being created
         self._hangup_causes: dict[str, tuple[int | None, int | None]] = {}
         self._media: dict[str, str] = {}  # caller channel -> its media channel
         self._arriving: dict[str, list[dict[str, Any]]] = {}  # speed: callers being taken
@@ -192,9 +191,13 @@ class AsteriskAdapter:
                     await self._drop_channel(cid)
                 continue
             if cid.startswith(LEG_PREFIX):
-                up = ch.get("state") == "Up"
+                # Answered = in Stasis: a leg answered while we were away waits in
+                # [callbridge-leg] and enters Stasis again shortly (its StasisStart answers).
+                up = ch.get("state") == "Up" and dialplan.get("app_name") == "Stasis"
                 if up:
                     self._answered_legs.add(cid)
+                else:  # in case our application's subscription did not outlive us
+                    await self._subscribe_again(cid)
                 self._pending_legs.add(cid)
                 legs.append((cid, up))
                 facts.append(await self._leg_facts(cid, up))
@@ -218,7 +221,7 @@ class AsteriskAdapter:
         )
 
     async def _leg_facts(self, leg: str, up: bool) -> LegFacts:
-        """The leg's owner (its CALLBRIDGE_* variables) and whether it was dialled."""
+        """The leg's owner (its CALLBRIDGE_* variables)."""
 
         async def var(name: str) -> str | None:
             try:
@@ -227,17 +230,20 @@ class AsteriskAdapter:
                 return None  # unset answers 404
             return str((got or {}).get("value") or "") or None
 
-        dialled = up or await var(DIAL_MARKER) is not None
-        if dialled:
-            self._undialled.discard(leg)
-        else:
-            self._undialled.add(leg)
         return LegFacts(
             leg,
             call_id=await var("CALLBRIDGE_CALL_ID"),
             transfer_id=await var("CALLBRIDGE_TRANSFER_ID"),
-            dialled=dialled,
+            dialled=True,  # one request creates and dials a leg (see originate)
         )
+
+    async def _subscribe_again(self, leg: str) -> None:
+        try:
+            await self._raw(
+                "POST", f"/applications/{self.ari.app}/subscription", eventSource=f"channel:{leg}"
+            )
+        except (ChannelGone, AriConflict, PbxCommandFailed) as exc:
+            log.info("asterisk.leg_subscription_failed", leg=leg, error=str(exc))
 
     async def _report_leg_record(self, leg: str) -> None:
         var = f"{LEG_RECORD_PREFIX}{leg}"
@@ -329,10 +335,11 @@ class AsteriskAdapter:
                     ready.set_result(None)
                 return
             if cid.startswith(LEG_PREFIX):
-                # A leg is in Stasis from its creation (channels/create), not its answer.
-                leg_ready = self._stasis_ready.get(cid)
-                if leg_ready is not None and not leg_ready.done():
-                    leg_ready.set_result(None)
+                # A leg enters Stasis when it is answered ([callbridge-leg]): only then can it
+                # join the caller's bridge, so this, not its state Up, is its answer.
+                if cid not in self._answered_legs:
+                    self._answered_legs.add(cid)
+                    await self._emit(LegAnswered(cid))
                 return
             started = time.monotonic()
             taken = await self._take(cid)
@@ -365,9 +372,6 @@ class AsteriskAdapter:
             state = channel.get("state")
             if state == "Ringing":
                 await self._emit(LegRinging(cid))
-            elif state == "Up" and cid not in self._answered_legs:
-                self._answered_legs.add(cid)
-                await self._emit(LegAnswered(cid))
         elif kind == "Dial":
             # Measured on 22.10.1: a 180 gives dialstatus RINGING (and a ChannelStateChange to
             # Ringing), a 183 with SDP only dialstatus PROGRESS (the channel stays Down).
@@ -386,16 +390,16 @@ class AsteriskAdapter:
             cause = event.get("cause")
             cause_text = event.get("cause_txt")
             sip_code = _sip_code(event)
-            if requested is not None and cid.startswith(LEG_PREFIX):
+            if cid.startswith(LEG_PREFIX):
                 # Measured on 22.10.1: a final response from the far end (486, 603, 404, 480)
                 # comes first as a ChannelHangupRequest carrying its tech_cause; our own hangup
-                # (the dial timeout: cause 32, soft; a DELETE) carries none, and ChannelDestroyed
-                # then shows a tech_cause Asterisk derives from the cause (480 for 19) that no
-                # SIP peer sent (the destination answered our CANCEL with 487).
-                sip_code = requested[1]
+                # (a DELETE) carries none, and the originate's ring timeout (cause 19) sends no
+                # hangup request at all; ChannelDestroyed then shows a tech_cause Asterisk
+                # derives from the cause (480 for 19) that no SIP peer sent (the destination
+                # answered our CANCEL with 487).
+                sip_code = requested[1] if requested is not None else None
             if cid.startswith(LEG_PREFIX):
                 self._pending_legs.discard(cid)
-                self._undialled.discard(cid)
                 self._forget_leg_record(cid)
             if cid.startswith(LEG_PREFIX) and cid not in self._answered_legs:
                 local = sip_code is None and cause in LOCAL_CAUSES
@@ -558,19 +562,16 @@ class AsteriskAdapter:
         variables: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Create the leg in our application, then dial it. A leg created this way is in
-        Stasis before it rings, so an answer while the ARI connection is down keeps it up (an
-        originate with `app=` enters Stasis at the answer and, with the app unregistered,
-        Asterisk hangs the destination up 2 ms after its 200 OK). Its hangup handler records
-        how it ended, for a leg that ends while we are away."""
+        """One ARI request creates and dials the leg (`POST /channels`, the INVITE leaves
+        with it: issue 8 section 4), so a leg that exists was dialled and a restarted daemon
+        never has to tell an undialled one apart. It is originated into `[callbridge-leg]`,
+        not into our application: at the answer that context enters Stasis and, if
+        callbridge is away, waits answered and tries again (an originate with `app=` enters
+        Stasis at the answer too but, with the application away, Asterisk hangs the
+        destination up 2 ms after its 200 OK). Our application is subscribed to the leg right
+        after, for its ringing, progress and hangup events (`_watch_leg`). Its hangup
+        handler records how it ended, for a leg that ends while we are away."""
         assert leg_id.startswith(LEG_PREFIX), "leg ids must carry the leg prefix"
-        if leg_id in self._undialled:
-            # Created by a daemon that stopped before dialling it (its marker is unset):
-            # dial it now, once (issue 7, section 3).
-            self._undialled.discard(leg_id)
-            self._pending_legs.add(leg_id)
-            await self._mark_and_dial(leg_id, ring_timeout)
-            return
         # Inheritable (`__`): a queue or dialplan target's own legs (Local/...;2 and what it
         # dials) carry them too, for the dialplan and the agent's phone to use.
         channel_vars = {
@@ -580,56 +581,58 @@ class AsteriskAdapter:
             for name, value in (headers or {}).items():
                 channel_vars[f"PJSIP_HEADER(add,{_header_name(name)})"] = value
         channel_vars["CHANNEL(hangup_handler_push)"] = f"{LEG_END_CONTEXT},s,1"
+        channel_vars["CALLBRIDGE_APP"] = self.ari.app  # [callbridge-leg] enters it
         if caller_number:
             # PJSIP builds an outbound From from the connected line (measured: CALLERID alone
             # gives "Anonymous" <sip:...@anonymous.invalid>); originate's callerId set both.
             channel_vars["CALLERID(num)"] = caller_number
             channel_vars["CONNECTEDLINE(num)"] = caller_number
             channel_vars["CONNECTEDLINE(pres)"] = "allowed"
-        # The create returns before the channel is in Stasis (a dial right after it answers
-        # 409 "Channel not in Stasis application" now and then): wait for its StasisStart.
-        ready = self._stasis_ready[leg_id] = asyncio.get_running_loop().create_future()
+        endpoint = self.dial_string(target)  # UnsafeDialString before anything is sent
+        self._pending_legs.add(leg_id)
         try:
             await self._call(
                 "POST",
-                "/channels/create",
+                "/channels",
                 body={"variables": channel_vars},
-                endpoint=self.dial_string(target),
-                app=self.ari.app,
-                appArgs="leg",
+                endpoint=endpoint,
+                context=LEG_CONTEXT,
+                extension="s",
+                priority=1,
+                timeout=max(1, round(ring_timeout)),
                 channelId=leg_id,
             )
-            self._pending_legs.add(leg_id)
-            async with asyncio.timeout(5):
-                await ready
-        except TimeoutError as exc:
-            self._pending_legs.discard(leg_id)
-            await self.hangup(leg_id)
-            raise PbxCommandFailed("the new leg never entered Stasis") from exc
-        finally:
-            self._stasis_ready.pop(leg_id, None)
-        await faults.point("before_dial")
-        await self._mark_and_dial(leg_id, ring_timeout)
-
-    async def _mark_and_dial(self, leg_id: str, ring_timeout: float) -> None:
-        """Set the leg's dial marker, then dial it. ARI shows no difference between a
-        created leg and a dialled one before its 180 (both "Down", measured on 22.10.1), and a
-        second dial hangs the leg up: the marker is how a restarted daemon tells a leg its
-        predecessor never dialled (dial it now) from one that was (wait for its events). Set
-        before the dial, so a marked leg may (in the instant between the two requests) be
-        undialled: that one fails back at the ring guard, never rings twice."""
-        try:
-            await self._call(
-                "POST", f"/channels/{leg_id}/variable", variable=DIAL_MARKER, value="1"
-            )
-            await self._call(
-                "POST", f"/channels/{leg_id}/dial", timeout=max(1, round(ring_timeout))
-            )
         except (PbxCommandFailed, PbxUnavailable, ChannelGone) as exc:
-            log.warning("asterisk.dial_failed", leg=leg_id, error=str(exc))
+            log.warning("asterisk.originate_failed", leg=leg_id, error=str(exc))
             self._pending_legs.discard(leg_id)
-            await self.hangup(leg_id)
             raise
+        await faults.point("before_subscribe")
+        await self._watch_leg(leg_id)
+
+    async def _watch_leg(self, leg_id: str) -> None:
+        """Subscribe our application to a leg originated outside it, then read its state:
+        what happened before the subscription (a 180, or the whole leg) is not lost. A leg
+        already gone is reported from what its hangup handler recorded. Never raises: the
+        leg is dialled; a watch that fails leaves the ring guard."""
+        try:
+            await self._raw(
+                "POST",
+                f"/applications/{self.ari.app}/subscription",
+                eventSource=f"channel:{leg_id}",
+            )
+            channel = await self._call("GET", f"/channels/{leg_id}")
+        except (ChannelGone, AriConflict):  # 422 "Event source does not exist": it ended
+            if leg_id in self._pending_legs:
+                try:
+                    await self._report_leg_record(leg_id)
+                except (PbxCommandFailed, PbxUnavailable, ChannelGone) as exc:
+                    log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
+            return
+        except (PbxCommandFailed, PbxUnavailable) as exc:
+            log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
+            return
+        if (channel or {}).get("state") == "Ringing":
+            await self._emit(LegRinging(leg_id))  # a repeat of its event is harmless
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
