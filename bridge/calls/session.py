@@ -33,6 +33,7 @@ from bridge.media.rtp import RtpStream
 from bridge.pbx.ports import (
     ChannelGone,
     ChannelHungUp,
+    DtmfReceived,
     LegAnswered,
     LegFailed,
     LegOutcome,
@@ -173,6 +174,23 @@ class CallSession:
 
     def drop_media(self) -> None:
         self._close_media()
+
+    # --- warm transfer (issue 9 §2): our media on the leg alone, for the brief ---
+    async def open_leg_media(self, leg_id: str, on_audio: Callable[[bytes], None]) -> RtpStream:
+        settings = self.service.settings.media
+        stream = RtpStream(settings.codec, on_audio=on_audio)
+        try:
+            host, port = await stream.open(settings.bind_host, self.service.clock)
+            advertised = MediaAddress(settings.advertise_host or host, port)
+            remote = await self.service.pbx.attach_media(leg_id, advertised, settings.codec)
+        except BaseException:
+            stream.close()
+            raise
+        stream.set_remote(remote.host, remote.port, framing=remote.framing, codec=remote.codec)
+        return stream
+
+    async def synthesize(self, text: str) -> bytes:
+        return await self.service.tts.synthesize(text)
 
     async def transfer_done(self, transfer: Transfer) -> None:
         if transfer.state is not TransferState.FAILED:
@@ -324,8 +342,11 @@ class CallSession:
             await self._on_leg_abandoned(item)
         elif item == "greet":
             await self._greet()
+        elif isinstance(item, DtmfReceived) and item.channel_id != self.call.channel_id:
+            if self.run is not None and item.channel_id == self.run.transfer.leg_id:
+                await self.run.on_leg_dtmf(item.digit)  # a warm transfer's accept / decline
         elif isinstance(item, PbxEvent):
-            pass  # DTMF, playback ends: not used yet
+            pass  # the caller's DTMF, playback ends: not used yet
 
     async def record(self, kind: str, **data: Any) -> None:
         await self.service.store.add_event(self.call.id, CallEvent(kind, utcnow(), data))

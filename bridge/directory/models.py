@@ -167,7 +167,29 @@ Dtmf = Annotated[
 ]
 
 
-class NumberDestination(_Strict):
+# --- warm transfer (issue 9 §2): optional fields of every destination, absent from the
+# seed's shape (read back without them when unset) ---
+WARM_FIELDS = (
+    "transfer_mode",
+    "brief",
+    "require_accept",
+    "accept_timeout",
+    "wait_for_speech",
+    "moh_class",
+)
+
+
+class _WarmOptions(_Strict):
+    # "warm": the caller hears hold music while the destination is dialled and briefed.
+    transfer_mode: Literal["bridge", "blind", "warm"] | None = None
+    brief: Speakable | None = Field(default=None, max_length=1000)  # what the agent hears
+    require_accept: bool | None = None  # DTMF 1 accepts, 2 declines
+    accept_timeout: float | None = Field(default=None, gt=0, le=120)
+    wait_for_speech: bool | None = None  # brief once the agent said something
+    moh_class: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class NumberDestination(_WarmOptions):
     type: Literal["number"] = "number"
     number: E164Number
     description: str = Field(min_length=1, max_length=500)
@@ -175,7 +197,7 @@ class NumberDestination(_Strict):
     dtmf: Dtmf | None = None
 
 
-class SipDestination(_Strict):
+class SipDestination(_WarmOptions):
     """Our extension of the seed: a destination reached by SIP URI."""
 
     type: Literal["sip"]
@@ -238,7 +260,7 @@ DialplanContext = Annotated[
 ]
 
 
-class ExtensionDestination(_Strict):
+class ExtensionDestination(_WarmOptions):
     """An endpoint of the PBX: `PJSIP/<extension>` on Asterisk, `user/<extension>` on
     FreeSWITCH. Its state is checked before it is dialled."""
 
@@ -249,7 +271,7 @@ class ExtensionDestination(_Strict):
     dtmf: Dtmf | None = None
 
 
-class QueueDestination(_Strict):
+class QueueDestination(_WarmOptions):
     """A queue of the PBX, reached through the `callbridge-queue` context (Asterisk
     `Queue(<queue>)`, FreeSWITCH `callcenter <queue>`)."""
 
@@ -260,7 +282,7 @@ class QueueDestination(_Strict):
     dtmf: Dtmf | None = None
 
 
-class DialplanDestination(_Strict):
+class DialplanDestination(_WarmOptions):
     """Anything the PBX's dialplan already has (ring groups, IVRs): `extension` in `context`."""
 
     type: Literal["dialplan"]
@@ -399,6 +421,9 @@ class Assistant(AssistantIn):
             for dest in tool.get("destinations") or []:
                 if dest.get("dtmf") is None:  # unset: the seed's shape reads back unchanged
                     dest.pop("dtmf", None)
+                for name in WARM_FIELDS:  # the same for the warm fields (issue 9 §2)
+                    if dest.get(name) is None:
+                        dest.pop(name, None)
         return data
 
 

@@ -15,6 +15,9 @@ Scriptable channel model, enough for adapter tests:
   `uuid_displace` start/stop,
   `uuid_kill`, `uuid_transfer`, `uuid_setvar/getvar`, `sendmsg` execute/hangup;
 - `hangup()` (the far end hangs up), `drop_connections()` (FreeSWITCH restarts);
+- warm transfer (issue 9 §2): `press_dtmf()` (the far end's DTMF event), a
+  `playback::local_stream://<class>` broadcast plays until uuid_break (`hearing_moh`), an
+  answered leg's `&park()` is a park with media (its unicast is accepted);
 - `sendmsg` `call-command: unicast`: a real UDP socket at local-ip:local-port, as FreeSWITCH
   binds it (frames received are kept per channel, `send_media()` sends caller audio), closed
   when the channel leaves park (bridge, transfer) or hangs up;
@@ -286,6 +289,13 @@ class FakeChannel:
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set on hangup
     hangup_cause: str | None = None
     fallback: bool = False  # the dialplan sent it to callbridge-fallback
+
+    @property
+    def hearing_moh(self) -> str | None:
+        """The local_stream (music on hold class) playing to the channel, if any."""
+        playing = self.playback is not None and not self.playback.done()
+        data = self.variables.get("_playing", "")
+        return data.removeprefix("local_stream://") if playing and data else None
 
     @property
     def hearing_tone(self) -> bool:
@@ -640,6 +650,8 @@ class FakeEslServer:
             over.update({f"variable_{k}": v for k, v in chan.variables.items()})
             if e.name == "CHANNEL_ANSWER":
                 chan.answered = True
+            if e.name == "CHANNEL_PARK":  # `&park()` after the answer: a park with media
+                chan.park_has_media = chan.answered
             self.emit(_override(_rekey(e.items, {old_uuid: leg}), over))
             await asyncio.sleep(self.step_seconds)
         if outcome not in ("answer", "early_media"):
@@ -661,11 +673,15 @@ class FakeEslServer:
         self.emit_channel_event(chan, f"CHANNEL_EXECUTE:{key}", over)
         play = {"Playback-File-Path": data}
         chan.variables["_tone"] = "1" if app == "gentones" else "0"
+        if data.startswith("local_stream://"):
+            chan.variables["_playing"] = data
         try:
             if app == "playback":
                 self.emit_channel_event(chan, "PLAYBACK_START", play)
             if app == "gentones" and data.endswith("|-1"):
                 await asyncio.Event().wait()  # until cancelled (uuid_break, hangup)
+            if data.startswith("local_stream://"):  # music on hold never ends by itself
+                await asyncio.Event().wait()
             await asyncio.sleep(self.playback_seconds)
         finally:
             if chan.up:
@@ -675,6 +691,7 @@ class FakeEslServer:
                 self.emit_channel_event(chan, f"CHANNEL_EXECUTE_COMPLETE:{key}", over)
             chan.playback = None
             chan.variables.pop("_tone", None)
+            chan.variables.pop("_playing", None)
 
     async def _run_queued(self, chan: FakeChannel) -> None:
         await asyncio.sleep(self.broadcast_start_seconds)
@@ -892,6 +909,26 @@ class FakeEslServer:
             lambda: _Unicast(chan, remote), local_addr=local
         )
         chan.media = proto
+
+    def press_dtmf(self, channel_uuid: str, digit: str) -> None:
+        """The far end of a channel sends a DTMF digit (RFC 2833): the `DTMF` event with the
+        channel's headers and the fields switch_channel_dequeue_dtmf adds (DTMF-Digit,
+        DTMF-Duration in samples, DTMF-Source). Derived: no capture of its own; its fields
+        were checked on the real 1.10.12 (docs/freeswitch.md, warm transfer)."""
+        chan = self.channels[channel_uuid]
+        name = "CHANNEL_PARK"  # the parked channel's headers, renamed
+        template = TEMPLATES.get((chan.direction, name)) or TEMPLATES[("inbound", name)]
+        over = self._channel_overrides(chan)
+        over.update(
+            {
+                "Event-Name": "DTMF",
+                "Event-Sequence": str(next(_SEQ)),
+                "DTMF-Digit": digit,
+                "DTMF-Duration": "2000",
+                "DTMF-Source": "RTP",
+            }
+        )
+        self.emit(_override(self._rekeyed(chan, template), over))
 
     def send_media(self, channel_uuid: str, frame: bytes) -> None:
         """The caller speaks: one raw L16 frame to the daemon (as unicast sends it)."""

@@ -457,6 +457,13 @@ async def test_every_verb_runs_against_the_fake(
     await sink.wait(LegAnswered, "cbleg-v")
     await port.send_dtmf("cbleg-v", "w1#")
     assert "api uuid_send_dtmf cbleg-v w1#" in server.commands
+    # warm transfer (issue 9 §2): hold music, the brief's media on the leg alone
+    await port.start_hold(uuid, "moh")
+    assert f"api uuid_broadcast {uuid} 'playback::local_stream://moh' aleg" in server.commands
+    await port.attach_media("cbleg-v", MediaAddress("127.0.0.1", 40013), "ulaw")
+    assert server.channels["cbleg-v"].media is not None and not server.crashes
+    await port.end_brief("cbleg-v")
+    await port.stop_hold(uuid)
     await port.connect(uuid, "cbleg-v")
     await port.detach_media(uuid)
     await port.hangup("cbleg-v")
@@ -474,6 +481,7 @@ async def test_every_verb_runs_against_the_fake(
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
         "record_outcome", "send_dtmf", "start", "stop",  # by the fixture
+        "start_hold", "stop_hold", "end_brief",
     }  # fmt: skip
     assert set(_port_verbs()) <= called
 

@@ -500,6 +500,16 @@ class FreeswitchAdapter:
         elif name == "CHANNEL_ANSWER":
             self._answered.add(uuid)
             await self._emit(LegAnswered(uuid))
+        # --- warm transfer (issue 9 §2): the answered leg's park (`&park()`) takes unicast
+        # for the brief, and its keys are the destination's accept / decline ---
+        elif name == "CHANNEL_PARK":
+            waiter = self._reparks.pop(uuid, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            elif event.get("Answer-State") == "answered":
+                self._fresh_park.add(uuid)
+        elif name == "DTMF":
+            await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
         elif name == "CHANNEL_HANGUP":
             answered = uuid in self._answered
             self._forget(uuid)
@@ -650,6 +660,29 @@ class FreeswitchAdapter:
         self._forget(uuid)
         await self._drop_lease(uuid)
         await self._unclaim(uuid)
+
+    # --- warm transfer (issue 9 §2) ----------------------------------------------------------
+
+    async def start_hold(self, channel_id: str, moh_class: str) -> None:
+        """`uuid_broadcast` of `playback::local_stream://<class>` to the parked caller (its
+        unicast ends: media is attached again, re-parked, if the caller comes back). The
+        stream plays until `stop_hold`; an unknown class plays nothing, so the vanilla
+        configuration's `moh` / `default` streams must exist."""
+        uuid = _uuid(channel_id)
+        self._media.pop(uuid, None)
+        self._fresh_park.discard(uuid)
+        await self._api(f"uuid_broadcast {uuid} 'playback::local_stream://{_word(moh_class)}' aleg")
+
+    async def stop_hold(self, channel_id: str) -> None:
+        """`uuid_break <uuid> all`, as for tones: a queued broadcast must not start later."""
+        with contextlib.suppress(ChannelGone):
+            await self._api(f"uuid_break {_uuid(channel_id)} all")
+
+    async def end_brief(self, leg_id: str) -> None:
+        """Nothing to send: the leg's unicast ends when it leaves park (`uuid_bridge`) or
+        hangs up. Its port goes back to the pool."""
+        self._media.pop(_uuid(leg_id), None)
+        self._fresh_park.discard(_uuid(leg_id))
 
     async def originate(
         self,
