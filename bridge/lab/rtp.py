@@ -23,6 +23,8 @@ RATE = 8000
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
 PT_PCMU = 0
 PT_PCMA = 8
+PT_EVENT = 101  # RFC 4733 telephone-event, as the lab's SIPp scenarios offer it
+DTMF_EVENTS = "0123456789*#ABCD"  # event codes 0-15
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +212,30 @@ class RtpPeer:
                 delay = start + (i // frame_bytes + 1) * 0.02 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+
+    async def send_dtmf(self, digit: str, duration_ms: int = 160) -> None:
+        """One RFC 4733 (2833) telephone-event, as a phone sends a key: payload type
+        PT_EVENT (the lab UAS's SDP offers 101), one packet every 20 ms with the growing
+        duration, all with the event's timestamp (marker on the first), then the end packet
+        three times. Paced in real time, sharing this stream's sequence and SSRC."""
+        if self._transport is None or self.remote is None:
+            raise RuntimeError("RtpPeer not started or without a remote address")
+        event = DTMF_EVENTS.index(digit)
+        async with self._send_lock:
+            timestamp = self._ts
+            steps = max(1, duration_ms // 20)
+            packets = [(n * FRAME_SAMPLES, False) for n in range(1, steps + 1)]
+            packets += [(steps * FRAME_SAMPLES, True)] * 3
+            for i, (duration, end) in enumerate(packets):
+                b1 = (0x80 if i == 0 else 0) | PT_EVENT
+                header = struct.pack("!BBHII", 0x80, b1, self._seq, timestamp, self.ssrc)
+                self._seq = (self._seq + 1) & 0xFFFF
+                payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
+                self._transport.sendto(header + payload, self.remote)
+                self.sent_packets += 1
+                if i < steps:
+                    await asyncio.sleep(0.02)
+            self._ts = (timestamp + steps * FRAME_SAMPLES) & 0xFFFFFFFF
 
     async def send_silence(self, seconds: float) -> None:
         await self.send_pcm(b"\x00\x00" * int(RATE * seconds))
