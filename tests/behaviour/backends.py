@@ -26,8 +26,8 @@ import numpy as np
 from bridge.api.keys import create_api_key
 from bridge.app import Daemon
 from bridge.config import Settings
-from bridge.lab.asterisk import free_port
-from bridge.lab.rtp import RtpPeer, dominant_frequency, rms
+from bridge.lab.asterisk import LAB_MOH_HZ, free_port
+from bridge.lab.rtp import RtpPeer, band_share, dominant_frequency, rms, speech_like
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.log import configure_logging
 from bridge.pbx.freeswitch.esl_client import EslClient
@@ -168,6 +168,13 @@ class SipCaller:
     def packet_times(self, since: float) -> list[float]:
         return [p.arrival for p in self.rtp.packets if p.arrival >= since]
 
+    # --- warm transfer (issue 9 §2) ---
+    def on_hold(self) -> bool:
+        """The last second heard is the test PBX's music on hold (a LAB_MOH_HZ tone: the
+        lab's musiconhold.conf, freeswitch_conf's local_stream)."""
+        last = self.rtp.received_pcm()[-16000:]
+        return len(last) == 16000 and rms(last) > 300 and band_share(last, (LAB_MOH_HZ,)) > 0.8
+
     async def hang_up(self) -> None:
         """Only the scenario's hold time hangs up with a BYE: wait for it."""
         assert self.sipp is not None
@@ -238,6 +245,20 @@ class SipDestination:
         await asyncio.gather(caller.rtp.send_tone(440, 1.5), self.rtp.send_tone(1000, 1.5))
         assert abs(dominant_frequency(self.rtp.received_pcm(since=t0)) - 440) < 20
         assert abs(dominant_frequency(caller.rtp.received_pcm(since=t0)) - 1000) < 20
+
+    # --- warm transfer (issue 9 §2) ---
+    def heard_brief(self) -> bool:
+        """A second of speech (the brief) reached the destination, and no hold music."""
+        pcm = self.rtp.received_pcm()
+        return (
+            len(pcm) >= 16000
+            and speech_like(pcm, min_active=0.3)
+            and (band_share(pcm, (LAB_MOH_HZ,)) < 0.2)
+        )
+
+    async def press(self, digit: str) -> None:
+        """The agent presses a key (RFC 4733, as the UAS's SDP offers)."""
+        await self.rtp.send_dtmf(digit)
 
     async def close(self) -> None:
         if self.uas is not None:
@@ -318,6 +339,11 @@ class FakeCaller:
         await wait_for(lambda: not self.connected(), "the caller to be hung up", seconds)
         return True
 
+    # --- warm transfer (issue 9 §2) ---
+    def on_hold(self) -> bool:
+        """FreeSWITCH plays the `[transfer] moh_class` local_stream to the caller."""
+        return self.chan is not None and self.chan.hearing_moh == "default"
+
     async def close(self) -> None:
         if self.chan is not None and self.chan.up:
             await self.server.hangup(self.chan.uuid)
@@ -358,6 +384,21 @@ class FakeDestination:
         assert leg is not None and leg.direction == "outbound" and leg.answered
         assert leg.bridged_with == caller.chan.uuid
         assert caller.chan.media is None, "unicast must stop once the caller is bridged"
+
+    # --- warm transfer (issue 9 §2) ---
+    def _leg(self) -> FakeChannel | None:
+        legs = self._legs()
+        return self.server.channels.get(legs[-1]) if legs else None
+
+    def heard_brief(self) -> bool:
+        """The daemon's unicast frames to the answered leg carry speech (the brief)."""
+        leg = self._leg()
+        return leg is not None and spoken_chunks(b"".join(leg.media_in)) >= 5
+
+    async def press(self, digit: str) -> None:
+        leg = self._leg()
+        assert leg is not None
+        self.server.press_dtmf(leg.uuid, digit)
 
     async def close(self) -> None:
         return None

@@ -277,3 +277,52 @@ def test_ringback_detector() -> None:
     assert ringback_heard(mixed.tobytes())
     assert not ringback_heard(bytes(16000))
     assert not ringback_heard(tone_pcm(1000, 1.0))
+
+
+# --- warm transfer (issue 9 §2) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "state", "outcome"),
+    [("1", "bridged", "answered"), ("2", "failed", DECLINED)],
+    ids=["accepted-1", "declined-2"],
+)
+async def test_warm_transfer_holds_briefs_and_takes_the_agents_key(
+    backend: Backend, api: Api, key: str, state: str, outcome: str
+) -> None:
+    """The caller hears music on hold, the answered destination the brief (on its own
+    media), and its key decides: 1 bridges, 2 returns the caller to the assistant."""
+    dest = await backend.destination("answer")
+    await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
+    caller = await backend.caller(DID)
+    call = await active_call(api)
+    await caller.heard_speech(since=0)
+    body = {
+        "type": "transfer",
+        "destination": DESTINATION,
+        "mode": "warm",
+        "brief": "A caller about invoice forty two.",
+        "require_accept": True,
+    }
+    await api.ok("POST", f"/calls/{call['id']}/control", body)
+
+    async def awaiting() -> bool:
+        transfers = (await api.ok("GET", f"/calls/{call['id']}"))["transfers"]
+        return transfers[-1]["state"] == "awaiting_accept"
+
+    await wait_for(awaiting, "the brief played", 20)
+    assert dest.heard_brief(), "the destination did not hear the brief"
+    await wait_for(caller.on_hold, "the caller on hold music", 10)
+    mark = caller.mark()
+    await dest.press(key)
+    done = await transfer_settled(api, call["id"])
+    transfer = done["transfers"][-1]
+    assert (transfer["state"], transfer["outcome"], transfer["mode"]) == (state, outcome, "warm")
+    kinds = [e["type"] for e in done["events"]]
+    assert ("transfer.warm_accepted" if key == "1" else "transfer.warm_declined") in kinds
+    if state == "bridged":
+        await dest.assert_bridged(caller)
+    else:
+        await wait_for(lambda: not caller.on_hold(), "the hold music to stop", 10)
+        await caller.heard_words(since=mark)  # the assistant again
+        assert done["status"] == "active"
