@@ -192,6 +192,14 @@ class CallSession:
     async def synthesize(self, text: str) -> bytes:
         return await self.service.tts.synthesize(text)
 
+    async def caller_words(self) -> list[str]:
+        events = await self.service.store.events(self.call.id)
+        return [
+            str(e.data.get("text") or "")
+            for e in events
+            if e.kind == "transcript" and e.data.get("role") == "caller"
+        ]
+
     async def transfer_done(self, transfer: Transfer) -> None:
         if transfer.state is not TransferState.FAILED:
             if transfer.state is TransferState.BRIDGED and self.conversation is not None:

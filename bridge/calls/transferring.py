@@ -128,6 +128,10 @@ class TransferHost(Protocol):
         """The call's TTS (8 kHz 16-bit PCM)."""
         ...
 
+    async def caller_words(self) -> list[str]:
+        """What the caller said so far (the call's transcript), oldest first."""
+        ...
+
     async def transfer_done(self, transfer: Transfer) -> None:
         """The transfer is final and persisted. Bridged: tell the conversation. Failed: the
         caller is ACTIVE again: attach media if needed, then say why and tell the
@@ -193,7 +197,10 @@ async def open_transfer(
         dtmf=getattr(configured, "dtmf", None),
     )
     if mode == "warm":  # issue 9 §2
-        transfer.warm = warm_plan(command, configured, settings, host.call, summary_of(transfer))
+        said = await host.caller_words()
+        transfer.warm = warm_plan(
+            command, configured, settings, host.call, summary_of(transfer), said
+        )
     return TransferRun(host, deps, transfer)
 
 

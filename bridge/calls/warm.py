@@ -39,6 +39,7 @@ SPEECH_RMS = 500.0
 SPEECH_FRAMES = 10  # 20 ms frames: 0.2 s
 
 WAITING = (TransferState.BRIEFING, TransferState.AWAITING_ACCEPT)
+BRIEF_WORDS = 200  # characters of the caller's own words in a default brief
 
 
 def warm_plan(
@@ -47,6 +48,7 @@ def warm_plan(
     settings: TransferSettings,
     call: Call,
     summary: str | None,
+    caller_said: list[str] | None = None,
 ) -> WarmPlan:
     """The plan of a warm transfer: the command's fields, else the assistant's destination's
     (`configured`), else `[transfer]`'s. Without a brief the destination hears who is coming
@@ -59,7 +61,7 @@ def warm_plan(
     require_accept = bool(pick("require_accept"))
     timeout = pick("accept_timeout")
     return WarmPlan(
-        brief=str(pick("brief") or default_brief(call, summary)),
+        brief=str(pick("brief") or default_brief(call, summary, caller_said)),
         require_accept=require_accept,
         accept_timeout=timeout if isinstance(timeout, int | float) else settings.accept_timeout,
         wait_for_speech=bool(pick("wait_for_speech")),
@@ -69,12 +71,20 @@ def warm_plan(
     )
 
 
-def default_brief(call: Call, summary: str | None) -> str:
-    """What the destination hears when nothing more specific was configured."""
+def default_brief(call: Call, summary: str | None, caller_said: list[str] | None = None) -> str:
+    """What the destination hears when no brief was configured: who is coming, why (the
+    transfer's summary or the destination's description) and, from the transcript, the
+    caller's own last words (up to BRIEF_WORDS characters): a summary made without a model."""
     caller = safe_value(call.caller_number, 64)
     who = f"A caller from {caller}" if caller else "A caller"
+    parts = [f"{who} is being transferred to you."]
     why = safe_value(summary)
-    return f"{who} is being transferred to you." + (f" About: {why}." if why else "")
+    if why:
+        parts.append(f"About: {why}.")
+    said = safe_value(" ".join(caller_said[-2:]) if caller_said else "", BRIEF_WORDS)
+    if said:
+        parts.append(f"They said: {said}")
+    return " ".join(parts)
 
 
 class WarmSteps:

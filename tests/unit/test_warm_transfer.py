@@ -13,6 +13,8 @@ from bridge.calls.items import Resume
 from bridge.calls.model import CallStatus, TransferCommand
 from bridge.calls.session import CallSession
 from bridge.calls.transfer import Transfer, TransferState
+from bridge.calls.warm import SPEECH_FRAMES
+from bridge.lab.rtp import tone_pcm
 from bridge.pbx.ports import ChannelHungUp, DtmfReceived, LegAnswered, LegRinging
 from tests.support.calls import CallEnv, open_env, until
 
@@ -174,3 +176,37 @@ def test_a_bad_moh_class_is_refused_naming_the_field() -> None:
         TransferCommand.model_validate(
             {"type": "transfer", "destination": "+31612345678", "mode": "warm", "moh_class": "x y"}
         )
+
+
+async def test_the_default_brief_says_who_why_and_the_callers_own_words(env: CallEnv) -> None:
+    session = await env.arrive()
+    await session.record("transcript", role="caller", text="Hello.")
+    await session.record("transcript", role="assistant", text="How can I help?")
+    await session.record("transcript", role="caller", text="My invoice 42 is wrong.")
+    transfer = await env.transfer(session, mode="warm", summary="Billing dispute")
+    assert transfer.warm is not None
+    assert transfer.warm.brief == (
+        "A caller from +31655501234 is being transferred to you. About: Billing dispute. "
+        "They said: Hello. My invoice 42 is wrong."
+    )
+
+
+async def test_wait_for_speech_briefs_once_the_destination_spoke(env: CallEnv) -> None:
+    session = await env.arrive()
+    transfer = await env.transfer(session, mode="warm", wait_for_speech=True, brief="Hi there.")
+    assert transfer.leg_id is not None and session.run is not None
+    warm_steps = session.run.warm
+    assert warm_steps is not None
+    await env.push(LegAnswered(transfer.leg_id))
+    await until(lambda: warm_steps.media is not None, "our media on the leg")
+    await until(lambda: transfer.state is TransferState.BRIEFING, "briefing, waiting for speech")
+    assert "Hi there." not in env.tts.texts  # nothing said before the destination spoke
+    hello = tone_pcm(300, 0.02, 0.3)  # 20 ms frames, well above SPEECH_RMS
+    for _ in range(SPEECH_FRAMES):
+        warm_steps._on_leg_audio(hello)
+    await env.wait_status(session.call.id, CallStatus.TRANSFERRED)
+    assert "Hi there." in env.tts.texts
+    stored = await env.stored(session.call.id)
+    briefing = [e for e in stored["events"] if e["type"] == "transfer.warm_briefing"]
+    assert briefing and briefing[0]["spoke_first"] is True
+    assert "transfer.warm_waiting_for_speech" in kinds(stored)
