@@ -253,3 +253,34 @@ async def test_caller_hangs_up_during_the_brief_leaves_no_leg(
 async def _ended(api: Api, call_id: str) -> dict[str, Any] | None:
     call = await api.ok("GET", f"/calls/{call_id}")
     return call if call["status"] == "ended" else None
+
+
+async def test_wait_for_speech_briefs_once_the_agent_said_hello(
+    warm: Any,
+    daemon_api: Any,  # noqa: F811
+) -> None:
+    """`wait_for_speech`: the answered agent hears nothing until it speaks; then the brief,
+    then (no acceptance asked) the caller joins."""
+    _, api = daemon_api
+    w = await warm(wait_for_speech=True, require_accept=False)
+
+    async def waiting() -> bool:
+        return "transfer.warm_waiting_for_speech" in events(
+            await api.ok("GET", f"/calls/{w.call['id']}")
+        )
+
+    await wait_for(waiting, "the brief waiting for the agent to speak", timeout=20)
+    assert await w.agent.wait_for_packet(), "no media on the leg"
+    assert not speech_like(w.agent.received_pcm()), "the agent heard something before speaking"
+    hello = time.monotonic()
+    await w.agent.send_tone(300, 0.5)  # "hello?"
+
+    def brief_heard() -> bool:
+        return speech_like(w.agent.received_pcm(since=hello), min_active=0.3)
+
+    await wait_for(brief_heard, "the brief after the agent spoke", timeout=20)
+    done = await transfer_settled(api, w.call["id"])
+    assert done["transfers"][-1]["state"] == "bridged"
+    (briefing,) = [e for e in done["events"] if e["type"] == "transfer.warm_briefing"]
+    assert briefing["spoke_first"] is True
+    await api.ok("POST", f"/calls/{w.call['id']}/control", {"type": "end_call"})
