@@ -277,7 +277,9 @@ class WarmSteps:
         await run.fail(
             TransferEvent.ERROR,
             LegOutcome.FAILED,
-            reason=local_reason("callbridge lost the PBX connection during the warm brief"),
+            reason=local_reason(
+                "callbridge restarted or lost the PBX connection during the warm brief"
+            ),
             hangup_leg=True,
         )
         return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from bridge.lab.rtp import (
     speech_like,
 )
 from tests.integration.test_asterisk_transfer import daemon_api  # noqa: F401 (fixture)
-from tests.support.daemon import Api, wait_for
+from tests.support.daemon import Api, start_daemon, wait_for
 from tests.support.flows import (
     DESTINATION,
     LabCall,
@@ -284,3 +285,42 @@ async def test_wait_for_speech_briefs_once_the_agent_said_hello(
     (briefing,) = [e for e in done["events"] if e["type"] == "transfer.warm_briefing"]
     assert briefing["spoke_first"] is True
     await api.ok("POST", f"/calls/{w.call['id']}/control", {"type": "end_call"})
+
+
+async def test_restart_during_the_brief_returns_the_caller_and_leaves_nothing(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    """The daemon stops while the agent is asked; the next one cannot know what the agent
+    pressed meanwhile and has lost the brief's media: it hangs the leg up, stops the hold
+    music and gives the caller back to the assistant (recorded as a local failure)."""
+    policy = {"allowed_prefixes": ["+31"], "allowed_sip_domains": ["127.0.0.1"]}
+    daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer=policy)
+    try:
+        async with LabCall(asterisk_lab, api) as lab_call:
+            await setup_directory(api, lab_call.uas, auth=False)
+            call = await lab_call.dial(hold_ms=60000)
+            await heard_speech(lab_call.caller_rtp, since=0)
+            body = {
+                "type": "transfer",
+                "destination": DESTINATION,
+                "mode": "warm",
+                "brief": BRIEF,
+                "require_accept": True,
+                "accept_timeout": 60,
+            }
+            await api.ok("POST", f"/calls/{call['id']}/control", body)
+            await state_of(api, call["id"], "awaiting_accept")
+            await api.close()
+            await daemon.stop()
+            daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer=policy)
+            lab_call.api = api
+            w = WarmCall(lab_call, call)
+            done = await back_with_the_assistant(api, w, "failed")
+            transfer = done["transfers"][-1]
+            assert transfer["local_fault"] is True
+            assert "during the warm brief" in transfer["reason"]
+            await wait_for(lambda: not leftovers(asterisk_lab), "no leg, media or bridge left")
+            await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
+    finally:
+        await api.close()
+        await daemon.stop()
