@@ -27,7 +27,7 @@ from bridge.api.keys import create_api_key
 from bridge.app import Daemon
 from bridge.config import Settings
 from bridge.lab.asterisk import LAB_MOH_HZ, free_port
-from bridge.lab.rtp import RtpPeer, band_share, dominant_frequency, rms, speech_like
+from bridge.lab.rtp import RtpPeer, band_share, dominant_frequency, rms
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.log import configure_logging
 from bridge.pbx.freeswitch.esl_client import EslClient
@@ -248,17 +248,17 @@ class SipDestination:
 
     # --- warm transfer (issue 9 §2) ---
     def heard_brief(self) -> bool:
-        """A second of speech (the brief) reached the destination, and no hold music."""
+        """Half a second of speech (the brief) reached the destination, no hold music."""
         pcm = self.rtp.received_pcm()
-        return (
-            len(pcm) >= 16000
-            and speech_like(pcm, min_active=0.3)
-            and (band_share(pcm, (LAB_MOH_HZ,)) < 0.2)
-        )
+        return spoken_chunks(pcm) >= 5 and band_share(pcm, (LAB_MOH_HZ,)) < 0.2
 
     async def press(self, digit: str) -> None:
         """The agent presses a key (RFC 4733, as the UAS's SDP offers)."""
         await self.rtp.send_dtmf(digit)
+
+    def hung_up(self) -> bool:
+        """The PBX hung the answered leg up (a BYE at the UAS)."""
+        return self.uas is not None and bool(self.uas.received_requests("BYE"))
 
     async def close(self) -> None:
         if self.uas is not None:
@@ -387,8 +387,11 @@ class FakeDestination:
 
     # --- warm transfer (issue 9 §2) ---
     def _leg(self) -> FakeChannel | None:
+        """The last leg placed, up or hung up."""
         legs = self._legs()
-        return self.server.channels.get(legs[-1]) if legs else None
+        if not legs:
+            return None
+        return self.server.channels.get(legs[-1]) or self.server.ended.get(legs[-1])
 
     def heard_brief(self) -> bool:
         """The daemon's unicast frames to the answered leg carry speech (the brief)."""
@@ -399,6 +402,10 @@ class FakeDestination:
         leg = self._leg()
         assert leg is not None
         self.server.press_dtmf(leg.uuid, digit)
+
+    def hung_up(self) -> bool:
+        legs = self._legs()
+        return bool(legs) and legs[-1] not in self.server.channels
 
     async def close(self) -> None:
         return None

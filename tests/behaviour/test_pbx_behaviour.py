@@ -326,3 +326,29 @@ async def test_warm_transfer_holds_briefs_and_takes_the_agents_key(
         await wait_for(lambda: not caller.on_hold(), "the hold music to stop", 10)
         await caller.heard_words(since=mark)  # the assistant again
         assert done["status"] == "active"
+
+
+async def test_warm_transfer_no_key_in_time_is_voicemail(backend: Backend, api: Api) -> None:
+    """Answered, briefed, nobody presses a key: the leg is hung up, the music stops and the
+    caller is back with the assistant (outcome `voicemail`)."""
+    dest = await backend.destination("answer")
+    await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
+    caller = await backend.caller(DID)
+    call = await active_call(api)
+    await caller.heard_speech(since=0)
+    body = {
+        "type": "transfer",
+        "destination": DESTINATION,
+        "mode": "warm",
+        "brief": "A caller.",
+        "require_accept": True,
+        "accept_timeout": 1,
+    }
+    await api.ok("POST", f"/calls/{call['id']}/control", body)
+    done = await transfer_settled(api, call["id"])
+    transfer = done["transfers"][-1]
+    assert (transfer["state"], transfer["outcome"]) == ("failed", "voicemail"), transfer
+    assert dest.heard_brief()
+    await wait_for(dest.hung_up, "the leg hung up", 10)
+    await wait_for(lambda: not caller.on_hold(), "the hold music to stop", 10)
+    await caller.heard_words(since=caller.mark())

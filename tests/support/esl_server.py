@@ -375,6 +375,7 @@ class FakeEslServer:
         self.scheduled: dict[str, list[asyncio.TimerHandle]] = {}
         self.hash: dict[str, str] = {}  # mod_hash: "<realm>_<key>" -> value
         self.hangups: dict[str, str] = {}  # uuid -> Hangup-Cause of every channel that ended
+        self.ended: dict[str, FakeChannel] = {}  # channels hung up, by uuid
         self._outcomes: dict[str, str] = {}
         self.gateway_dir: Path | None = None  # where `rescan` finds gateway XML files
         self.gateways: set[str] = set()
@@ -605,6 +606,7 @@ class FakeEslServer:
         self.emit_channel_event(chan, "CHANNEL_HANGUP_COMPLETE", over)
         self.emit_channel_event(chan, "CHANNEL_DESTROY", over)
         self.channels.pop(chan.uuid, None)
+        self.ended[chan.uuid] = chan  # what it heard stays readable (tests)
 
     async def _originate(self, args: str, on_result: _ResultHook | None) -> str:
         m = re.match(r"^(?:\{(?P<vars>[^}]*)\})?(?P<dial>\S+)(?:\s+(?P<app>.*))?$", args.strip())
@@ -913,8 +915,9 @@ class FakeEslServer:
     def press_dtmf(self, channel_uuid: str, digit: str) -> None:
         """The far end of a channel sends a DTMF digit (RFC 2833): the `DTMF` event with the
         channel's headers and the fields switch_channel_dequeue_dtmf adds (DTMF-Digit,
-        DTMF-Duration in samples, DTMF-Source). Derived: no capture of its own; its fields
-        were checked on the real 1.10.12 (docs/freeswitch.md, warm transfer)."""
+        DTMF-Duration in samples, DTMF-Source). Derived: no capture of its own; the fields
+        and values as a real 1.10.12 sent them for an RFC 4733 key on an answered leg
+        (docs/freeswitch.md, warm transfer)."""
         chan = self.channels[channel_uuid]
         name = "CHANNEL_PARK"  # the parked channel's headers, renamed
         template = TEMPLATES.get((chan.direction, name)) or TEMPLATES[("inbound", name)]
@@ -924,7 +927,7 @@ class FakeEslServer:
                 "Event-Name": "DTMF",
                 "Event-Sequence": str(next(_SEQ)),
                 "DTMF-Digit": digit,
-                "DTMF-Duration": "2000",
+                "DTMF-Duration": "1280",  # samples: a 160 ms key, as seen
                 "DTMF-Source": "RTP",
             }
         )
