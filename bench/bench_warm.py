@@ -6,8 +6,8 @@ Each sample is one call: a SIPp caller (with a Python RTP peer) is greeted, tran
 second RTP peer, the agent. Once the brief has played (`awaiting_accept`) the agent talks
 continuously (a 1000 Hz tone, as a phone sends RTP) and presses 1 (RFC 4733: 160 ms of key,
 then the end packets; Asterisk reports the key at its end). Stamped with `time.monotonic()`
-in this process: the first key packet sent, the key's end sent, and the arrival at the caller
-of the first 20 ms packet that is mostly 1000 Hz (the agent).
+in this process: the key's first packet sent (`RtpPeer.dtmf_started`), its end packets sent,
+and the arrival at the caller of the first 20 ms packet that is mostly 1000 Hz (the agent).
 
 Run (as root, for the lab's chroot): python bench/bench_warm.py [--samples N]
 Published figures: under the exclusive CPU lock on an idle machine (docs/BENCHMARKS.md).
@@ -78,9 +78,10 @@ async def sample(lab: AsteriskLab, api: Api, uas_port: int) -> tuple[float, floa
         talking = asyncio.create_task(talk(agent))
         try:
             await asyncio.sleep(0.2)  # a steady stream before the key, as a phone
-            pressed = time.monotonic()
             await agent.send_dtmf("1")
             ended = time.monotonic()
+            assert agent.dtmf_started is not None
+            pressed = agent.dtmf_started
             heard = await wait_for(
                 lambda: first_agent_packet(lab_call.caller_rtp, pressed), "the agent", 10, 0.005
             )

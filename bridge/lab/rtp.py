@@ -86,6 +86,7 @@ class RtpPeer:
         self._marker = True
         self._send_lock = asyncio.Lock()
         self._got_packet = asyncio.Event()
+        self.dtmf_started: float | None = None  # when the last key's first packet went
 
     async def start(self) -> RtpPeer:
         loop = asyncio.get_running_loop()
@@ -222,6 +223,7 @@ class RtpPeer:
             raise RuntimeError("RtpPeer not started or without a remote address")
         event = DTMF_EVENTS.index(digit)
         async with self._send_lock:
+            self.dtmf_started = time.monotonic()  # the key's first packet goes now
             timestamp = self._ts
             steps = max(1, duration_ms // 20)
             packets = [(n * FRAME_SAMPLES, False) for n in range(1, steps + 1)]

@@ -445,6 +445,16 @@ class Backend:
         self._closers.append(thing)
         return thing
 
+    async def drop_caller(self, channel_id: str) -> None:
+        """The caller's channel ends now, in the PBX (what a caller's BYE does), whatever the
+        caller's own hold time: the daemon sees the same hangup."""
+        raise NotImplementedError
+
+    async def legs_left(self) -> list[str]:
+        """Our transfer legs (and, on Asterisk, their media channels and bridges) still in
+        the PBX."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         for thing in reversed(self._closers):
             await thing.close()
@@ -469,6 +479,17 @@ class AsteriskBackend(Backend):
 
     async def destination(self, outcome: str) -> SipDestination:
         return self.track(await SipDestination(outcome, None).start())
+
+    async def drop_caller(self, channel_id: str) -> None:
+        status, _ = await asyncio.to_thread(self.lab.ari, "DELETE", f"/channels/{channel_id}")
+        assert status == 204, status
+
+    async def legs_left(self) -> list[str]:
+        _, channels = await asyncio.to_thread(self.lab.ari, "GET", "/channels")
+        _, bridges = await asyncio.to_thread(self.lab.ari, "GET", "/bridges")
+        return [c["id"] for c in channels if "cbleg-" in c["id"]] + [
+            b["id"] for b in bridges if "cbleg-" in b["id"]
+        ]
 
     async def close(self) -> None:
         await super().close()
@@ -550,6 +571,32 @@ class FreeswitchBackend(Backend):
         if self.server is not None:
             return self.track(await FakeDestination(self.server, outcome).start())
         return self.track(await SipDestination(outcome, free_port()).start())
+
+    async def drop_caller(self, channel_id: str) -> None:
+        if self.server is not None:
+            await self.server.hangup(channel_id)
+            return
+        assert self.real is not None
+        host, port, password = self.real.split(":", 2)
+        esl = EslClient(host, int(port), password, reconnect=False)
+        await esl.connect()
+        try:
+            assert (await esl.api(f"uuid_kill {channel_id}")).startswith("+OK")
+        finally:
+            await esl.close()
+
+    async def legs_left(self) -> list[str]:
+        if self.server is not None:
+            return [u for u in self.server.channels if u.startswith("cbleg-")]
+        assert self.real is not None
+        host, port, password = self.real.split(":", 2)
+        esl = EslClient(host, int(port), password, reconnect=False)
+        await esl.connect()
+        try:
+            listed = await esl.api("show channels as json")
+        finally:
+            await esl.close()
+        return re.findall(r'"uuid":"(cbleg-[^"]+)"', listed)
 
 
 @dataclass

@@ -352,3 +352,42 @@ async def test_warm_transfer_no_key_in_time_is_voicemail(backend: Backend, api: 
     await wait_for(dest.hung_up, "the leg hung up", 10)
     await wait_for(lambda: not caller.on_hold(), "the hold music to stop", 10)
     await caller.heard_words(since=caller.mark())
+
+
+async def test_warm_caller_hanging_up_during_the_brief_leaves_no_leg(
+    backend: Backend, api: Api
+) -> None:
+    dest = await backend.destination("answer")
+    await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
+    await backend.caller(DID)
+    call = await active_call(api)
+    body = {
+        "type": "transfer",
+        "destination": DESTINATION,
+        "mode": "warm",
+        "brief": "A caller about invoice forty two.",
+        "require_accept": True,
+        "accept_timeout": 60,
+    }
+    await api.ok("POST", f"/calls/{call['id']}/control", body)
+
+    async def briefed() -> bool:
+        transfers = (await api.ok("GET", f"/calls/{call['id']}"))["transfers"]
+        return bool(transfers) and transfers[-1]["state"] == "awaiting_accept"
+
+    await wait_for(briefed, "the brief played", 20)
+    assert await backend.legs_left(), "no leg while the destination is asked"
+    await backend.drop_caller(call["channel_id"])
+
+    async def ended() -> bool:
+        return await call_status(api, call["id"]) == "ended"
+
+    await wait_for(ended, "the call to end", 15)
+    done = await api.ok("GET", f"/calls/{call['id']}")
+    assert done["transfers"][-1]["state"] == "cancelled"
+    await wait_for(dest.hung_up, "the leg hung up", 10)
+
+    async def nothing_left() -> bool:
+        return not await backend.legs_left()
+
+    await wait_for(nothing_left, "no leg left in the PBX", 10)
