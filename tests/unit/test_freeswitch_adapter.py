@@ -973,3 +973,22 @@ async def test_claims_of_calls_that_ended_while_no_daemon_watched_are_swept_at_c
             await following.stop()
     finally:
         await other.stop()
+
+
+async def test_brief_media_on_a_leg_waits_for_its_park_after_the_answer(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """Warm transfer (issue 9 §2): the call asks for media on the leg as soon as it answered;
+    its `&park()` CHANNEL_PARK may come later. The adapter waits for it (no re-park racing
+    the original park), then `unicast` goes to the parked leg, which FreeSWITCH accepts."""
+    server, adapter, sink = parts
+    server.step_seconds = 0.2  # the leg's events come 200 ms apart: ANSWER, then PARK
+    await adapter.originate(
+        "cbleg-w", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-w")
+    await adapter.attach_media("cbleg-w", MediaAddress("127.0.0.1", 40015), "ulaw")
+    assert server.channels["cbleg-w"].media is not None and not server.crashes
+    assert not any(c.startswith("api uuid_transfer cbleg-w") for c in server.commands)
+    await adapter.end_brief("cbleg-w")
+    await adapter.hangup("cbleg-w")
