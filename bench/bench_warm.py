@@ -33,7 +33,13 @@ from bridge.lab.asterisk import AsteriskLab, free_port
 from bridge.lab.harness import Api, start_daemon, wait_for
 from bridge.lab.rtp import RtpPeer, band_share, rms
 from bridge.media.g711 import alaw_decode, ulaw_decode
-from tests.support.flows import DESTINATION, LabCall, heard_speech, setup_directory
+from tests.support.flows import (
+    LabCall,
+    heard_speech,
+    setup_directory,
+    transfer_in_state,
+    transfer_warm,
+)
 
 AGENT_HZ = 1000.0
 
@@ -56,24 +62,12 @@ async def talk(agent: RtpPeer) -> None:
         await agent.send_tone(AGENT_HZ, 0.1)
 
 
-async def state_is(api: Api, call_id: str, state: str) -> bool:
-    transfers = (await api.ok("GET", f"/calls/{call_id}"))["transfers"]
-    return bool(transfers) and transfers[-1]["state"] == state
-
-
 async def sample(lab: AsteriskLab, api: Api, uas_port: int) -> tuple[float, float]:
     async with LabCall(lab, api, local_port=uas_port) as lab_call:
         call = await lab_call.dial(hold_ms=60000)
         await heard_speech(lab_call.caller_rtp, since=0)
-        body = {
-            "type": "transfer",
-            "destination": DESTINATION,
-            "mode": "warm",
-            "brief": "Test.",
-            "require_accept": True,
-        }
-        await api.ok("POST", f"/calls/{call['id']}/control", body)
-        await wait_for(lambda: state_is(api, call["id"], "awaiting_accept"), "briefed", 30, 0.02)
+        await transfer_warm(api, call["id"], brief="Test.")
+        await transfer_in_state(api, call["id"], "awaiting_accept")
         agent = lab_call.dest_rtp
         talking = asyncio.create_task(talk(agent))
         try:
@@ -88,7 +82,7 @@ async def sample(lab: AsteriskLab, api: Api, uas_port: int) -> tuple[float, floa
         finally:
             talking.cancel()
         await api.ok("POST", f"/calls/{call['id']}/control", {"type": "end_call"})
-        await wait_for(lambda: state_is(api, call["id"], "bridged"), "recorded", 10)
+        await transfer_in_state(api, call["id"], "bridged")
         return (heard - pressed) * 1000, (heard - ended) * 1000
 
 

@@ -29,11 +29,12 @@ from bridge.lab.rtp import (
 from tests.integration.test_asterisk_transfer import daemon_api  # noqa: F401 (fixture)
 from tests.support.daemon import Api, start_daemon, wait_for
 from tests.support.flows import (
-    DESTINATION,
     LabCall,
     heard_speech,
     setup_directory,
+    transfer_in_state,
     transfer_settled,
+    transfer_warm,
 )
 
 pytestmark = pytest.mark.asterisk
@@ -51,15 +52,6 @@ def hold_music_only(pcm: bytes) -> bool:
     return bool(windows) and all(
         rms(w) > 300 and band_share(w, (LAB_MOH_HZ,)) > 0.8 for w in windows
     )
-
-
-async def state_of(api: Api, call_id: str, *states: str) -> dict[str, Any]:
-    async def reached() -> dict[str, Any] | None:
-        call = await api.ok("GET", f"/calls/{call_id}")
-        transfers = call["transfers"]
-        return call if transfers and transfers[-1]["state"] in states else None
-
-    return await wait_for(reached, f"the transfer in {states}", timeout=30, every=0.02)
 
 
 def events(call: dict[str, Any]) -> list[str]:
@@ -96,15 +88,7 @@ async def warm(asterisk_lab: Any, daemon_api: Any) -> AsyncIterator[Any]:  # noq
         async def start(**fields: Any) -> WarmCall:
             call = await lab_call.dial(hold_ms=60000)
             await heard_speech(lab_call.caller_rtp, since=0)  # the greeting
-            body = {
-                "type": "transfer",
-                "destination": DESTINATION,
-                "mode": "warm",
-                "brief": BRIEF,
-                "require_accept": True,
-                **fields,
-            }
-            await api.ok("POST", f"/calls/{call['id']}/control", body)
+            await transfer_warm(api, call["id"], **{"brief": BRIEF, **fields})
             return WarmCall(lab_call, call)
 
         yield start
@@ -114,7 +98,7 @@ async def warm(asterisk_lab: Any, daemon_api: Any) -> AsyncIterator[Any]:  # noq
 async def briefed(api: Api, w: WarmCall) -> float:
     """Hold music at the caller while the destination rings; then the brief at the agent
     and still only hold music at the caller. Returns once the brief has played."""
-    ringing = await state_of(api, w.call["id"], "ringing", "briefing", "awaiting_accept")
+    ringing = await transfer_in_state(api, w.call["id"], "ringing", "briefing", "awaiting_accept")
     assert ringing["transfers"][-1]["state"] == "ringing", "answered before it rang"
     since = time.monotonic()
     await wait_for(
@@ -124,7 +108,7 @@ async def briefed(api: Api, w: WarmCall) -> float:
     while_ringing = w.caller.received_pcm(since=since)
     assert hold_music_only(while_ringing), "the caller did not hear (only) hold music"
     assert ringback_windows(while_ringing) == 0
-    await state_of(api, w.call["id"], "briefing", "awaiting_accept")
+    await transfer_in_state(api, w.call["id"], "briefing", "awaiting_accept")
     answered = time.monotonic()
 
     def brief_heard() -> bool:
@@ -132,7 +116,7 @@ async def briefed(api: Api, w: WarmCall) -> float:
         return len(pcm) >= 16000 and speech_like(pcm, min_active=0.4)
 
     await wait_for(brief_heard, "the brief at the agent", timeout=20)
-    await state_of(api, w.call["id"], "awaiting_accept")  # the whole brief played
+    await transfer_in_state(api, w.call["id"], "awaiting_accept")  # the whole brief played
     heard = w.agent.received_pcm(since=answered)
     assert band_share(heard, (LAB_MOH_HZ,)) < 0.2, "the agent heard the hold music"
     # Meanwhile the caller heard hold music only: no word of the brief.
@@ -300,16 +284,8 @@ async def test_restart_during_the_brief_returns_the_caller_and_leaves_nothing(
             await setup_directory(api, lab_call.uas, auth=False)
             call = await lab_call.dial(hold_ms=60000)
             await heard_speech(lab_call.caller_rtp, since=0)
-            body = {
-                "type": "transfer",
-                "destination": DESTINATION,
-                "mode": "warm",
-                "brief": BRIEF,
-                "require_accept": True,
-                "accept_timeout": 60,
-            }
-            await api.ok("POST", f"/calls/{call['id']}/control", body)
-            await state_of(api, call["id"], "awaiting_accept")
+            await transfer_warm(api, call["id"], brief=BRIEF, accept_timeout=60)
+            await transfer_in_state(api, call["id"], "awaiting_accept")
             await api.close()
             await daemon.stop()
             daemon, api = await start_daemon(asterisk_lab, tmp_path, transfer=policy)
