@@ -130,7 +130,7 @@ class MediaSettings(_Section):
 
 
 class TransferSettings(_Section):
-    mode: Literal["bridge", "blind"] = "bridge"
+    mode: Literal["bridge", "blind", "warm"] = "bridge"
     ring_timeout: float = Field(30.0, gt=0, le=300)
     # Dial string for E.164 destinations when the number has no transfer trunk.
     # `{number}` is replaced by the destination, e.g. "PJSIP/{number}@carrier".
@@ -159,6 +159,15 @@ class TransferSettings(_Section):
     # Concurrent transfer legs through one trunk (or the default route, or one SIP host);
     # None: no cap.
     max_legs_per_trunk: int | None = Field(default=None, ge=1, le=10000)
+    # --- issue 9 §2: warm transfer (a destination's or command's own values win) ---
+    # The caller's music on hold while the destination is dialled and briefed: an Asterisk
+    # musiconhold.conf class / a FreeSWITCH local_stream name.
+    moh_class: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    accept_timeout: float = Field(15.0, gt=0, le=120)  # DTMF 1/2 after the brief
+    # Spoken to the destination after the brief when acceptance is required.
+    accept_prompt: str = Field("Press 1 to take the call, or 2 to decline.", max_length=300)
+    # How long a destination that must speak first may stay silent before it is briefed.
+    speech_wait: float = Field(5.0, gt=0, le=60)
     # --- issue 9 §6: context into the PBX's artefacts ---
     # SIP headers added to the INVITE of every SIP transfer leg: header name -> what it
     # carries (call_id, transfer_id, summary, caller, destination). {} adds none.

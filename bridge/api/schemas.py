@@ -135,6 +135,7 @@ class TransferCommand(calls.TransferCommand):
     model_config = _API_COMMAND
     destination: str = _DESTINATION
     message: Speakable | None = Field(default=None, max_length=1000)
+    brief: Speakable | None = Field(default=None, max_length=1000)  # warm (issue 9 §2)
 
 
 class SayCommand(calls.SayCommand):

@@ -93,6 +93,10 @@ def check_destination(value: str) -> str:
     return value
 
 
+# A music-on-hold class name (Asterisk musiconhold.conf, FreeSWITCH local_stream).
+MOH_CLASS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -101,10 +105,17 @@ class TransferCommand(_Command):
     type: Literal["transfer"]
     destination: str = Field(min_length=1, max_length=300)
     message: str | None = Field(default=None, max_length=1000)
-    mode: Literal["bridge", "blind"] | None = None
+    mode: Literal["bridge", "blind", "warm"] | None = None
     ring_timeout: float | None = Field(default=None, gt=0, le=300)
     # Why the caller is coming (issue 9 §6): on the leg's variables and SIP headers.
     summary: str | None = Field(default=None, max_length=300)
+    # --- warm transfer (issue 9 §2): used with mode "warm"; unset: the destination's own
+    # settings (an assistant's destination), then `[transfer]`'s ---
+    brief: str | None = Field(default=None, max_length=1000)
+    require_accept: bool | None = None
+    accept_timeout: float | None = Field(default=None, gt=0, le=120)
+    wait_for_speech: bool | None = None
+    moh_class: str | None = Field(default=None, pattern=MOH_CLASS_PATTERN)
 
     _destination = field_validator("destination")(check_destination)
 

@@ -258,6 +258,31 @@ class CallSession:
 
     # --- end speed ---
 
+    # --- warm transfer (issue 9 §2): our media on the leg alone, for the brief ---
+    async def open_leg_media(self, leg_id: str, on_audio: Callable[[bytes], None]) -> RtpStream:
+        settings = self.service.settings.media
+        stream = RtpStream(settings.codec, on_audio=on_audio)
+        try:
+            host, port = await stream.open(settings.bind_host, self.service.clock)
+            advertised = MediaAddress(settings.advertise_host or host, port)
+            remote = await self.service.pbx.attach_media(leg_id, advertised, settings.codec)
+        except BaseException:
+            stream.close()
+            raise
+        stream.set_remote(remote.host, remote.port, framing=remote.framing, codec=remote.codec)
+        return stream
+
+    async def synthesize(self, text: str) -> bytes:
+        return await self.service.tts.synthesize(text)
+
+    async def caller_words(self) -> list[str]:
+        events = await self.service.store.events(self.call.id)
+        return [
+            str(e.data.get("text") or "")
+            for e in events
+            if e.kind == "transcript" and e.data.get("role") == "caller"
+        ]
+
     async def transfer_done(self, transfer: Transfer) -> None:
         if transfer.state is TransferState.FAILED and await next_attempt(
             self, self._chain_context(counted=self.transfers_in_call - 1), transfer
@@ -425,10 +450,17 @@ class CallSession:
             await self._on_leg_abandoned(item)
         elif item == "greet":
             await self._greet()
-        elif isinstance(item, DtmfReceived):
-            await self._on_dtmf(item)  # hand back (issue 9 §5)
+        elif isinstance(item, DtmfReceived) and item.channel_id != self.call.channel_id:
+            # A key on the transfer's leg: a warm transfer's accept / decline (issue 9 §2),
+            # or, once bridged, the hand-back code (issue 9 §5).
+            run = self.run
+            if run is not None and item.channel_id == run.transfer.leg_id:
+                if run.transfer.state is TransferState.BRIDGED:
+                    await self._on_dtmf(item)
+                else:
+                    await run.on_leg_dtmf(item.digit)
         elif isinstance(item, PbxEvent):
-            pass  # playback ends: not used yet
+            pass  # the caller's DTMF, playback ends: not used yet
 
     async def record(self, kind: str, **data: Any) -> None:
         await self.service.store.add_event(self.call.id, CallEvent(kind, utcnow(), data))

@@ -10,11 +10,14 @@ it with events; this module only decides which state comes next and records the 
         \\--caller_gone / error--> cancelled / failed
 
     bridged --returned--> returned   (hand back: the caller is the assistant's again)
+Warm mode (issue 9 §2) adds two steps between answered and bridged:
+answered --brief--> briefing [--briefed--> awaiting_accept] --connected--> bridged, and from
+either a leg_failed (declined, not accepted in time, hung up) back to the assistant.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -29,6 +32,8 @@ class TransferState(StrEnum):
     DIALING = "dialing"  # the new leg is being placed
     RINGING = "ringing"  # the destination rings; the caller hears ringback
     ANSWERED = "answered"  # the destination answered; bridging
+    BRIEFING = "briefing"  # warm: the destination hears the brief, the caller hold music
+    AWAITING_ACCEPT = "awaiting_accept"  # warm: briefed; waiting for DTMF 1 / 2
     BRIDGED = "bridged"  # final: caller and destination talk
     HANDED_OFF = "handed_off"  # final: blind mode, the PBX dials; outcome not ours to see
     FAILED = "failed"  # final: the caller stays with the assistant
@@ -46,6 +51,8 @@ class TransferEvent(StrEnum):
     CALLER_GONE = "caller_gone"
     ERROR = "error"
     RETURNED = "returned"  # hand back (issue 9 §5): agent DTMF, the API, destination hangup
+    BRIEF = "brief"  # warm: the answered destination is briefed first
+    BRIEFED = "briefed"  # warm: the brief played and acceptance is required
 
 
 FINAL_STATES = frozenset(
@@ -80,6 +87,17 @@ TRANSITIONS: dict[tuple[TransferState, TransferEvent], TransferState] = {
     (_S.ANSWERED, _E.ERROR): _S.FAILED,
     # Hand back (issue 9 §5): the one way out of BRIDGED; the caller is the assistant's again.
     (_S.BRIDGED, _E.RETURNED): _S.RETURNED,
+    # --- warm transfer (issue 9 §2) ---
+    (_S.ANSWERED, _E.BRIEF): _S.BRIEFING,
+    (_S.BRIEFING, _E.BRIEFED): _S.AWAITING_ACCEPT,
+    (_S.BRIEFING, _E.CONNECTED): _S.BRIDGED,  # no acceptance required
+    (_S.BRIEFING, _E.LEG_FAILED): _S.FAILED,
+    (_S.BRIEFING, _E.CALLER_GONE): _S.CANCELLED,
+    (_S.BRIEFING, _E.ERROR): _S.FAILED,
+    (_S.AWAITING_ACCEPT, _E.CONNECTED): _S.BRIDGED,  # accepted
+    (_S.AWAITING_ACCEPT, _E.LEG_FAILED): _S.FAILED,  # declined, timed out, hung up
+    (_S.AWAITING_ACCEPT, _E.CALLER_GONE): _S.CANCELLED,
+    (_S.AWAITING_ACCEPT, _E.ERROR): _S.FAILED,
 }
 
 
@@ -107,6 +125,19 @@ class TransferResult:
         return self.state in (TransferState.FAILED, TransferState.RETURNED)
 
 
+@dataclass(frozen=True, slots=True)
+class WarmPlan:
+    """How a warm transfer (issue 9 §2) treats its destination before the caller joins."""
+
+    brief: str  # what the destination hears once it answers (the caller does not)
+    require_accept: bool = False  # DTMF 1 accepts, 2 declines; no key in time: voicemail
+    accept_timeout: float = 15.0  # seconds after the brief to press a key
+    wait_for_speech: bool = False  # brief only once the destination said something ("hello")
+    moh_class: str = "default"  # the caller's music on hold (the PBX's class)
+    prompt: str | None = None  # spoken after the brief when acceptance is required
+    speech_wait: float = 5.0  # wait_for_speech: brief anyway after this long
+
+
 class IllegalTransition(Exception):
     def __init__(self, state: TransferState, event: TransferEvent) -> None:
         super().__init__(f"transfer event {event.value!r} is illegal in state {state.value!r}")
@@ -121,12 +152,13 @@ class Transfer:
     source: str  # "api" | "assistant"
     destination: str  # as requested: E.164 number, SIP URI or an internal address
     target: DialTarget
-    mode: str  # "bridge" | "blind"
+    mode: str  # "bridge" | "blind" | "warm"
     ring_timeout: float
     message: str | None = None
     label: str | None = None  # the destination's description, for assistant transfers
     summary: str | None = None  # why the caller is coming (into the PBX's artefacts)
     dtmf: str | None = None  # sent once the leg answers, before the bridge (issue 9 §4)
+    warm: WarmPlan | None = None  # mode "warm" (issue 9 §2)
     leg_id: str | None = None
     state: TransferState = TransferState.ANNOUNCING
     outcome: LegOutcome | None = None
@@ -223,6 +255,7 @@ class Transfer:
             "message": self.message,
             "summary": self.summary,
             "dtmf": self.dtmf,
+            "warm": asdict(self.warm) if self.warm else None,
             "state": self.state.value,
             "outcome": self.outcome.value if self.outcome else None,
             "sip_code": self.sip_code,
@@ -307,6 +340,7 @@ def transfer_from_doc(doc: dict[str, Any]) -> Transfer:
         label=doc.get("label"),
         summary=doc.get("summary"),
         dtmf=doc.get("dtmf"),
+        warm=WarmPlan(**doc["warm"]) if doc.get("warm") else None,
         leg_id=doc.get("leg_id"),
         state=TransferState(doc["state"]),
         outcome=LegOutcome(doc["outcome"]) if doc.get("outcome") else None,

@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge import faults
-from bridge.calls.context import leg_headers, leg_variables, outcome_fields
+from bridge.calls.context import leg_headers, leg_variables, outcome_fields, summary_of
 from bridge.calls.model import Call, CallEvent, CallStatus, TransferCommand, utcnow
 from bridge.calls.outcomes import classify_leg_failure, local_reason, timeout_outcome
 from bridge.calls.transfer import Transfer, TransferEvent, TransferState
+from bridge.calls.warm import WarmSteps, warm_plan
 from bridge.directory.models import destination_address
 from bridge.errors import BridgeError, DestinationNotAllowed, PbxUnavailable
 from bridge.pbx.ports import (
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from bridge.calls.policy import TransferPolicy
     from bridge.config import TransferSettings
     from bridge.directory.models import Assistant
+    from bridge.media.rtp import RtpStream
 
 # Extra time the ring guard gives a PBX that enforces the ring timeout itself.
 RING_GUARD_MARGIN_S = 10.0
@@ -133,6 +135,20 @@ class TransferHost(Protocol):
         assistant (its setting), False to hang the caller up."""
         ...
 
+    # --- warm transfer (issue 9 §2) ---
+    async def open_leg_media(self, leg_id: str, on_audio: Callable[[bytes], None]) -> RtpStream:
+        """Our media on an answered leg alone (the brief); raises `ChannelGone`,
+        `BridgeError`, `OSError`."""
+        ...
+
+    async def synthesize(self, text: str) -> bytes:
+        """The call's TTS (8 kHz 16-bit PCM)."""
+        ...
+
+    async def caller_words(self) -> list[str]:
+        """What the caller said so far (the call's transcript), oldest first."""
+        ...
+
     async def transfer_done(self, transfer: Transfer) -> None:
         """The transfer is final and persisted. Bridged: tell the conversation. Failed: the
         caller is ACTIVE again: attach media if needed, then say why and tell the
@@ -188,29 +204,37 @@ async def open_transfer(
             reason=exc.message,
         )
         raise
+    configured = _configured(assistant, command.destination)
+    mode = command.mode or getattr(configured, "transfer_mode", None) or settings.mode
     transfer = Transfer(
         id=transfer_id,
         call_id=host.call.id,
         source=source,
         destination=command.destination,
         target=target,
-        mode=command.mode or settings.mode,
+        mode=mode,
         ring_timeout=command.ring_timeout or settings.ring_timeout,
         message=command.message,
         label=label,
         summary=command.summary,
-        dtmf=_configured_dtmf(assistant, command.destination),
+        dtmf=getattr(configured, "dtmf", None),
     )
+    if mode == "warm":  # issue 9 §2
+        said = await host.caller_words()
+        transfer.warm = warm_plan(
+            command, configured, settings, host.call, summary_of(transfer), said
+        )
     return TransferRun(host, deps, transfer)
 
 
-def _configured_dtmf(assistant: Assistant | None, destination: str) -> str | None:
-    """The `dtmf` of the assistant's destination `destination` names (issue 9 §4)."""
+def _configured(assistant: Assistant | None, destination: str) -> object | None:
+    """The assistant's destination `destination` names: its `dtmf` (issue 9 §4) and warm
+    settings (§2) apply to the transfer."""
     if assistant is None:
         return None
     for configured in assistant.destinations():
         if destination_address(configured) == destination:
-            return getattr(configured, "dtmf", None)
+            return configured
     return None
 
 
@@ -226,6 +250,7 @@ class TransferRun:
         self._claimed: DialTarget | None = None
         self._dial_deadline: float | None = None
         self.dtmf_sent = False  # the destination's DTMF went out (once per transfer)
+        self.warm = WarmSteps(self) if transfer.warm is not None else None  # issue 9 §2
 
     @property
     def token(self) -> str:
@@ -357,8 +382,11 @@ class TransferRun:
             await self._dial_failed(exc, remaining)
             return
         try:
-            await pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id)
-            self.ringback = transfer.ringback_id
+            if self.warm is not None:
+                await self.warm.hold()  # music on hold instead of ringback (issue 9 §2)
+            else:
+                await pbx.play_tone(host.call.channel_id, "ring", transfer.ringback_id)
+                self.ringback = transfer.ringback_id
         except ChannelGone:
             await host.end("caller hung up")
             return
@@ -460,7 +488,7 @@ class TransferRun:
         transfer, host = self.transfer, self.host
         digits = transfer.dtmf
         if not digits or self.dtmf_sent:
-            await self.connect_leg()
+            await self._answered()
             return
         assert transfer.leg_id is not None
         self.dtmf_sent = True
@@ -479,6 +507,18 @@ class TransferRun:
         host.cancel_timer("ring_guard")
         await host.record("transfer.dtmf_sent", transfer_id=transfer.id, dtmf=digits)
         host.set_timer("dtmf_done", dtmf_seconds(digits), transfer.id)
+
+    async def _answered(self) -> None:
+        """Answered (its DTMF sent): a warm transfer briefs the destination first."""
+        if self.warm is not None:
+            await self.warm.answered()
+        else:
+            await self.connect_leg()
+
+    async def on_leg_dtmf(self, digit: str) -> None:
+        """A key pressed on the leg: a warm transfer's accept / decline (issue 9 §2)."""
+        if self.warm is not None and not self.transfer.final:
+            await self.warm.on_dtmf(digit)
 
     async def _on_leg_alive(self, *, early_media: bool) -> None:
         """180 Ringing, or 183 / early media: the destination is alive and working on it."""
@@ -503,6 +543,8 @@ class TransferRun:
         """The leg's channel hung up (after answer, or reported as a hangup)."""
         transfer = self.transfer
         leg = transfer.leg_id
+        if self.warm is not None and await self.warm.leg_hung_up():
+            return
         if transfer.state is TransferState.ANSWERED:
             await self.fail(
                 TransferEvent.LEG_FAILED,
@@ -528,6 +570,8 @@ class TransferRun:
         host.cancel_timer("dtmf_done")
         # Before connecting: Asterisk stalls channel operations while a playback runs.
         await self.stop_ringback()
+        if self.warm is not None:
+            await self.warm.finish()  # the brief's media off the leg, the hold music off
         try:
             await self.deps.pbx.connect(host.call.channel_id, transfer.leg_id)
         except ChannelGone:
@@ -571,7 +615,9 @@ class TransferRun:
             outcome, reason = timeout_outcome(rang=transfer.rang, progressed=transfer.progressed)
             await self.fail(TransferEvent.LEG_FAILED, outcome, reason=reason, hangup_leg=True)
         elif timer.name == "dtmf_done" and transfer.state is TransferState.ANSWERED:
-            await self.connect_leg()
+            await self._answered()
+        elif self.warm is not None and await self.warm.on_timer(timer.name):
+            return
         elif timer.name == "leg_lost" and transfer.state is not TransferState.ANNOUNCING:
             await self.fail(
                 TransferEvent.ERROR,
@@ -598,6 +644,8 @@ class TransferRun:
             return False  # the host attaches media and announces again (or dials)
         # The ringback may be playing (ours, or our predecessor's): its id is derived.
         self.ringback = transfer.ringback_id
+        if self.warm is not None and await self.warm.resume():
+            return True
         if leg in resume.undialled_legs:
             await self.dial(retry=True)  # created, never dialled: dial it now, once
             return True
@@ -718,6 +766,8 @@ class TransferRun:
         if hangup_leg and leg:
             await host.quietly("hangup_leg", self.deps.pbx.hangup(leg))
         await self.stop_ringback()
+        if self.warm is not None:
+            await self.warm.finish()  # before the caller's media is attached again
         await self._record_outcome()
         await host.transfer_done(transfer)
 
@@ -753,6 +803,8 @@ class TransferRun:
             await host.quietly("hangup_leg", self.deps.pbx.hangup(leg))
             self.deps.untrack_leg(leg, False)
         await host.quietly("stop_ringback", self.stop_ringback())
+        if self.warm is not None:
+            await self.warm.finish()
         try:
             self._release_claim()
         except Exception:

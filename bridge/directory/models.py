@@ -167,6 +167,28 @@ Dtmf = Annotated[
 ]
 
 
+# --- warm transfer (issue 9 §2): optional fields of every destination, absent from the
+# seed's shape (read back without them when unset) ---
+WARM_FIELDS = (
+    "transfer_mode",
+    "brief",
+    "require_accept",
+    "accept_timeout",
+    "wait_for_speech",
+    "moh_class",
+)
+
+
+class _WarmOptions(_Strict):
+    # "warm": the caller hears hold music while the destination is dialled and briefed.
+    transfer_mode: Literal["bridge", "blind", "warm"] | None = None
+    brief: Speakable | None = Field(default=None, max_length=1000)  # what the agent hears
+    require_accept: bool | None = None  # DTMF 1 accepts, 2 declines
+    accept_timeout: float | None = Field(default=None, gt=0, le=120)
+    wait_for_speech: bool | None = None  # brief once the agent said something
+    moh_class: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 # --- fallback chains (issue 9 §3) ------------------------------------------------------------
 # A destination may list alternatives, tried in order when it is busy, does not answer or
 # declines (`bridge.calls.chain`): destinations of the same shape, without fallbacks of their
@@ -180,7 +202,7 @@ def _no_nested_fallbacks(dest: Any) -> Any:
     return dest
 
 
-class _Destination(_Strict):
+class _Destination(_WarmOptions):
     """A destination's schema is one in the OpenAPI document: `fallbacks` makes the models
     recursive, which would otherwise split each into -Input and -Output schemas."""
 
@@ -490,7 +512,7 @@ class Assistant(AssistantIn):
         for tool in data["llm_config"].get("tools") or []:
             for dest in tool.get("destinations") or []:
                 for shown in [dest, *(dest.get("fallbacks") or [])]:
-                    for optional in ("dtmf", "fallbacks"):
+                    for optional in ("dtmf", "fallbacks", *WARM_FIELDS):
                         if shown.get(optional) is None:  # unset: the seed's shape unchanged
                             shown.pop(optional, None)
         if data.get("handback") is None:  # unset: the seed's shape reads back unchanged

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from array import array
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +71,24 @@ def _tcp_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# Music on hold (issue 9 §2): the lab's class plays a steady tone of this frequency, which no
+# ringback (440+480 Hz), prompt or speech looks like (musiconhold.conf).
+LAB_MOH_HZ = 660.0
+
+
+def write_moh(directory: Path, seconds: int = 10) -> Path:
+    """The lab's hold music: `seconds` of a LAB_MOH_HZ sine as signed linear 8 kHz (.sln),
+    which res_musiconhold plays in a loop."""
+    rate, amplitude = 8000, 0.3 * 32767
+    samples = (
+        round(amplitude * math.sin(2 * math.pi * LAB_MOH_HZ * n / rate))
+        for n in range(rate * seconds)
+    )
+    path = directory / "lab-hold-tone.sln"
+    path.write_bytes(array("h", samples).tobytes())
+    return path
 
 
 def render_template(text: str, values: Mapping[str, str]) -> str:
@@ -280,8 +300,9 @@ class AsteriskLab:
         }
         if self.instance_dir.exists():
             shutil.rmtree(self.instance_dir)
-        for sub in ("etc", "lib", "spool", "run", "log", "log/cdr-csv", "cache"):
+        for sub in ("etc", "lib", "spool", "run", "log", "log/cdr-csv", "cache", "moh"):
             (self.instance_dir / sub).mkdir(parents=True)
+        write_moh(self.instance_dir / "moh")
         for tpl in sorted(self.dialplan_dir.glob("*.conf")):
             (self.instance_dir / "etc" / tpl.name).write_text(
                 render_template(tpl.read_text(), values)

@@ -23,16 +23,8 @@ RATE = 8000
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
 PT_PCMU = 0
 PT_PCMA = 8
-PT_DTMF = 101  # telephone-event, as the lab's SIPp scenarios offer it
-DTMF_EVENTS = {
-    **{str(d): d for d in range(10)},
-    "*": 10,
-    "#": 11,
-    "A": 12,
-    "B": 13,
-    "C": 14,
-    "D": 15,
-}
+PT_EVENT = 101  # RFC 4733 telephone-event, as the lab's SIPp scenarios offer it
+DTMF_EVENTS = "0123456789*#ABCD"  # event codes 0-15
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +86,7 @@ class RtpPeer:
         self._marker = True
         self._send_lock = asyncio.Lock()
         self._got_packet = asyncio.Event()
+        self.dtmf_started: float | None = None  # when the last key's first packet went
 
     async def start(self) -> RtpPeer:
         loop = asyncio.get_running_loop()
@@ -221,6 +214,40 @@ class RtpPeer:
                 if delay > 0:
                     await asyncio.sleep(delay)
 
+    async def send_dtmf(self, digits: str, duration_ms: int = 160, gap_ms: int = 100) -> None:
+        """Press `digits` as a phone does (warm accept, hand back): `gap_ms` of silence
+        between keys; `dtmf_started` is when the first key's first packet went."""
+        for n, digit in enumerate(digits):
+            if n:
+                await self.send_silence(gap_ms / 1000)
+            await self._send_key(digit, duration_ms, first=n == 0)
+
+    async def _send_key(self, digit: str, duration_ms: int, *, first: bool) -> None:
+        """One RFC 4733 (2833) telephone-event, as a phone sends a key: payload type
+        PT_EVENT (the lab UAS's SDP offers 101), one packet every 20 ms with the growing
+        duration, all with the event's timestamp (marker on the first), then the end packet
+        three times. Paced in real time, sharing this stream's sequence and SSRC."""
+        if self._transport is None or self.remote is None:
+            raise RuntimeError("RtpPeer not started or without a remote address")
+        event = DTMF_EVENTS.index(digit)
+        async with self._send_lock:
+            if first:
+                self.dtmf_started = time.monotonic()  # the key's first packet goes now
+            timestamp = self._ts
+            steps = max(1, duration_ms // 20)
+            packets = [(n * FRAME_SAMPLES, False) for n in range(1, steps + 1)]
+            packets += [(steps * FRAME_SAMPLES, True)] * 3
+            for i, (duration, end) in enumerate(packets):
+                b1 = (0x80 if i == 0 else 0) | PT_EVENT
+                header = struct.pack("!BBHII", 0x80, b1, self._seq, timestamp, self.ssrc)
+                self._seq = (self._seq + 1) & 0xFFFF
+                payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
+                self._transport.sendto(header + payload, self.remote)
+                self.sent_packets += 1
+                if i < steps:
+                    await asyncio.sleep(0.02)
+            self._ts = (timestamp + steps * FRAME_SAMPLES) & 0xFFFFFFFF
+
     async def send_silence(self, seconds: float) -> None:
         await self.send_pcm(b"\x00\x00" * int(RATE * seconds))
 
@@ -230,32 +257,6 @@ class RtpPeer:
     async def send_file(self, wav_path: str | Path) -> None:
         """Send a 16-bit mono WAV (any rate: resampled to 8 kHz)."""
         await self.send_pcm(read_wav_8k(wav_path))
-
-    # --- RFC 4733 (2833) DTMF: a phone pressing keys (hand back, issue 9 §5) ---
-    async def send_dtmf(
-        self, digits: str, duration_ms: int = 100, gap_ms: int = 100, payload_type: int = PT_DTMF
-    ) -> None:
-        """Press `digits` as RFC 4733 telephone-events (the lab UAS offers PT 101): one packet
-        every 20 ms with the growing duration, the first with the marker, the end packet sent
-        three times, all with the event's start timestamp; then `gap_ms` of silence."""
-        if self._transport is None or self.remote is None:
-            raise RuntimeError("RtpPeer not started or no remote address")
-        steps = max(1, duration_ms // 20)
-        for digit in digits:
-            event = DTMF_EVENTS[digit]
-            async with self._send_lock:
-                start = self._ts
-                for step in range(1, steps + 1):
-                    end = step == steps
-                    payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, step * 160)
-                    for _ in range(3 if end else 1):
-                        b1 = (0x80 if step == 1 else 0) | payload_type
-                        header = struct.pack("!BBHII", 0x80, b1, self._seq, start, self.ssrc)
-                        self._seq = (self._seq + 1) & 0xFFFF
-                        self._transport.sendto(header + payload, self.remote)
-                    await asyncio.sleep(0.02)  # real-time pacing, as a phone sends them
-                self._ts = (start + steps * FRAME_SAMPLES) & 0xFFFFFFFF
-            await self.send_silence(gap_ms / 1000)
 
 
 # ---------------------------------------------------------------------- audio helpers

@@ -25,6 +25,8 @@ class LegOutcome(StrEnum):
     UNREACHABLE = "unreachable"  # no route, 404, 484, DNS or transport failure
     FAILED = "failed"  # anything else (5xx, congestion, local faults in our PBX or daemon)
     CANCELLED = "cancelled"  # we hung it up ourselves (caller left, timeout in our hands)
+    # --- warm transfer (issue 9 §2): the leg answered, the caller was not connected ---
+    VOICEMAIL = "voicemail"  # answered, but nobody accepted in time (a machine, or no one)
 
 
 # --- events -------------------------------------------------------------------------------
@@ -318,6 +320,27 @@ class PbxAdapter(Protocol):
         """What the PBX knows of an extension before it is dialled (Asterisk: the PJSIP
         endpoint's state and channels through ARI; FreeSWITCH: the user's registration and
         channels). UNKNOWN when the PBX cannot tell; never raises for that."""
+        ...
+
+    # --- warm transfer (issue 9 §2) ---------------------------------------------------------
+    # The brief is played to an answered leg with `attach_media(leg, ...)` (the leg alone
+    # with our media, the caller not in it) and `end_brief(leg)` ends that before `connect`.
+    # The leg's DTMF arrives as `DtmfReceived(leg, digit)`.
+
+    async def start_hold(self, channel_id: str, moh_class: str) -> None:
+        """The caller (alone: its media detached) hears the PBX's music on hold of class
+        `moh_class` until `stop_hold`: Asterisk musiconhold.conf classes, FreeSWITCH
+        `local_stream://<class>`."""
+        ...
+
+    async def stop_hold(self, channel_id: str) -> None:
+        """Stop the caller's hold music; a caller not on hold (or gone) is not an error."""
+        ...
+
+    async def end_brief(self, leg_id: str) -> None:
+        """Take our media off an answered leg (what `attach_media(leg)` made for the brief),
+        leaving the leg up and ours, ready for `connect` or `hangup`. Nothing there is not an
+        error."""
         ...
 
 

@@ -26,8 +26,8 @@ import numpy as np
 from bridge.api.keys import create_api_key
 from bridge.app import Daemon
 from bridge.config import Settings
-from bridge.lab.asterisk import free_port
-from bridge.lab.rtp import RtpPeer, dominant_frequency, rms
+from bridge.lab.asterisk import LAB_MOH_HZ, free_port
+from bridge.lab.rtp import RtpPeer, band_share, dominant_frequency, rms
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.log import configure_logging
 from bridge.pbx.freeswitch.esl_client import EslClient
@@ -170,6 +170,13 @@ class SipCaller:
     def packet_times(self, since: float) -> list[float]:
         return [p.arrival for p in self.rtp.packets if p.arrival >= since]
 
+    # --- warm transfer (issue 9 §2) ---
+    def on_hold(self) -> bool:
+        """The last second heard is the test PBX's music on hold (a LAB_MOH_HZ tone: the
+        lab's musiconhold.conf, freeswitch_conf's local_stream)."""
+        last = self.rtp.received_pcm()[-16000:]
+        return len(last) == 16000 and rms(last) > 300 and band_share(last, (LAB_MOH_HZ,)) > 0.8
+
     async def hang_up(self) -> None:
         """Only the scenario's hold time hangs up with a BYE: wait for it."""
         assert self.sipp is not None
@@ -241,12 +248,21 @@ class SipDestination:
         assert abs(dominant_frequency(self.rtp.received_pcm(since=t0)) - 440) < 20
         assert abs(dominant_frequency(caller.rtp.received_pcm(since=t0)) - 1000) < 20
 
-    # --- hand back (issue 9 §5) ---
+    # --- warm transfer (issue 9 §2) ---
+    def heard_brief(self) -> bool:
+        """Half a second of speech (the brief) reached the destination, no hold music."""
+        pcm = self.rtp.received_pcm()
+        return spoken_chunks(pcm) >= 5 and band_share(pcm, (LAB_MOH_HZ,)) < 0.2
+
     async def press(self, digits: str) -> None:
-        """The agent presses keys on its phone: RFC 4733 from the destination's RTP peer
-        (whose remote `assert_bridged` latched or took from the SDP)."""
+        """The agent presses keys (RFC 4733, as the UAS's SDP offers)."""
         await self.rtp.send_dtmf(digits)
 
+    def hung_up(self) -> bool:
+        """The PBX hung the answered leg up (a BYE at the UAS)."""
+        return self.uas is not None and bool(self.uas.received_requests("BYE"))
+
+    # --- hand back (issue 9 §5) ---
     async def hang_up(self) -> None:
         """The destination hangs up first: the answer_then_bye scenario's own BYE."""
         assert self.uas is not None
@@ -332,6 +348,11 @@ class FakeCaller:
         await wait_for(lambda: not self.connected(), "the caller to be hung up", seconds)
         return True
 
+    # --- warm transfer (issue 9 §2) ---
+    def on_hold(self) -> bool:
+        """FreeSWITCH plays the `[transfer] moh_class` local_stream to the caller."""
+        return self.chan is not None and self.chan.hearing_moh == "default"
+
     async def close(self) -> None:
         if self.chan is not None and self.chan.up:
             await self.server.hangup(self.chan.uuid)
@@ -373,12 +394,31 @@ class FakeDestination:
         assert leg.bridged_with == caller.chan.uuid
         assert caller.chan.media is None, "unicast must stop once the caller is bridged"
 
-    # --- hand back (issue 9 §5) ---
-    async def press(self, digits: str) -> None:
-        """The agent presses keys: DTMF events on the bridged leg."""
-        for digit in digits:
-            self.server.press(self._legs()[-1], digit)
+    # --- warm transfer (issue 9 §2) ---
+    def _leg(self) -> FakeChannel | None:
+        """The last leg placed, up or hung up."""
+        legs = self._legs()
+        if not legs:
+            return None
+        return self.server.channels.get(legs[-1]) or self.server.ended.get(legs[-1])
 
+    def heard_brief(self) -> bool:
+        """The daemon's unicast frames to the answered leg carry speech (the brief)."""
+        leg = self._leg()
+        return leg is not None and spoken_chunks(b"".join(leg.media_in)) >= 5
+
+    async def press(self, digits: str) -> None:
+        """The agent presses keys: DTMF events on the last leg."""
+        leg = self._leg()
+        assert leg is not None
+        for digit in digits:
+            self.server.press_dtmf(leg.uuid, digit)
+
+    def hung_up(self) -> bool:
+        legs = self._legs()
+        return bool(legs) and legs[-1] not in self.server.channels
+
+    # --- hand back (issue 9 §5) ---
     async def hang_up(self) -> None:
         """The destination hangs up first (its BYE: the leg's hangup events)."""
         await self.server.hangup(self._legs()[-1])
@@ -421,6 +461,16 @@ class Backend:
         self._closers.append(thing)
         return thing
 
+    async def drop_caller(self, channel_id: str) -> None:
+        """The caller's channel ends now, in the PBX (what a caller's BYE does), whatever the
+        caller's own hold time: the daemon sees the same hangup."""
+        raise NotImplementedError
+
+    async def legs_left(self) -> list[str]:
+        """Our transfer legs (and, on Asterisk, their media channels and bridges) still in
+        the PBX."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         for thing in reversed(self._closers):
             await thing.close()
@@ -445,6 +495,17 @@ class AsteriskBackend(Backend):
 
     async def destination(self, outcome: str) -> SipDestination:
         return self.track(await SipDestination(outcome, None).start())
+
+    async def drop_caller(self, channel_id: str) -> None:
+        status, _ = await asyncio.to_thread(self.lab.ari, "DELETE", f"/channels/{channel_id}")
+        assert status == 204, status
+
+    async def legs_left(self) -> list[str]:
+        _, channels = await asyncio.to_thread(self.lab.ari, "GET", "/channels")
+        _, bridges = await asyncio.to_thread(self.lab.ari, "GET", "/bridges")
+        return [c["id"] for c in channels if "cbleg-" in c["id"]] + [
+            b["id"] for b in bridges if "cbleg-" in b["id"]
+        ]
 
     async def close(self) -> None:
         await super().close()
@@ -526,6 +587,32 @@ class FreeswitchBackend(Backend):
         if self.server is not None:
             return self.track(await FakeDestination(self.server, outcome).start())
         return self.track(await SipDestination(outcome, free_port()).start())
+
+    async def drop_caller(self, channel_id: str) -> None:
+        if self.server is not None:
+            await self.server.hangup(channel_id)
+            return
+        assert self.real is not None
+        host, port, password = self.real.split(":", 2)
+        esl = EslClient(host, int(port), password, reconnect=False)
+        await esl.connect()
+        try:
+            assert (await esl.api(f"uuid_kill {channel_id}")).startswith("+OK")
+        finally:
+            await esl.close()
+
+    async def legs_left(self) -> list[str]:
+        if self.server is not None:
+            return [u for u in self.server.channels if u.startswith("cbleg-")]
+        assert self.real is not None
+        host, port, password = self.real.split(":", 2)
+        esl = EslClient(host, int(port), password, reconnect=False)
+        await esl.connect()
+        try:
+            listed = await esl.api("show channels as json")
+        finally:
+            await esl.close()
+        return re.findall(r'"uuid":"(cbleg-[^"]+)"', listed)
 
 
 @dataclass

@@ -22,7 +22,15 @@ from bridge.pbx.ports import LegOutcome
 from bridge.speech.tts import FliteTts
 from tests.behaviour.backends import Backend, ringback_heard, steady_run
 from tests.support.daemon import Api, wait_for
-from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
+from tests.support.flows import (
+    DESTINATION,
+    DID,
+    active_call,
+    setup_directory,
+    transfer_in_state,
+    transfer_settled,
+    transfer_warm,
+)
 
 
 @pytest.fixture
@@ -277,3 +285,82 @@ def test_ringback_detector() -> None:
     assert ringback_heard(mixed.tobytes())
     assert not ringback_heard(bytes(16000))
     assert not ringback_heard(tone_pcm(1000, 1.0))
+
+
+# --- warm transfer (issue 9 §2) ----------------------------------------------------------------
+
+
+async def warm_call(backend: Backend, api: Api, **fields: Any) -> tuple[Any, Any, str]:
+    """A greeted caller, warm-transferred (`fields` as `transfer_warm`) to a destination that
+    answers, once it has been briefed: (destination, caller, call id)."""
+    dest = await backend.destination("answer")
+    await setup_directory(api, _Trunk(dest.port), auth=False)  # type: ignore[arg-type]
+    caller = await backend.caller(DID)
+    call = await active_call(api)
+    await caller.heard_speech(since=0)
+    await transfer_warm(api, call["id"], **fields)
+    await transfer_in_state(api, call["id"], "awaiting_accept", "failed")
+    return dest, caller, call["id"]
+
+
+@pytest.mark.parametrize(
+    ("key", "state", "outcome"),
+    [("1", "bridged", "answered"), ("2", "failed", DECLINED)],
+    ids=["accepted-1", "declined-2"],
+)
+async def test_warm_transfer_holds_briefs_and_takes_the_agents_key(
+    backend: Backend, api: Api, key: str, state: str, outcome: str
+) -> None:
+    """The caller hears music on hold, the answered destination the brief (on its own
+    media), and its key decides: 1 bridges, 2 returns the caller to the assistant."""
+    dest, caller, call_id = await warm_call(backend, api)
+    assert dest.heard_brief(), "the destination did not hear the brief"
+    await wait_for(caller.on_hold, "the caller on hold music", 10)
+    mark = caller.mark()
+    await dest.press(key)
+    done = await transfer_settled(api, call_id)
+    transfer = done["transfers"][-1]
+    assert (transfer["state"], transfer["outcome"], transfer["mode"]) == (state, outcome, "warm")
+    kinds = [e["type"] for e in done["events"]]
+    assert ("transfer.warm_accepted" if key == "1" else "transfer.warm_declined") in kinds
+    if state == "bridged":
+        await dest.assert_bridged(caller)
+    else:
+        await wait_for(lambda: not caller.on_hold(), "the hold music to stop", 10)
+        await caller.heard_words(since=mark)  # the assistant again
+        assert done["status"] == "active"
+
+
+async def test_warm_transfer_no_key_in_time_is_voicemail(backend: Backend, api: Api) -> None:
+    """Answered, briefed, nobody presses a key: the leg is hung up, the music stops and the
+    caller is back with the assistant (outcome `voicemail`)."""
+    dest, caller, call_id = await warm_call(backend, api, brief="A caller.", accept_timeout=1)
+    done = await transfer_settled(api, call_id)
+    transfer = done["transfers"][-1]
+    assert (transfer["state"], transfer["outcome"]) == ("failed", "voicemail"), transfer
+    assert dest.heard_brief()
+    await wait_for(dest.hung_up, "the leg hung up", 10)
+    await wait_for(lambda: not caller.on_hold(), "the hold music to stop", 10)
+    await caller.heard_words(since=caller.mark())
+
+
+async def test_warm_caller_hanging_up_during_the_brief_leaves_no_leg(
+    backend: Backend, api: Api
+) -> None:
+    dest, _caller, call_id = await warm_call(backend, api, accept_timeout=60)
+    call = await api.ok("GET", f"/calls/{call_id}")
+    assert await backend.legs_left(), "no leg while the destination is asked"
+    await backend.drop_caller(call["channel_id"])
+
+    async def ended() -> bool:
+        return await call_status(api, call["id"]) == "ended"
+
+    await wait_for(ended, "the call to end", 15)
+    done = await api.ok("GET", f"/calls/{call['id']}")
+    assert done["transfers"][-1]["state"] == "cancelled"
+    await wait_for(dest.hung_up, "the leg hung up", 10)
+
+    async def nothing_left() -> bool:
+        return not await backend.legs_left()
+
+    await wait_for(nothing_left, "no leg left in the PBX", 10)

@@ -145,6 +145,16 @@ class FakePbx:
         self._verb("extension_state", endpoint)
         return self.extensions.get(endpoint, ExtensionState.AVAILABLE)
 
+    # --- warm transfer (issue 9 §2) ---
+    async def start_hold(self, channel_id: str, moh_class: str) -> None:
+        self._verb("start_hold", channel_id, moh_class)
+
+    async def stop_hold(self, channel_id: str) -> None:
+        self._verb("stop_hold", channel_id)
+
+    async def end_brief(self, leg_id: str) -> None:
+        self._verb("end_brief", leg_id)
+
 
 @dataclass
 class FakeNumber:

@@ -15,6 +15,9 @@ Scriptable channel model, enough for adapter tests:
   `uuid_displace` start/stop,
   `uuid_kill`, `uuid_transfer`, `uuid_setvar/getvar`, `sendmsg` execute/hangup;
 - `hangup()` (the far end hangs up), `drop_connections()` (FreeSWITCH restarts);
+- warm transfer (issue 9 §2): `press_dtmf()` (the far end's DTMF event), a
+  `playback::local_stream://<class>` broadcast plays until uuid_break (`hearing_moh`), an
+  answered leg's `&park()` is a park with media (its unicast is accepted);
 - `sendmsg` `call-command: unicast`: a real UDP socket at local-ip:local-port, as FreeSWITCH
   binds it (frames received are kept per channel, `send_media()` sends caller audio), closed
   when the channel leaves park (bridge, transfer) or hangs up;
@@ -290,6 +293,13 @@ class FakeChannel:
     fallback: bool = False  # the dialplan sent it to callbridge-fallback
 
     @property
+    def hearing_moh(self) -> str | None:
+        """The local_stream (music on hold class) playing to the channel, if any."""
+        playing = self.playback is not None and not self.playback.done()
+        data = self.variables.get("_playing", "")
+        return data.removeprefix("local_stream://") if playing and data else None
+
+    @property
     def hearing_tone(self) -> bool:
         """A `gentones` plays to the caller, or is queued to start."""
         playing = self.playback is not None and not self.playback.done()
@@ -367,6 +377,7 @@ class FakeEslServer:
         self.scheduled: dict[str, list[asyncio.TimerHandle]] = {}
         self.hash: dict[str, str] = {}  # mod_hash: "<realm>_<key>" -> value
         self.hangups: dict[str, str] = {}  # uuid -> Hangup-Cause of every channel that ended
+        self.ended: dict[str, FakeChannel] = {}  # channels hung up, by uuid
         self._outcomes: dict[str, str] = {}
         self.gateway_dir: Path | None = None  # where `rescan` finds gateway XML files
         self.gateways: set[str] = set()
@@ -561,20 +572,6 @@ class FakeEslServer:
         self._hangup(self.channels[channel_uuid], cause)
 
     # --- hand back (issue 9 §5) ---
-    def press(self, channel_uuid: str, digit: str) -> None:
-        """The far end presses a digit (RFC 2833): a DTMF event on its channel. Derived (no
-        capture file): the channel's captured headers with the DTMF fields as a real 1.10.12
-        sent them for a bridged leg (DTMF-Digit, DTMF-Duration 800 samples for 100 ms,
-        DTMF-Source RTP; docs/freeswitch.md, hand back)."""
-        chan = self.channels[channel_uuid]
-        over = {
-            "Event-Name": "DTMF",
-            "DTMF-Digit": digit,
-            "DTMF-Duration": "800",  # samples: 100 ms, as measured on 1.10.12
-            "DTMF-Source": "RTP",
-        }
-        self.emit_channel_event(chan, "CHANNEL_ANSWER", over)
-
     def _park_after_bridge(self, chan: FakeChannel) -> None:
         """The bridge partner hung up and `park_after_bridge=true`: the survivor is parked
         (switch_ivr_bridge's exchange-media end), with media up, instead of hung up."""
@@ -642,6 +639,7 @@ class FakeEslServer:
         self.emit_channel_event(chan, "CHANNEL_HANGUP_COMPLETE", over)
         self.emit_channel_event(chan, "CHANNEL_DESTROY", over)
         self.channels.pop(chan.uuid, None)
+        self.ended[chan.uuid] = chan  # what it heard stays readable (tests)
 
     async def _originate(self, args: str, on_result: _ResultHook | None) -> str:
         m = re.match(r"^(?:\{(?P<vars>[^}]*)\})?(?P<dial>\S+)(?:\s+(?P<app>.*))?$", args.strip())
@@ -695,6 +693,8 @@ class FakeEslServer:
             over.update({f"variable_{k}": v for k, v in chan.variables.items()})
             if e.name == "CHANNEL_ANSWER":
                 chan.answered = True
+            if e.name == "CHANNEL_PARK":  # `&park()` after the answer: a park with media
+                chan.park_has_media = chan.answered
             self.emit(_override(_rekey(e.items, {old_uuid: leg}), over))
             await asyncio.sleep(self.step_seconds)
         if outcome not in ("answer", "early_media"):
@@ -716,11 +716,15 @@ class FakeEslServer:
         self.emit_channel_event(chan, f"CHANNEL_EXECUTE:{key}", over)
         play = {"Playback-File-Path": data}
         chan.variables["_tone"] = "1" if app == "gentones" else "0"
+        if data.startswith("local_stream://"):
+            chan.variables["_playing"] = data
         try:
             if app == "playback":
                 self.emit_channel_event(chan, "PLAYBACK_START", play)
             if app == "gentones" and data.endswith("|-1"):
                 await asyncio.Event().wait()  # until cancelled (uuid_break, hangup)
+            if data.startswith("local_stream://"):  # music on hold never ends by itself
+                await asyncio.Event().wait()
             await asyncio.sleep(self.playback_seconds)
         finally:
             if chan.up:
@@ -730,6 +734,7 @@ class FakeEslServer:
                 self.emit_channel_event(chan, f"CHANNEL_EXECUTE_COMPLETE:{key}", over)
             chan.playback = None
             chan.variables.pop("_tone", None)
+            chan.variables.pop("_playing", None)
 
     async def _run_queued(self, chan: FakeChannel) -> None:
         await asyncio.sleep(self.broadcast_start_seconds)
@@ -966,6 +971,27 @@ class FakeEslServer:
             lambda: _Unicast(chan, remote), local_addr=local
         )
         chan.media = proto
+
+    def press_dtmf(self, channel_uuid: str, digit: str) -> None:
+        """The far end of a channel sends a DTMF digit (RFC 2833): the `DTMF` event with the
+        channel's headers and the fields switch_channel_dequeue_dtmf adds (DTMF-Digit,
+        DTMF-Duration in samples, DTMF-Source). Derived: no capture of its own; the fields
+        and values as a real 1.10.12 sent them for an RFC 4733 key on an answered leg
+        (docs/freeswitch.md, warm transfer)."""
+        chan = self.channels[channel_uuid]
+        name = "CHANNEL_PARK"  # the parked channel's headers, renamed
+        template = TEMPLATES.get((chan.direction, name)) or TEMPLATES[("inbound", name)]
+        over = self._channel_overrides(chan)
+        over.update(
+            {
+                "Event-Name": "DTMF",
+                "Event-Sequence": str(next(_SEQ)),
+                "DTMF-Digit": digit,
+                "DTMF-Duration": "1280",  # samples: a 160 ms key, as seen
+                "DTMF-Source": "RTP",
+            }
+        )
+        self.emit(_override(self._rekeyed(chan, template), over))
 
     def send_media(self, channel_uuid: str, frame: bytes) -> None:
         """The caller speaks: one raw L16 frame to the daemon (as unicast sends it)."""

@@ -74,6 +74,31 @@ async def transfer_settled(api: Api, call_id: str, timeout: float = 30) -> dict[
     return await wait_for(settled, "the transfer to settle", timeout=timeout)
 
 
+async def transfer_warm(api: Api, call_id: str, **fields: Any) -> None:
+    """Warm-transfer the call to DESTINATION (issue 9 §2): a brief, acceptance by DTMF 1
+    required, unless `fields` say otherwise."""
+    body = {
+        "type": "transfer",
+        "destination": DESTINATION,
+        "mode": "warm",
+        "brief": "A caller about invoice forty two.",
+        "require_accept": True,
+        **fields,
+    }
+    await api.ok("POST", f"/calls/{call_id}/control", body)
+
+
+async def transfer_in_state(api: Api, call_id: str, *states: str) -> dict[str, Any]:
+    """The call once its last transfer is in one of `states`."""
+
+    async def reached() -> dict[str, Any] | None:
+        call = await api.ok("GET", f"/calls/{call_id}")
+        transfers = call["transfers"]
+        return call if transfers and transfers[-1]["state"] in states else None
+
+    return await wait_for(reached, f"the transfer in {states}", timeout=30, every=0.02)
+
+
 async def heard_speech(peer: RtpPeer, since: float, seconds: float = 10) -> bool:
     """True once the peer has received at least 0.5 s of clearly non-silent audio."""
 

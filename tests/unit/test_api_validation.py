@@ -455,3 +455,54 @@ async def test_control_fallbacks_are_validated(api: Api) -> None:
     )
     assert status == 202
     assert api.calls.commands[-1][1].fallbacks == ["extension:1002", "+31612345678"]
+
+
+# --- warm transfer fields (issue 9 §2) -----------------------------------------------------
+
+
+WARM = {"type": "transfer", "destination": "+31612345678", "mode": "warm"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"moh_class": "x y"}, "moh_class"),
+        ({"accept_timeout": 0}, "accept_timeout"),
+        ({"accept_timeout": 500}, "accept_timeout"),
+        ({"require_accept": "yes"}, "require_accept"),
+        ({"brief": "a\x00b"}, "brief"),
+        ({"mode": "lukewarm"}, "mode"),
+    ],
+)
+async def test_warm_fields_are_checked(api: Api, extra: dict[str, Any], field: str) -> None:
+    assert_422(await api.send("POST", f"/calls/{ACTIVE}/control", {**WARM, **extra}), field)
+
+
+async def test_a_warm_transfer_command_is_accepted(api: Api) -> None:
+    body = {**WARM, "brief": "Invoice 42.", "require_accept": True, "accept_timeout": 10}
+    assert (await api.send("POST", f"/calls/{ACTIVE}/control", body))[0] == 202
+
+
+async def test_a_warm_destination_reads_back_and_the_seeds_shape_stays(api: Api) -> None:
+    warm = {
+        "number": "+31612345678",
+        "description": "Billing",
+        "transfer_mode": "warm",
+        "brief": "Billing question.",
+        "require_accept": True,
+        "moh_class": "jazz",
+    }
+    seed = {"number": "+31687654321", "description": "Support"}
+    body = {
+        "name": "a",
+        "llm_config": {"tools": [{"type": "transfer_call", "destinations": [warm, seed]}]},
+    }
+    status, made = await api.send("POST", "/assistants", body)
+    assert status == 201, made
+    warm_back, seed_back = made["llm_config"]["tools"][0]["destinations"]
+    assert {k: warm_back[k] for k in warm} == warm
+    assert "transfer_mode" not in seed_back and "brief" not in seed_back
+    bad = {**body, "llm_config": {"tools": [{"type": "transfer_call", "destinations": [
+        {**warm, "moh_class": "../etc"}]}]}}  # fmt: skip
+    field = "llm_config.tools.0.destinations.0.number.moh_class"
+    assert_422(await api.send("POST", "/assistants", bad), field)

@@ -472,6 +472,13 @@ async def test_every_verb_runs_against_the_fake(
     await sink.wait(LegAnswered, "cbleg-v")
     await port.send_dtmf("cbleg-v", "w1#")
     assert "api uuid_send_dtmf cbleg-v w1#" in server.commands
+    # warm transfer (issue 9 §2): hold music, the brief's media on the leg alone
+    await port.start_hold(uuid, "moh")
+    assert f"api uuid_broadcast {uuid} 'playback::local_stream://moh' aleg" in server.commands
+    await port.attach_media("cbleg-v", MediaAddress("127.0.0.1", 40013), "ulaw")
+    assert server.channels["cbleg-v"].media is not None and not server.crashes
+    await port.end_brief("cbleg-v")
+    await port.stop_hold(uuid)
     await port.connect(uuid, "cbleg-v")
     await port.detach_media(uuid)
     await port.unbridge(uuid, "cbleg-v")  # hand back (issue 9 §5)
@@ -493,7 +500,7 @@ async def test_every_verb_runs_against_the_fake(
         "connect", "detach_media", "hangup", "release", "blind_transfer",
         "continue_in_dialplan", "provision_trunk", "provisioned_trunks", "remove_trunk",
         "record_outcome", "send_dtmf", "unbridge", "extension_state",
-        "start", "stop",  # by the fixture
+        "start_hold", "stop_hold", "end_brief", "start", "stop",  # by the fixture
     }  # fmt: skip
     assert set(_port_verbs()) <= called
 
@@ -1043,7 +1050,7 @@ async def test_hand_back_takes_the_caller_out_of_the_bridge_and_hears_the_legs_d
     await sink.wait(LegAnswered, "cbleg-hb")
     await adapter.connect(uuid, "cbleg-hb")
     assert server.channels[uuid].bridged_with == "cbleg-hb"
-    server.press("cbleg-hb", "#")
+    server.press_dtmf("cbleg-hb", "#")
     digit = await sink.wait(DtmfReceived, "cbleg-hb")
     assert isinstance(digit, DtmfReceived) and digit.digit == "#"
     await adapter.unbridge(uuid, "cbleg-hb")
@@ -1064,3 +1071,22 @@ async def test_unbridge_of_a_caller_gone_is_channel_gone(
     await server.hangup(uuid)
     with pytest.raises(ChannelGone):
         await adapter.unbridge(uuid, "cbleg-none")
+
+
+async def test_brief_media_on_a_leg_waits_for_its_park_after_the_answer(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """Warm transfer (issue 9 §2): the call asks for media on the leg as soon as it answered;
+    its `&park()` CHANNEL_PARK may come later. The adapter waits for it (no re-park racing
+    the original park), then `unicast` goes to the parked leg, which FreeSWITCH accepts."""
+    server, adapter, sink = parts
+    server.step_seconds = 0.2  # the leg's events come 200 ms apart: ANSWER, then PARK
+    await adapter.originate(
+        "cbleg-w", DialTarget(sip_uri="sip:1@h"), caller_number="1", ring_timeout=5
+    )
+    await sink.wait(LegAnswered, "cbleg-w")
+    await adapter.attach_media("cbleg-w", MediaAddress("127.0.0.1", 40015), "ulaw")
+    assert server.channels["cbleg-w"].media is not None and not server.crashes
+    assert not any(c.startswith("api uuid_transfer cbleg-w") for c in server.commands)
+    await adapter.end_brief("cbleg-w")
+    await adapter.hangup("cbleg-w")

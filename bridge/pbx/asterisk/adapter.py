@@ -806,6 +806,37 @@ class AsteriskAdapter:
         body = {"fields": [{"attribute": k, "value": v} for k, v in fields.items()]}
         await self._call("PUT", f"/asterisk/config/dynamic/{module}/{kind}/{obj}", body)
 
+    # --- warm transfer (issue 9 §2) ----------------------------------------------------------
+
+    async def start_hold(self, channel_id: str, moh_class: str) -> None:
+        """The caller alone in its bridge (our media channel leaves), and the bridge's music
+        on hold (`POST /bridges/{id}/moh`: an announcer channel plays the class to it). The
+        class must exist in musiconhold.conf (an unknown one is refused: 404 or 422)."""
+        bid = await self._ensure_bridge(channel_id)
+        await self._add_to_bridge(bid, channel_id)
+        await self.detach_media(channel_id)
+        try:
+            await self._raw("POST", f"/bridges/{bid}/moh", mohClass=moh_class)
+        except ChannelGone as exc:  # the bridge exists: a 404 names the class
+            raise PbxCommandFailed(f"music on hold class {moh_class!r}: {exc}") from exc
+        except AriConflict as exc:
+            raise PbxCommandFailed(str(exc)) from exc
+
+    async def stop_hold(self, channel_id: str) -> None:
+        try:
+            await self._raw("DELETE", f"/bridges/{bridge_id(channel_id)}/moh")
+        except (ChannelGone, AriConflict):
+            pass  # no bridge, or no music playing
+
+    async def end_brief(self, leg_id: str) -> None:
+        """The leg's media channel goes, then the leg's own bridge (`attach_media` made it):
+        the leg stays in our application, in no bridge, ready to join the caller's."""
+        await self.detach_media(leg_id)
+        try:
+            await self._call("DELETE", f"/bridges/{bridge_id(leg_id)}")
+        except ChannelGone:
+            pass
+
     # --- helpers ----------------------------------------------------------------------------
 
     async def _drop_channel(self, channel_id: str) -> None:

@@ -161,6 +161,7 @@ class FreeswitchAdapter:
         # the park loop keeps serving the old connection. Others are re-parked first.
         self._fresh_park: set[str] = set()
         self._reparks: dict[str, asyncio.Future[None]] = {}
+        self._leg_parks: dict[str, asyncio.Future[None]] = {}  # answered legs not parked yet
         self._connect_task: asyncio.Task[None] | None = None
         # The dialplan hook parks callers only while this global (FreeSWITCH's epoch) is
         # fresh; otherwise they go straight to the fallback (daemon unreachable).
@@ -506,9 +507,19 @@ class FreeswitchAdapter:
         elif name == "CHANNEL_ANSWER":
             self._answered.add(uuid)
             await self._emit(LegAnswered(uuid))
-        elif name == "DTMF" and uuid in self._answered:  # hand back (issue 9 §5): the code
+        # --- warm transfer (issue 9 §2): the answered leg's park (`&park()`) takes unicast
+        # for the brief, and its keys are the destination's accept / decline ---
+        elif name == "CHANNEL_PARK" and event.get("Answer-State") == "answered":
+            self._fresh_park.add(uuid)
+            parked = self._leg_parks.pop(uuid, None)
+            if parked is not None and not parked.done():
+                parked.set_result(None)
+        elif name == "DTMF":
             await self._emit(DtmfReceived(uuid, event.get("DTMF-Digit") or ""))
         elif name == "CHANNEL_HANGUP":
+            parked = self._leg_parks.pop(uuid, None)
+            if parked is not None and not parked.done():
+                parked.set_exception(ChannelGone(f"leg {uuid} hung up"))
             answered = uuid in self._answered
             self._forget(uuid)
             self._remember_end(uuid)
@@ -568,7 +579,9 @@ class FreeswitchAdapter:
         G.711 callers) from `media_host:<port>` to `local`, and plays what reaches that port.
         `codec` is not used: FreeSWITCH transcodes to L16 whatever the caller speaks."""
         uuid = _uuid(channel_id)
-        if uuid not in self._fresh_park:
+        if fse.is_leg(uuid) and uuid not in self._fresh_park:
+            await self._leg_parked(uuid)  # a warm transfer's brief (issue 9 §2)
+        elif uuid not in self._fresh_park:
             await self._repark(uuid)
         port = self._media.get(uuid) or self._free_port()
         headers = {
@@ -585,6 +598,19 @@ class FreeswitchAdapter:
         self._fresh_park.discard(uuid)
         self._media[uuid] = port
         return MediaAddress(self.media_host, port, framing="raw", codec="slin_le")
+
+    async def _leg_parked(self, uuid: str) -> None:
+        """An answered leg parks (`&park()`) right after its CHANNEL_ANSWER, and the call
+        may ask for its media before that CHANNEL_PARK arrived: wait for it (a re-park
+        meanwhile would race the original park, and unicast would go to the park that ends)."""
+        parked = self._leg_parks[uuid] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(5):
+                await parked
+        except TimeoutError as exc:
+            raise PbxCommandFailed("the answered leg did not park") from exc
+        finally:
+            self._leg_parks.pop(uuid, None)
 
     async def _repark(self, uuid: str) -> None:
         """Leave and re-enter park (inline dialplan), which also ends an old unicast: the
@@ -658,6 +684,29 @@ class FreeswitchAdapter:
         self._forget(uuid)
         await self._drop_lease(uuid)
         await self._unclaim(uuid)
+
+    # --- warm transfer (issue 9 §2) ----------------------------------------------------------
+
+    async def start_hold(self, channel_id: str, moh_class: str) -> None:
+        """`uuid_broadcast` of `playback::local_stream://<class>` to the parked caller (its
+        unicast ends: media is attached again, re-parked, if the caller comes back). The
+        stream plays until `stop_hold`; an unknown class plays nothing, so the vanilla
+        configuration's `moh` / `default` streams must exist."""
+        uuid = _uuid(channel_id)
+        self._media.pop(uuid, None)
+        self._fresh_park.discard(uuid)
+        await self._api(f"uuid_broadcast {uuid} 'playback::local_stream://{_word(moh_class)}' aleg")
+
+    async def stop_hold(self, channel_id: str) -> None:
+        """`uuid_break <uuid> all`, as for tones: a queued broadcast must not start later."""
+        with contextlib.suppress(ChannelGone):
+            await self._api(f"uuid_break {_uuid(channel_id)} all")
+
+    async def end_brief(self, leg_id: str) -> None:
+        """Nothing to send: the leg's unicast ends when it leaves park (`uuid_bridge`) or
+        hangs up. Its port goes back to the pool."""
+        self._media.pop(_uuid(leg_id), None)
+        self._fresh_park.discard(_uuid(leg_id))
 
     async def originate(
         self,
