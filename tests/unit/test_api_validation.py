@@ -504,5 +504,5 @@ async def test_a_warm_destination_reads_back_and_the_seeds_shape_stays(api: Api)
     assert "transfer_mode" not in seed_back and "brief" not in seed_back
     bad = {**body, "llm_config": {"tools": [{"type": "transfer_call", "destinations": [
         {**warm, "moh_class": "../etc"}]}]}}  # fmt: skip
-    field = "llm_config.tools.0.destinations.0.number.moh_class"
+    field = "llm_config.tools.0.destinations.0.moh_class"  # a number: no type tag
     assert_422(await api.send("POST", "/assistants", bad), field)
