@@ -168,6 +168,10 @@ class TransferSettings(_Section):
     accept_prompt: str = Field("Press 1 to take the call, or 2 to decline.", max_length=300)
     # How long a destination that must speak first may stay silent before it is briefed.
     speech_wait: float = Field(5.0, gt=0, le=60)
+    # Without a configured brief, the assistant's model (an OpenAI-compatible provider) writes
+    # it while the destination rings; past this many seconds from the transfer's start, or
+    # on any failure, the brief is built from the transcript instead. 0: never ask the model.
+    brief_summary_timeout: float = Field(3.0, ge=0, le=30)
     # --- issue 9 §6: context into the PBX's artefacts ---
     # SIP headers added to the INVITE of every SIP transfer leg: header name -> what it
     # carries (call_id, transfer_id, summary, caller, destination). {} adds none.

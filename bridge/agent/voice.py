@@ -253,6 +253,11 @@ class VoiceAgent:
             self._stale = True
             self._carry = b""
 
+    async def brief_summary(self) -> str | None:
+        """A warm transfer's brief written by this assistant's model from the conversation
+        so far (None: the provider cannot, e.g. `local`). The session bounds the time."""
+        return await self.dialogue.llm.summarize(list(self.history))
+
     async def close(self) -> None:
         self._closed = True
         self.early.close()

@@ -40,5 +40,9 @@ class Conversation(Protocol):
 
     async def close(self) -> None: ...
 
+    # Optional (looked up with getattr, as a conversation without a model has none):
+    # `async def brief_summary(self) -> str | None`, a warm transfer's brief written by the
+    # assistant's model from the conversation (issue 9 §2).
+
 
 ConversationFactory = Callable[["CallSession"], "Conversation | None"]

@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bridge import timing
 from bridge.calls import handback
@@ -274,6 +274,11 @@ class CallSession:
 
     async def synthesize(self, text: str) -> bytes:
         return await self.service.tts.synthesize(text)
+
+    async def brief_summary(self) -> str | None:
+        """The warm brief by the assistant's model, if the conversation can write one."""
+        write = getattr(self.conversation, "brief_summary", None)
+        return None if write is None else cast("str | None", await write())
 
     async def caller_words(self) -> list[str]:
         events = await self.service.store.events(self.call.id)

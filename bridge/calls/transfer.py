@@ -136,6 +136,10 @@ class WarmPlan:
     moh_class: str = "default"  # the caller's music on hold (the PBX's class)
     prompt: str | None = None  # spoken after the brief when acceptance is required
     speech_wait: float = 5.0  # wait_for_speech: brief anyway after this long
+    # "configured" (the command's / destination's brief) or "transcript" (built without a
+    # model); the model may still replace a transcript brief ("llm", see `WarmSteps`).
+    brief_source: str = "configured"
+    summary_timeout: float = 3.0  # seconds from the transfer's start the model may take
 
 
 class IllegalTransition(Exception):

@@ -149,6 +149,11 @@ class TransferHost(Protocol):
         """What the caller said so far (the call's transcript), oldest first."""
         ...
 
+    async def brief_summary(self) -> str | None:
+        """A warm brief written by the assistant's model (issue 9 §2), or None when it has
+        none; the warm steps bound the time and check the text."""
+        ...
+
     async def transfer_done(self, transfer: Transfer) -> None:
         """The transfer is final and persisted. Bridged: tell the conversation. Failed: the
         caller is ACTIVE again: attach media if needed, then say why and tell the
@@ -281,6 +286,8 @@ class TransferRun:
             "transfer.requested", transfer_id=transfer.id, route=transfer.target.describe()
         )
         host.transfer_started()
+        if self.warm is not None:
+            self.warm.start_summary()  # the model writes the brief while the leg rings (§2)
         if transfer.message and host.has_media:
             await host.save(transfer, call=True, event=requested)
             host.transfer_recorded()

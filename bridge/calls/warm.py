@@ -25,6 +25,7 @@ from bridge.calls.items import TimerFired
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import TransferEvent, TransferState, WarmPlan
 from bridge.errors import BridgeError
+from bridge.llm.brief import speakable_brief
 from bridge.pbx.ports import ChannelGone, LegOutcome
 
 if TYPE_CHECKING:
@@ -52,7 +53,8 @@ def warm_plan(
 ) -> WarmPlan:
     """The plan of a warm transfer: the command's fields, else the assistant's destination's
     (`configured`), else `[transfer]`'s. Without a brief the destination hears who is coming
-    and why (the transfer's summary or the destination's description)."""
+    and why (the transfer's summary or the destination's description), unless the
+    assistant's model writes a better one in time (`WarmSteps.start_summary`)."""
 
     def pick(name: str) -> object:
         value = getattr(command, name, None)
@@ -60,8 +62,11 @@ def warm_plan(
 
     require_accept = bool(pick("require_accept"))
     timeout = pick("accept_timeout")
+    configured_brief = pick("brief")
     return WarmPlan(
-        brief=str(pick("brief") or default_brief(call, summary, caller_said)),
+        brief=str(configured_brief or default_brief(call, summary, caller_said)),
+        brief_source="configured" if configured_brief else "transcript",
+        summary_timeout=settings.brief_summary_timeout,
         require_accept=require_accept,
         accept_timeout=timeout if isinstance(timeout, int | float) else settings.accept_timeout,
         wait_for_speech=bool(pick("wait_for_speech")),
@@ -98,6 +103,35 @@ class WarmSteps:
         self.spoke = False
         self._loud_frames = 0
         self._briefing: asyncio.Task[None] | None = None
+        self._summary: asyncio.Task[str | None] | None = None  # the model's brief, if asked
+        self._awaiting_summary = False  # answered before the model's brief was ready
+
+    # --- the brief by the assistant's model -----------------------------------------------
+
+    def start_summary(self) -> None:
+        """Without a configured brief, ask the assistant's model for one as the transfer
+        starts, so that it is usually written while the destination rings. The task ends
+        within `summary_timeout` of now, whatever the model does."""
+        budget = self.plan.summary_timeout
+        if self.plan.brief_source != "transcript" or budget <= 0:
+            return
+        self._summary = asyncio.get_running_loop().create_task(self._summarize(budget))
+
+    async def _summarize(self, budget: float) -> str | None:
+        async with asyncio.timeout(budget):
+            return speakable_brief(await self.run.host.brief_summary())
+
+    def _written(self, task: asyncio.Task[str | None]) -> tuple[str | None, str | None]:
+        """The model's brief, or why there is none (recorded with the brief used)."""
+        if task.cancelled():
+            return None, "cancelled"
+        exc = task.exception()
+        if isinstance(exc, TimeoutError):
+            return None, f"no brief from the model within {self.plan.summary_timeout:g} s"
+        if exc is not None:
+            return None, f"{type(exc).__name__}: {exc}"
+        written = task.result()
+        return (written, None) if written else (None, "the model gave no usable brief")
 
     @property
     def plan(self) -> WarmPlan:
@@ -171,12 +205,29 @@ class WarmSteps:
         run, host = self.run, self.run.host
         transfer, plan = run.transfer, self.plan
         host.cancel_timer("warm_speech")
-        text = f"{plan.brief} {plan.prompt}" if plan.prompt else plan.brief
+        task = self._summary
+        if task is not None and not task.done():
+            # The model is still writing (within its budget): brief once it is done.
+            if not self._awaiting_summary:
+                self._awaiting_summary = True
+                task.add_done_callback(lambda _: host.post(TimerFired("warm_summary", transfer.id)))
+            return
+        brief, source, error = plan.brief, plan.brief_source, None
+        if task is not None:
+            written, error = self._written(task)
+            if written:
+                brief, source = written, "llm"
+            else:
+                host.log.warning("transfer.brief_summary_unused", reason=error)
+        text = f"{brief} {plan.prompt}" if plan.prompt else brief
+        details = {"summary_error": error} if error else {}
         await host.record(
             "transfer.warm_briefing",
             transfer_id=transfer.id,
-            brief=plan.brief,
+            brief=brief,
+            brief_source=source,
             spoke_first=self.spoke,
+            **details,
         )
         self._briefing = asyncio.get_running_loop().create_task(self._speak(text))
 
@@ -196,7 +247,7 @@ class WarmSteps:
         """The warm steps' timers and queue items; True when `name` was one of them."""
         run, host = self.run, self.run.host
         transfer = run.transfer
-        if name == "warm_spoke" or name == "warm_speech":
+        if name in ("warm_spoke", "warm_speech", "warm_summary"):
             if transfer.state is TransferState.BRIEFING and self._briefing is None:
                 await self._brief()
         elif name == "warm_briefed" and transfer.state is TransferState.BRIEFING:
@@ -295,6 +346,11 @@ class WarmSteps:
         if self._briefing is not None:
             self._briefing.cancel()
             self._briefing = None
+        if self._summary is not None:
+            if self._summary.done() and not self._summary.cancelled():
+                self._summary.exception()  # retrieved: a failed model is no loose end
+            self._summary.cancel()
+            self._summary = None
         leg = run.transfer.leg_id
         if self.media is not None:
             self.media.close()

@@ -181,6 +181,12 @@ class LlmProvider(Protocol):
         """Generate the assistant's next turn. Stop iterating to abandon it (barge-in)."""
         ...
 
+    async def summarize(self, history: Sequence[ChatMessage]) -> str | None:
+        """A one- or two-sentence brief of the conversation for the person taking a warm
+        transfer (`bridge.llm.brief`), or None when this provider cannot write one (the
+        transfer then briefs from the transcript). The caller bounds the time."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -301,6 +301,10 @@ class LocalRouter:
     async def aclose(self) -> None:
         pass
 
+    async def summarize(self, history: Sequence[ChatMessage]) -> str | None:
+        """No model to write a brief with: a warm transfer briefs from the transcript."""
+        return None
+
     async def warm_up(self) -> None:
         """Load the embedding model off the event loop (first use would block ~0.2 s)."""
         await asyncio.to_thread(self._get_embedder)

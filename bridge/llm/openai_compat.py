@@ -39,7 +39,9 @@ from bridge.llm.base import (
     TextDelta,
     ToolCall,
     ToolCallEvent,
+    collect,
 )
+from bridge.llm.brief import brief_request, speakable_brief
 
 
 @dataclass
@@ -210,6 +212,15 @@ class OpenAICompatLlm:
             for event in self._flush_calls(partial):
                 yield event
             yield Finished(finish)
+
+    async def summarize(self, history: Sequence[ChatMessage]) -> str | None:
+        """The warm transfer's brief: the same streaming request, with our own instruction
+        and the conversation's words only (no system prompt, no tools)."""
+        messages = brief_request(history)
+        if messages is None:
+            return None
+        text, _, _ = await collect(self.stream(messages))
+        return speakable_brief(text)
 
     def _timeout(self, phase: str) -> LlmTimeout:
         if phase == "first_token":
