@@ -14,36 +14,35 @@ import pytest
 
 from bridge.llm.brief import BRIEF_INSTRUCTION
 from bridge.speech.whisper import WhisperStt
-from tests.integration import test_conversation_asterisk as conversation_lab
-from tests.integration.test_conversation_asterisk import (
+from tests.integration.test_conversation_asterisk import (  # and the lab's fixtures
     SALES,
     SYSTEM_PROMPT,
     Call,
+    fake_llm,  # noqa: F401
     greeting_done,
+    lab_daemon,  # noqa: F401
     provision,
     say,
+    speech_models,  # noqa: F401
     wait_transcript,
 )
 from tests.support.fake_openai import FakeOpenAI, Reply
 from tests.support.flows import transfer_settled
 
-# The conversation lab's fixtures: speech models, the fake OpenAI server, the daemon.
-speech_models = conversation_lab.speech_models
-fake_llm = conversation_lab.fake_llm
-lab_daemon = conversation_lab.lab_daemon
-
 pytestmark = pytest.mark.asterisk
 
-HOURS = "We are open from nine to five."
+OPENING = "We open at nine every weekday."
 # "warehouse" is in no other text of the call: heard at the agent, it is the model's brief.
 WRITTEN = "Jane Doe is calling about opening hours before she visits the warehouse."
 
 
 async def test_the_agent_hears_the_brief_the_model_wrote(
-    asterisk_lab: Any, lab_daemon: Any, fake_llm: FakeOpenAI
+    asterisk_lab: Any,
+    lab_daemon: Any,  # noqa: F811
+    fake_llm: FakeOpenAI,  # noqa: F811
 ) -> None:
     _, api = lab_daemon
-    fake_llm.script(Reply(text=HOURS), Reply(text=WRITTEN))
+    fake_llm.script(Reply(text=OPENING), Reply(text=WRITTEN))
     async with Call(asterisk_lab, api, "uas_answer.xml") as call:
         await provision(api, asterisk_lab.uas_port, "openai", "Acme, how can I help?")
         await call.dial()
