@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 from array import array
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from bridge.calls.context import safe_value
 from bridge.calls.items import TimerFired
+from bridge.calls.model import CallEvent, utcnow
 from bridge.calls.outcomes import local_reason
 from bridge.calls.transfer import TransferEvent, TransferState, WarmPlan
 from bridge.errors import BridgeError
@@ -212,23 +214,17 @@ class WarmSteps:
                 self._awaiting_summary = True
                 task.add_done_callback(lambda _: host.post(TimerFired("warm_summary", transfer.id)))
             return
-        brief, source, error = plan.brief, plan.brief_source, None
-        if task is not None:
-            written, error = self._written(task)
-            if written:
-                brief, source = written, "llm"
-            else:
-                host.log.warning("transfer.brief_summary_unused", reason=error)
-        text = f"{brief} {plan.prompt}" if plan.prompt else brief
-        details = {"summary_error": error} if error else {}
-        await host.record(
-            "transfer.warm_briefing",
-            transfer_id=transfer.id,
-            brief=brief,
-            brief_source=source,
-            spoke_first=self.spoke,
-            **details,
-        )
+        written, error = self._written(task) if task is not None else (None, None)
+        if error:
+            host.log.warning("transfer.brief_summary_unused", reason=error)
+        if written:  # the record's plan says what the destination heard
+            plan = transfer.warm = replace(plan, brief=written, brief_source="llm")
+        text = f"{plan.brief} {plan.prompt}" if plan.prompt else plan.brief
+        briefing: dict[str, Any] = {"transfer_id": transfer.id, "brief": plan.brief}
+        briefing |= {"brief_source": plan.brief_source, "spoke_first": self.spoke}
+        if error:
+            briefing["summary_error"] = error
+        await host.save(transfer, event=CallEvent("transfer.warm_briefing", utcnow(), briefing))
         self._briefing = asyncio.get_running_loop().create_task(self._speak(text))
 
     async def _speak(self, text: str) -> None:

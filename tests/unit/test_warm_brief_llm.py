@@ -84,6 +84,8 @@ async def briefed(env: CallEnv, **fields: Any) -> dict[str, Any]:
     stored = await env.wait_status(session.call.id, CallStatus.TRANSFERRED)
     events = [e for e in stored["events"] if e["type"] == "transfer.warm_briefing"]
     assert len(events) == 1
+    plan = stored["transfers"][-1]["warm"]  # the record's plan says what was heard
+    assert (plan["brief"], plan["brief_source"]) == (events[0]["brief"], events[0]["brief_source"])
     return dict(events[0])
 
 
