@@ -19,6 +19,7 @@ from bridge.agent.voice import VoiceAgent
 from bridge.calls.model import CallStatus
 from bridge.calls.session import CallSession
 from bridge.llm.base import ChatMessage, LlmProvider, ToolCall
+from bridge.llm.brief import BRIEF_INSTRUCTION, MAX_BRIEF, brief_request, speakable_brief
 from bridge.llm.local import LocalRouter
 from bridge.llm.openai_compat import OpenAICompatLlm
 from bridge.pbx.ports import LegAnswered
@@ -168,3 +169,16 @@ async def test_a_configured_brief_wins_without_asking_the_model(
     finally:
         await env.close()
     assert fake.requests == []
+
+
+def test_the_request_carries_only_spoken_words_and_the_brief_is_one_short_line() -> None:
+    messages = brief_request(HISTORY)
+    assert messages is not None and messages[0].content == BRIEF_INSTRUCTION
+    assert [m.role for m in messages] == ["system", "user"]
+    assert SECRET not in str(messages) and "transfer_call" not in str(messages)
+    assert brief_request([ChatMessage.system(SECRET)]) is None  # nobody spoke: no request
+    assert speakable_brief("  **Anna**\n calls about   invoice 42. ") == (
+        "Anna calls about invoice 42."
+    )
+    long = speakable_brief("word " * 200)
+    assert long is not None and len(long) <= MAX_BRIEF + 1 and long.endswith("word.")
