@@ -1,0 +1,75 @@
+"""A leg's first events may come before our application is subscribed to it, on the real
+Asterisk: the adapter creates and dials a leg with one request (the INVITE leaves with it,
+issue 8 section 4) and subscribes afterwards. A destination that answers 183 with SDP and never
+180 (as carriers do) is only seen through the `Dial` event's PROGRESS; when that 183 comes
+before the subscription it must still count (the transfer ends `no_answer`, not
+`unreachable` "it never rang", blaming the destination). The race is made deterministic by
+holding the daemon at the `before_subscribe` fault point until Asterisk has taken the 183."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import faults
+from bridge.lab.rtp import RtpPeer
+from bridge.lab.sipp import SippCall, SippUas
+from tests.support.daemon import start_daemon, wait_for
+from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
+
+pytestmark = pytest.mark.asterisk
+
+
+def _made_progress(lab: Any, leg: str) -> bool:
+    """Asterisk took the leg's 183: its dial logs "<channel> is making progress" (verbose 3,
+    the lab's messages.log)."""
+    status, channel = lab.ari("GET", f"/channels/{leg}")
+    if status != 200:
+        return False
+    log = Path(lab.instance_dir) / "log" / "messages.log"
+    return f"{channel['name']} is making progress" in log.read_text(errors="replace")
+
+
+async def test_a_183_before_the_leg_subscription_still_counts_as_ringing(
+    asterisk_lab: Any, tmp_path: Path
+) -> None:
+    daemon, api = await start_daemon(asterisk_lab, tmp_path)
+    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
+        uas = SippUas("uas_early_media.xml", rtp_port=dest_rtp.port)
+        await uas.start()
+        await setup_directory(api, uas, auth=False)
+        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
+        await caller.start()
+        try:
+            call = await active_call(api)
+            reached, release = faults.hold("before_subscribe")
+            await api.ok(
+                "POST",
+                f"/calls/{call['id']}/control",
+                {"type": "transfer", "destination": DESTINATION, "ring_timeout": 4},
+            )
+            await asyncio.wait_for(reached.wait(), 15)
+            transfer = (await api.ok("GET", f"/calls/{call['id']}"))["transfers"][-1]
+            leg = f"cbleg-{transfer['id']}"
+            # The 183 reaches Asterisk while the daemon is held before the subscription.
+            await wait_for(lambda: _made_progress(asterisk_lab, leg), "Asterisk to take the 183")
+            release.set()
+
+            done = await transfer_settled(api, call["id"])
+            last = done["transfers"][-1]
+            assert (last["state"], last["outcome"], last["sip_code"]) == (
+                "failed",
+                "no_answer",
+                None,
+            ), last
+            assert "transfer.progress" in [e["type"] for e in done["events"]]
+            assert done["status"] == "active"  # the caller is back with the assistant
+        finally:
+            faults.disarm()
+            await caller.terminate()
+            await uas.stop()
+            await api.close()
+            await daemon.stop()
