@@ -611,9 +611,11 @@ class AsteriskAdapter:
 
     async def _watch_leg(self, leg_id: str) -> None:
         """Subscribe our application to a leg originated outside it, then read its state:
-        what happened before the subscription (a 180, or the whole leg) is not lost. A leg
-        already gone is reported from what its hangup handler recorded. Never raises: the
-        leg is dialled; a watch that fails leaves the ring guard."""
+        what happened before the subscription is not lost. A 180 left the state Ringing, a
+        183 with SDP its media negotiated (`_early_media`), an answer brings the leg into
+        Stasis (its StasisStart reaches us in any case), and a leg already gone is reported
+        from what its hangup handler recorded. Never raises: the leg is dialled; a watch
+        that fails leaves the ring guard."""
         try:
             await self._raw(
                 "POST",
@@ -631,8 +633,26 @@ class AsteriskAdapter:
         except (PbxCommandFailed, PbxUnavailable) as exc:
             log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
             return
-        if (channel or {}).get("state") == "Ringing":
+        state = (channel or {}).get("state")
+        if state == "Ringing":
             await self._emit(LegRinging(leg_id))  # a repeat of its event is harmless
+        elif state == "Down" and await self._early_media(leg_id):
+            await self._emit(LegProgress(leg_id))  # likewise
+
+    async def _early_media(self, leg_id: str) -> bool:
+        """Whether a leg not answered nor ringing has its media negotiated: a 183 with SDP
+        came. That 183 changes no channel state (its only trace is the `Dial` event's
+        PROGRESS, lost when it comes before our subscription), but it gives the channel the
+        destination's media address: measured on 22.10.1, `CHANNEL(rtp,dest)` answers 500
+        until the destination's SDP arrives, then that address. A PJSIP leg only (a Local
+        leg, queue or dialplan target, answers 500: its early 183 is still missed)."""
+        try:
+            got = await self._call(
+                "GET", f"/channels/{leg_id}/variable", variable="CHANNEL(rtp,dest)"
+            )
+        except (PbxCommandFailed, ChannelGone, PbxUnavailable):
+            return False
+        return bool((got or {}).get("value"))
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
