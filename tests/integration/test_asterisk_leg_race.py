@@ -4,7 +4,8 @@ issue 8 section 4) and subscribes afterwards. A destination that answers 183 wit
 180 (as carriers do) is only seen through the `Dial` event's PROGRESS; when that 183 comes
 before the subscription it must still count (the transfer ends `no_answer`, not
 `unreachable` "it never rang", blaming the destination). The race is made deterministic by
-holding the daemon at the `before_subscribe` fault point until Asterisk has taken the 183."""
+holding the daemon at the `before_subscribe` fault point until Asterisk has taken the 183, or
+stopping it there (the next process subscribes at its connect)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def _made_progress(lab: Any, leg: str) -> bool:
     return f"{channel['name']} is making progress" in log.read_text(errors="replace")
 
 
+@pytest.mark.parametrize("how", ["held", "restarted"])
 async def test_a_183_before_the_leg_subscription_still_counts_as_ringing(
-    asterisk_lab: Any, tmp_path: Path
+    asterisk_lab: Any, tmp_path: Path, how: str
 ) -> None:
+    """`held`: the daemon subscribes late; `restarted`: it dies before subscribing and the
+    next process subscribes at its (re)connect."""
     daemon, api = await start_daemon(asterisk_lab, tmp_path)
     async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
         uas = SippUas("uas_early_media.xml", rtp_port=dest_rtp.port)
@@ -45,18 +49,30 @@ async def test_a_183_before_the_leg_subscription_still_counts_as_ringing(
         await caller.start()
         try:
             call = await active_call(api)
-            reached, release = faults.hold("before_subscribe")
+            if how == "held":
+                reached, release = faults.hold("before_subscribe")
+            else:
+                reached, release = faults.arm("before_subscribe"), None
+            # Long enough for a new daemon to be there before the ring timeout.
+            ring_timeout = 4 if how == "held" else 10
             await api.ok(
                 "POST",
                 f"/calls/{call['id']}/control",
-                {"type": "transfer", "destination": DESTINATION, "ring_timeout": 4},
+                {"type": "transfer", "destination": DESTINATION, "ring_timeout": ring_timeout},
             )
             await asyncio.wait_for(reached.wait(), 15)
             transfer = (await api.ok("GET", f"/calls/{call['id']}"))["transfers"][-1]
             leg = f"cbleg-{transfer['id']}"
-            # The 183 reaches Asterisk while the daemon is held before the subscription.
+            # The 183 reaches Asterisk before the subscription.
             await wait_for(lambda: _made_progress(asterisk_lab, leg), "Asterisk to take the 183")
-            release.set()
+            if release is not None:
+                release.set()
+            else:  # the daemon "dies" here; a new one takes over
+                assert daemon.calls is not None
+                await daemon.calls.stop()
+                await api.close()
+                await daemon.stop()
+                daemon, api = await start_daemon(asterisk_lab, tmp_path)
 
             done = await transfer_settled(api, call["id"])
             last = done["transfers"][-1]
@@ -67,6 +83,7 @@ async def test_a_183_before_the_leg_subscription_still_counts_as_ringing(
             ), last
             assert "transfer.progress" in [e["type"] for e in done["events"]]
             assert done["status"] == "active"  # the caller is back with the assistant
+            assert len(uas.received_requests("INVITE")) == 1
         finally:
             faults.disarm()
             await caller.terminate()

@@ -180,6 +180,7 @@ class AsteriskAdapter:
         live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
+        ringing: list[tuple[str, str | None]] = []  # legs not answered yet, and their state
         facts: list[LegFacts] = []
         for ch in channels:
             cid = ch["id"]
@@ -198,6 +199,7 @@ class AsteriskAdapter:
                     self._answered_legs.add(cid)
                 else:  # in case our application's subscription did not outlive us
                     await self._subscribe_again(cid)
+                    ringing.append((cid, ch.get("state")))
                 self._pending_legs.add(cid)
                 legs.append((cid, up))
                 facts.append(await self._leg_facts(cid, up))
@@ -219,6 +221,9 @@ class AsteriskAdapter:
         await self._emit(
             ConnectionRestored("", callers=tuple(callers), legs=tuple(legs), leg_facts=tuple(facts))
         )
+        # A 180 or 183 that came while we were away (the calls have resumed their transfers).
+        for cid, state in ringing:
+            await self._report_alive(cid, state)
 
     async def _leg_facts(self, leg: str, up: bool) -> LegFacts:
         """The leg's owner (its CALLBRIDGE_* variables)."""
@@ -633,11 +638,16 @@ class AsteriskAdapter:
         except (PbxCommandFailed, PbxUnavailable) as exc:
             log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
             return
-        state = (channel or {}).get("state")
+        await self._report_alive(leg_id, (channel or {}).get("state"))
+
+    async def _report_alive(self, leg_id: str, state: str | None) -> None:
+        """What a subscription made late may have missed of a leg not answered yet: a 180
+        (its state Ringing) or a 183 with SDP (`_early_media`). A repeat of an event already
+        seen is harmless (the transfer counts the first)."""
         if state == "Ringing":
-            await self._emit(LegRinging(leg_id))  # a repeat of its event is harmless
+            await self._emit(LegRinging(leg_id))
         elif state == "Down" and await self._early_media(leg_id):
-            await self._emit(LegProgress(leg_id))  # likewise
+            await self._emit(LegProgress(leg_id))
 
     async def _early_media(self, leg_id: str) -> bool:
         """Whether a leg not answered nor ringing has its media negotiated: a 183 with SDP
