@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 
 from bridge import faults
-from bridge.lab.rtp import RtpPeer
-from bridge.lab.sipp import SippCall, SippUas
 from tests.support.daemon import start_daemon, wait_for
-from tests.support.flows import DESTINATION, DID, active_call, setup_directory, transfer_settled
+from tests.support.flows import DESTINATION, LabCall, setup_directory, transfer_settled
 
 pytestmark = pytest.mark.asterisk
 
@@ -41,14 +39,12 @@ async def test_a_183_before_the_leg_subscription_still_counts_as_ringing(
     """`held`: the daemon subscribes late; `restarted`: it dies before subscribing and the
     next process subscribes at its (re)connect."""
     daemon, api = await start_daemon(asterisk_lab, tmp_path)
-    async with RtpPeer() as caller_rtp, RtpPeer() as dest_rtp:
-        uas = SippUas("uas_early_media.xml", rtp_port=dest_rtp.port)
-        await uas.start()
-        await setup_directory(api, uas, auth=False)
-        caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=60000)
-        await caller.start()
-        try:
-            call = await active_call(api)
+    try:
+        async with LabCall(asterisk_lab, api, "uas_early_media.xml") as lab_call:
+            assert lab_call.uas is not None
+            uas = lab_call.uas
+            await setup_directory(api, uas, auth=False)
+            call = await lab_call.dial(hold_ms=60000)
             if how == "held":
                 reached, release = faults.hold("before_subscribe")
             else:
@@ -84,9 +80,7 @@ async def test_a_183_before_the_leg_subscription_still_counts_as_ringing(
             assert "transfer.progress" in [e["type"] for e in done["events"]]
             assert done["status"] == "active"  # the caller is back with the assistant
             assert len(uas.received_requests("INVITE")) == 1
-        finally:
-            faults.disarm()
-            await caller.terminate()
-            await uas.stop()
-            await api.close()
-            await daemon.stop()
+    finally:
+        faults.disarm()
+        await api.close()
+        await daemon.stop()
