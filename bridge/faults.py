@@ -7,7 +7,10 @@ Never set in production. Two ways to arm a point:
   daemon run as `callbridge run`);
 - `arm(<point>)` from an in-process test: the coroutine that reaches the point stops there for
   good (nothing after it runs, as if the process had died), `reached(<point>)` is set, and
-  the test then stops the daemon and starts a new one.
+  the test then stops the daemon and starts a new one;
+- `hold(<point>)` from an in-process test: the coroutine that reaches the point waits there
+  until the test sets the returned `release` event, then goes on (a race made deterministic:
+  the PBX acts while the daemon is held, e.g. a 183 before the leg's subscription).
 
 Points (in the order a transfer passes them):
 - `before_originate`: the transfer is decided (and, with a message, recorded and announced);
@@ -29,6 +32,7 @@ import signal
 POINTS = ("before_originate", "before_subscribe", "after_originate", "before_record")
 _ENV = "CALLBRIDGE_TEST_FAULT"
 _armed: dict[str, asyncio.Event] = {}
+_held: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}
 
 
 def arm(point: str) -> asyncio.Event:
@@ -39,16 +43,31 @@ def arm(point: str) -> asyncio.Event:
     return event
 
 
+def hold(point: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """In-process tests: the next coroutine reaching `point` waits there until `release` is
+    set. Returns `(reached, release)`."""
+    assert point in POINTS, point
+    reached, release = _held[point] = (asyncio.Event(), asyncio.Event())
+    return reached, release
+
+
 def disarm() -> None:
     _armed.clear()
+    for _, release in _held.values():
+        release.set()
+    _held.clear()
 
 
 async def point(name: str) -> None:
     """A fault point: a no-op unless a test armed it."""
-    if not _armed and not os.environ.get(_ENV):
+    if not _armed and not _held and not os.environ.get(_ENV):
         return
     if os.environ.get(_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    held = _held.pop(name, None)
+    if held is not None:
+        held[0].set()
+        await held[1].wait()
     event = _armed.pop(name, None)
     if event is not None:
         event.set()

@@ -180,6 +180,7 @@ class AsteriskAdapter:
         live = {ch["id"] for ch in channels}
         callers: list[CallArrived] = []
         legs: list[tuple[str, bool]] = []
+        ringing: list[tuple[str, str | None]] = []  # legs not answered yet, and their state
         facts: list[LegFacts] = []
         for ch in channels:
             cid = ch["id"]
@@ -198,6 +199,7 @@ class AsteriskAdapter:
                     self._answered_legs.add(cid)
                 else:  # in case our application's subscription did not outlive us
                     await self._subscribe_again(cid)
+                    ringing.append((cid, ch.get("state")))
                 self._pending_legs.add(cid)
                 legs.append((cid, up))
                 facts.append(await self._leg_facts(cid, up))
@@ -219,6 +221,9 @@ class AsteriskAdapter:
         await self._emit(
             ConnectionRestored("", callers=tuple(callers), legs=tuple(legs), leg_facts=tuple(facts))
         )
+        # A 180 or 183 that came while we were away (the calls have resumed their transfers).
+        for cid, state in ringing:
+            await self._report_alive(cid, state)
 
     async def _leg_facts(self, leg: str, up: bool) -> LegFacts:
         """The leg's owner (its CALLBRIDGE_* variables)."""
@@ -611,9 +616,11 @@ class AsteriskAdapter:
 
     async def _watch_leg(self, leg_id: str) -> None:
         """Subscribe our application to a leg originated outside it, then read its state:
-        what happened before the subscription (a 180, or the whole leg) is not lost. A leg
-        already gone is reported from what its hangup handler recorded. Never raises: the
-        leg is dialled; a watch that fails leaves the ring guard."""
+        what happened before the subscription is not lost. A 180 left the state Ringing, a
+        183 with SDP its media negotiated (`_early_media`), an answer brings the leg into
+        Stasis (its StasisStart reaches us in any case), and a leg already gone is reported
+        from what its hangup handler recorded. Never raises: the leg is dialled; a watch
+        that fails leaves the ring guard."""
         try:
             await self._raw(
                 "POST",
@@ -631,8 +638,31 @@ class AsteriskAdapter:
         except (PbxCommandFailed, PbxUnavailable) as exc:
             log.warning("asterisk.leg_watch_failed", leg=leg_id, error=str(exc))
             return
-        if (channel or {}).get("state") == "Ringing":
-            await self._emit(LegRinging(leg_id))  # a repeat of its event is harmless
+        await self._report_alive(leg_id, (channel or {}).get("state"))
+
+    async def _report_alive(self, leg_id: str, state: str | None) -> None:
+        """What a subscription made late may have missed of a leg not answered yet: a 180
+        (its state Ringing) or a 183 with SDP (`_early_media`). A repeat of an event already
+        seen is harmless (the transfer counts the first)."""
+        if state == "Ringing":
+            await self._emit(LegRinging(leg_id))
+        elif state == "Down" and await self._early_media(leg_id):
+            await self._emit(LegProgress(leg_id))
+
+    async def _early_media(self, leg_id: str) -> bool:
+        """Whether a leg not answered nor ringing has its media negotiated: a 183 with SDP
+        came. That 183 changes no channel state (its only trace is the `Dial` event's
+        PROGRESS, lost when it comes before our subscription), but it gives the channel the
+        destination's media address: measured on 22.10.1, `CHANNEL(rtp,dest)` answers 500
+        until the destination's SDP arrives, then that address. A PJSIP leg only (a Local
+        leg, queue or dialplan target, answers 500: its early 183 is still missed)."""
+        try:
+            got = await self._call(
+                "GET", f"/channels/{leg_id}/variable", variable="CHANNEL(rtp,dest)"
+            )
+        except (PbxCommandFailed, ChannelGone, PbxUnavailable):
+            return False
+        return bool((got or {}).get("value"))
 
     async def connect(self, channel_id: str, leg_id: str) -> None:
         bid = await self._ensure_bridge(channel_id)
