@@ -76,7 +76,15 @@ async def returned(api: Api, call_id: str) -> dict[str, Any]:
     async def back() -> dict[str, Any] | None:
         data = await api.ok("GET", f"/calls/{call_id}")
         last = data["transfers"][-1]
-        return data if data["status"] == "active" and last["state"] == "returned" else None
+        kinds = [e["type"] for e in data["events"]]
+        attached = "transfer.returned" in kinds and (
+            "media.attached" in kinds[kinds.index("transfer.returned") :]
+        )  # the assistant's media is back, not only the record
+        return (
+            data
+            if data["status"] == "active" and last["state"] == "returned" and attached
+            else None
+        )
 
     return await wait_for(back, "the caller back with the assistant", timeout=20)
 
