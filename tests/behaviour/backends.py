@@ -34,6 +34,7 @@ from bridge.pbx.freeswitch.esl_client import EslClient
 from tests.support.daemon import Api, start_daemon, wait_for
 from tests.support.esl_server import FakeChannel, FakeEslServer
 from tests.support.flows import DESTINATION
+from tests.support.ports import unicast_ports
 from tests.support.tcp_proxy import TcpProxy
 
 HERE = Path(__file__).resolve().parent
@@ -561,8 +562,8 @@ class FreeswitchBackend(Backend):
             "gateway_dir": gateways,
             "reconnect_initial_delay": 0.2,
             "reconnect_max_delay": 1.0,
-            "unicast_port_min": 24000 + (os.getpid() % 50) * 20,
-            "unicast_port_max": 24019 + (os.getpid() % 50) * 20,
+            "unicast_port_min": unicast_ports(24000)[0],
+            "unicast_port_max": unicast_ports(24000)[1],
         }
         settings = Settings(
             database=self.tmp / "callbridge.sqlite3",

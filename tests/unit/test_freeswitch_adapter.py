@@ -45,6 +45,7 @@ from bridge.pbx.ports import (
 from bridge.trunks.reconciler import TrunkReconciler
 from tests.support.daemon import wait_for
 from tests.support.esl_server import DATA_DIR, FakeEslServer, capture_events, capture_messages
+from tests.support.ports import unicast_ports
 from tests.support.tcp_proxy import TcpProxy
 
 TRUNK = TrunkSpec("t1", "127.0.0.1", 5090, "udp", "user", "p&ss<word>", False)
@@ -83,7 +84,7 @@ async def _adapter(
         port,
         "pw",
         gateway_dir=gateway_dir,
-        unicast_ports=(25400, 25409),
+        unicast_ports=unicast_ports(25000),
         client_options={"backoff_initial": 0.05, "backoff_max": 0.2},
         **kw,  # type: ignore[arg-type]
     )
@@ -731,7 +732,7 @@ async def test_trunks_deleted_while_disconnected_are_removed_on_connect(
         server.port,
         "pw",
         gateway_dir=gw,
-        unicast_ports=(25400, 25409),
+        unicast_ports=unicast_ports(25000),
         client_options={"backoff_initial": 0.05, "backoff_max": 0.2},
         on_connected=connected,
     )
