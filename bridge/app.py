@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from typing import Any
 
@@ -15,10 +14,9 @@ from bridge.agent.providers import AgentProviders
 from bridge.api.ops import OpsContext
 from bridge.api.server import create_api_app
 from bridge.calls.admission import Admission, LoopLagMonitor
-from bridge.calls.service import CallService, trunk_spec
+from bridge.calls.service import CallService
 from bridge.calls.store import CallStore
 from bridge.config import Settings
-from bridge.directory.models import Trunk
 from bridge.directory.service import DirectoryService
 from bridge.log import configure_logging, get_logger
 from bridge.ops.metrics import Metrics
@@ -27,11 +25,12 @@ from bridge.ops.webhooks import WebhookService, WebhookWorker, outbox_statements
 from bridge.pbx.asterisk.adapter import AsteriskAdapter
 from bridge.pbx.asterisk.ari import AriClient
 from bridge.pbx.freeswitch.factory import build_freeswitch_adapter
-from bridge.pbx.ports import PbxAdapter
+from bridge.pbx.ports import PbxAdapter, TrunkSpec
 from bridge.sip import configure_uri_params
 from bridge.speech.tts import CachedTts, TtsProvider, assistant_phrases, make_tts
 from bridge.store.db import Database
 from bridge.trunks.reconciler import TrunkReconciler
+from bridge.trunks.spec import trunk_spec
 
 log = get_logger(__name__)
 
@@ -58,8 +57,12 @@ class Daemon:
         s = self.settings
         self.db = await Database.open(s.database)
         pbx = self._build_pbx()
+        trunks = self.trunks
+        assert trunks is not None
         self.directory = DirectoryService(
-            self.db, on_trunk_saved=self._trunk_saved, on_trunk_deleted=self._trunk_deleted
+            self.db,
+            on_trunk_saved=lambda t: trunks.push(trunk_spec(t)),
+            on_trunk_deleted=trunks.drop,
         )
         # speed: what assistants say word for word is synthesised once (TTS cache), when
         # the daemon starts and when an assistant is saved.
@@ -184,7 +187,11 @@ class Daemon:
     def _build_pbx(self) -> PbxAdapter:
         adapter = self._build_adapter()
         # The directory's trunks, brought to the PBX on every connect (and retried there).
-        self.trunks = TrunkReconciler(adapter, self._trunk_specs)
+        self.trunks = TrunkReconciler(
+            adapter,
+            self._desired_trunks,
+            connected=lambda: self.calls is not None and self.calls.connected,
+        )
         return adapter
 
     def _build_adapter(self) -> PbxAdapter:
@@ -256,42 +263,9 @@ class Daemon:
             cloud = {"base_url": t.base_url, "api_key": key, "model": t.model}
         return make_tts(t.engine, t.voice, sample_rate=8000, timeout=t.timeout, **cloud)
 
-    async def _trunk_specs(self) -> list[Any]:
+    async def _desired_trunks(self) -> list[TrunkSpec]:
         assert self.directory is not None
-        trunks = [
-            await self.directory.get_trunk_secret(t.id) for t in await self.directory.list_trunks()
-        ]
-        return [trunk_spec(t) for t in trunks]
-
-    async def _trunk_saved(self, trunk: Trunk) -> None:
-        assert self.calls is not None and self.directory is not None
-        if self.calls.connected:
-            secret = await self.directory.get_trunk_secret(trunk.id)
-            try:
-                async with self._trunk_lock():
-                    await self.calls.pbx.provision_trunk(trunk_spec(secret))
-            except Exception:
-                if self.trunks is None:
-                    raise
-                self.trunks.kick()  # retried in the background until the PBX takes it
-                raise
-        # Not connected: the reconciler provisions it on the next connect.
-
-    async def _trunk_deleted(self, trunk_id: str) -> None:
-        assert self.calls is not None
-        if self.calls.connected:
-            try:
-                async with self._trunk_lock():
-                    await self.calls.pbx.remove_trunk(trunk_id)
-            except Exception:
-                if self.trunks is None:
-                    raise
-                self.trunks.kick()
-                raise
-        # Not connected: the reconciler removes it (it is no longer in the directory).
-
-    def _trunk_lock(self) -> Any:
-        return self.trunks.lock if self.trunks is not None else contextlib.nullcontext()
+        return [trunk_spec(t) for t in await self.directory.list_trunks()]
 
     def _health(self) -> dict[str, Any]:
         connected = bool(self.calls and self.calls.connected)

@@ -12,7 +12,8 @@ Never set in production. Two ways to arm a point:
   until the test sets the returned `release` event, then goes on (a race made deterministic:
   the PBX acts while the daemon is held, e.g. a 183 before the leg's subscription).
 
-Points (in the order a transfer passes them):
+Points (in the order a call and its transfer pass them):
+- `before_answer`: the caller is taken (its session started), not yet answered;
 - `before_originate`: the transfer is decided (and, with a message, recorded and announced);
   nothing is sent to the PBX yet;
 - `before_subscribe`: Asterisk only: the leg is originated (INVITE sent, one request creates
@@ -29,7 +30,13 @@ import asyncio
 import os
 import signal
 
-POINTS = ("before_originate", "before_subscribe", "after_originate", "before_record")
+POINTS = (
+    "before_answer",
+    "before_originate",
+    "before_subscribe",
+    "after_originate",
+    "before_record",
+)
 _ENV = "CALLBRIDGE_TEST_FAULT"
 _armed: dict[str, asyncio.Event] = {}
 _held: dict[str, tuple[asyncio.Event, asyncio.Event]] = {}

@@ -41,7 +41,6 @@ from bridge.pbx.ports import (
     LegOutcome,
     PbxAdapter,
     PbxEvent,
-    TrunkSpec,
 )
 from bridge.speech.tts import TtsProvider
 
@@ -93,10 +92,6 @@ class CallService:
             await session.detach()
         await self.pbx.stop()
         await self.clock.close()
-
-    async def trunk_specs(self) -> list[TrunkSpec]:
-        """Every trunk as the PBX needs it; the adapter provisions them on each connect."""
-        return [trunk_spec(t) for t in await self.directory.list_trunks()]
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -352,15 +347,3 @@ class CallService:
                 raise NotFound(f"no call {call_id}", field="id")
             raise Conflict("the call has ended", field="id")
         return await session.command(command)
-
-
-def trunk_spec(trunk: Any) -> TrunkSpec:
-    return TrunkSpec(
-        id=trunk.id,
-        host=trunk.host,
-        port=trunk.port,
-        transport=trunk.transport,
-        username=trunk.username,
-        password=trunk.password.get_secret_value() if trunk.password else None,
-        register=trunk.registration,
-    )

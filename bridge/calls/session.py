@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from bridge import timing
+from bridge import faults, timing
 from bridge.calls import handback
 from bridge.calls.chain import ChainContext, launch, next_attempt, open_chain
 from bridge.calls.items import CommandEnvelope, LegAbandoned, Resume, SpeechDone, TimerFired
@@ -498,10 +498,18 @@ class CallSession:
 
     async def _greet(self) -> None:
         pbx = self.service.pbx
+        await faults.point("before_answer")
         try:
             await pbx.answer(self.call.channel_id)
         except ChannelGone:
             await self._end("caller hung up before answer")
+            return
+        except PbxUnavailable as exc:
+            # A short outage as the caller arrives: they still ring in the PBX. Answer on the
+            # `Resume` that follows the reconnect; the fallback if it does not come soon.
+            self.log.warning("call.answer_waiting_for_pbx", error=str(exc))
+            await self.record("call.answer_waiting", error=str(exc))
+            self._set_timer("media_wait", MEDIA_WAIT_S, self.call.id)
             return
         self.call.answered_at = utcnow()
         await self._persist(call=True, event=CallEvent("call.answered", utcnow()))
@@ -558,7 +566,9 @@ class CallSession:
 
     async def _on_media_wait(self) -> None:
         if not self.ended and self.media is None and self.call.status is CallStatus.ACTIVE:
-            await self._to_fallback("media could not be attached (the PBX stayed unreachable)")
+            what = "the caller" if self.call.answered_at is None else "media"
+            action = "answered" if self.call.answered_at is None else "attached"
+            await self._to_fallback(f"{what} could not be {action} (the PBX stayed unreachable)")
 
     def _on_audio(self, pcm: bytes) -> None:
         """Caller audio, 20 ms at a time, straight to the conversation."""
@@ -759,6 +769,10 @@ class CallSession:
             return
         if self.call.status is CallStatus.TRANSFERRED:  # no transfer known: nothing to keep
             await self._hangup("destination left while callbridge was disconnected")
+            return
+        if self.call.answered_at is None:  # the answer waited for the PBX
+            self._cancel_timer("media_wait")
+            await self._greet()
             return
         if self.media is None:  # a daemon restart (or media that waited for the PBX)
             self._cancel_timer("media_wait")

@@ -6,6 +6,7 @@ Asterisk's memory objects; provisioning is idempotent, so a changed trunk is sim
 again) and removes every trunk the PBX has from us that the directory no longer lists (deleted
 while the PBX was unreachable). A failed run is retried in the background with backoff; it
 never blocks the caller of `kick()`, so the call reconcile after a reconnect never waits on it.
+A trunk saved or deleted through the API reaches a connected PBX at once (`push`, `drop`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ class TrunkReconciler:
         pbx: TrunkPort,
         desired: Callable[[], Awaitable[list[TrunkSpec]]],
         *,
+        connected: Callable[[], bool] = lambda: True,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
     ) -> None:
         self.pbx = pbx
         self._desired = desired
+        self._connected = connected
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._dirty = False
@@ -56,6 +59,27 @@ class TrunkReconciler:
         self.settled.clear()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def push(self, spec: TrunkSpec) -> None:
+        """A trunk saved through the API, to the PBX now when it is connected; the error is the
+        saver's, and the trunk is then retried in the background until the PBX takes it.
+        Disconnected, the next connect's run provisions it."""
+        if self._connected():
+            await self._now(self.pbx.provision_trunk(spec))
+
+    async def drop(self, trunk_id: str) -> None:
+        """A trunk deleted through the API, as `push`; disconnected, the next run removes it
+        (no longer in the directory)."""
+        if self._connected():
+            await self._now(self.pbx.remove_trunk(trunk_id))
+
+    async def _now(self, change: Awaitable[None]) -> None:
+        try:
+            async with self.lock:  # never interleaved with a run
+                await change
+        except Exception:
+            self.kick()
+            raise
 
     async def close(self) -> None:
         if self._task is not None:

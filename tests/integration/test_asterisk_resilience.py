@@ -15,6 +15,7 @@ from typing import IO, Any
 import aiohttp
 import pytest
 
+from bridge import faults
 from bridge.lab.asterisk import free_port
 from bridge.lab.rtp import RtpPeer, dominant_frequency
 from bridge.lab.sipp import SippCall, SippUas
@@ -278,6 +279,9 @@ async def test_one_failed_request_on_reconnect_does_not_leave_the_daemon_half_co
         caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=3000)
         await caller.start()
         call = await active_call(api)
+        # Answered before the cut (the caller's 3 s hold starts at the answer; a caller cut
+        # off before it is the next test's case).
+        await heard_speech(caller_rtp, since=0)
         proxy.cut()
         await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
         injected = inject_failures(
@@ -311,6 +315,45 @@ async def test_one_failed_request_on_reconnect_does_not_leave_the_daemon_half_co
             return endpoint in await pjsip_endpoints(asterisk_lab)
 
         await wait_for(provisioned, "the trunk to be provisioned again", 15)
+
+
+async def test_a_caller_arriving_as_ari_drops_is_answered_after_the_reconnect(
+    asterisk_lab: Any, proxied: Any
+) -> None:
+    """The daemon takes the caller, then ARI drops before the answer: the caller still rings
+    in Asterisk, so the call waits and is answered and greeted after the reconnect (it was
+    recorded ended, "internal error", and the caller left ringing in Stasis)."""
+    proxy, daemon, api = proxied
+    reached, release = faults.hold("before_answer")
+    try:
+        async with RtpPeer() as caller_rtp:
+            await setup_directory(api, None)
+            caller = SippCall.to_lab(asterisk_lab, DID, rtp_port=caller_rtp.port, hold_ms=30000)
+            await caller.start()
+            await asyncio.wait_for(reached.wait(), 15)
+            proxy.cut()
+            await wait_for(lambda: not daemon.calls.connected, "the daemon to see the drop", 5)
+            release.set()
+            call = await active_call(api)
+
+            async def waiting() -> bool:
+                data = await api.ok("GET", f"/calls/{call['id']}")
+                return "call.answer_waiting" in [e["type"] for e in data["events"]]
+
+            await wait_for(waiting, "the answer to wait for the PBX")
+            assert caller_rtp.loud_since(0) is None  # not answered, not greeted yet
+            proxy.restore()
+            await heard_speech(caller_rtp, since=0)  # answered and greeted after it
+            data = await api.ok("GET", f"/calls/{call['id']}")
+            assert data["status"] == "active" and data["answered_at"] is not None, data
+            (only,) = (await api.ok("GET", "/calls"))["data"]  # one record for the caller
+            assert only["id"] == call["id"]
+            _, channels = asterisk_lab.ari("GET", "/channels")
+            (channel,) = [c for c in channels if c["id"] == data["channel_id"]]
+            assert channel["state"] == "Up"
+            await caller.terminate()
+    finally:
+        faults.disarm()
 
 
 async def test_trunks_deleted_while_disconnected_are_removed_on_reconnect(

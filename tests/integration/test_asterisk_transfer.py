@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from bridge.lab.asterisk import AsteriskLab
 from bridge.lab.rtp import RtpPeer, dominant_frequency, ringback_windows
 from bridge.lab.sipp import SippCall, SippUas
 from bridge.pbx.asterisk.ari import AriClient
@@ -128,14 +129,8 @@ async def test_greeting_then_api_transfer_through_trunk_bridges_both_ways(
         for kind in ("call.started", "call.answered", "transfer.requested", "transfer.completed"):
             assert kind in kinds, kinds
         assert final["end_reason"] == "caller hung up"
-
-        # Nothing is left behind in Asterisk: the call's bridge goes (released after the end
-        # is recorded, so wait for it rather than read it once).
-        async def bridge_gone() -> bool:
-            _, bridges = asterisk_lab.ari("GET", "/bridges")
-            return f"cb-{final['channel_id']}" not in {b["id"] for b in bridges}
-
-        await wait_for(bridge_gone, "the call's bridge to be deleted")
+        # Nothing is left behind in Asterisk: the call's bridge goes.
+        await bridge_deleted(asterisk_lab, final["channel_id"])
 
 
 @pytest.mark.parametrize(
@@ -435,8 +430,7 @@ async def test_destination_hanging_up_after_the_bridge_hangs_up_the_caller(
             final = await wait_for(ended, "the call to end")
             assert final["end_reason"] == "destination hung up"
             assert "transfer.destination_hung_up" in [e["type"] for e in final["events"]]
-            _, bridges = asterisk_lab.ari("GET", "/bridges")
-            assert f"cb-{final['channel_id']}" not in {b["id"] for b in bridges}
+            await bridge_deleted(asterisk_lab, final["channel_id"])
         finally:
             await caller.terminate()
             await uas.stop()
@@ -609,3 +603,14 @@ async def test_daemon_restart_during_a_transfer_never_leaves_endless_ringback(
             await api.close()
             await daemon.stop()
             await clean_up_call(asterisk_lab, call["channel_id"] if "call" in locals() else None)
+
+
+async def bridge_deleted(lab: AsteriskLab, channel_id: str) -> None:
+    """Wait for the call's bridge to go: it is released after the end is recorded, so a single
+    read right after that record races the release."""
+
+    async def gone() -> bool:
+        _, bridges = lab.ari("GET", "/bridges")
+        return f"cb-{channel_id}" not in {b["id"] for b in bridges}
+
+    await wait_for(gone, "the call's bridge to be deleted")

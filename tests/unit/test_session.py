@@ -664,3 +664,35 @@ async def test_a_failed_transfer_after_a_restart_during_an_outage_is_told_on_rec
     assert conversation.log[1] == ("result", TransferState.FAILED, CallStatus.ACTIVE, True)
     assert session.media is not None
     await until(lambda: env.settings.transfer.busy_message in env.tts.texts, "busy said")
+
+
+async def test_a_caller_the_outage_kept_from_answering_is_answered_after_it(env: CallEnv) -> None:
+    """ARI drops as the caller arrives: the answer fails with the PBX unreachable. The caller
+    still rings in the PBX, so the call waits for the reconnect and is answered and greeted
+    then (it was recorded ended with the caller left in Stasis)."""
+    env.pbx.fail["answer"] = [PbxUnavailable("ARI connection reset")]
+    await env.push(env.arrival())
+    session = env.service.routes["ch1"]
+    await until(lambda: _has_event(env, session.call.id, "call.answer_waiting"), "waiting")
+    assert session.call.status is CallStatus.ACTIVE and session.call.answered_at is None
+    assert env.pbx.verbs("continue_in_dialplan") == [] and env.pbx.verbs("hangup") == []
+    await env.push(ConnectionRestored("", callers=(env.arrival(),), legs=()))
+    await until(lambda: session.media is not None, "answered and attached after the reconnect")
+    assert len(env.pbx.verbs("answer")) == 2 and session.call.answered_at is not None
+    conversation = await until(lambda: env.conversations and env.conversations[0], "conv")
+    await until(lambda: conversation.log, "conversation started")
+    assert conversation.log == [("start", False)]  # greeted once, now
+
+
+async def test_a_caller_never_answered_for_the_outage_goes_to_the_fallback(env: CallEnv) -> None:
+    env.pbx.fail["answer"] = PbxUnavailable("ARI connection reset")
+    await env.push(env.arrival())
+    session = env.service.routes["ch1"]
+    await until(lambda: _has_event(env, session.call.id, "call.answer_waiting"), "waiting")
+    session.post(TimerFired("media_wait", session.call.id))
+    data = await env.wait_status(session.call.id, CallStatus.ENDED)
+    assert data["end_reason"] == (
+        "the caller could not be answered (the PBX stayed unreachable): "
+        "sent to the dialplan fallback"
+    )
+    assert [v[0] for v in env.pbx.verbs("continue_in_dialplan")] == ["ch1"]

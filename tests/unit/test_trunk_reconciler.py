@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bridge.errors import PbxUnavailable
 from bridge.pbx.ports import TrunkSpec
 from bridge.trunks.reconciler import TrunkReconciler
@@ -101,3 +103,38 @@ async def test_a_trunk_saved_during_a_run_is_not_taken_for_a_stale_one() -> None
     await TrunkReconciler(pbx, directory).run_once()
     assert "remove new" not in pbx.calls
     assert pbx.present == {"new"}
+
+
+async def test_a_saved_or_deleted_trunk_reaches_a_connected_pbx_at_once() -> None:
+    pbx = FakePbx(present={"old"})
+    connected = True
+    desired = [spec("new")]
+
+    async def directory() -> list[TrunkSpec]:
+        return desired
+
+    reconciler = TrunkReconciler(pbx, directory, connected=lambda: connected)
+    await reconciler.push(spec("new"))
+    await reconciler.drop("old")
+    assert pbx.calls == ["provision new", "remove old"] and pbx.present == {"new"}
+    assert reconciler.runs == 0  # no run was needed
+
+    connected = False  # the next connect's run does it: nothing is sent meanwhile
+    await reconciler.push(spec("later"))
+    await reconciler.drop("new")
+    assert pbx.calls == ["provision new", "remove old"]
+
+
+async def test_a_push_the_pbx_refuses_fails_the_save_and_is_retried_until_taken() -> None:
+    pbx = FakePbx(present=set())
+    pbx.fail_provision = {"t": 2}
+
+    async def directory() -> list[TrunkSpec]:
+        return [spec("t")]
+
+    reconciler = TrunkReconciler(pbx, directory, retry_initial=0.001, retry_max=0.01)
+    with pytest.raises(PbxUnavailable):  # the save sees the PBX's refusal
+        await reconciler.push(spec("t"))
+    await asyncio.wait_for(reconciler.settled.wait(), 5)  # the background run took it
+    assert pbx.present == {"t"} and pbx.calls.count("provision t") == 3
+    await reconciler.close()
