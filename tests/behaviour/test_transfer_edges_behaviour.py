@@ -15,15 +15,9 @@ from typing import Any
 from tests.behaviour import test_pbx_behaviour as suite
 from tests.behaviour.backends import Backend
 from tests.behaviour.test_handback_behaviour import bridged_call
+from tests.support import flows
 from tests.support.daemon import Api, wait_for
-from tests.support.flows import (
-    DESTINATION,
-    DID,
-    active_call,
-    setup_directory,
-    transfer_in_state,
-    transfer_settled,
-)
+from tests.support.flows import DESTINATION, DID, active_call, setup_directory
 
 api = suite.api  # the suite's daemon per test, its calls ended afterwards
 
@@ -39,7 +33,7 @@ async def ringing_transfer(
     await caller.heard_speech(since=0)
     body = {"type": "transfer", "destination": DESTINATION, "ring_timeout": ring_timeout}
     await api.ok("POST", f"/calls/{call['id']}/control", body)
-    await transfer_in_state(api, call["id"], "ringing")
+    await flows.transfer_in_state(api, call["id"], "ringing")
     await wait_for(lambda: suite._is(dest.invited()), "the INVITE at the destination", 10)
     return dest, caller, call
 
@@ -74,7 +68,7 @@ async def test_ring_guard_fails_a_transfer_the_pbx_never_reports(
     backend.lose_leg_reports(backend.daemon)  # type: ignore[attr-defined]
     body = {"type": "transfer", "destination": DESTINATION, "ring_timeout": 1}
     await api.ok("POST", f"/calls/{call['id']}/control", body)
-    done = await transfer_settled(api, call["id"], timeout=25)
+    done = await flows.transfer_settled(api, call["id"], timeout=25)
     settled_at = caller.mark()
     transfer = done["transfers"][-1]
     assert (transfer["state"], transfer["outcome"]) == ("failed", "failed"), transfer
@@ -133,7 +127,7 @@ async def test_restart_while_the_destination_rings_never_leaves_endless_ringback
     await wait_for(taken_over, "the new process to take the call over", 15)
     assert (await api.ok("GET", f"/calls/{call['id']}"))["transfers"][-1]["state"] == "ringing"
     await backend.ring_out(dialing["leg"])
-    done = await transfer_settled(api, call["id"])
+    done = await flows.transfer_settled(api, call["id"])
     settled_at = caller.mark()
     last = done["transfers"][-1]
     assert (last["state"], last["outcome"]) == ("failed", "no_answer"), last
