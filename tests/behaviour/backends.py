@@ -472,6 +472,33 @@ class Backend:
         the PBX."""
         raise NotImplementedError
 
+    async def ring_out(self, leg: str) -> None:
+        """The destination's ring time runs out in the PBX: it ends the ringing leg with
+        NO_ANSWER (Q.850 19), as its own ring timeout does, at a moment the test chooses."""
+        raise NotImplementedError
+
+    def lose_leg_reports(self, daemon: Daemon) -> None:
+        """From now on, everything the adapter reports about transfer legs (ringing, answer,
+        failure, hangup) is lost before the call service sees it: the ring guard's case. The
+        same cut on every PBX (the adapter's event sink), so no PBX-side poll of the leg's
+        state slips through on one and not on another."""
+        assert daemon.calls is not None
+        adapter = daemon.calls.pbx
+        deliver = adapter._sink
+
+        async def lossy(event: Any) -> None:
+            if not str(getattr(event, "channel_id", "")).startswith("cbleg-"):
+                await deliver(event)
+
+        adapter._sink = lossy
+
+    async def _proxy_to(self, host: str, port: int) -> TcpProxy:
+        """A fresh cuttable proxy to the PBX (a restarted daemon's; the old one is closed)."""
+        if self.proxy is not None:
+            await self.proxy.close()
+        self.proxy = await TcpProxy(host, port).start()
+        return self.proxy
+
     async def close(self) -> None:
         for thing in reversed(self._closers):
             await thing.close()
@@ -487,8 +514,8 @@ class AsteriskBackend(Backend):
         self.lab = lab
 
     async def start_daemon(self) -> tuple[Daemon, Api]:
-        self.proxy = await TcpProxy("127.0.0.1", self.lab.http_port).start()
-        return await start_daemon(self.lab, self.tmp, ari_url=self.proxy.url)
+        proxy = await self._proxy_to("127.0.0.1", self.lab.http_port)
+        return await start_daemon(self.lab, self.tmp, ari_url=proxy.url)
 
     async def caller(self, number: str, hold_ms: int = 60000) -> SipCaller:
         sip = (self.lab.host, self.lab.sip_port)
@@ -508,6 +535,11 @@ class AsteriskBackend(Backend):
             b["id"] for b in bridges if "cbleg-" in b["id"]
         ]
 
+    async def ring_out(self, leg: str) -> None:
+        params = {"reason": "no_answer"}
+        status, _ = await asyncio.to_thread(self.lab.ari, "DELETE", f"/channels/{leg}", params)
+        assert status == 204, status
+
     async def close(self) -> None:
         await super().close()
         # Backstop: a channel left in the lab would be adopted by the next test's daemon.
@@ -524,9 +556,16 @@ class FreeswitchBackend(Backend):
         self.real = real
         self.server: FakeEslServer | None = None
         self.sip: tuple[str, int] = ("127.0.0.1", 15060)
+        self._found: tuple[str, int, str, Path] | None = None
 
     async def _target(self) -> tuple[str, int, str, Path]:
-        """ESL host, port, password and the gateway directory the sofia profile includes."""
+        """ESL host, port, password and the gateway directory the sofia profile includes;
+        the same PBX (the same fake) for a daemon restarted within the test."""
+        if self._found is None:
+            self._found = await self._find_target()
+        return self._found
+
+    async def _find_target(self) -> tuple[str, int, str, Path]:
         if self.real is None:
             self.server = FakeEslServer("callbridge-test")
             await self.server.start()
@@ -552,7 +591,7 @@ class FreeswitchBackend(Backend):
 
     async def start_daemon(self) -> tuple[Daemon, Api]:
         host, port, password, gateways = await self._target()
-        self.proxy = await TcpProxy(host, port).start()
+        await self._proxy_to(host, port)
         configure_logging("console", "debug")
         fs = {
             "host": "127.0.0.1",
@@ -589,30 +628,33 @@ class FreeswitchBackend(Backend):
             return self.track(await FakeDestination(self.server, outcome).start())
         return self.track(await SipDestination(outcome, free_port()).start())
 
+    async def _real_api(self, command: str) -> str:
+        """One API command to the real FreeSWITCH, on a connection of its own."""
+        assert self.real is not None
+        host, port, password = self.real.split(":", 2)
+        esl = EslClient(host, int(port), password, reconnect=False)
+        await esl.connect()
+        try:
+            return await esl.api(command)
+        finally:
+            await esl.close()
+
     async def drop_caller(self, channel_id: str) -> None:
         if self.server is not None:
             await self.server.hangup(channel_id)
             return
-        assert self.real is not None
-        host, port, password = self.real.split(":", 2)
-        esl = EslClient(host, int(port), password, reconnect=False)
-        await esl.connect()
-        try:
-            assert (await esl.api(f"uuid_kill {channel_id}")).startswith("+OK")
-        finally:
-            await esl.close()
+        assert (await self._real_api(f"uuid_kill {channel_id}")).startswith("+OK")
+
+    async def ring_out(self, leg: str) -> None:
+        if self.server is not None:
+            await self.server.hangup(leg, "NO_ANSWER")
+            return
+        assert (await self._real_api(f"uuid_kill {leg} NO_ANSWER")).startswith("+OK")
 
     async def legs_left(self) -> list[str]:
         if self.server is not None:
             return [u for u in self.server.channels if u.startswith("cbleg-")]
-        assert self.real is not None
-        host, port, password = self.real.split(":", 2)
-        esl = EslClient(host, int(port), password, reconnect=False)
-        await esl.connect()
-        try:
-            listed = await esl.api("show channels as json")
-        finally:
-            await esl.close()
+        listed = await self._real_api("show channels as json")
         return re.findall(r'"uuid":"(cbleg-[^"]+)"', listed)
 
 

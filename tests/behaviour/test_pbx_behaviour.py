@@ -36,15 +36,15 @@ from tests.support.flows import (
 @pytest.fixture
 async def api(backend: Backend) -> AsyncIterator[Api]:
     daemon, client = await backend.start_daemon()
-    backend.daemon = daemon  # type: ignore[attr-defined]
+    backend.daemon, backend.api = daemon, client  # type: ignore[attr-defined]
     try:
         yield client
     finally:
-        try:
-            await _end_calls(client)
+        try:  # the daemon of the moment: a test may have restarted it
+            await _end_calls(backend.api)  # type: ignore[attr-defined]
         finally:
-            await client.close()
-            await daemon.stop()
+            await backend.api.close()  # type: ignore[attr-defined]
+            await backend.daemon.stop()  # type: ignore[attr-defined]
 
 
 async def _end_calls(api: Api) -> None:
