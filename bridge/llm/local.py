@@ -105,7 +105,7 @@ _PROBLEM = re.compile(
 # Asking about prices or wanting to buy goes to the one destination for prices or sales.
 _BUYING = re.compile(
     r"\b(how much|price\w*|pricing|cost\w*|quote\w*|discount\w*|buy\w*|purchas\w*|"
-    r"order\w*|subscri\w*|sign up)\b"
+    r"order\w*|subscri\w*|sign up|upgrad\w*|switch(ing)?\b(?! (me|it|on|off)\b))\b"
 )
 _SALES_DEST = re.compile(
     r"\b(sales|pric\w*|quotes?|buy\w*|purchas\w*|orders?|shop|subscriptions?)\b"
@@ -147,13 +147,54 @@ _PROCEDURE = re.compile(
 # A need the caller states ("I need to...", "I lost...", "my X wasn't..."): a request (8d).
 # Wanting to know or ask something is no need for a destination.
 _NEED = re.compile(
-    r"(^|[.,;!]\s*|\band\s+|\bso\s+)(i|we) (really |just |urgently )?(need|want|would like|"
-    r"'d like|have to|must)\b(?! to (know|ask|find out|check|understand|hear)\b)"
+    r"(^|[.,;!]\s*|\band\s+|\bso\s+|\bthen\s+)(i|we) (really |just |urgently )?"
+    r"(need|want|would like|'d like|have to|must)\b"
+    r"(?! to (know|ask|find out|check|understand|hear)\b)"
     r"(?! (some )?(info\w*|details|advice)\b)|"
     r"\band need to\b|"
     r"^(i|we) ('ve |have )?(lost|misplaced)\b|^(i|we) (can'?t|cannot) find\b|"
     r"^(my|our) \w+( \w+)? (wasn'?t|weren'?t|didn'?t|hasn'?t|haven'?t|was not|were not|"
-    r"did not|has not|have not|never)\b"
+    r"did not|has not|have not|never)\b|"
+    # the caller's own situation now (9h): "I smell gas", "my meter display is blank"
+    r"^(i|we) (can )?(smell|hear|see|have no|don'?t have|haven'?t got)\b|"
+    r"^(my|our) (?!(\w+ )?(name|number|address|e-?mail|postcode|date of birth)\b)"
+    r"[a-z]+( [a-z]+){0,2} (is|are|keeps?|isn'?t|aren'?t|stopped|has stopped) "
+)
+# Asking to do what a destination does, as a question ("can I sign up for ...?", "could we
+# order ...?"): a request, as "I want to sign up" is (9i), unless asked how or where (9c).
+_ASK_TO_DO = re.compile(
+    r"^(can|could|may) (i|we) (please )?(sign up|subscribe|order|buy|purchase|book|switch|"
+    r"upgrade|downgrade|cancel|change|get a quote)\b"
+)
+# A question whose subject is a team ("does the solar team also do...?", "what does billing
+# handle?", "is sales open on Saturday?", "can your fault line help with...?") asks about the
+# team, not for it (9e). The subject is the first words after the verb.
+_SUBJECT = re.compile(
+    r"^(?:(?:what|which|when|where|who|why|how(?: much| long| late| early)?) )?"
+    r"(?:do|does|did|is|are|was|were|will|would|can|could|should|has|have)\s+"
+    r"(?:the |your |you guys'? )?(?P<first>[a-z]+)"
+)
+# A yes/no question about a thing, not about the caller or a request ("does the TV package
+# include sports?", "are refunds paid into my account?") asks for information (9f).
+_THING_QUESTION = re.compile(
+    r"^(do|does|did|is|are|was|were|will|would|has|have)\s+(?!(i|we|you|me|it|this|that|"
+    r"there|someone|somebody|anyone|anybody)\b)[a-z]"
+)
+# Statements that are no request (9g): what the caller already did ("I already paid my bill"),
+# unless a "but", "still" or "again" follows; what happened to someone else ("my neighbour had
+# a power cut yesterday", "my neighbour has solar panels"), unless they need or want something.
+_ALREADY = re.compile(r"^(i|we)( have|'ve| had|'d)? already\b")
+_STILL = re.compile(r"\b(but|still|again|yet|now|and|because)\b")
+_OTHERS = re.compile(
+    r"^(my|our) (neighbou?rs?|friends?|sister|brother|mother|father|mum|mom|dad|parents|son|"
+    r"daughter|colleagues?|landlord|tenants?)\b"
+)
+_OTHERS_PAST_OR_HAVING = re.compile(
+    r"\b(had|was|were|did|got|went|yesterday|last (week|month|night|year)|used to)\b|"
+    r"^\w+ \w+ (has|have) (?!no\b|not\b|a (problem|fault|leak)\b)"
+)
+_OTHERS_NEED = re.compile(
+    r"\b(needs?|wants?|would like|asked me|has to|have to|for (him|her|them))\b"
 )
 _YES = re.compile(
     r"^(yes|yeah|yep|sure|ok(ay)?|please|yes please|please do|go ahead|"
@@ -276,6 +317,48 @@ def _human_destination(choices: dict[str, str]) -> str | None:
     return None
 
 
+def _about_team(said: str, choices: dict[str, str]) -> str | None:
+    """The one destination a question is about, as its subject (9e): "does the solar team also
+    do heat pumps?", "what does billing handle?", "can your fault line help with...?"."""
+    m = _SUBJECT.match(said)
+    if m is None:
+        return None
+    hits = [k for k, d in choices.items() if _names([m.group("first")], _name_words(d))]
+    return hits[0] if len(hits) == 1 else None
+
+
+_CUES = ((_PROBLEM, _TROUBLE_DEST), (_PAYING, _PAYING_DEST), (_BUYING, _SALES_DEST))
+
+
+def _cued(
+    said: str, choices: dict[str, str], human: str | None, scores: dict[str, float]
+) -> str | None:
+    """The destination for a stated problem, payment or purchase (rule 9): the one whose
+    description says so; of several, the one most similar to the caller's words ("how much is
+    your fastest internet?": "Sales - new subscriptions", not "Moving service - ... your
+    subscription"). Person-like destinations are not candidates."""
+    for cue, dest in _CUES:
+        if not cue.search(said):
+            continue
+        found = [k for k, d in choices.items() if k != human and dest.search(d.lower())]
+        if found:
+            return max(found, key=lambda k: scores.get(k, 0.0))
+    return None
+
+
+def _not_a_request(said: str, question: bool) -> bool:
+    """A statement of what the caller already did or what happened to someone else (9g)."""
+    if question:
+        return False
+    if _ALREADY.search(said):
+        return not _STILL.search(said)
+    return bool(
+        _OTHERS.search(said)
+        and _OTHERS_PAST_OR_HAVING.search(said)
+        and not _OTHERS_NEED.search(said)
+    )
+
+
 class LocalRouter:
     """Offline deterministic assistant behind the `LlmProvider` interface."""
 
@@ -350,7 +433,10 @@ class LocalRouter:
             if human is not None:
                 return Route("transfer", human, rule="complaint")
             return Route("clarify", rule="complaint, no person to transfer to")
-        if _HUMAN_ASK.search(said):
+        if _not_a_request(said, ctx.question):
+            return Route("clarify", rule="not a request")
+        explicit = bool(_EXPLICIT.search(said))
+        if _HUMAN_ASK.search(said) and (explicit or _about_team(said, choices) is None):
             # "someone in billing" is a billing request; "a human, please" is not.
             rest = _HUMAN_ASK.sub(" ", said)
             rest_words = re.findall(r"[a-z']+", rest)
@@ -401,12 +487,18 @@ class LocalRouter:
         general = float(topics.max())
         best_dest = float(dest.max()) if len(keys) else -1.0
         explicit = bool(_EXPLICIT.search(said) or _PLEASE.search(said))
-        # A stated need whose destination is sound outranks a fact on the same topic (8d).
-        need = bool(_NEED.search(said)) and not ctx.question and best_dest >= self.min_score
+        # A stated need whose destination is sound outranks a fact on the same topic (8d), and
+        # so does asking to do what a destination does ("can I sign up for...?", 8f).
+        cued = _cued(said, choices, human, dict(zip(keys, map(float, dest), strict=True)))
+        need = (best_dest >= self.min_score or cued is not None) and (
+            (bool(_NEED.search(said)) and not ctx.question)
+            or (bool(_ASK_TO_DO.search(said)) and not self._procedural(said))
+        )
         # "Can I get billing?" asks for a destination by name, as "billing please" does.
         asking = explicit or bool(_AVAILABILITY.search(said))
+        about = None if explicit else _about_team(said, choices)
         named = self._named(words, choices, request=asking or len(_words(said) - _FILLERS) <= 2)
-        if named is not None and not _BUSINESS_QUESTION.search(said):
+        if named is not None and about is None and not _BUSINESS_QUESTION.search(said):
             return named
         answer: Route | None = None  # the closest entry, for a question we cannot transfer
         if len(knowledge):
@@ -430,23 +522,19 @@ class LocalRouter:
                 )
                 if kscore[i] >= best_dest and not need:
                     return answer
+        if about is not None:  # asked about a team: its answer, else offered, never transferred
+            return answer or Route("offer", about, rule="question about a team")
         if not keys:
             return self._unanswered(ctx, human, "no destinations")
         order = np.argsort(-dest)
         margin = best_dest - float(dest[order[1]]) if len(keys) > 1 else best_dest
-        if _BUSINESS_QUESTION.search(said) and not _EXPLICIT.search(said):
+        thing = bool(_THING_QUESTION.search(said)) and not _PROBLEM.search(said) and not need
+        if (_BUSINESS_QUESTION.search(said) or thing) and not _EXPLICIT.search(said):
             return answer or self._unanswered(ctx, human, "business question", best_dest, margin)
         if ctx.question and self._procedural(said):
             return answer or self._unanswered(ctx, human, "procedural question", best_dest, margin)
-        trouble = [k for k in keys if k != human and _TROUBLE_DEST.search(choices[k].lower())]
-        if _PROBLEM.search(said) and len(trouble) == 1:
-            return Route("transfer", trouble[0], rule="problem")
-        paying = [k for k in keys if k != human and _PAYING_DEST.search(choices[k].lower())]
-        if _PAYING.search(said) and len(paying) == 1:
-            return Route("transfer", paying[0], rule="paying")
-        selling = [k for k in keys if k != human and _SALES_DEST.search(choices[k].lower())]
-        if _BUYING.search(said) and len(selling) == 1:
-            return Route("transfer", selling[0], rule="buying")
+        if cued is not None:
+            return Route("transfer", cued, rule="cue word")
         if _AVAILABILITY.search(said) and not _EXPLICIT.search(said):
             return answer or self._unanswered(
                 ctx, human, "availability question", best_dest, margin
