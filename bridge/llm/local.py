@@ -330,19 +330,13 @@ def _about_team(said: str, choices: dict[str, str]) -> str | None:
 _CUES = ((_PROBLEM, _TROUBLE_DEST), (_PAYING, _PAYING_DEST), (_BUYING, _SALES_DEST))
 
 
-def _cued(
-    said: str, choices: dict[str, str], human: str | None, scores: dict[str, float]
-) -> str | None:
-    """The destination for a stated problem, payment or purchase (rule 9): the one whose
-    description says so; of several, the one most similar to the caller's words ("how much is
-    your fastest internet?": "Sales - new subscriptions", not "Moving service - ... your
-    subscription"). Person-like destinations are not candidates."""
+def _cued(said: str, choices: dict[str, str], human: str | None) -> str | None:
+    """The one destination for a stated problem, payment or purchase (rule 9): the only one
+    whose description says so (person-like destinations are not candidates; of two, none)."""
     for cue, dest in _CUES:
-        if not cue.search(said):
-            continue
         found = [k for k, d in choices.items() if k != human and dest.search(d.lower())]
-        if found:
-            return max(found, key=lambda k: scores.get(k, 0.0))
+        if cue.search(said) and len(found) == 1:
+            return found[0]
     return None
 
 
@@ -489,7 +483,7 @@ class LocalRouter:
         explicit = bool(_EXPLICIT.search(said) or _PLEASE.search(said))
         # A stated need whose destination is sound outranks a fact on the same topic (8d), and
         # so does asking to do what a destination does ("can I sign up for...?", 8f).
-        cued = _cued(said, choices, human, dict(zip(keys, map(float, dest), strict=True)))
+        cued = _cued(said, choices, human)
         need = (best_dest >= self.min_score or cued is not None) and (
             (bool(_NEED.search(said)) and not ctx.question)
             or (bool(_ASK_TO_DO.search(said)) and not self._procedural(said))
