@@ -35,6 +35,14 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
 8d. a stated need ("I need to...", "I want to...", "I lost...", "my X wasn't...") that is not
    a question and whose destination is sound (>= `min_score`) outranks a knowledge entry (6)
    and the general topics (8): a fact on the same topic does not answer a request (rule 9d);
+8e. a question whose subject is a destination ("does the solar team also do...?", "what does
+   billing handle?") asks about it: its knowledge entry, else an offer of it (rule 9e);
+8f. a yes/no question about a thing ("does the package include...?") is handled as in 8
+   unless it states a problem or a need (rule 9f);
+8g. what the caller already did ("I already paid") or what happened to someone else ("my
+   neighbour had a power cut") is no request: a question (rule 9g);
+8h. the caller's own situation now ("I smell gas", "my meter display is blank") and asking to
+   sign up, order, upgrade... as a question are needs as in 8d (rules 9h, 9i);
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;
