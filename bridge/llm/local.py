@@ -95,7 +95,8 @@ _HUMAN_DEST = re.compile(
 )
 _COMPLAINT = re.compile(
     r"\b(complain\w*|escalat\w*|unacceptable|manager|supervisor|outrageous|disgusted|"
-    r"furious|very unhappy|so unhappy|terrible service)\b"
+    r"furious|very unhappy|so unhappy|not happy|terrible service|rude|ridiculous|fed up|"
+    r"dissatisfied|disappointed|appalling|disgrace\w*|shocking)\b"
 )
 # Asking to be put through: with a destination's name it is a transfer.
 _EXPLICIT = re.compile(
@@ -178,7 +179,7 @@ _ASK_TO_DO = re.compile(
 # handle?", "is sales open on Saturday?", "can your fault line help with...?") asks about the
 # team, not for it (9e). The subject is the first words after the verb.
 _SUBJECT = re.compile(
-    r"^(?:(?:what|which|when|where|who|why|how(?: much| long| late| early)?) )?"
+    r"^(?:(?:what|which|when|where|who|why|how(?: much| long| late| early| many)?)(?: \w+)? )?"
     r"(?:do|does|did|is|are|was|were|will|would|can|could|should|has|have)\s+"
     r"(?:the |your |you guys'? )?(?P<first>[a-z]+)"
 )
@@ -191,8 +192,22 @@ _THING_QUESTION = re.compile(
 # Statements that are no request (9g): what the caller already did ("I already paid my bill"),
 # unless a "but", "still" or "again" follows; what happened to someone else ("my neighbour had
 # a power cut yesterday", "my neighbour has solar panels"), unless they need or want something.
-_ALREADY = re.compile(r"^(i|we)( have|'ve| had|'d)? already\b")
-_STILL = re.compile(r"\b(but|still|again|yet|now|and|because)\b")
+_ALREADY = re.compile(
+    r"^(i|we)( have|'ve| had|'d)? already\b|"
+    r"\b(yesterday|last (night|week|month|year)|(days|weeks|months|years) ago)\b"
+)
+# Wanting to know ("I was wondering about your tariffs", "I'd like to know ...") asks for
+# information, as a question does (9j).
+_WONDER = re.compile(
+    r"^(i was|i'm|i am|we were|we are) (just )?wondering\b"
+    r"(?! (if|whether) (i|we) (could|can|may)\b)|"
+    r"^(i|we)( just)?( want| would like|'d like) to (know|ask|find out)\b"
+)
+_STILL = re.compile(
+    r"\b(but|still|again|yet|now|and|because|charged|overcharged|billed|twice|double|wrong\w*|"
+    r"missing|never|not|no|\w+n't|accident|crash\w*|stolen|lost|flood\w*|leak\w*|fire|"
+    r"smell\w*|hurt|injur\w*)\b"
+)
 _OTHERS = re.compile(
     r"^(my|our) (neighbou?rs?|friends?|sister|brother|mother|father|mum|mom|dad|parents|son|"
     r"daughter|colleagues?|landlord|tenants?)\b"
@@ -353,7 +368,7 @@ def _not_a_request(said: str, question: bool) -> bool:
     if question:
         return False
     if _ALREADY.search(said):
-        return not _STILL.search(said)
+        return not (_STILL.search(said) or _PROBLEM.search(said) or _NEED.search(said))
     return bool(
         _OTHERS.search(said)
         and _OTHERS_PAST_OR_HAVING.search(said)
@@ -530,7 +545,8 @@ class LocalRouter:
             return self._unanswered(ctx, human, "no destinations")
         order = np.argsort(-dest)
         margin = best_dest - float(dest[order[1]]) if len(keys) > 1 else best_dest
-        thing = bool(_THING_QUESTION.search(said)) and not _PROBLEM.search(said) and not need
+        thing = bool(_THING_QUESTION.search(said) or _WONDER.search(said))
+        thing = thing and not _PROBLEM.search(said) and not need
         if (_BUSINESS_QUESTION.search(said) or thing) and not _EXPLICIT.search(said):
             return answer or self._unanswered(ctx, human, "business question", best_dest, margin)
         if ctx.question and self._procedural(said):
