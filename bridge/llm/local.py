@@ -39,10 +39,11 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
    billing handle?") asks about it: its knowledge entry, else an offer of it (rule 9e);
 8f. a yes/no question about a thing ("does the package include...?") is handled as in 8
    unless it states a problem or a need (rule 9f);
-8g. what the caller already did ("I already paid") or what happened to someone else ("my
-   neighbour had a power cut") is no request: a question (rule 9g);
+8g. what the caller already did ("I already paid", "I paid last week") or what happened to
+   someone else ("my neighbour had a power cut") is no request: a question (rule 9g);
 8h. the caller's own situation now ("I smell gas", "my meter display is blank") and asking to
    sign up, order, upgrade... as a question are needs as in 8d (rules 9h, 9i);
+8i. "I was wondering about..." / "I'd like to know..." is a question, handled as in 8 (9j);
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;

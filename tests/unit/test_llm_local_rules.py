@@ -334,12 +334,14 @@ async def test_what_was_already_done_or_happened_to_others_is_no_request(
         "We've already sent the payment",
         "My brother had a billing problem last year",
         "My neighbour has the same thermostat",
+        "I paid the invoice last week",
     ]:
         _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
         assert intents == [], said
     for said in [
         "I already paid the invoice but I was charged again",
         "My mother needs a copy of her invoice",
+        "I was charged twice last week",
     ]:
         _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
         assert [i.destination_key for i in intents] == ["billing_department"], said  # type: ignore[union-attr]
@@ -360,3 +362,23 @@ async def test_the_callers_own_situation_and_asking_to_sign_up_are_needs(
         assert [i.destination_key for i in intents] == ["sales_team"], said  # type: ignore[union-attr]
     _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user("Can I order online?")], facts)
     assert intents == []
+
+
+async def test_wondering_asks_for_information_and_rudeness_is_a_complaint(
+    router: LocalRouter,
+) -> None:
+    """Rule 9j: "I was wondering about ..." / "I'd like to know ..." ask, not request; "if I
+    could speak to ..." still asks to be put through. Rule 4: "rude", "ridiculous" complain."""
+    for said in [
+        "I was wondering about your restaurant",
+        "I'd like to know what housekeeping does",
+    ]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert intents == [], said
+    for said, key in [
+        ("I was wondering if I could speak to the restaurant", "restaurant"),
+        ("The cleaner was very rude to me", "reception"),
+        ("Your room prices are ridiculous", "reception"),
+    ]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
