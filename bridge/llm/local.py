@@ -105,6 +105,15 @@ _EXPLICIT = re.compile(
     r"switch me|go to)\b"
 )
 _PLEASE = re.compile(r"\bplease\b")
+# Asking to be put through to a team, as opposed to "does customer service speak English?".
+_ASK_FOR = re.compile(
+    r"\b(transfer|connect|put (me )?through|(speak|talk) (to|with)|get me|reach|forward|"
+    r"redirect|switch me|go to|please)\b"
+)
+# A wh-question that is not about the caller's own account, a price, a problem or a need
+# ("how do refunds work?", "what is your cheapest tariff?") asks for information (9k).
+_WH = re.compile(r"^(what|what's|when|where|why|which|how)\b")
+_OWN_OR_PRICE = re.compile(r"\b(my|our|mine|how much|costs?|pric\w*)\b")
 # A stated problem ("it's not working") goes to the one destination for problems.
 _PROBLEM = re.compile(
     r"\b(not working|(doesn'?t|does not|won'?t|will not|can'?t|cannot) (work|turn|start|"
@@ -202,7 +211,8 @@ _ALREADY = re.compile(
 _WONDER = re.compile(
     r"^(i was|i'm|i am|we were|we are) (just )?wondering\b"
     r"(?! (if|whether) (i|we) (could|can|may)\b)|"
-    r"^(i|we)( just)?( want| would like|'d like) to (know|ask|find out)\b"
+    r"^(i|we)( just)?( want| would like|'d like) to (know|ask|find out)\b|"
+    r"^((could|can|would) you (please )?)?tell me (about|more|what|how|if|whether)\b"
 )
 _STILL = re.compile(
     r"\b(but|still|again|yet|now|and|because|charged|overcharged|billed|twice|double|wrong\w*|"
@@ -514,7 +524,7 @@ class LocalRouter:
         )
         # "Can I get billing?" asks for a destination by name, as "billing please" does.
         asking = explicit or bool(_AVAILABILITY.search(said))
-        about = None if explicit else _about_team(said, choices)
+        about = None if _ASK_FOR.search(said) else _about_team(said, choices)
         named = self._named(words, choices, request=asking or len(_words(said) - _FILLERS) <= 2)
         if named is not None and about is None and not _BUSINESS_QUESTION.search(said):
             return named
@@ -552,6 +562,9 @@ class LocalRouter:
             return answer or self._unanswered(ctx, human, "business question", best_dest, margin)
         if ctx.question and self._procedural(said):
             return answer or self._unanswered(ctx, human, "procedural question", best_dest, margin)
+        if _WH.search(said) and not (explicit or need or _OWN_OR_PRICE.search(said)):
+            if not _PROBLEM.search(said) and not _NEED.search(said):
+                return answer or self._unanswered(ctx, human, "wh-question", best_dest, margin)
         if cued is not None:
             return Route("transfer", cued, rule="cue word")
         if _AVAILABILITY.search(said) and not _EXPLICIT.search(said):
