@@ -44,6 +44,8 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
 8h. the caller's own situation now ("I smell gas", "my meter display is blank") and asking to
    sign up, order, upgrade... as a question are needs as in 8d (rules 9h, 9i);
 8i. "I was wondering about..." / "I'd like to know..." is a question, handled as in 8 (9j);
+8j. a wh-question not about the caller's own account, a price, a problem or a need ("how do
+   refunds work?") is handled as in 8 (9k);
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;

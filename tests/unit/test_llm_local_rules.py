@@ -382,3 +382,23 @@ async def test_wondering_asks_for_information_and_rudeness_is_a_complaint(
     ]:
         _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
         assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
+async def test_a_wh_question_is_information_unless_own_priced_or_a_problem(
+    router: LocalRouter,
+) -> None:
+    """Rule 9k: "how do invoices work?" asks; "why is my invoice wrong?" and a price are
+    still requests (rule 9). A team's name with "speak" that is no request stays a question."""
+    for said in [
+        "How do invoices work?",
+        "What counts as troubleshooting?",
+        "Does the billing department speak German?",
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert intents == [], said
+    for said, key in [
+        ("Why is my invoice so high?", "billing_department"),
+        ("How much does the premium plan cost?", "sales_team"),
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
