@@ -35,6 +35,17 @@ failed attempts, or for a complaint"). On the caller's last words, in order:
 8d. a stated need ("I need to...", "I want to...", "I lost...", "my X wasn't...") that is not
    a question and whose destination is sound (>= `min_score`) outranks a knowledge entry (6)
    and the general topics (8): a fact on the same topic does not answer a request (rule 9d);
+8e. a question whose subject is a destination ("does the solar team also do...?", "what does
+   billing handle?") asks about it: its knowledge entry, else an offer of it (rule 9e);
+8f. a yes/no question about a thing ("does the package include...?") is handled as in 8
+   unless it states a problem or a need (rule 9f);
+8g. what the caller already did ("I already paid", "I paid last week") or what happened to
+   someone else ("my neighbour had a power cut") is no request: a question (rule 9g);
+8h. the caller's own situation now ("I smell gas", "my meter display is blank") and asking to
+   sign up, order, upgrade... as a question are needs as in 8d (rules 9h, 9i);
+8i. "I was wondering about..." / "I'd like to know..." is a question, handled as in 8 (9j);
+8j. a wh-question not about the caller's own account, a price, a problem or a need ("how do
+   refunds work?") is handled as in 8 (9k);
 9. the destination whose description (its head, its "for ..." part, and any line of the
    system prompt that names it, e.g. "- Sales: for questions about pricing") is most similar,
    if cosine >= `min_score` and it beats the runner-up by `min_margin`;
@@ -87,7 +98,8 @@ _HUMAN_DEST = re.compile(
 )
 _COMPLAINT = re.compile(
     r"\b(complain\w*|escalat\w*|unacceptable|manager|supervisor|outrageous|disgusted|"
-    r"furious|very unhappy|so unhappy|terrible service)\b"
+    r"furious|very unhappy|so unhappy|not happy|terrible service|rude|ridiculous|fed up|"
+    r"dissatisfied|disappointed|appalling|disgrace\w*|shocking)\b"
 )
 # Asking to be put through: with a destination's name it is a transfer.
 _EXPLICIT = re.compile(
@@ -95,6 +107,15 @@ _EXPLICIT = re.compile(
     r"switch me|go to)\b"
 )
 _PLEASE = re.compile(r"\bplease\b")
+# Asking to be put through to a team, as opposed to "does customer service speak English?".
+_ASK_FOR = re.compile(
+    r"\b(transfer|connect|put (me )?through|(speak|talk) (to|with)|get me|reach|forward|"
+    r"redirect|switch me|go to|please)\b"
+)
+# A wh-question that is not about the caller's own account, a price, a problem or a need
+# ("how do refunds work?", "what is your cheapest tariff?") asks for information (9k).
+_WH = re.compile(r"^(what|what's|when|where|why|which|how)\b")
+_OWN_OR_PRICE = re.compile(r"\b(my|our|mine|how much|costs?|pric\w*)\b")
 # A stated problem ("it's not working") goes to the one destination for problems.
 _PROBLEM = re.compile(
     r"\b(not working|(doesn'?t|does not|won'?t|will not|can'?t|cannot) (work|turn|start|"
@@ -105,7 +126,7 @@ _PROBLEM = re.compile(
 # Asking about prices or wanting to buy goes to the one destination for prices or sales.
 _BUYING = re.compile(
     r"\b(how much|price\w*|pricing|cost\w*|quote\w*|discount\w*|buy\w*|purchas\w*|"
-    r"order\w*|subscri\w*|sign up)\b"
+    r"order\w*|subscri\w*|sign up|upgrad\w*|switch(ing)?\b(?! (me|it|on|off)\b))\b"
 )
 _SALES_DEST = re.compile(
     r"\b(sales|pric\w*|quotes?|buy\w*|purchas\w*|orders?|shop|subscriptions?)\b"
@@ -147,13 +168,69 @@ _PROCEDURE = re.compile(
 # A need the caller states ("I need to...", "I lost...", "my X wasn't..."): a request (8d).
 # Wanting to know or ask something is no need for a destination.
 _NEED = re.compile(
-    r"(^|[.,;!]\s*|\band\s+|\bso\s+)(i|we) (really |just |urgently )?(need|want|would like|"
-    r"'d like|have to|must)\b(?! to (know|ask|find out|check|understand|hear)\b)"
+    r"(^|[.,;!]\s*|\band\s+|\bso\s+|\bthen\s+)(i|we) (really |just |urgently )?"
+    r"(need|want|would like|'d like|have to|must)\b"
+    r"(?! to (know|ask|find out|check|understand|hear)\b)"
     r"(?! (some )?(info\w*|details|advice)\b)|"
     r"\band need to\b|"
     r"^(i|we) ('ve |have )?(lost|misplaced)\b|^(i|we) (can'?t|cannot) find\b|"
     r"^(my|our) \w+( \w+)? (wasn'?t|weren'?t|didn'?t|hasn'?t|haven'?t|was not|were not|"
-    r"did not|has not|have not|never)\b"
+    r"did not|has not|have not|never)\b|"
+    # the caller's own situation now (9h): "I smell gas", "my meter display is blank"
+    r"^(i|we) (can )?(smell|hear|see|have no|don'?t have|haven'?t got)\b|"
+    r"^(my|our) (?!(\w+ )?(name|number|address|e-?mail|postcode|date of birth)\b)"
+    r"[a-z]+( [a-z]+){0,2} (is|are|keeps?|isn'?t|aren'?t|stopped|has stopped) "
+)
+# Asking to do what a destination does, as a question ("can I sign up for ...?", "could we
+# order ...?"): a request, as "I want to sign up" is (9i), unless asked how or where (9c).
+_ASK_TO_DO = re.compile(
+    r"^(can|could|may) (i|we) (please )?(sign up|subscribe|order|buy|purchase|book|switch|"
+    r"upgrade|downgrade|cancel|change|get a quote)\b"
+)
+# A question whose subject is a team ("does the solar team also do...?", "what does billing
+# handle?", "is sales open on Saturday?", "can your fault line help with...?") asks about the
+# team, not for it (9e). The subject is the first words after the verb.
+_SUBJECT = re.compile(
+    r"^(?:(?:what|which|when|where|who|why|how(?: much| long| late| early| many)?)(?: \w+)? )?"
+    r"(?:do|does|did|is|are|was|were|will|would|can|could|should|has|have)\s+"
+    r"(?:the |your |you guys'? )?(?P<first>[a-z]+)"
+)
+# A yes/no question about a thing, not about the caller or a request ("does the TV package
+# include sports?", "are refunds paid into my account?") asks for information (9f).
+_THING_QUESTION = re.compile(
+    r"^(do|does|did|is|are|was|were|will|would|has|have)\s+(?!(i|we|you|me|it|this|that|"
+    r"there|someone|somebody|anyone|anybody)\b)[a-z]"
+)
+# Statements that are no request (9g): what the caller already did ("I already paid my bill"),
+# unless a "but", "still" or "again" follows; what happened to someone else ("my neighbour had
+# a power cut yesterday", "my neighbour has solar panels"), unless they need or want something.
+_ALREADY = re.compile(
+    r"^(i|we)( have|'ve| had|'d)? already\b|"
+    r"\b(yesterday|last (night|week|month|year)|(days|weeks|months|years) ago)\b"
+)
+# Wanting to know ("I was wondering about your tariffs", "I'd like to know ...") asks for
+# information, as a question does (9j).
+_WONDER = re.compile(
+    r"^(i was|i'm|i am|we were|we are) (just )?wondering\b"
+    r"(?! (if|whether) (i|we) (could|can|may)\b)|"
+    r"^(i|we)( just)?( want| would like|'d like) to (know|ask|find out)\b|"
+    r"^((could|can|would) you (please )?)?tell me (about|more|what|how|if|whether)\b"
+)
+_STILL = re.compile(
+    r"\b(but|still|again|yet|now|and|because|charged|overcharged|billed|twice|double|wrong\w*|"
+    r"missing|never|not|no|\w+n't|accident|crash\w*|stolen|lost|flood\w*|leak\w*|fire|"
+    r"smell\w*|hurt|injur\w*)\b"
+)
+_OTHERS = re.compile(
+    r"^(my|our) (neighbou?rs?|friends?|sister|brother|mother|father|mum|mom|dad|parents|son|"
+    r"daughter|colleagues?|landlord|tenants?)\b"
+)
+_OTHERS_PAST_OR_HAVING = re.compile(
+    r"\b(had|was|were|did|got|went|yesterday|last (week|month|night|year)|used to)\b|"
+    r"^\w+ \w+ (has|have) (?!no\b|not\b|a (problem|fault|leak)\b)"
+)
+_OTHERS_NEED = re.compile(
+    r"\b(needs?|wants?|would like|asked me|has to|have to|for (him|her|them))\b"
 )
 _YES = re.compile(
     r"^(yes|yeah|yep|sure|ok(ay)?|please|yes please|please do|go ahead|"
@@ -276,6 +353,42 @@ def _human_destination(choices: dict[str, str]) -> str | None:
     return None
 
 
+def _about_team(said: str, choices: dict[str, str]) -> str | None:
+    """The one destination a question is about, as its subject (9e): "does the solar team also
+    do heat pumps?", "what does billing handle?", "can your fault line help with...?"."""
+    m = _SUBJECT.match(said)
+    if m is None:
+        return None
+    hits = [k for k, d in choices.items() if _names([m.group("first")], _name_words(d))]
+    return hits[0] if len(hits) == 1 else None
+
+
+_CUES = ((_PROBLEM, _TROUBLE_DEST), (_PAYING, _PAYING_DEST), (_BUYING, _SALES_DEST))
+
+
+def _cued(said: str, choices: dict[str, str], human: str | None) -> str | None:
+    """The one destination for a stated problem, payment or purchase (rule 9): the only one
+    whose description says so (person-like destinations are not candidates; of two, none)."""
+    for cue, dest in _CUES:
+        found = [k for k, d in choices.items() if k != human and dest.search(d.lower())]
+        if cue.search(said) and len(found) == 1:
+            return found[0]
+    return None
+
+
+def _not_a_request(said: str, question: bool) -> bool:
+    """A statement of what the caller already did or what happened to someone else (9g)."""
+    if question:
+        return False
+    if _ALREADY.search(said):
+        return not (_STILL.search(said) or _PROBLEM.search(said) or _NEED.search(said))
+    return bool(
+        _OTHERS.search(said)
+        and _OTHERS_PAST_OR_HAVING.search(said)
+        and not _OTHERS_NEED.search(said)
+    )
+
+
 class LocalRouter:
     """Offline deterministic assistant behind the `LlmProvider` interface."""
 
@@ -350,7 +463,10 @@ class LocalRouter:
             if human is not None:
                 return Route("transfer", human, rule="complaint")
             return Route("clarify", rule="complaint, no person to transfer to")
-        if _HUMAN_ASK.search(said):
+        if _not_a_request(said, ctx.question):
+            return Route("clarify", rule="not a request")
+        explicit = bool(_EXPLICIT.search(said))
+        if _HUMAN_ASK.search(said) and (explicit or _about_team(said, choices) is None):
             # "someone in billing" is a billing request; "a human, please" is not.
             rest = _HUMAN_ASK.sub(" ", said)
             rest_words = re.findall(r"[a-z']+", rest)
@@ -401,12 +517,18 @@ class LocalRouter:
         general = float(topics.max())
         best_dest = float(dest.max()) if len(keys) else -1.0
         explicit = bool(_EXPLICIT.search(said) or _PLEASE.search(said))
-        # A stated need whose destination is sound outranks a fact on the same topic (8d).
-        need = bool(_NEED.search(said)) and not ctx.question and best_dest >= self.min_score
+        # A stated need whose destination is sound outranks a fact on the same topic (8d), and
+        # so does asking to do what a destination does ("can I sign up for...?", 8f).
+        cued = _cued(said, choices, human)
+        need = (best_dest >= self.min_score or cued is not None) and (
+            (bool(_NEED.search(said)) and not ctx.question)
+            or (bool(_ASK_TO_DO.search(said)) and not self._procedural(said))
+        )
         # "Can I get billing?" asks for a destination by name, as "billing please" does.
         asking = explicit or bool(_AVAILABILITY.search(said))
+        about = None if _ASK_FOR.search(said) else _about_team(said, choices)
         named = self._named(words, choices, request=asking or len(_words(said) - _FILLERS) <= 2)
-        if named is not None and not _BUSINESS_QUESTION.search(said):
+        if named is not None and about is None and not _BUSINESS_QUESTION.search(said):
             return named
         answer: Route | None = None  # the closest entry, for a question we cannot transfer
         if len(knowledge):
@@ -430,23 +552,23 @@ class LocalRouter:
                 )
                 if kscore[i] >= best_dest and not need:
                     return answer
+        if about is not None:  # asked about a team: its answer, else offered, never transferred
+            return answer or Route("offer", about, rule="question about a team")
         if not keys:
             return self._unanswered(ctx, human, "no destinations")
         order = np.argsort(-dest)
         margin = best_dest - float(dest[order[1]]) if len(keys) > 1 else best_dest
-        if _BUSINESS_QUESTION.search(said) and not _EXPLICIT.search(said):
+        thing = bool(_THING_QUESTION.search(said) or _WONDER.search(said))
+        thing = thing and not _PROBLEM.search(said) and not need
+        if (_BUSINESS_QUESTION.search(said) or thing) and not _EXPLICIT.search(said):
             return answer or self._unanswered(ctx, human, "business question", best_dest, margin)
         if ctx.question and self._procedural(said):
             return answer or self._unanswered(ctx, human, "procedural question", best_dest, margin)
-        trouble = [k for k in keys if k != human and _TROUBLE_DEST.search(choices[k].lower())]
-        if _PROBLEM.search(said) and len(trouble) == 1:
-            return Route("transfer", trouble[0], rule="problem")
-        paying = [k for k in keys if k != human and _PAYING_DEST.search(choices[k].lower())]
-        if _PAYING.search(said) and len(paying) == 1:
-            return Route("transfer", paying[0], rule="paying")
-        selling = [k for k in keys if k != human and _SALES_DEST.search(choices[k].lower())]
-        if _BUYING.search(said) and len(selling) == 1:
-            return Route("transfer", selling[0], rule="buying")
+        if _WH.search(said) and not (explicit or need or _OWN_OR_PRICE.search(said)):
+            if not _PROBLEM.search(said) and not _NEED.search(said):
+                return answer or self._unanswered(ctx, human, "wh-question", best_dest, margin)
+        if cued is not None:
+            return Route("transfer", cued, rule="cue word")
         if _AVAILABILITY.search(said) and not _EXPLICIT.search(said):
             return answer or self._unanswered(
                 ctx, human, "availability question", best_dest, margin

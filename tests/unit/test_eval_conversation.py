@@ -2,10 +2,11 @@
 
 - Offline (`provider: local`, MiniLM): on the development files, no transfer for an utterance
   labelled answer/clarify and >= 95 % of the transfer/end utterances right (destination
-  included); the held-out file (written in full before its first run, never tuned on) has a
-  regression floor at what it measured when first run. A held-out file whose misses have been
-  studied becomes a development file (heldout_garage is now van_dam_garage, heldout_council
-  council_contact_centre).
+  included). A held-out file (`heldout_*.json`: written in full before its first run, never
+  tuned on) has a regression floor at what it measured when first run (`HELD_OUT_FLOOR`). A
+  held-out file whose misses have been studied becomes a development file (heldout_garage is
+  now van_dam_garage, heldout_council council_contact_centre, heldout_energy
+  noordstroom_energy).
 - OpenAI-compatible: the same cases through `OpenAICompatLlm` against the fake server speaking
   the chat-completions protocol (streaming, tool calls). The fake plays a model that decides
   as labelled; what is tested is the plumbing: the system prompt carries the knowledge, the
@@ -29,8 +30,14 @@ from bridge.llm.openai_compat import OpenAICompatLlm
 from tests.support.fake_openai import FakeOpenAI, FakeToolCall, Reply
 
 EVAL = Path(__file__).parent.parent / "eval"
-HELD_OUT = "heldout_energy.json"
-DEVELOPMENT = sorted(p for p in EVAL.glob("*.json") if p.name != HELD_OUT)
+# --- held-out files: the regression floors -------------------------------------------------
+# Every `heldout_*.json` is held out (never a development file). Each must transfer none of its
+# answer/clarify items (the target), and keep at least the transfer/end items right that it
+# measured when first run: {file name: right count}. Add a new held-out file's first-run count
+# here; one without an entry fails until it is recorded.
+HELD_OUT = sorted(EVAL.glob("heldout_*.json"))
+HELD_OUT_FLOOR: dict[str, int] = {}
+DEVELOPMENT = sorted(p for p in EVAL.glob("*.json") if p not in HELD_OUT)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +84,17 @@ async def test_the_seed_questions_are_never_transferred(router: LocalRouter) -> 
     assert [o.got for o in outcomes] == [ANSWER] * 4
 
 
-async def test_held_out_set_regression_floor(router: LocalRouter) -> None:
-    outcomes = await run_suite(load_suite(EVAL / HELD_OUT), lambda p, m: router, AgentSettings())
+@pytest.mark.parametrize(
+    "path",
+    HELD_OUT or [pytest.param(None, marks=pytest.mark.skip(reason="no heldout_*.json file"))],
+    ids=lambda p: p.name if p else "none",
+)
+async def test_held_out_set_regression_floor(router: LocalRouter, path: Path) -> None:
+    assert path.name in HELD_OUT_FLOOR, f"record {path.name}'s first-run figures first"
+    outcomes = await run_suite(load_suite(path), lambda p, m: router, AgentSettings())
     s = summary(outcomes)
-    # As first measured (docs/conversation.md): 1 of 24 answer items transferred, 21 of 25.
-    assert s["transfers_on_answer"] <= 1
-    assert s["action_right"] >= 21
+    assert s["transfers_on_answer"] == 0
+    assert s["action_right"] >= HELD_OUT_FLOOR[path.name]
 
 
 def _scripted(case_expect: str, before: int) -> list[Reply]:

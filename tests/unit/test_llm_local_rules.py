@@ -285,3 +285,120 @@ async def test_a_question_or_wanting_to_know_still_gets_the_fact(router: LocalRo
     ]:
         text, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], HOTEL_FACTS)
         assert (text, intents) == (answer, []), said
+
+
+async def test_a_question_about_a_team_is_answered_or_offered_never_transferred(
+    router: LocalRouter,
+) -> None:
+    """Rule 9e: a team as the subject of a question ("does housekeeping also...?") is asked
+    about, not for: no transfer; the reply offers the team, and "yes" then transfers."""
+    for said in [
+        "Does housekeeping also do laundry?",
+        "What does the restaurant serve?",
+        "Is the restaurant open for lunch?",
+        "Can housekeeping help with ironing?",
+        "Are the reception staff there all night?",
+    ]:
+        text, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert intents == [], said
+        assert "Would you like me to put you through to" in text, (said, text)
+    history = [ChatMessage.user("Does housekeeping also do laundry?")]
+    text, _ = await turn(router, [HOTEL], history, ())
+    history += [ChatMessage.assistant(text), ChatMessage.user("Yes please")]
+    _, intents = await turn(router, [HOTEL], history, ())
+    assert [i.destination_key for i in intents] == ["housekeeping"]  # type: ignore[union-attr]
+    # Asking to be put through to the team, or a stated need, is still a transfer.
+    for said, key in [
+        ("Can I speak to housekeeping about laundry?", "housekeeping"),
+        ("Put me through to the restaurant", "restaurant"),
+    ]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
+async def test_a_yes_no_question_about_a_thing_is_information(router: LocalRouter) -> None:
+    """Rule 9f: "does the invoice include...?" asks what is so, whatever destination it is near;
+    one about a problem ("is the product broken...") is not covered by it."""
+    for said in ["Does the quote include delivery?", "Are invoices sent by post?"]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert intents == [], said
+
+
+async def test_what_was_already_done_or_happened_to_others_is_no_request(
+    router: LocalRouter,
+) -> None:
+    """Rule 9g: a statement of what the caller already did, or of someone else's past, gets a
+    question; "already ... but" or another's need is a request."""
+    for said in [
+        "I already paid the invoice",
+        "We've already sent the payment",
+        "My brother had a billing problem last year",
+        "My neighbour has the same thermostat",
+        "I paid the invoice last week",
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert intents == [], said
+    for said in [
+        "I already paid the invoice but I was charged again",
+        "My mother needs a copy of her invoice",
+        "I was charged twice last week",
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == ["billing_department"], said  # type: ignore[union-attr]
+
+
+async def test_the_callers_own_situation_and_asking_to_sign_up_are_needs(
+    router: LocalRouter,
+) -> None:
+    """Rules 9h/9i: "my X is ...", "I smell ..." and "can I order ...?" state a need: they
+    outrank a fact on the same topic; "can I order online?" still asks how (9c)."""
+    towels = (Knowledge("Fresh towels are brought every morning.", "When are the towels changed?"),)
+    for said in ["My towels are dirty", "Our towels are still wet", "I see no towels in my room"]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], towels)
+        assert [i.destination_key for i in intents] == ["housekeeping"], said  # type: ignore[union-attr]
+    facts = (Knowledge("Orders ship within two days.", "How long does an order take?"),)
+    for said in ["Can I order ten thermostats?", "Could we buy a service contract?"]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], facts)
+        assert [i.destination_key for i in intents] == ["sales_team"], said  # type: ignore[union-attr]
+    _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user("Can I order online?")], facts)
+    assert intents == []
+
+
+async def test_wondering_asks_for_information_and_rudeness_is_a_complaint(
+    router: LocalRouter,
+) -> None:
+    """Rule 9j: "I was wondering about ..." / "I'd like to know ..." ask, not request; "if I
+    could speak to ..." still asks to be put through. Rule 4: "rude", "ridiculous" complain."""
+    for said in [
+        "I was wondering about your restaurant",
+        "I'd like to know what housekeeping does",
+    ]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert intents == [], said
+    for said, key in [
+        ("I was wondering if I could speak to the restaurant", "restaurant"),
+        ("The cleaner was very rude to me", "reception"),
+        ("Your room prices are ridiculous", "reception"),
+    ]:
+        _, intents = await turn(router, [HOTEL], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
+
+
+async def test_a_wh_question_is_information_unless_own_priced_or_a_problem(
+    router: LocalRouter,
+) -> None:
+    """Rule 9k: "how do invoices work?" asks; "why is my invoice wrong?" and a price are
+    still requests (rule 9). A team's name with "speak" that is no request stays a question."""
+    for said in [
+        "How do invoices work?",
+        "What counts as troubleshooting?",
+        "Does the billing department speak German?",
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert intents == [], said
+    for said, key in [
+        ("Why is my invoice so high?", "billing_department"),
+        ("How much does the premium plan cost?", "sales_team"),
+    ]:
+        _, intents = await turn(router, [DEPARTMENTS], [ChatMessage.user(said)], ())
+        assert [i.destination_key for i in intents] == [key], said  # type: ignore[union-attr]
