@@ -68,7 +68,9 @@ async def _run_engine(argv: list[str], text: str, timeout: float = DEFAULT_TIMEO
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.PIPE,
+            # No text: no stdin (flite takes its text in argv and may exit before a write
+            # to its stdin, which uvloop reports as an error on a closed transport).
+            stdin=asyncio.subprocess.PIPE if text else asyncio.subprocess.DEVNULL,
             stdout=write_fd,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -84,7 +86,9 @@ async def _run_engine(argv: list[str], text: str, timeout: float = DEFAULT_TIMEO
     )
     try:
         async with asyncio.timeout(timeout):
-            out, (_, err) = await asyncio.gather(reader.read(), proc.communicate(text.encode()))
+            out, (_, err) = await asyncio.gather(
+                reader.read(), proc.communicate(text.encode() if text else None)
+            )
     except TimeoutError:
         await _kill(proc)
         raise TtsTimeout(f"{argv[0]} did not finish within {timeout:g} s (killed)") from None
