@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import aiohttp
 
+from bridge import eventloop
 from bridge.calls.model import TransferCommand
 from bridge.calls.service import CallService
 from bridge.calls.session import CallSession
@@ -345,7 +346,8 @@ def report(limit: list[float], via_api: list[float], spoken: list[float]) -> Non
     load = os.getloadavg()
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     print(
-        f"machine: {machine}, Python {platform.python_version()}, load {load[0]:.2f} {load[1]:.2f}"
+        f"machine: {machine}, Python {platform.python_version()}, load {load[0]:.2f} {load[1]:.2f},"
+        f" event loop {eventloop.running_loop_name()}"
     )
     print("| path | n | p50 | p99 | max | p50 / limit |")
     print("|---|---|---|---|---|---|")
@@ -367,6 +369,13 @@ def main() -> None:
     parser.add_argument("--spoken", type=int, default=15, help="assistant samples (spoken)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="write every sample (ms) to this file")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop of this process (daemon and the limit's ARI client): the"
+        " daemon's `event_loop` setting, uvloop by default",
+    )
     args = parser.parse_args()
     assert args.samples + args.warmup + args.spoken <= 100, "transfer.max_per_call is 100"
     ctx = mp.get_context("spawn")
@@ -375,7 +384,7 @@ def main() -> None:
     peer.start()
     try:
         port = ready.get(timeout=10)
-        asyncio.run(run(args, port, invites))
+        eventloop.run(run(args, port, invites), args.loop)
     finally:
         peer.terminate()
 

@@ -224,7 +224,12 @@ class Daemon:
     """`callbridge run` as its own process on the lab."""
 
     def __init__(
-        self, lab: AsteriskLab, work: Path, overrides: dict[str, Any], extra: str = ""
+        self,
+        lab: AsteriskLab,
+        work: Path,
+        overrides: dict[str, Any],
+        extra: str = "",
+        event_loop: str = "uvloop",
     ) -> None:
         self.lab = lab
         self.work = work
@@ -234,6 +239,7 @@ class Daemon:
         calls = "\n".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items())
         self.config.write_text(
             f"""database = "{work / "callbridge.sqlite3"}"
+event_loop = "{event_loop}"
 log_format = "json"
 log_level = "info"
 
@@ -526,7 +532,7 @@ async def one_run(
     overrides = {"max_active": args.max_active} if args.max_active else {}
     if args.no_admission:
         overrides.update(max_loop_lag_ms=None, max_stt_backlog_per_worker=None)
-    daemon = Daemon(lab, work, overrides)
+    daemon = Daemon(lab, work, overrides, event_loop=args.loop)
     await daemon.start()
     await provision(daemon)
     scenario = _load_scenario(work)
@@ -674,13 +680,22 @@ async def main() -> None:
     )
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound per run")
     parser.add_argument("--json", help="write every run's figures here")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the daemon's `event_loop` (its default: uvloop)",
+    )
     args = parser.parse_args()
     sizes = [int(x) for x in args.ladder.split(",")] if args.ladder else [args.calls]
     if any(n < 1 or n > MAX_CALLS for n in sizes):
         raise SystemExit(f"1..{MAX_CALLS} calls per run")
     args.hold = max(args.hold, 40.0)
     question = utterance(QUESTION)
-    print(f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
+        f" the daemon's event loop: {args.loop}"
+    )
     print(
         "| calls (rate) | greeted | replied ≤30 s | transfers | lost | to fallback | "
         "answer p95 ms | turn p50/p95 ms | control POST p50/p95 ms | GET call p95 ms | "

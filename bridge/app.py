@@ -18,6 +18,7 @@ from bridge.calls.service import CallService
 from bridge.calls.store import CallStore
 from bridge.config import Settings
 from bridge.directory.service import DirectoryService
+from bridge.eventloop import running_loop_name
 from bridge.log import configure_logging, get_logger
 from bridge.ops.metrics import Metrics
 from bridge.ops.trunks import trunk_states
@@ -120,6 +121,7 @@ class Daemon:
             api=f"http://{s.api.host}:{self.api_port}",
             pbx=s.pbx,
             database=str(s.database),
+            event_loop=running_loop_name(),  # `callbridge run` runs `event_loop` (uvloop)
         )
 
     def _start_ops(self, store: CallStore) -> OpsContext:

@@ -194,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
+            from bridge import eventloop
             from bridge.app import run_daemon
 
-            asyncio.run(run_daemon(settings))
+            try:
+                eventloop.run(run_daemon(settings), settings.event_loop)
+            except eventloop.EventLoopUnavailable as exc:
+                raise _fail(str(exc), EXIT_CONFIG) from None
             return 0
         if args.command == "chat":
             return asyncio.run(_chat(args, settings))

@@ -41,6 +41,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from bridge.eventloop import EventLoopName
 from bridge.sip import parse_sip_uri
 
 ENV_PREFIX = "CALLBRIDGE_"
@@ -443,6 +444,8 @@ class Settings(BaseSettings):
     pbx: Literal["asterisk", "freeswitch"] = "asterisk"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The daemon's event loop (bridge.eventloop): uvloop, or the standard library's asyncio.
+    event_loop: EventLoopName = "uvloop"
     api: ApiSettings = ApiSettings()
     ari: AriSettings = AriSettings()
     freeswitch: FreeswitchSettings = FreeswitchSettings()

@@ -79,3 +79,16 @@ def _asterisk_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
     if leaked:
         names = [(c["name"], c["dialplan"]["context"], c["dialplan"]["app_name"]) for c in leaked]
         pytest.fail(f"the test left channels in the shared Asterisk: {names}", pytrace=False)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The loop the tests run on: the daemon's default (`event_loop`, uvloop), or the one
+    CALLBRIDGE_TEST_EVENT_LOOP names ("asyncio" runs the suite on the standard loop)."""
+    from bridge.config import Settings
+    from bridge.eventloop import loop_factory
+
+    name = (
+        os.environ.get("CALLBRIDGE_TEST_EVENT_LOOP")
+        or Settings.model_fields["event_loop"].get_default()
+    )
+    return {name: loop_factory(name)}

@@ -12,6 +12,7 @@ import collections
 import functools
 import importlib.metadata
 import io
+import os
 import shutil
 import threading
 import wave
@@ -61,21 +62,41 @@ async def _run_engine(argv: list[str], text: str, timeout: float = DEFAULT_TIMEO
     message included."""
     if shutil.which(argv[0]) is None:
         raise TtsError(f"TTS engine {argv[0]!r} is not installed")
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    # stdout is an OS pipe, not the socket pair uvloop (libuv) gives a child's stdio: flite
+    # opens /dev/stdout by name, which fails on a socket, and would write no audio.
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            # No text: no stdin (flite takes its text in argv and may exit before a write
+            # to its stdin, which uvloop reports as an error on a closed transport).
+            stdin=asyncio.subprocess.PIPE if text else asyncio.subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
     )
     try:
         async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(text.encode())
+            out, (_, err) = await asyncio.gather(
+                reader.read(), proc.communicate(text.encode() if text else None)
+            )
     except TimeoutError:
         await _kill(proc)
         raise TtsTimeout(f"{argv[0]} did not finish within {timeout:g} s (killed)") from None
     except BaseException:
         await asyncio.shield(_kill(proc))
         raise
+    finally:
+        transport.close()
     if proc.returncode != 0:
         raise TtsError(f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace')}")
     return out

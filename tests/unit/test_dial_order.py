@@ -17,6 +17,7 @@ import pytest
 from bridge import faults
 from bridge.calls.model import TransferCommand
 from bridge.calls.transfer import TransferState
+from bridge.calls.transferring import TransferRun
 from bridge.pbx.ports import ConnectionRestored, LegAnswered, LegFacts
 from tests.support.calls import DEST, CallEnv, FakePbx, open_env, until
 
@@ -109,6 +110,37 @@ async def test_the_command_is_answered_once_recorded_not_after_the_originate(
         "transfer.dialing",
     ]
     assert "play_tone" not in env.pbx.names()  # the originate has not returned yet
+    release.set()
+    await until(lambda: "play_tone" in env.pbx.names(), "the ringback after the originate")
+
+
+async def test_the_originate_request_leaves_before_the_record_starts(
+    env: CallEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8 §4: the record's commit runs during the originate's round trip, but only once
+    the request is out: an HTTP client that writes it on a later turn of the loop (aiohttp,
+    a request with a body, Python 3.11) is not delayed by the commit's database thread."""
+    session = await env.arrive()
+    order: list[str] = []
+    release = asyncio.Event()
+    real_originate = env.pbx.originate
+
+    async def originate(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0)  # the request's body goes out from a task of its own
+        order.append("request sent")
+        await release.wait()  # the PBX's answer
+        await real_originate(*args, **kwargs)
+
+    real_save = TransferRun._save_pending
+
+    async def save_pending(self: TransferRun, pending: Any) -> None:
+        order.append("record started")
+        await real_save(self, pending)
+
+    env.pbx.originate = originate  # type: ignore[method-assign]
+    monkeypatch.setattr(TransferRun, "_save_pending", save_pending)
+    await asyncio.wait_for(session.command(TransferCommand(type="transfer", destination=DEST)), 5)
+    assert order == ["request sent", "record started"]
     release.set()
     await until(lambda: "play_tone" in env.pbx.names(), "the ringback after the originate")
 

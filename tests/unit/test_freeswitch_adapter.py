@@ -67,6 +67,13 @@ class Sink:
                 await asyncio.sleep(0.01)
 
 
+async def unicast_started(server: FakeEslServer, uuid: str) -> None:
+    """FreeSWITCH answers the unicast sendmsg before its park loop opens the socket (the
+    fake too): wait for the socket instead of reading it on the reply (on uvloop it opens
+    a few turns of the loop later)."""
+    await wait_for(lambda: server.channels[uuid].media is not None, "unicast started", 2)
+
+
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[FakeEslServer]:
     srv = FakeEslServer("pw")
@@ -226,6 +233,7 @@ async def test_media_attached_again_gets_a_fresh_park(
     first = await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40001), "ulaw")
     second = await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40002), "ulaw")
     assert first.port == second.port
+    await unicast_started(server, uuid)
     assert server.unicast_ignored == [] and server.crashes == []
     assert server.channels[uuid].media is not None
     assert server.channels[uuid].media.remote == ("127.0.0.1", 40002)
@@ -477,7 +485,8 @@ async def test_every_verb_runs_against_the_fake(
     await port.start_hold(uuid, "moh")
     assert f"api uuid_broadcast {uuid} 'playback::local_stream://moh' aleg" in server.commands
     await port.attach_media("cbleg-v", MediaAddress("127.0.0.1", 40013), "ulaw")
-    assert server.channels["cbleg-v"].media is not None and not server.crashes
+    await unicast_started(server, "cbleg-v")
+    assert not server.crashes
     await port.end_brief("cbleg-v")
     await port.stop_hold(uuid)
     await port.connect(uuid, "cbleg-v")
@@ -1060,7 +1069,7 @@ async def test_hand_back_takes_the_caller_out_of_the_bridge_and_hears_the_legs_d
     await sink.wait(ChannelHungUp, "cbleg-hb")
     assert any(c.startswith(f"api sched_transfer +30 {uuid} s XML") for c in server.commands)
     await adapter.attach_media(uuid, MediaAddress("127.0.0.1", 40014), "ulaw")
-    assert server.channels[uuid].media is not None
+    await unicast_started(server, uuid)
 
 
 async def test_unbridge_of_a_caller_gone_is_channel_gone(
@@ -1087,7 +1096,8 @@ async def test_brief_media_on_a_leg_waits_for_its_park_after_the_answer(
     )
     await sink.wait(LegAnswered, "cbleg-w")
     await adapter.attach_media("cbleg-w", MediaAddress("127.0.0.1", 40015), "ulaw")
-    assert server.channels["cbleg-w"].media is not None and not server.crashes
+    await unicast_started(server, "cbleg-w")
+    assert not server.crashes
     assert not any(c.startswith("api uuid_transfer cbleg-w") for c in server.commands)
     await adapter.end_brief("cbleg-w")
     await adapter.hangup("cbleg-w")
