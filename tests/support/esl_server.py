@@ -28,9 +28,13 @@ Scriptable channel model, enough for adapter tests:
   park loop picks it up); `uuid_break <uuid>` stops only a running one, `uuid_break <uuid>
   all` also flushes the queue (mod_commands `break_function`): the fast-failure ringback race.
 - the dialplan hook (`hook_call()`): heartbeat check (`expand global_setvar`), `set
-  callbridge=1`, `callbridge_guard=true`, `sched_transfer +2 ... callbridge-fallback`, park.
-  `sched_del <group>` answers `+OK Deleted: <n>` counting tasks not yet run or deleted, as
-  switch_scheduler does; an unclaimed caller is transferred to the fallback when it fires.
+  callbridge=1`, the take guard `sleep <take_guard_ms>` (CHANNEL_EXECUTE `sleep`, as a real
+  1.10.12 sends it; ended early by `uuid_break`, checked every 20 ms as switch_ivr_sleep does
+  on a channel without media), then `hash insert_ifempty/callbridge_owner/<uuid>/fallback` and
+  callbridge-take: park (CHANNEL_EXECUTE park, CHANNEL_PARK) unless the fallback owns it.
+- `sched_transfer +<s> <uuid> ...` (the lease) runs `sched_scale * s` later and transfers the
+  caller to the fallback; `sched_del <group>` answers `+OK Deleted: <n>` counting tasks not
+  yet run or deleted, as switch_scheduler does.
 - mod_hash's `hash insert|insert_ifempty|select|delete|delete_ifmatch/realm/key[/value]`
   with its replies (`-ERR key already exists`, `-ERR Not found`, `-ERR Doesn't match`).
 - derived outcomes (no capture of their own; the captured sequences with the fields sofia
@@ -291,6 +295,10 @@ class FakeChannel:
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set on hangup
     hangup_cause: str | None = None
     fallback: bool = False  # the dialplan sent it to callbridge-fallback
+    fallback_at: float | None = None  # when (loop time)
+    break_flag: bool = False  # CF_BREAK: set by uuid_break when no broadcast runs
+    guard_over: asyncio.Event = field(default_factory=asyncio.Event)  # the take guard decided
+    guard_broken: bool = False  # its sleep was ended by uuid_break, not by running out
 
     @property
     def hearing_moh(self) -> str | None:
@@ -366,9 +374,8 @@ class FakeEslServer:
         self.bgapi_delay = 0.0  # delay of every BACKGROUND_JOB (interleaving tests)
         # A queued uuid_broadcast starts this much later (the park loop's next pass).
         self.broadcast_start_seconds = 0.15
-        # The hook's `sched_transfer +2`: runs 1-2.5 s later (whole-second runtime, 0.5 s
-        # scheduler poll); the fake fires it after this many seconds.
-        self.guard_seconds = 1.5
+        # The hook's take guard: `sleep` milliseconds (freeswitch_conf: cb_take_guard_ms).
+        self.take_guard_ms = 1000
         # The hook parks only while the heartbeat global is at most this old (None: no check).
         self.heartbeat_max: float | None = None
         self.sched_scale = 1.0  # tests shrink FreeSWITCH's whole-second schedule by this
@@ -519,27 +526,50 @@ class FakeEslServer:
         self, destination: str = "1000", caller: str = "sipp", *, caller_name: str = ""
     ) -> str:
         """A caller through freeswitch_conf's hook: if the daemon's heartbeat is stale, to the
-        fallback at once; else marked, guarded (`sched_transfer +2 ... callbridge-fallback`,
-        group = its uuid) and parked."""
+        fallback at once; else marked and held in the take guard (`sleep`), which goes on in
+        the background: returns once its CHANNEL_EXECUTE `sleep` was sent."""
         loop = asyncio.get_running_loop()
         stale = self.heartbeat_max is not None and (
             self.heartbeat_at is None or loop.time() - self.heartbeat_at > self.heartbeat_max
         )
-        uuid = str(uuid_mod.uuid4())
+        chan = FakeChannel(str(uuid_mod.uuid4()), "inbound", destination, caller, caller_name)
+        self.channels[chan.uuid] = chan
+        self.emit_channel_event(chan, "CHANNEL_CREATE")
         if stale:
-            chan = FakeChannel(uuid, "inbound", destination, caller, caller_name)
-            self.channels[uuid] = chan
-            self.emit_channel_event(chan, "CHANNEL_CREATE")
             self._to_fallback(chan)
-            return uuid
-        self._schedule(uuid, self.guard_seconds)
-        return await self.call_arrives(
-            destination,
-            caller,
-            caller_name=caller_name,
-            variables={"callbridge_guard": "true"},
-            channel_uuid=uuid,
+            return chan.uuid
+        chan.variables["callbridge"] = "1"
+        sleep = {"Application": "sleep", "Application-Data": str(self.take_guard_ms)}
+        chan.variables.update(
+            current_application="sleep", current_application_data=sleep["Application-Data"]
         )
+        self.emit_channel_event(chan, "CHANNEL_EXECUTE:park", sleep)
+        self._spawn(self._take_guard(chan, sleep))
+        return chan.uuid
+
+    async def _take_guard(self, chan: FakeChannel, sleep: Mapping[str, str]) -> None:
+        """switch_ivr_sleep without media: 20 ms steps, CF_BREAK (uuid_break) ends it early;
+        then the hook's `hash insert_ifempty ... fallback` and the callbridge-take context."""
+        for _ in range(self.take_guard_ms // 20):
+            if not chan.up:
+                return
+            if chan.break_flag:
+                chan.break_flag, chan.guard_broken = False, True
+                break
+            await asyncio.sleep(0.02)
+        if not chan.up:
+            return
+        self.emit_channel_event(chan, "CHANNEL_EXECUTE_COMPLETE:park", sleep)
+        for name in ("current_application", "current_application_data"):
+            chan.variables.pop(name, None)
+        self._hash(f"insert_ifempty/callbridge_owner/{chan.uuid}/fallback")
+        if self.hash.get(f"callbridge_owner_{chan.uuid}") == "fallback":
+            self._to_fallback(chan)
+        else:
+            for name in ("CHANNEL_EXECUTE:park", "CHANNEL_PARK"):
+                self.emit_channel_event(chan, name)
+            chan.park_has_media = False
+        chan.guard_over.set()
 
     def _schedule(self, uuid: str, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -566,6 +596,7 @@ class FakeEslServer:
         chan.variables.pop("callbridge", None)
         chan.variables["transfer_destination"] = f"{chan.destination} XML callbridge-fallback"
         chan.fallback = True
+        chan.fallback_at = asyncio.get_running_loop().time()
 
     async def hangup(self, channel_uuid: str, cause: str = "NORMAL_CLEARING") -> None:
         """The far end hangs up (a BYE): hangup events, and the bridged peer goes too."""
@@ -857,8 +888,10 @@ class FakeEslServer:
         if cmd == "uuid_break":
             if "all" in " ".join(words[1:]):  # switch_core_session_flush_private_events
                 chan.queued.clear()
-            if chan.playback is not None:
+            if chan.playback is not None:  # CF_BROADCAST: stop it
                 chan.playback.cancel()
+            else:  # otherwise mod_commands sets CF_BREAK (a `sleep` checks it)
+                chan.break_flag = True
             return "+OK\n"
         if cmd == "uuid_transfer" and chan.bridged_with:  # hand back (issue 9 §5)
             self._unbridge(chan)

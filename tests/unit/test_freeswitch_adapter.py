@@ -677,8 +677,6 @@ def test_q850_numbers_only_for_q850_causes() -> None:
     hangup = EslEvent({"Hangup-Cause": "INVALID_GATEWAY", "variable_hangup_cause_q850": "808"})
     assert fse.q850(hangup) is None
     assert fse.is_local("GATEWAY_DOWN") and not fse.is_local("USER_BUSY")
-    assert fse.deleted_count("+OK Deleted: 1\n") == 1
-    assert fse.deleted_count("+OK Deleted: 0\n") == 0
 
 
 # --- trunks: permissions, and what the PBX has ------------------------------------------------
@@ -761,23 +759,31 @@ async def test_trunks_deleted_while_disconnected_are_removed_on_connect(
 # --- no caller waits for a dead daemon; one daemon per caller ----------------------------------
 
 
-async def test_live_daemon_claims_the_caller_and_cancels_the_hook_guard(
+async def test_live_daemon_claims_the_caller_in_the_take_guard(
     parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
 ) -> None:
+    """The daemon claims the caller as the hook's `sleep` starts and breaks it: the caller is
+    parked for it at once and never reaches the fallback."""
     server, adapter, sink = parts
     uuid = await server.hook_call("+31201234567")
     await sink.wait(CallArrived, uuid)
-    assert f"api sched_del {uuid}" in server.commands  # the hook's 1-2.5 s guard is gone ...
-    [lease] = server.scheduled[uuid]  # ... and the daemon's 30 s lease replaced it
+    chan = server.channels[uuid]
+    await asyncio.wait_for(chan.guard_over.wait(), 5)
+    assert chan.guard_broken  # ended by the daemon's uuid_break, not by running out
+    assert f"api hash insert_ifempty/callbridge_owner/{uuid}/{adapter.instance}" in server.commands
+    assert f"api uuid_break {uuid}" in server.commands
+    assert server.hash[f"callbridge_owner_{uuid}"] == adapter.instance  # the hook's insert lost
+    assert not chan.fallback
+    [lease] = server.scheduled[uuid]  # a caller taken has its 30 s lease
     assert lease.when() - asyncio.get_running_loop().time() > 20
     assert f"api sched_transfer +30 {uuid} +31201234567 XML callbridge-fallback" in server.commands
-    assert server.hash[f"callbridge_owner_{uuid}"] == adapter.instance
-    assert not server.channels[uuid].fallback
 
 
 async def test_caller_of_a_dead_daemon_reaches_the_fallback_within_2s(
     server: FakeEslServer,
 ) -> None:
+    """Nobody claims the caller: the hook's sleep runs its 1000 ms out, the hook's own
+    `insert_ifempty ... fallback` wins and callbridge-take sends the caller on."""
     server.heartbeat_max = 3.0
     sink = Sink()
     adapter = await _adapter(server.port, sink)
@@ -787,9 +793,11 @@ async def test_caller_of_a_dead_daemon_reaches_the_fallback_within_2s(
     uuid = await server.hook_call("+31201234567")
     chan = server.channels[uuid]
     await wait_for(lambda: chan.fallback, "the caller to reach the fallback", 2.5)
-    assert loop.time() - t0 <= 2.0
+    assert chan.fallback_at is not None
+    assert server.take_guard_ms / 1000 <= chan.fallback_at - t0 <= 2.0
+    assert not chan.guard_broken and server.hash[f"callbridge_owner_{uuid}"] == "fallback"
     assert "callbridge" not in chan.variables  # no later resync adopts it
-    server.heartbeat_at = loop.time() - 10  # long dead: the hook does not even park
+    server.heartbeat_at = loop.time() - 10  # long dead: the hook does not even wait
     late = await server.hook_call("+31201234567")
     assert server.channels[late].fallback
 
@@ -797,9 +805,9 @@ async def test_caller_of_a_dead_daemon_reaches_the_fallback_within_2s(
 async def test_caller_sent_to_the_fallback_is_not_taken_by_a_late_daemon(
     server: FakeEslServer,
 ) -> None:
-    server.guard_seconds = 0.05
+    server.take_guard_ms = 40
     uuid = await server.hook_call("+31201234567")
-    await wait_for(lambda: server.channels[uuid].fallback, "the guard to fire", 2)
+    await wait_for(lambda: server.channels[uuid].fallback, "the guard to run out", 2)
     server.channels[uuid].variables["callbridge"] = "1"  # even if still marked
     sink = Sink()
     adapter = await _adapter(server.port, sink)
@@ -807,9 +815,86 @@ async def test_caller_sent_to_the_fallback_is_not_taken_by_a_late_daemon(
         missed, restored = sink.events[:2]
         assert isinstance(missed, CallMissed) and missed.channel_id == uuid  # recorded only
         assert isinstance(restored, ConnectionRestored) and restored.callers == ()
-        assert f"callbridge_owner_{uuid}" not in server.hash
+        assert server.hash[f"callbridge_owner_{uuid}"] == "fallback"
+        assert f"api uuid_break {uuid}" not in server.commands
     finally:
         await adapter.stop()
+
+
+async def test_a_claim_too_late_for_the_take_guard_leaves_the_caller_to_the_fallback(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """The race, one side: the daemon's claim reaches FreeSWITCH after the hook's (its event
+    loop ran late): the fallback owns the caller, the daemon records it as missed and
+    neither breaks nor parks it."""
+    server, adapter, sink = parts
+    server.take_guard_ms = 100
+    claim = adapter._claim
+
+    async def late_claim(uuid: str) -> bool | None:
+        await server.channels[uuid].guard_over.wait()
+        return await claim(uuid)
+
+    adapter._claim = late_claim  # type: ignore[method-assign]
+    uuid = await server.hook_call("+31201234567")
+    missed = await sink.wait(CallMissed, uuid)
+    assert missed.channel_id == uuid
+    assert server.channels[uuid].fallback
+    assert server.hash[f"callbridge_owner_{uuid}"] == "fallback"
+    assert not any(
+        isinstance(e, CallArrived) and not isinstance(e, CallMissed) for e in sink.events
+    )
+    assert f"api uuid_break {uuid}" not in server.commands
+
+
+async def test_a_claim_whose_break_comes_after_the_guard_ran_out_keeps_the_caller(
+    parts: tuple[FakeEslServer, FreeswitchAdapter, Sink],
+) -> None:
+    """The race, other side: the daemon inserted first but its `uuid_break` arrives after the
+    sleep ran out: the hook's insert finds the key taken, callbridge-take parks the caller
+    for the daemon. Never both, never neither."""
+    server, adapter, sink = parts
+    server.take_guard_ms = 100
+    end_guard = adapter._end_take_guard
+
+    async def late_break(uuid: str) -> None:
+        await server.channels[uuid].guard_over.wait()
+        await end_guard(uuid)
+
+    adapter._end_take_guard = late_break  # type: ignore[method-assign]
+    uuid = await server.hook_call("+31201234567")
+    await sink.wait(CallArrived, uuid)
+    chan = server.channels[uuid]
+    assert not chan.guard_broken and not chan.fallback
+    assert server.hash[f"callbridge_owner_{uuid}"] == adapter.instance
+    assert not any(isinstance(e, CallMissed) for e in sink.events)
+
+
+async def test_a_daemon_connecting_during_the_take_guard_claims_the_caller(
+    server: FakeEslServer,
+) -> None:
+    """A caller found in the hook's sleep by a (re)connecting daemon's resync is claimed the
+    same way (claim, uuid_break); its CHANNEL_PARK is then its arrival, like any other."""
+    server.take_guard_ms = 60_000  # the guard must not decide first
+    uuid = await server.hook_call("+31201234567")
+    chan = server.channels[uuid]
+    sink = Sink()
+    adapter = await _adapter(server.port, sink, instance="cb1")
+    try:
+        restored = next(e for e in sink.events if isinstance(e, ConnectionRestored))
+        assert restored.callers == ()  # not parked yet: the arrival follows
+        await sink.wait(CallArrived, uuid)
+        await asyncio.wait_for(chan.guard_over.wait(), 5)
+        assert chan.guard_broken and not chan.fallback
+        assert server.hash[f"callbridge_owner_{uuid}"] == "cb1"
+        assert server.scheduled[uuid]  # leased like any caller taken
+    finally:
+        await adapter.stop()
+
+
+def test_the_hook_s_own_claim_name_is_not_a_daemon_s() -> None:
+    with pytest.raises(ValueError, match="fallback"):
+        FreeswitchAdapter("127.0.0.1", 1, "pw", instance="fallback")
 
 
 async def test_two_daemons_on_one_freeswitch_take_each_caller_once(

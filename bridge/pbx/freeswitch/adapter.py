@@ -1,11 +1,13 @@
 """FreeSWITCH through the inbound event socket: the PBX port's verbs as ESL commands, channel
 events as PBX events. No business logic: what a busy leg means is decided in `bridge.calls`.
 
-Attach: the dialplan marks a caller (`set callbridge=1`) and `park`s it; its CHANNEL_PARK is the
-arrival. Ids are the PBX's own and derived, never only remembered, so a restarted daemon finds
-them again: outbound legs are originated with `origination_uuid=<leg id>` (the call service's
-`cbleg-...`), trunks are sofia gateways `cb-trunk-<id>`. Media is `unicast` (raw L16 frames over
-UDP, only while the caller is parked). Facts: docs/freeswitch-esl-notes.md, docs/freeswitch.md.
+Attach: the dialplan marks a caller (`set callbridge=1`) and holds it in the take guard
+(`sleep`); the daemon claims it there (mod_hash) and breaks the sleep, the dialplan `park`s it;
+its CHANNEL_PARK is the arrival. Ids are the PBX's own and derived, never only remembered, so a
+restarted daemon finds them again: outbound legs are originated with `origination_uuid=<leg id>`
+(the call service's `cbleg-...`), trunks are sofia gateways `cb-trunk-<id>`. Media is `unicast`
+(raw L16 frames over UDP, only while the caller is parked). Facts: docs/freeswitch-esl-notes.md,
+docs/freeswitch.md.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from bridge.pbx.ports import (
 log = get_logger(__name__)
 
 EVENTS = (
+    "CHANNEL_EXECUTE",  # the hook's take guard (`sleep`): where callers are claimed
     "CHANNEL_PARK",
     "CHANNEL_PROGRESS",
     "CHANNEL_PROGRESS_MEDIA",
@@ -71,8 +74,10 @@ EVENTS = (
 RING_TONE = "%(2000,4000,440,480)|-1"  # gentones: ringback, looped until uuid_break
 TONES = {"ring": RING_TONE}
 TONE_VAR = "callbridge_tone"  # on the caller: the playback id of its running tone
-GUARD_VAR = "callbridge_guard"  # set by the hook when it scheduled the fallback transfer
 CLAIM_REALM = "callbridge_owner"  # mod_hash realm: caller uuid -> the daemon that took it
+# The hook's take guard claims an untaken caller under this name when its `sleep` ends.
+FALLBACK_OWNER = "fallback"
+GUARD_APP = "sleep"  # the take guard's application (freeswitch_conf's hook)
 
 
 class FreeswitchAdapter:
@@ -136,6 +141,8 @@ class FreeswitchAdapter:
         # Who we are when claiming callers (mod_hash): a restarted daemon with the same name
         # takes its own calls back, another daemon on the same FreeSWITCH leaves them alone.
         self.instance = _word(instance or socket.gethostname())
+        if self.instance == FALLBACK_OWNER:
+            raise ValueError(f"instance {FALLBACK_OWNER!r} is the hook's own claim: pick another")
         self._no_hash = False  # mod_hash not loaded: calls are taken without a claim
         self._tones: dict[str, str] = {}  # playback id -> caller uuid
         # Lease: each caller we hold in park has a scheduled transfer to the fallback that
@@ -294,10 +301,13 @@ class FreeswitchAdapter:
                 legs.append((uuid, up))
                 facts.append(await self._leg_facts(uuid))
             elif (row is None or row.get("direction") == "inbound") and await self._marked(uuid):
-                claim = await self._claim(uuid, guarded=await self._guarded(uuid))
+                claim = await self._claim(uuid)
                 if claim is not True:
                     if claim is None:
                         await self._emit(CallMissed.of(fse.arrival_from_row(row or {"uuid": uuid})))
+                    continue
+                if await self._in_take_guard(uuid):  # its CHANNEL_PARK is the arrival
+                    await self._end_take_guard(uuid)
                     continue
                 self._callers.add(uuid)
                 await self._find_tone(uuid)
@@ -375,11 +385,13 @@ class FreeswitchAdapter:
             return False
         return True
 
-    async def _guarded(self, uuid: str) -> bool:
+    async def _in_take_guard(self, uuid: str) -> bool:
+        """Still in the hook's `sleep` (FreeSWITCH's `current_application`)."""
         try:
-            return fse.truthy(await self.client.api(f"uuid_getvar {uuid} {GUARD_VAR}"))
+            app = await self.client.api(f"uuid_getvar {uuid} current_application")
         except EslChannelGone:
             return False
+        return app.strip() == GUARD_APP
 
     async def _find_tone(self, uuid: str) -> None:
         """A tone a previous daemon started on this caller (its id is on the channel)."""
@@ -390,24 +402,22 @@ class FreeswitchAdapter:
 
     # --- claiming callers -------------------------------------------------------------------
 
-    async def _claim(self, uuid: str, *, guarded: bool) -> bool | None:
-        """Take the caller, atomically against other daemons on this FreeSWITCH:
+    async def _claim(self, uuid: str) -> bool | None:
+        """Take the caller, atomically against other daemons and the hook's take guard:
         `hash insert_ifempty` (mod_hash, under a write lock) succeeds for one claimer only; a
-        caller we claimed before (a restart, a resync) is ours again. Then, if the hook
-        scheduled its fallback transfer (`sched_transfer`, group = the caller's uuid), cancel
-        it: `sched_del` counts only tasks not yet run or deleted, so 0 means the fallback
-        took the caller already, and we let it go. True: ours; False: another daemon's;
-        None: the fallback has it."""
-        fresh = True
+        caller we claimed before (in the take guard, or before a restart) is ours again.
+        True: ours; False: another daemon's; None: the take guard gave it to the fallback."""
         try:
             await self.client.api(f"hash insert_ifempty/{CLAIM_REALM}/{uuid}/{self.instance}")
         except EslCommandError as exc:
             if "already exists" in exc.reply:
                 owner = (await self.client.api(f"hash select/{CLAIM_REALM}/{uuid}")).strip()
+                if owner == FALLBACK_OWNER:
+                    log.info("freeswitch.caller_went_to_fallback", channel=uuid)
+                    return None
                 if owner != self.instance:
                     log.info("freeswitch.caller_claimed_elsewhere", channel=uuid, owner=owner)
                     return False
-                fresh = False
             elif "not found" in exc.reply.lower():  # no mod_hash: cannot share FreeSWITCH
                 if not self._no_hash:
                     log.warning("freeswitch.no_claim", reason="mod_hash not loaded")
@@ -415,13 +425,29 @@ class FreeswitchAdapter:
             else:
                 log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
                 return False
-        if guarded and fresh:
-            reply = await self.client.api(f"sched_del {uuid}")
-            if fse.deleted_count(reply) == 0:
-                log.info("freeswitch.caller_went_to_fallback", channel=uuid)
-                await self._unclaim(uuid)
-                return None
         return True
+
+    async def _take(self, uuid: str, event: EslEvent) -> None:
+        """The hook's take guard started (CHANNEL_EXECUTE `sleep` of a marked caller): claim
+        the caller and end the sleep, so the dialplan parks it now, not when the guard
+        runs out. The CHANNEL_PARK that follows is its arrival."""
+        arrived = fse.arrival(event, self.marker)
+        if arrived is None:
+            return
+        try:
+            claim = await self._claim(uuid)
+            if claim is True:
+                await self._end_take_guard(uuid)
+        except EslError as exc:  # connection gone: the resync claims it later
+            log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
+            return
+        if claim is None:  # this event reached us after the guard ran out
+            await self._emit(CallMissed.of(arrived))
+
+    async def _end_take_guard(self, uuid: str) -> None:
+        """`uuid_break`: the hook's `sleep` checks the break flag every 20 ms."""
+        with contextlib.suppress(EslChannelGone):
+            await self.client.api(f"uuid_break {uuid}")
 
     async def _unclaim(self, uuid: str) -> None:
         if self._no_hash:
@@ -455,6 +481,9 @@ class FreeswitchAdapter:
             return
         if fse.is_leg(uuid):
             await self._on_leg_event(name, uuid, event)
+        elif name == "CHANNEL_EXECUTE":
+            if event.get("Application") == GUARD_APP and uuid not in self._callers:
+                await self._take(uuid, event)
         elif name == "CHANNEL_PARK":
             waiter = self._reparks.pop(uuid, None)
             if waiter is not None:  # our own re-park, not a new arrival
@@ -467,11 +496,11 @@ class FreeswitchAdapter:
             arrived = fse.arrival(event, self.marker)
             if arrived is not None:
                 try:
-                    mine = await self._claim(uuid, guarded=fse.truthy(event.variable(GUARD_VAR)))
+                    mine = await self._claim(uuid)
                 except EslError as exc:  # connection gone: the resync claims it later
                     log.warning("freeswitch.claim_failed", channel=uuid, error=str(exc))
                     return
-                if mine is None:  # the hook's guard sent it to the fallback first
+                if mine is None:  # the hook's take guard gave it to the fallback
                     await self._emit(CallMissed.of(arrived))
                 if not mine:
                     return

@@ -102,12 +102,6 @@ def is_local(cause: str | None) -> bool:
     return (cause or "") in LOCAL_CAUSES
 
 
-def deleted_count(reply: str) -> int:
-    """`sched_del` answers `+OK Deleted: <n>`."""
-    m = re.search(r"Deleted:\s*(\d+)", reply)
-    return int(m.group(1)) if m else 0
-
-
 def is_leg(uuid: str) -> bool:
     return uuid.startswith(LEG_PREFIX)
 
