@@ -637,14 +637,26 @@ async def test_media_that_cannot_attach_during_an_outage_attaches_after_it(env: 
     assert conversation.log == [("start", False)]  # never greeted yet: it greets now
 
 
-async def test_media_that_never_attaches_sends_the_caller_to_the_fallback(env: CallEnv) -> None:
-    env.pbx.fail["attach_media"] = PbxUnavailable("ARI connection refused")
+@pytest.mark.parametrize(
+    ("verb", "waiting", "reason"),
+    [
+        ("attach_media", "call.media_waiting", "media could not be attached"),
+        ("answer", "call.answer_waiting", "the caller could not be answered"),
+    ],
+)
+async def test_a_pbx_that_stays_unreachable_sends_the_caller_to_the_fallback(
+    env: CallEnv, verb: str, waiting: str, reason: str
+) -> None:
+    """The answer or the media attach waited for the PBX, which did not come back in time."""
+    env.pbx.fail[verb] = PbxUnavailable("ARI connection refused")
     await env.push(env.arrival())
     session = env.service.routes["ch1"]
-    await until(lambda: _has_event(env, session.call.id, "call.media_waiting"), "waiting")
+    await until(lambda: _has_event(env, session.call.id, waiting), "waiting")
     session.post(TimerFired("media_wait", session.call.id))
     data = await env.wait_status(session.call.id, CallStatus.ENDED)
-    assert data["end_reason"].endswith("sent to the dialplan fallback")
+    assert data["end_reason"] == (
+        f"{reason} (the PBX stayed unreachable): sent to the dialplan fallback"
+    )
     assert [v[0] for v in env.pbx.verbs("continue_in_dialplan")] == ["ch1"]
 
 
@@ -682,17 +694,3 @@ async def test_a_caller_the_outage_kept_from_answering_is_answered_after_it(env:
     conversation = await until(lambda: env.conversations and env.conversations[0], "conv")
     await until(lambda: conversation.log, "conversation started")
     assert conversation.log == [("start", False)]  # greeted once, now
-
-
-async def test_a_caller_never_answered_for_the_outage_goes_to_the_fallback(env: CallEnv) -> None:
-    env.pbx.fail["answer"] = PbxUnavailable("ARI connection reset")
-    await env.push(env.arrival())
-    session = env.service.routes["ch1"]
-    await until(lambda: _has_event(env, session.call.id, "call.answer_waiting"), "waiting")
-    session.post(TimerFired("media_wait", session.call.id))
-    data = await env.wait_status(session.call.id, CallStatus.ENDED)
-    assert data["end_reason"] == (
-        "the caller could not be answered (the PBX stayed unreachable): "
-        "sent to the dialplan fallback"
-    )
-    assert [v[0] for v in env.pbx.verbs("continue_in_dialplan")] == ["ch1"]
