@@ -198,6 +198,7 @@ async def test_arrival_answer_media_and_hangup(
     assert (remote.framing, remote.codec) == ("raw", "slin_le")
     assert server.crashes == [], "unicast was sent into a park that began without media"
     assert f"uuid_transfer {uuid} park inline" in " ".join(server.commands)
+    await unicast_started(server, uuid)  # frames sent before the socket opens are lost
     stream.set_remote(remote.host, remote.port, framing=remote.framing, codec=remote.codec)
 
     tone = (np.sin(np.arange(1600) / 8000 * 2 * np.pi * 440) * 8000).astype("<i2").tobytes()
