@@ -230,6 +230,7 @@ class Daemon:
         overrides: dict[str, Any],
         extra: str = "",
         event_loop: str = "uvloop",
+        gil_switch_ms: float = 1.0,
     ) -> None:
         self.lab = lab
         self.work = work
@@ -240,6 +241,7 @@ class Daemon:
         self.config.write_text(
             f"""database = "{work / "callbridge.sqlite3"}"
 event_loop = "{event_loop}"
+gil_switch_interval_ms = {gil_switch_ms}
 log_format = "json"
 log_level = "info"
 
@@ -465,7 +467,7 @@ async def run_caller(
     await sipp.start()
     try:
         if not await peer.wait_for_packet(timeout=20):
-            c.error = "never answered (no RTP within 20 s)"
+            c.error = f"never answered (no RTP within 20 s; SIP: {sip_story(sipp)})"
             return
         c.answered = peer.packets[0].arrival
         answered = c.answered
@@ -500,6 +502,18 @@ async def run_caller(
         lines.remove(line)
 
 
+def sip_story(sipp: SippCall) -> str:
+    """What the caller's SIPp sent and received, in order (a lost caller's evidence: did the
+    INVITE leave, what did Asterisk answer), with SIPp's own errors if it failed."""
+    story = " ".join(
+        ("→" if m.direction == "sent" else "←") + (m.method or str(m.status_code))
+        for m in sipp.messages()
+    )
+    if sipp.proc is not None and sipp.proc.returncode not in (None, 0):
+        story += f"; sipp exited {sipp.proc.returncode}: {sipp.output()[-300:]!r}"
+    return story or "nothing sent"
+
+
 async def transfer(c: Caller, daemon: Daemon, sink_port: int, uas: list[SippUas]) -> None:
     scenario = "uas_busy.xml" if c.busy_agent else "uas_answer.xml"
     agent = SippUas(scenario, rtp_port=sink_port, ring_ms=500, max_seconds=300)
@@ -532,7 +546,7 @@ async def one_run(
     overrides = {"max_active": args.max_active} if args.max_active else {}
     if args.no_admission:
         overrides.update(max_loop_lag_ms=None, max_stt_backlog_per_worker=None)
-    daemon = Daemon(lab, work, overrides, event_loop=args.loop)
+    daemon = Daemon(lab, work, overrides, event_loop=args.loop, gil_switch_ms=args.gil_switch_ms)
     await daemon.start()
     await provision(daemon)
     scenario = _load_scenario(work)
@@ -630,6 +644,7 @@ def summarise(
         "turn_ms_max": ms(max(turn) if turn else None),
         "control_post_ms_p50": ms(percentile(posts, 0.5)),
         "control_post_ms_p95": ms(percentile(posts, 0.95)),
+        "control_post_ms": [round(p, 1) for p in posts],  # each POST, to pool runs
         "get_call_ms_p95": ms(percentile(gets, 0.95)),
         "transfer_settle_s_p50": (round(statistics.median(settle), 1) if settle else None),
         "loop_lag_ms": {k: lag.get(k) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
@@ -686,6 +701,12 @@ async def main() -> None:
         default="uvloop",
         help="the daemon's `event_loop` (its default: uvloop)",
     )
+    parser.add_argument(
+        "--gil-switch-ms",
+        type=float,
+        default=1.0,
+        help="the daemon's `gil_switch_interval_ms` (its default: 1; Python's own: 5)",
+    )
     args = parser.parse_args()
     sizes = [int(x) for x in args.ladder.split(",")] if args.ladder else [args.calls]
     if any(n < 1 or n > MAX_CALLS for n in sizes):
@@ -694,7 +715,7 @@ async def main() -> None:
     question = utterance(QUESTION)
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
-        f" the daemon's event loop: {args.loop}"
+        f" the daemon's event loop: {args.loop}, GIL switch interval {args.gil_switch_ms} ms"
     )
     print(
         "| calls (rate) | greeted | replied ≤30 s | transfers | lost | to fallback | "

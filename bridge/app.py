@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -122,6 +123,7 @@ class Daemon:
             pbx=s.pbx,
             database=str(s.database),
             event_loop=running_loop_name(),  # `callbridge run` runs `event_loop` (uvloop)
+            gil_switch_interval_ms=round(sys.getswitchinterval() * 1000, 2),
         )
 
     def _start_ops(self, store: CallStore) -> OpsContext:

@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             from bridge.app import run_daemon
 
             try:
-                eventloop.run(run_daemon(settings), settings.event_loop)
+                eventloop.run(
+                    run_daemon(settings), settings.event_loop, settings.gil_switch_interval_ms
+                )
             except eventloop.EventLoopUnavailable as exc:
                 raise _fail(str(exc), EXIT_CONFIG) from None
             return 0

@@ -446,6 +446,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # The daemon's event loop (bridge.eventloop): uvloop, or the standard library's asyncio.
     event_loop: EventLoopName = "uvloop"
+    # How long a thread may keep the GIL while another waits (Python's default: 5 ms). The
+    # database's, STT's and the router's threads each wait up to this per hand-off while the
+    # loop runs Python: bridge.eventloop, docs/BENCHMARKS.md ("The GIL hand-off").
+    gil_switch_interval_ms: float = Field(1.0, ge=0.1, le=100)
     api: ApiSettings = ApiSettings()
     ari: AriSettings = AriSettings()
     freeswitch: FreeswitchSettings = FreeswitchSettings()

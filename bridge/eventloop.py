@@ -4,11 +4,20 @@ uvloop (libuv) is the default: every call's RTP, the ARI and HTTP traffic and th
 run on this one loop, and uvloop's lower cost per callback and per socket operation is
 measured in docs/BENCHMARKS.md ("Transfer decided → INVITE", "The load table"). "asyncio" is
 the standard library's loop, for a platform without uvloop or to compare.
+
+The loop shares the GIL with the daemon's threads (the database's connection, the STT
+workers, the router's embedder). sqlite3 and the speech libraries release the GIL for their
+I/O and C work and must take it back after each step; while the loop runs Python, each take
+waits up to the interpreter's switch interval (5 ms by default). A commit of a few statements
+on a loop busy with 50 calls took ~100 ms at p95 that way, for 1 ms of its own work: the
+daemon runs with `gil_switch_interval_ms` (1 ms) instead (docs/BENCHMARKS.md, "The GIL
+hand-off").
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -35,8 +44,12 @@ def loop_factory(name: EventLoopName) -> Callable[[], asyncio.AbstractEventLoop]
     return uvloop.new_event_loop
 
 
-def run(main: Coroutine[Any, Any, T], name: EventLoopName) -> T:
-    """`asyncio.run` on the configured loop."""
+def run(
+    main: Coroutine[Any, Any, T], name: EventLoopName, switch_interval_ms: float | None = None
+) -> T:
+    """`asyncio.run` on the configured loop, with the GIL's switch interval if given."""
+    if switch_interval_ms is not None:
+        sys.setswitchinterval(switch_interval_ms / 1000)
     try:
         factory = loop_factory(name)
     except EventLoopUnavailable:

@@ -71,6 +71,37 @@ async def test_a_failing_statement_rolls_back_only_its_own_transaction(tmp_path:
     await db.close()
 
 
+async def test_a_lone_transaction_runs_without_savepoints_and_fails_whole(
+    tmp_path: Path,
+) -> None:
+    """A group of one is the usual case; its statements are all the thread runs (each one a
+    GIL hand-off), and a failure still leaves none of them written."""
+    db, path = await open_db(tmp_path)
+    await db.transaction([("INSERT INTO t (k, v) VALUES ('taken', 0)", ())])
+    ran: list[str] = []
+    # the statements SQLite is given, traced on the connection's own thread
+    await db._job(lambda conn: conn.set_trace_callback(ran.append))
+    await db.transaction(
+        [("INSERT INTO t (k, v) VALUES ('a', 1)", ()), ("UPDATE t SET v = 2 WHERE k = 'a'", ())]
+    )
+    assert [sql.split()[0] for sql in ran] == ["BEGIN", "INSERT", "UPDATE", "COMMIT"]
+    commits = len(db.stats.commit_ms)
+    with pytest.raises(sqlite3.IntegrityError):
+        await db.transaction(
+            [
+                ("INSERT INTO t (k, v) VALUES ('b', 1)", ()),
+                ("INSERT INTO t (k, v) VALUES ('taken', 2)", ()),  # UNIQUE violation
+            ]
+        )
+    assert len(db.stats.commit_ms) == commits  # nothing was committed
+    await db.transaction([("INSERT INTO t (k, v) VALUES ('c', 3)", ())])
+    with other_connection(path) as other:
+        rows = dict(other.execute("SELECT k, v FROM t").fetchall())
+    assert rows == {"taken": 0, "a": 2, "c": 3}  # b went with its failing statement
+    await db._job(lambda conn: conn.set_trace_callback(None))
+    await db.close()
+
+
 async def test_transactions_apply_in_the_order_they_were_asked_for(tmp_path: Path) -> None:
     db, path = await open_db(tmp_path)
     await db.transaction([("INSERT INTO t (k, v) VALUES ('x', 0)", ())])

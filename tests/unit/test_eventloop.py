@@ -44,3 +44,15 @@ def test_run_without_uvloop_fails_with_one_line_naming_the_setting(
     assert len(err.splitlines()) == 1
     assert "uvloop cannot be imported" in err and 'event_loop = "asyncio"' in err
     assert not (tmp_path / "db.sqlite3").exists()  # nothing started
+
+
+def test_run_sets_the_gil_switch_interval() -> None:
+    """Threads that hand work back to the loop (the database's, STT's) wait up to this per
+    GIL take while the loop runs Python: the daemon shortens Python's 5 ms default."""
+    assert Settings().gil_switch_interval_ms == 1.0
+    before = sys.getswitchinterval()
+    try:
+        eventloop.run(_which(), "asyncio", switch_interval_ms=1.0)
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        sys.setswitchinterval(before)
