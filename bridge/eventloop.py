@@ -8,10 +8,9 @@ the standard library's loop, for a platform without uvloop or to compare.
 The loop shares the GIL with the daemon's threads (the database's connection, the STT
 workers, the router's embedder). sqlite3 and the speech libraries release the GIL for their
 I/O and C work and must take it back after each step; while the loop runs Python, each take
-waits up to the interpreter's switch interval (5 ms by default). A commit of a few statements
-on a loop busy with 50 calls took ~100 ms at p95 that way, for 1 ms of its own work: the
-daemon runs with `gil_switch_interval_ms` (1 ms) instead (docs/BENCHMARKS.md, "The GIL
-hand-off").
+waits up to the interpreter's switch interval (5 ms by default). Beside a spinning Python
+thread, a 0.6 ms commit took 83 ms at p95 that way, 15 ms at a 1 ms interval; the daemon runs
+with `gil_switch_interval_ms` (1 ms) (docs/BENCHMARKS.md, "The GIL hand-off").
 """
 
 from __future__ import annotations
