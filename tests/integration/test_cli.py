@@ -4,6 +4,7 @@ attached to the lab Asterisk, stopped cleanly by SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -81,6 +82,12 @@ async def test_run_serves_the_api_with_keys_and_stops_on_sigterm(
         assert await asyncio.wait_for(daemon.wait(), 10) == 0
         _, err = await daemon.communicate()
         assert b'"callbridge.stopped"' in err
+        # `run` puts the daemon on its configured loop with its GIL switch interval (the
+        # process says so itself): uvloop and 1 ms by default.
+        started = next(
+            json.loads(line) for line in err.splitlines() if b'"callbridge.started"' in line
+        )
+        assert (started["event_loop"], started["gil_switch_interval_ms"]) == ("uvloop", 1.0)
         assert asterisk_lab.ari_password.encode() not in err  # no secret in the logs
     finally:
         if daemon.returncode is None:
